@@ -1,0 +1,1 @@
+"""mnemo's library: plain functions and classes; orchestration lives in flows/."""

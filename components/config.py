@@ -1,0 +1,195 @@
+"""params.yaml as pydantic models: the only reader of the file.
+
+Every field is required, so params.yaml stays the single place where a default
+lives; unknown keys and bad values are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Fraction = Field(gt=0.0, lt=1.0)
+
+
+class PathsParams(_Section):
+    workspace: Path
+
+
+class IngestParams(_Section):
+    max_file_bytes: int = Field(gt=0)
+    max_pixels: int = Field(gt=0)
+    min_side: int = Field(gt=0)
+    formats: list[str] = Field(min_length=1)
+    modes: list[str] = Field(min_length=1)
+    unseen_class_fraction: float = Fraction
+    query_image_fraction: float = Fraction
+    seed: int
+
+
+class DemoParams(_Section):
+    seed: int
+    base_classes: int = Field(ge=2)
+    classes_per_arrival: int = Field(ge=1)
+    images_per_class: int = Field(ge=2)
+    image_size: int = Field(ge=16)
+    arrivals: int = Field(ge=0)
+
+
+class ModelParams(_Section):
+    backbone: str
+    embedding_dim: int = Field(gt=0)
+    image_size: int = Field(ge=16)
+    weights: Path | None
+
+
+class TrainParams(_Section):
+    device: Literal["auto", "cpu", "cuda"]
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=1)
+    m_per_class: int = Field(ge=2)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    margin: float = Field(gt=0)
+    num_workers: int = Field(ge=0)
+    seed: int
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_holds_pairs(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError("must be even so every batch holds positive pairs")
+        return v
+
+
+class EvaluateParams(_Section):
+    recall_at: list[int] = Field(min_length=1)
+    batch_size: int = Field(gt=0)
+    baseline_image_size: int = Field(ge=4)
+
+
+class GateParams(_Section):
+    min_unseen_recall_at_1: float = Field(ge=0, le=1)
+    max_unseen_recall_at_1_drop: float = Field(ge=0, le=1)
+
+
+class RegistryParams(_Section):
+    model_name: str = Field(min_length=1)
+    experiment: str = Field(min_length=1)
+
+
+class IndexParams(_Section):
+    table_prefix: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    batch_size: int = Field(gt=0)
+
+
+class Params(_Section):
+    paths: PathsParams
+    ingest: IngestParams
+    demo: DemoParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    gate: GateParams
+    registry: RegistryParams
+    index: IndexParams
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    """Validate a params mapping; errors name `source` and the dotted key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(part) for part in err["loc"]) or "<root>"
+            lines.append(f"{source}: {key}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_params(path: Path | str) -> Params:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read params file ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return parse_params(raw, str(path))
+
+
+def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
+    """A copy of params with dotted keys replaced, validated again (`{"train.epochs": 1}`)."""
+    raw = params.model_dump(mode="json")
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"override: {dotted}: no such key")
+        node[leaf] = value
+    return parse_params(raw, "override")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where one mnemo installation keeps its state; servers replace parts by URI."""
+
+    root: Path
+    tracking_uri: str
+    lancedb_uri: str
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    @property
+    def classes_dir(self) -> Path:
+        return self.root / "data" / "classes"
+
+    @property
+    def class_registry(self) -> Path:
+        return self.root / "data" / "registry.json"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+
+def resolve_workspace(params: Params, override: Path | str | None = None) -> Workspace:
+    """Workspace from (in order) the explicit override, MNEMO_WORKSPACE, params.paths.workspace.
+
+    MLFLOW_TRACKING_URI and MNEMO_LANCEDB_URI point the same code at servers.
+    """
+    root = Path(override or os.environ.get("MNEMO_WORKSPACE") or params.paths.workspace)
+    root = root.expanduser().resolve()
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    lance = os.environ.get("MNEMO_LANCEDB_URI") or str(root / "lancedb")
+    return Workspace(root=root, tracking_uri=tracking, lancedb_uri=lance)

@@ -1,0 +1,1 @@
+"""Arrivals, validation, the class registry, datasets, transforms and demo data."""

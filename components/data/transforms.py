@@ -1,0 +1,39 @@
+"""Image preprocessing shared by training, evaluation, indexing and the logged model."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+
+def open_rgb(source: Path | bytes) -> Image.Image:
+    """Decode a file or encoded bytes to RGB; raises on anything that is not a whole image."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def eval_transform(image_size: int) -> v2.Compose:
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize((image_size, image_size), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(MEAN, STD),
+    ])
+
+
+def train_transform(image_size: int) -> v2.Compose:
+    """Light augmentation that needs no knowledge of the background colour."""
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(MEAN, STD),
+    ])

@@ -1,0 +1,116 @@
+"""Retrieval metrics (exact, leave-one-out), the pixel-space baseline, and the gate decision.
+
+Every image of the evaluated set queries all the others: Recall@K is the share of queries
+with a same-class image among their K nearest neighbours; MAP@R is mean average precision
+over the first R neighbours, R being the number of other images of the query's class
+(Musgrave et al., "A Metric Learning Reality Check"). Queries without any other image of
+their class are left out, as pytorch-metric-learning does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from components.config import GateParams
+
+
+@dataclass(frozen=True)
+class RetrievalMetrics:
+    recall_at: dict[int, float]
+    map_at_r: float
+    queries: int
+
+    def as_dict(self, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}_recall_at_{k}": v for k, v in self.recall_at.items()}
+        out[f"{prefix}_map_at_r"] = self.map_at_r
+        return out
+
+
+def retrieval_metrics(
+    embeddings: np.ndarray | torch.Tensor,
+    labels: Sequence,
+    ks: Sequence[int] = (1, 5, 10),
+    *,
+    chunk: int = 1024,
+    device: str | torch.device = "cpu",
+) -> RetrievalMetrics:
+    """Exact Recall@K and MAP@R by cosine similarity, chunked over queries to bound memory."""
+    x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32, device=device)
+    if x.ndim != 2 or len(x) != len(labels):
+        raise ValueError(f"need N x D embeddings for {len(labels)} labels, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("embeddings contain NaN or infinite values")
+    x = torch.nn.functional.normalize(x, dim=1)
+    _, y = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+    y = torch.as_tensor(y, device=device)
+    n = len(y)
+    r_of = (torch.bincount(y)[y] - 1)  # other images of each query's class
+    depth = min(n - 1, max(max(ks), int(r_of.max()) if n else 0))
+    hits = {k: 0.0 for k in ks}
+    ap_sum, counted = 0.0, 0
+    for start in range(0, n, chunk):
+        q = slice(start, min(start + chunk, n))
+        sims = x[q] @ x.T
+        rows = torch.arange(sims.shape[0], device=device)
+        sims[rows, rows + start] = -torch.inf  # a query never retrieves itself
+        order = sims.topk(depth, dim=1).indices
+        rel = (y[order] == y[q, None]).float()
+        r = r_of[q]
+        valid = r > 0
+        for k in ks:
+            hits[k] += rel[valid, :k].amax(dim=1).sum().item()
+        ranks = torch.arange(1, depth + 1, device=device)
+        within_r = ranks[None, :] <= r[:, None]
+        precision = rel.cumsum(dim=1) / ranks
+        ap = (precision * rel * within_r).sum(dim=1) / r.clamp(min=1)
+        ap_sum += ap[valid].sum().item()
+        counted += int(valid.sum())
+    if counted == 0:
+        raise ValueError("no query has another image of its class; cannot score retrieval")
+    return RetrievalMetrics(recall_at={k: hits[k] / counted for k in ks}, map_at_r=ap_sum / counted, queries=counted)
+
+
+def pixel_vectors(paths: Sequence[Path], size: int) -> np.ndarray:
+    """The baseline's 'embedding': grey pixels at size x size, centred and L2-normalised."""
+    rows = []
+    for path in paths:
+        with Image.open(path) as img:
+            grey = img.convert("L").resize((size, size), Image.Resampling.BILINEAR)
+        v = np.asarray(grey, dtype=np.float32).ravel()
+        v -= v.mean()
+        rows.append(v / (np.linalg.norm(v) + 1e-8))
+    return np.stack(rows)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate: GateParams) -> GateDecision:
+    """Promote or reject, with every reason. Change thresholds are skipped without a champion."""
+    reasons: list[str] = []
+    ok = True
+    r1 = candidate["unseen_recall_at_1"]
+    if not np.isfinite(r1) or r1 < gate.min_unseen_recall_at_1:
+        ok = False
+        reasons.append(f"unseen Recall@1 {r1:.4f} is below the floor {gate.min_unseen_recall_at_1:.4f}")
+    else:
+        reasons.append(f"unseen Recall@1 {r1:.4f} meets the floor {gate.min_unseen_recall_at_1:.4f}")
+    if champion is None:
+        reasons.append("no champion: change thresholds skipped")
+    else:
+        drop = champion["unseen_recall_at_1"] - r1
+        if drop > gate.max_unseen_recall_at_1_drop:
+            ok = False
+            reasons.append(f"unseen Recall@1 dropped {drop:.4f} against the champion, more than {gate.max_unseen_recall_at_1_drop:.4f}")
+        else:
+            reasons.append(f"unseen Recall@1 changed {-drop:+.4f} against the champion (allowed drop {gate.max_unseen_recall_at_1_drop:.4f})")
+    return GateDecision(promote=ok, reasons=reasons)

@@ -1,0 +1,1 @@
+"""The embedder network and its MLflow pyfunc wrapper."""

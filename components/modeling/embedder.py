@@ -1,0 +1,108 @@
+"""The embedder: a torchvision backbone whose classifier becomes a projection head,
+with L2-normalised output. Weights come from a local file only: nothing is downloaded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch import nn
+
+from components.config import ModelParams
+from components.data.transforms import eval_transform, open_rgb
+
+
+class Embedder(nn.Module):
+    def __init__(self, backbone: str, embedding_dim: int, image_size: int) -> None:
+        super().__init__()
+        self.backbone_name = backbone
+        self.embedding_dim = embedding_dim
+        self.image_size = image_size
+        # num_classes sizes the backbone's own last layer, which is the projection head.
+        self.net = torchvision.models.get_model(backbone, weights=None, num_classes=embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x).float(), dim=1)
+
+    def spec(self) -> dict:
+        return {"backbone": self.backbone_name, "embedding_dim": self.embedding_dim, "image_size": self.image_size}
+
+
+def build_embedder(params: ModelParams) -> Embedder:
+    model = Embedder(params.backbone, params.embedding_dim, params.image_size)
+    if params.weights is not None:
+        load_backbone_weights(model, params.weights)
+    return model
+
+
+def load_backbone_weights(model: Embedder, path: Path) -> None:
+    """Load a torchvision state_dict; layers whose shape differs (the classifier) keep their init."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        raise ValueError(f"{path}: cannot load backbone weights ({exc})") from None
+    own = model.net.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"{path}: no tensor matches backbone {model.backbone_name}")
+    model.net.load_state_dict(usable, strict=False)
+
+
+def save_embedder(model: Embedder, path: Path) -> None:
+    torch.save({"spec": model.spec(), "state_dict": model.state_dict()}, path)
+
+
+def load_embedder(path: Path) -> Embedder:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = Embedder(**checkpoint["spec"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+@torch.inference_mode()
+def embed_images(
+    model: Embedder,
+    images: Iterable[Image.Image],
+    *,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+    on_batch=None,
+) -> np.ndarray:
+    """N x D float32 L2-normalised embeddings of RGB PIL images, in order."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    transform = eval_transform(model.image_size)
+    chunks: list[np.ndarray] = []
+    for batch in _batches(images, batch_size):
+        x = torch.stack([transform(img) for img in batch]).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            chunks.append(model(x).float().cpu().numpy())
+        if on_batch is not None:
+            on_batch(len(batch))
+    if not chunks:
+        return np.zeros((0, model.embedding_dim), dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def embed_files(model: Embedder, paths: Sequence[Path], **kwargs) -> np.ndarray:
+    return embed_images(model, (open_rgb(p) for p in paths), **kwargs)

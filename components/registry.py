@@ -1,0 +1,139 @@
+"""MLflow: one run per retrain, the model logged as a standalone pyfunc and registered,
+and the `champion` alias as the serving pointer. All MLflow calls live here."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+import components
+from components.config import RegistryParams, Workspace
+from components.modeling.embedder import Embedder, save_embedder
+from components.modeling.pyfunc import WEIGHTS_ARTIFACT, EmbedderModel, signature
+
+CHAMPION = "champion"
+TABLE_TAG = "index_table"
+ARRIVALS_TAG = "arrivals"
+
+# What the logged model needs to run on its own (the versions mnemo is tested with).
+MODEL_REQUIREMENTS = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "mlflow==3.17.2",
+    "numpy==2.4.6",
+    "pandas==3.1.1",
+    "pillow==13.0.0",
+    "pydantic==2.14.3",
+    "PyYAML==6.0.3",
+]
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    name: str
+    version: str
+    run_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def table(self) -> str | None:
+        return self.tags.get(TABLE_TAG)
+
+    @property
+    def arrivals(self) -> list[str]:
+        return sorted(filter(None, self.tags.get(ARRIVALS_TAG, "").split(",")))
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+class ModelRegistry:
+    def __init__(self, ws: Workspace, params: RegistryParams) -> None:
+        self.ws = ws
+        self.name = params.model_name
+        self.experiment = params.experiment
+        self.client = MlflowClient(tracking_uri=ws.tracking_uri, registry_uri=ws.tracking_uri)
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        # A local store keeps artifacts in the workspace; a server decides for itself.
+        local = self.ws.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.ws.tracking_uri
+        location = self.ws.artifact_root.as_uri() if local else None
+        return self.client.create_experiment(self.experiment, artifact_location=location)
+
+    def log_candidate(
+        self,
+        model: Embedder,
+        *,
+        params: dict[str, object],
+        metrics: dict[str, float],
+        epoch_metrics: dict[str, list[float]],
+        arrivals: list[str],
+        run_name: str | None = None,
+    ) -> ModelVersionInfo:
+        """One MLflow run: params, metrics, the standalone pyfunc model, registered as a new version."""
+        mlflow.set_tracking_uri(self.ws.tracking_uri)
+        mlflow.set_registry_uri(self.ws.tracking_uri)
+        with mlflow.start_run(experiment_id=self._experiment_id(), run_name=run_name) as run:
+            mlflow.log_params(params)
+            for key, values in epoch_metrics.items():
+                for step, value in enumerate(values):
+                    mlflow.log_metric(key, value, step=step)
+            mlflow.log_metrics(metrics)
+            with tempfile.TemporaryDirectory() as tmp:
+                weights = Path(tmp) / "embedder.pt"
+                save_embedder(model, weights)
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=EmbedderModel(),
+                    artifacts={WEIGHTS_ARTIFACT: str(weights)},
+                    code_paths=[str(Path(components.__file__).parent)],
+                    signature=signature(model.embedding_dim),
+                    pip_requirements=MODEL_REQUIREMENTS,
+                    registered_model_name=self.name,
+                )
+        version = str(info.registered_model_version)
+        self.client.set_model_version_tag(self.name, version, ARRIVALS_TAG, ",".join(sorted(arrivals)))
+        return self.get(version)
+
+    def get(self, version: str) -> ModelVersionInfo:
+        mv = self.client.get_model_version(self.name, str(version))
+        return self._info(mv)
+
+    def _info(self, mv) -> ModelVersionInfo:
+        metrics = self.client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+        return ModelVersionInfo(name=self.name, version=str(mv.version), run_id=mv.run_id, tags=dict(mv.tags), metrics=dict(metrics))
+
+    def set_tag(self, version: str, key: str, value: str) -> None:
+        self.client.set_model_version_tag(self.name, str(version), key, value)
+
+    def champion(self) -> ModelVersionInfo | None:
+        try:
+            mv = self.client.get_model_version_by_alias(self.name, CHAMPION)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        return self._info(mv)
+
+    def promote(self, version: str) -> None:
+        """Move `champion` to a version whose index table is recorded: the atomic switch."""
+        info = self.get(version)
+        if not info.table:
+            raise ValueError(f"model {self.name} version {version} has no index table; refusing to promote")
+        self.client.set_registered_model_alias(self.name, CHAMPION, str(version))
+
+    def load_embedder(self, version: str) -> Embedder:
+        mlflow.set_tracking_uri(self.ws.tracking_uri)
+        mlflow.set_registry_uri(self.ws.tracking_uri)
+        loaded = mlflow.pyfunc.load_model(f"models:/{self.name}/{version}")
+        return loaded.unwrap_python_model().embedder

@@ -1,0 +1,1 @@
+"""mnemo's application: Prefect flows that wire components, and the CLI."""
