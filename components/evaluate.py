@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from components.config import GateParams
+from components.modeling.embedder import Embedder, embed_files
 
 
 @dataclass(frozen=True)
@@ -114,3 +115,13 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
         else:
             reasons.append(f"unseen Recall@1 changed {-drop:+.4f} against the champion (allowed drop {gate.max_unseen_recall_at_1_drop:.4f})")
     return GateDecision(promote=ok, reasons=reasons)
+
+
+def score_embedder(model: Embedder, paths: Sequence[Path], labels: Sequence[str], ks: Sequence[int], batch_size: int) -> RetrievalMetrics:
+    """Embed the images with `model` and score leave-one-out retrieval among them."""
+    return retrieval_metrics(embed_files(model, paths, batch_size=batch_size), labels, ks)
+
+
+def score_pixels(paths: Sequence[Path], labels: Sequence[str], ks: Sequence[int], size: int) -> RetrievalMetrics:
+    """The same retrieval scored on raw pixels: what a model has to beat."""
+    return retrieval_metrics(pixel_vectors(paths, size), labels, ks)

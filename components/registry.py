@@ -3,7 +3,10 @@ and the `champion` alias as the serving pointer. All MLflow calls live here."""
 
 from __future__ import annotations
 
+import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from mlflow.exceptions import MlflowException
 import components
 from components.config import RegistryParams, Workspace
 from components.modeling.embedder import Embedder, save_embedder
-from components.modeling.pyfunc import WEIGHTS_ARTIFACT, EmbedderModel, signature
+from components.modeling.pyfunc import ENTRY_POINT, WEIGHTS_ARTIFACT, signature
 
 CHAMPION = "champion"
 TABLE_TAG = "index_table"
@@ -31,6 +34,26 @@ MODEL_REQUIREMENTS = [
     "pydantic==2.14.3",
     "PyYAML==6.0.3",
 ]
+
+
+@contextmanager
+def _fluent_uris(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at `uri` for one call only.
+
+    mlflow.set_tracking_uri is process-wide and exports MLFLOW_TRACKING_URI to the
+    environment; left in place it would silently redirect every later workspace.
+    """
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
 
 
 @dataclass(frozen=True)
@@ -81,9 +104,7 @@ class ModelRegistry:
         run_name: str | None = None,
     ) -> ModelVersionInfo:
         """One MLflow run: params, metrics, the standalone pyfunc model, registered as a new version."""
-        mlflow.set_tracking_uri(self.ws.tracking_uri)
-        mlflow.set_registry_uri(self.ws.tracking_uri)
-        with mlflow.start_run(experiment_id=self._experiment_id(), run_name=run_name) as run:
+        with _fluent_uris(self.ws.tracking_uri), mlflow.start_run(experiment_id=self._experiment_id(), run_name=run_name):
             mlflow.log_params(params)
             for key, values in epoch_metrics.items():
                 for step, value in enumerate(values):
@@ -94,7 +115,7 @@ class ModelRegistry:
                 save_embedder(model, weights)
                 info = mlflow.pyfunc.log_model(
                     name="model",
-                    python_model=EmbedderModel(),
+                    python_model=str(ENTRY_POINT),
                     artifacts={WEIGHTS_ARTIFACT: str(weights)},
                     code_paths=[str(Path(components.__file__).parent)],
                     signature=signature(model.embedding_dim),
@@ -133,7 +154,9 @@ class ModelRegistry:
         self.client.set_registered_model_alias(self.name, CHAMPION, str(version))
 
     def load_embedder(self, version: str) -> Embedder:
-        mlflow.set_tracking_uri(self.ws.tracking_uri)
-        mlflow.set_registry_uri(self.ws.tracking_uri)
-        loaded = mlflow.pyfunc.load_model(f"models:/{self.name}/{version}")
-        return loaded.unwrap_python_model().embedder
+        return self.load_pyfunc(version).unwrap_python_model().embedder
+
+    def load_pyfunc(self, version: str):
+        """The logged model exactly as an outside user would load it."""
+        with _fluent_uris(self.ws.tracking_uri):
+            return mlflow.pyfunc.load_model(f"models:/{self.name}/{version}")

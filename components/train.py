@@ -74,11 +74,13 @@ def train_embedder(
         model = model.to(memory_format=torch.channels_last)
 
     dataset = ImageFiles(paths, labels, train_transform(model.image_size))
+    # Every batch holds m images of each of batch/m classes; early on there are few classes.
     m = min(params.m_per_class, params.batch_size // 2)
-    sampler = samplers.MPerClassSampler(labels, m=m, batch_size=params.batch_size, length_before_new_iter=len(dataset))
+    batch_size = min(params.batch_size, m * len(classes)) // m * m
+    sampler = samplers.MPerClassSampler(labels, m=m, batch_size=batch_size, length_before_new_iter=max(len(dataset), batch_size))
     loader = DataLoader(
         dataset,
-        batch_size=params.batch_size,
+        batch_size=batch_size,
         sampler=sampler,
         num_workers=params.num_workers,
         pin_memory=on_gpu,
@@ -101,7 +103,7 @@ def train_embedder(
         task = progress.add_task("train", total=len(loader), epoch=0, loss=float("nan"))
         for epoch in range(params.epochs):
             model.train()
-            progress.reset(task, total=len(loader), epoch=epoch + 1)
+            progress.reset(task, total=len(loader), epoch=epoch + 1, loss=float("nan"))
             total, batches = 0.0, 0
             for x, y in loader:
                 x = x.to(device, non_blocking=True)

@@ -20,6 +20,7 @@ from components.modeling.embedder import Embedder, embed_images, load_embedder, 
 
 IMAGE_COLUMN = "image"
 WEIGHTS_ARTIFACT = "embedder"
+ENTRY_POINT = Path(__file__).with_name("pyfunc_entry.py")  # what MLflow logs and runs on load
 
 
 class EmbedderModel(mlflow.pyfunc.PythonModel):

@@ -1,0 +1,50 @@
+# mnemo: `make demo` runs the main job on the embedded default, `make test` passes the tests.
+# Both install what they need first (into .venv) when it is missing or out of date.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# Debian CJK fonts with many distinct designs: the demo's character stream is rendered from them.
+CJK_FONTS := fonts-ipafont fonts-morisawa-bizud-gothic fonts-morisawa-bizud-mincho fonts-seto \
+  fonts-kiloji fonts-kouzan-mouhitsu fonts-aoyagi-soseki fonts-aoyagi-kouzan-t fonts-yusei-magic \
+  fonts-konatu fonts-dejima-mincho fonts-oradano-mincho-gsrr fonts-dotgothic16 fonts-train \
+  fonts-reggae fonts-motoya-l-cedar fonts-motoya-l-maruberi fonts-vlgothic fonts-wqy-zenhei \
+  fonts-sawarabi-mincho fonts-umeplus fonts-mplus
+
+.PHONY: setup fonts demo test test-e2e clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "mnemo needs Python 3.11, found " + sys.version' 
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	@$(MAKE) --no-print-directory fonts
+	touch $(STAMP)
+
+# Best effort: without apt (or without root) the demo falls back to matplotlib's fonts and says so.
+fonts:
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq --no-install-recommends $(CJK_FONTS) >/dev/null 2>&1 \
+	  || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends $(CJK_FONTS) >/dev/null 2>&1; } \
+	  && echo "CJK fonts installed" \
+	  || echo "CJK fonts not installed: the demo will use matplotlib's bundled fonts"; \
+	else echo "apt-get not usable here: the demo will use matplotlib's bundled fonts"; fi
+
+demo: setup
+	$(BIN)/mnemo demo
+
+# pytest exits 5 when it collects nothing: that is reported, not passed off as a failure of the code.
+test: setup
+	$(BIN)/python -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+test-e2e: setup
+	$(BIN)/python -m pytest -m e2e
+
+clean:
+	rm -rf $(VENV) workspace

@@ -1,0 +1,61 @@
+"""`mnemo demo`: render a base arrival plus N further ones and retrain after each."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from components.config import Params, resolve_workspace
+from components.data.class_registry import ClassRegistry
+from components.data.demo import arrival_id, discover_fonts, stream_classes, write_arrival
+from flows.retrain import RetrainSummary, retrain
+
+
+@dataclass
+class DemoStep:
+    step: int
+    summary: RetrainSummary
+    seconds: float
+
+
+def steps_table(steps: list[DemoStep]) -> Table:
+    table = Table(title="mnemo demo: retrieval on classes no model has seen")
+    for col in ("step", "arrival", "classes known", "version", "status", "unseen R@1", "unseen MAP@R", "pixel R@1", "pixel MAP@R", "seconds"):
+        table.add_column(col, justify="right" if col not in ("arrival", "status") else "left")
+    for s in steps:
+        m = s.summary.metrics
+        table.add_row(
+            str(s.step), ", ".join(s.summary.ingested) or "-", str(s.summary.classes_known), s.summary.version or "-",
+            s.summary.status, f"{m.get('unseen_recall_at_1', float('nan')):.3f}", f"{m.get('unseen_map_at_r', float('nan')):.3f}",
+            f"{m.get('baseline_unseen_recall_at_1', float('nan')):.3f}", f"{m.get('baseline_unseen_map_at_r', float('nan')):.3f}",
+            f"{s.seconds:.0f}",
+        )
+    return table
+
+
+def run_demo(params: Params, workspace: str | None = None, arrivals: int | None = None, console: Console | None = None) -> list[DemoStep]:
+    console = console or Console()
+    if arrivals is not None:
+        params = params.model_copy(update={"demo": params.demo.model_copy(update={"arrivals": arrivals})})
+    ws = resolve_workspace(params, workspace)
+    fonts = discover_fonts()
+    console.print(f"[bold]fonts:[/] {len(fonts.designs)} designs from {fonts.source}, {len(fonts.charset)} characters")
+    if fonts.source != "system CJK fonts":
+        console.print("[yellow]No CJK fonts found: using matplotlib's bundled fonts (fewer designs, an easier stream). "
+                      "`make setup` installs Debian's CJK fonts where apt is usable.[/]")
+    steps: list[DemoStep] = []
+    for step, chars in enumerate(stream_classes(fonts, params.demo)):
+        start = time.perf_counter()
+        if arrival_id(step) in ClassRegistry.load(ws.class_registry).arrivals:
+            console.print(f"[bold]step {step}:[/] arrival {arrival_id(step)} already ingested in {ws.root}")
+        else:
+            write_arrival(ws.inbox, step, chars, fonts, params.demo)
+            console.print(f"[bold]step {step}:[/] arrival {arrival_id(step)} with {len(chars)} classes -> retrain")
+        summary = retrain(params, str(ws.root))
+        steps.append(DemoStep(step, summary, time.perf_counter() - start))
+        console.print(steps_table(steps))
+    console.print(f"workspace: {ws.root}  (MLflow UI: mlflow ui --backend-store-uri {ws.tracking_uri})")
+    return steps
