@@ -3,6 +3,7 @@ with L2-normalised output. Weights come from a local file only: nothing is downl
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -45,7 +46,7 @@ def load_backbone_weights(model: Embedder, path: Path) -> None:
     """Load a torchvision state_dict; layers whose shape differs (the classifier) keep their init."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise ValueError(f"{path}: cannot load backbone weights ({exc})") from None
     own = model.net.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

@@ -1,0 +1,89 @@
+"""Train the embedder on one rendered demo arrival and score it on the held-out classes.
+
+Checks the training loop on a given device (CUDA with bf16 autocast and channels_last,
+or CPU) and measures its throughput. Needs no MLflow, Prefect or LanceDB, so it runs on a
+bare GPU machine. Prints JSON and a markdown table; --out writes the JSON to a file.
+
+    python bench/train_device.py --device cuda --epochs 10 --out bench/results/<date>-train-device.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from components.config import load_params, resolve_workspace, with_overrides  # noqa: E402
+from components.data.class_registry import ClassRegistry  # noqa: E402
+from components.data.demo import discover_fonts, stream_classes, write_arrival  # noqa: E402
+from components.data.ingest import ingest_arrival  # noqa: E402
+from components.evaluate import score_embedder, score_pixels  # noqa: E402
+from components.train import train_embedder  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--classes", type=int, default=None, help="classes in the arrival (default: params demo.base_classes)")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    overrides: dict = {"train.device": args.device}
+    if args.epochs:
+        overrides["train.epochs"] = args.epochs
+    if args.classes:
+        overrides["demo.base_classes"] = args.classes
+    overrides["demo.arrivals"] = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        params = with_overrides(load_params(args.params), overrides | {"paths.workspace": tmp})
+        ws = resolve_workspace(params)
+        fonts = discover_fonts()
+        [chars] = stream_classes(fonts, params.demo)
+        ingest_arrival(write_arrival(ws.inbox, 0, chars, fonts, params.demo), ws, params.ingest)
+        catalog = ClassRegistry.load(ws.class_registry)
+        train, unseen = catalog.records("train"), catalog.records("unseen")
+        result = train_embedder([ws.classes_dir / r.id for r in train], [r.cls for r in train], params.train, params.model)
+        paths, labels = [ws.classes_dir / r.id for r in unseen], [r.cls for r in unseen]
+        model = score_embedder(result.model, paths, labels, [1, 5], params.evaluate.batch_size)
+        pixels = score_pixels(paths, labels, [1, 5], params.evaluate.baseline_image_size)
+
+    report = {
+        "date": date.today().isoformat(),
+        "device": result.device,
+        "device_name": torch.cuda.get_device_name() if result.device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "fonts": fonts.source,
+        "backbone": params.model.backbone,
+        "image_size": params.model.image_size,
+        "batch_size": params.train.batch_size,
+        "epochs": params.train.epochs,
+        "train_images": result.images,
+        "train_classes": result.classes,
+        "train_seconds": round(result.seconds, 2),
+        "train_images_per_second": round(result.images_per_second, 1),
+        "final_loss": round(result.epoch_losses[-1], 4),
+        "unseen_recall_at_1": round(model.recall_at[1], 4),
+        "unseen_map_at_r": round(model.map_at_r, 4),
+        "pixel_unseen_recall_at_1": round(pixels.recall_at[1], 4),
+        "pixel_unseen_map_at_r": round(pixels.map_at_r, 4),
+    }
+    print(json.dumps(report, indent=1))
+    print("\n| " + " | ".join(report) + " |\n|" + "---|" * len(report) + "\n| " + " | ".join(map(str, report.values())) + " |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The embedder: normalised output, local weights only, and a loop that can fit one batch."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from components.modeling.embedder import build_embedder, embed_images, load_backbone_weights
+from components.train import NonFiniteLossError, train_embedder
+
+
+def test_embeddings_are_l2_normalised(params):
+    model = build_embedder(params.model).eval()
+    images = [Image.new("RGB", (40, 30), (i * 20, 0, 0)) for i in range(5)]
+    vectors = embed_images(model, images, batch_size=2)
+    assert vectors.shape == (5, params.model.embedding_dim) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_local_weights_load_and_bad_files_are_named(params, tmp_path):
+    donor = build_embedder(params.model)
+    path = tmp_path / "resnet.pt"
+    torch.save(donor.net.state_dict(), path)
+    model = build_embedder(params.model)
+    load_backbone_weights(model, path)
+    assert torch.equal(model.net.conv1.weight, donor.net.conv1.weight)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt: cannot load backbone weights"):
+        load_backbone_weights(model, tmp_path / "junk.pt")
+
+
+def shapes(tmp_path, n_classes=4, per_class=4):
+    """Tiny, easily separable classes: a bright square at a class-specific place."""
+    paths, labels = [], []
+    for c in range(n_classes):
+        for i in range(per_class):
+            img = np.full((32, 32, 3), 20 + i * 5, dtype=np.uint8)
+            y, x = divmod(c, 2)
+            img[y * 16 : y * 16 + 12, x * 16 : x * 16 + 12] = 230
+            path = tmp_path / f"{c}-{i}.png"
+            Image.fromarray(img).save(path)
+            paths.append(path)
+            labels.append(f"class{c}")
+    return paths, labels
+
+
+def test_training_fits_one_small_batch(params, tmp_path):
+    paths, labels = shapes(tmp_path)
+    p = params.train.model_copy(update={"epochs": 15, "batch_size": 16, "m_per_class": 4, "lr": 0.003})
+    result = train_embedder(paths, labels, p, params.model)
+    assert result.epoch_losses[-1] < result.epoch_losses[0] * 0.5
+    assert result.device == "cpu" and result.classes == 4 and result.images == 16
+
+
+def test_non_finite_loss_stops_training(params, tmp_path):
+    paths, labels = shapes(tmp_path)
+    model = build_embedder(params.model)
+    with torch.no_grad():
+        model.net.fc.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="loss became nan"):
+        train_embedder(paths, labels, params.train, params.model, init=model)
