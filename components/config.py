@@ -59,6 +59,8 @@ class ModelParams(_Section):
 
 class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda"]
+    loss: Literal["triplet", "multi_similarity"]
+    miner: Literal["batch_hard", "multi_similarity", "none"]
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=1)
     m_per_class: int = Field(ge=2)

@@ -1,7 +1,8 @@
 """The training loop: metric learning with pytorch-metric-learning on the GPU when present.
 
-Skeleton scope: triplet loss with a batch-hard miner over MPerClassSampler batches,
-warm-started from the previous champion when one is given.
+Skeleton scope: a loss and miner chosen in params (triplet + batch-hard, or
+multi-similarity + its miner) over MPerClassSampler batches, warm-started from the
+previous champion when one is given.
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ class TrainResult:
     @property
     def images_per_second(self) -> float:
         return self.images * self.epochs / self.seconds if self.seconds else 0.0
+
+
+def make_loss(params: TrainParams) -> tuple[losses.BaseMetricLossFunction, miners.BaseMiner | None]:
+    """The loss and miner named in params, from pytorch-metric-learning."""
+    loss = {
+        "triplet": lambda: losses.TripletMarginLoss(margin=params.margin),
+        "multi_similarity": lambda: losses.MultiSimilarityLoss(),
+    }[params.loss]()
+    miner = {
+        "batch_hard": lambda: miners.BatchHardMiner(),
+        "multi_similarity": lambda: miners.MultiSimilarityMiner(),
+        "none": lambda: None,
+    }[params.miner]()
+    return loss, miner
 
 
 def seed_everything(seed: int) -> None:
@@ -87,8 +102,7 @@ def train_embedder(
         drop_last=True,
         persistent_workers=params.num_workers > 0,
     )
-    loss_fn = losses.TripletMarginLoss(margin=params.margin)
-    miner = miners.BatchHardMiner()
+    loss_fn, miner = make_loss(params)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
 
     result = TrainResult(model=model, device=str(device), epochs=params.epochs, images=len(dataset), classes=len(classes), seconds=0.0)
@@ -112,7 +126,7 @@ def train_embedder(
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
                     embeddings = model(x)
-                loss = loss_fn(embeddings, y, miner(embeddings, y))
+                loss = loss_fn(embeddings, y, miner(embeddings, y) if miner else None)
                 if not math.isfinite(loss.item()):
                     raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {batches + 1}")
                 optimizer.zero_grad(set_to_none=True)

@@ -22,9 +22,9 @@ class DemoStep:
 
 
 def steps_table(steps: list[DemoStep]) -> Table:
-    table = Table(title="mnemo demo: retrieval on classes no model has seen")
-    for col in ("step", "arrival", "classes known", "version", "status", "unseen R@1", "unseen MAP@R", "pixel R@1", "pixel MAP@R", "seconds"):
-        table.add_column(col, justify="right" if col not in ("arrival", "status") else "left")
+    table = Table(title="retrieval among unseen classes (never trained on): model vs raw pixels")
+    for col in ("step", "arrival", "classes known", "version", "status", "R@1", "MAP@R", "pixel R@1", "pixel MAP@R", "seconds"):
+        table.add_column(col, justify="left" if col in ("arrival", "status") else "right")
     for s in steps:
         m = s.summary.metrics
         table.add_row(
@@ -37,7 +37,7 @@ def steps_table(steps: list[DemoStep]) -> Table:
 
 
 def run_demo(params: Params, workspace: str | None = None, arrivals: int | None = None, console: Console | None = None) -> list[DemoStep]:
-    console = console or Console()
+    console = console or Console(width=None if Console().is_terminal else 120)
     if arrivals is not None:
         params = params.model_copy(update={"demo": params.demo.model_copy(update={"arrivals": arrivals})})
     ws = resolve_workspace(params, workspace)
