@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--classes", type=int, default=None, help="classes in the arrival (default: params demo.base_classes)")
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: params train.num_workers)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -42,6 +43,8 @@ def main() -> None:
     overrides: dict = {"train.device": args.device}
     if args.epochs:
         overrides["train.epochs"] = args.epochs
+    if args.workers is not None:
+        overrides["train.num_workers"] = args.workers
     if args.classes:
         overrides["demo.base_classes"] = args.classes
     overrides["demo.arrivals"] = 0
@@ -67,6 +70,7 @@ def main() -> None:
         "backbone": params.model.backbone,
         "image_size": params.model.image_size,
         "batch_size": params.train.batch_size,
+        "num_workers": params.train.num_workers,
         "epochs": params.train.epochs,
         "train_images": result.images,
         "train_classes": result.classes,

@@ -181,8 +181,9 @@ class Workspace:
         return self.root / "mlartifacts"
 
     @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+    def dvc_outputs(self) -> Path:
+        """Where the DVC stages (python -m components.<stage>) write their outputs."""
+        return self.root / "dvc"
 
 
 def resolve_workspace(params: Params, override: Path | str | None = None) -> Workspace:

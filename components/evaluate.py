@@ -9,6 +9,8 @@ their class are left out, as pytorch-metric-learning does.
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from components.config import GateParams
-from components.modeling.embedder import Embedder, embed_files
+from components.config import GateParams, load_params, resolve_workspace
+from components.data.class_registry import ClassRegistry
+from components.modeling.embedder import Embedder, embed_files, load_embedder
 
 
 @dataclass(frozen=True)
@@ -125,3 +128,23 @@ def score_embedder(model: Embedder, paths: Sequence[Path], labels: Sequence[str]
 def score_pixels(paths: Sequence[Path], labels: Sequence[str], ks: Sequence[int], size: int) -> RetrievalMetrics:
     """The same retrieval scored on raw pixels: what a model has to beat."""
     return retrieval_metrics(pixel_vectors(paths, size), labels, ks)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """DVC stage: score the trained embedder and the pixel baseline on the unseen classes."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    params = load_params(ap.parse_args(argv).params)
+    ws = resolve_workspace(params)
+    unseen = ClassRegistry.load(ws.class_registry).records("unseen")
+    paths, labels = [ws.classes_dir / r.id for r in unseen], [r.cls for r in unseen]
+    ks = params.evaluate.recall_at
+    model = load_embedder(ws.dvc_outputs / "embedder.pt")
+    metrics = score_embedder(model, paths, labels, ks, params.evaluate.batch_size).as_dict("unseen")
+    metrics |= score_pixels(paths, labels, ks, params.evaluate.baseline_image_size).as_dict("baseline_unseen")
+    (ws.dvc_outputs / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    print(json.dumps(metrics, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,9 @@ previous champion when one is given.
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import math
 import random
 import time
@@ -21,10 +23,11 @@ from pytorch_metric_learning import losses, miners, samplers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from components.config import ModelParams, TrainParams
+from components.config import ModelParams, TrainParams, load_params, resolve_workspace
+from components.data.class_registry import ClassRegistry
 from components.data.datasets import ImageFiles, encode_labels
 from components.data.transforms import train_transform
-from components.modeling.embedder import Embedder, build_embedder, pick_device
+from components.modeling.embedder import Embedder, build_embedder, pick_device, save_embedder
 
 
 class NonFiniteLossError(RuntimeError):
@@ -142,3 +145,22 @@ def train_embedder(
     result.seconds = time.perf_counter() - start
     result.model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """DVC stage: train an embedder from scratch on every trained class's training images."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    params = load_params(ap.parse_args(argv).params)
+    ws = resolve_workspace(params)
+    records = ClassRegistry.load(ws.class_registry).records("train")
+    result = train_embedder([ws.classes_dir / r.id for r in records], [r.cls for r in records], params.train, params.model)
+    ws.dvc_outputs.mkdir(parents=True, exist_ok=True)
+    save_embedder(result.model, ws.dvc_outputs / "embedder.pt")
+    summary = {"train_seconds": result.seconds, "train_images": result.images, "train_classes": result.classes,
+               "train_loss": result.epoch_losses[-1], "device": result.device}
+    (ws.dvc_outputs / "train.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

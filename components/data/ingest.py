@@ -7,6 +7,7 @@ an optional manifest.json. Re-ingesting an arrival already in the registry chang
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from components.config import IngestParams, Workspace
+from components.config import IngestParams, Workspace, load_params, resolve_workspace
 from components.data.class_registry import ClassRegistry
 
 MANIFEST = "manifest.json"
@@ -186,3 +187,18 @@ def _read_manifest(arrival_dir: Path, report: IngestReport) -> dict | None:
         report.warnings.append(f"{path}: manifest ignored, expected a JSON object")
         return None
     return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    """DVC stage: ingest every pending inbox arrival, leaving the inbox (a stage dependency) as it is."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    params = load_params(ap.parse_args(argv).params)
+    ws = resolve_workspace(params)
+    for path in pending_arrivals(ws):
+        report = ingest_arrival(path, ws, params.ingest)
+        print(f"{report.arrival}: {report.stored} stored, {len(report.rejected)} quarantined, {len(report.new_classes)} new classes")
+
+
+if __name__ == "__main__":
+    main()
