@@ -53,7 +53,8 @@ def build_table(
     """Embed every record into a new table (replacing a leftover of the same name), then validate it."""
     start = time.perf_counter()
     db = lancedb.connect(ws.lancedb_uri)
-    tbl = db.create_table(table, schema=_schema(model.embedding_dim), mode="overwrite")
+    db.drop_table(table, ignore_missing=True)  # a leftover of a failed build never goes live
+    tbl = db.create_table(table, schema=_schema(model.embedding_dim))
     with Progress(TextColumn(f"[bold]index[/] {table}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as progress:
         task = progress.add_task("index", total=len(records))
         for lo in range(0, len(records), batch_size):

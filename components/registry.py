@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -110,7 +111,9 @@ class ModelRegistry:
                 for step, value in enumerate(values):
                     mlflow.log_metric(key, value, step=step)
             mlflow.log_metrics(metrics)
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+                # The signature is explicit; MLflow's nudge towards an input example is noise here.
+                warnings.filterwarnings("ignore", message=".*An input example was not provided")
                 weights = Path(tmp) / "embedder.pt"
                 save_embedder(model, weights)
                 info = mlflow.pyfunc.log_model(

@@ -57,5 +57,6 @@ def run_demo(params: Params, workspace: str | None = None, arrivals: int | None 
         summary = retrain(params, str(ws.root))
         steps.append(DemoStep(step, summary, time.perf_counter() - start))
         console.print(steps_table(steps))
-    console.print(f"workspace: {ws.root}  (MLflow UI: mlflow ui --backend-store-uri {ws.tracking_uri})")
+    ui = ws.tracking_uri if ws.tracking_uri.startswith("http") else f"mlflow ui --backend-store-uri {ws.tracking_uri}"
+    console.print(f"workspace: {ws.root}\nMLflow: {ui}")
     return steps
