@@ -9,7 +9,6 @@ their class are left out, as pytorch-metric-learning does.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from components.config import GateParams, load_params, resolve_workspace
-from components.data.class_registry import ClassRegistry
+from components.config import EvaluateParams, GateParams, Workspace, stage_setup
+from components.data.class_registry import ClassRegistry, ImageRecord
 from components.modeling.embedder import Embedder, embed_files, load_embedder
 
 
@@ -130,18 +129,27 @@ def score_pixels(paths: Sequence[Path], labels: Sequence[str], ks: Sequence[int]
     return retrieval_metrics(pixel_vectors(paths, size), labels, ks)
 
 
+def score_unseen(
+    ws: Workspace, unseen: Sequence[ImageRecord], params: EvaluateParams, candidate: Embedder, champion: Embedder | None = None
+) -> dict[str, float]:
+    """Candidate, champion (when there is one) and the pixel baseline, on the same unseen-class images.
+
+    Keys: unseen_*, champion_unseen_*, baseline_unseen_* (recall_at_K for each K, map_at_r).
+    """
+    paths, labels = [ws.classes_dir / r.id for r in unseen], [r.cls for r in unseen]
+    ks = params.recall_at
+    metrics = score_embedder(candidate, paths, labels, ks, params.batch_size).as_dict("unseen")
+    metrics |= score_pixels(paths, labels, ks, params.baseline_image_size).as_dict("baseline_unseen")
+    if champion is not None:
+        metrics |= score_embedder(champion, paths, labels, ks, params.batch_size).as_dict("champion_unseen")
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> None:
     """DVC stage: score the trained embedder and the pixel baseline on the unseen classes."""
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    params = load_params(ap.parse_args(argv).params)
-    ws = resolve_workspace(params)
+    params, ws = stage_setup(argv, main.__doc__)
     unseen = ClassRegistry.load(ws.class_registry).records("unseen")
-    paths, labels = [ws.classes_dir / r.id for r in unseen], [r.cls for r in unseen]
-    ks = params.evaluate.recall_at
-    model = load_embedder(ws.dvc_outputs / "embedder.pt")
-    metrics = score_embedder(model, paths, labels, ks, params.evaluate.batch_size).as_dict("unseen")
-    metrics |= score_pixels(paths, labels, ks, params.evaluate.baseline_image_size).as_dict("baseline_unseen")
+    metrics = score_unseen(ws, unseen, params.evaluate, load_embedder(ws.dvc_outputs / "embedder.pt"))
     (ws.dvc_outputs / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     print(json.dumps(metrics, indent=1))
 

@@ -7,7 +7,6 @@ previous champion when one is given.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -23,7 +22,7 @@ from pytorch_metric_learning import losses, miners, samplers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from components.config import ModelParams, TrainParams, load_params, resolve_workspace
+from components.config import ModelParams, TrainParams, stage_setup
 from components.data.class_registry import ClassRegistry
 from components.data.datasets import ImageFiles, encode_labels
 from components.data.transforms import train_transform
@@ -149,10 +148,7 @@ def train_embedder(
 
 def main(argv: list[str] | None = None) -> None:
     """DVC stage: train an embedder from scratch on every trained class's training images."""
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    params = load_params(ap.parse_args(argv).params)
-    ws = resolve_workspace(params)
+    params, ws = stage_setup(argv, main.__doc__)
     records = ClassRegistry.load(ws.class_registry).records("train")
     result = train_embedder([ws.classes_dir / r.id for r in records], [r.cls for r in records], params.train, params.model)
     ws.dvc_outputs.mkdir(parents=True, exist_ok=True)

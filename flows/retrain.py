@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from components.config import Params, Workspace, resolve_workspace
 from components.data.class_registry import ClassRegistry, ImageRecord
 from components.data.ingest import IngestReport, ingest_arrival, pending_arrivals
-from components.evaluate import GateDecision, decide, score_embedder, score_pixels
+from components.evaluate import GateDecision, decide, score_unseen
 from components.index import IndexBuild, build_table, table_name
 from components.modeling.embedder import Embedder
 from components.registry import TABLE_TAG, ModelRegistry, ModelVersionInfo
@@ -59,14 +59,7 @@ def train(ws: Workspace, params: Params, records: list[ImageRecord], init: Embed
 
 @task(cache_policy=NO_CACHE)
 def evaluate(ws: Workspace, params: Params, candidate: Embedder, champion: Embedder | None, unseen: list[ImageRecord]) -> dict[str, float]:
-    """Candidate, champion and the pixel baseline, scored on the same unseen-class images."""
-    paths, labels = [ws.classes_dir / r.id for r in unseen], [r.cls for r in unseen]
-    ks, batch = params.evaluate.recall_at, params.evaluate.batch_size
-    metrics = score_embedder(candidate, paths, labels, ks, batch).as_dict("unseen")
-    metrics |= score_pixels(paths, labels, ks, params.evaluate.baseline_image_size).as_dict("baseline_unseen")
-    if champion is not None:
-        metrics |= score_embedder(champion, paths, labels, ks, batch).as_dict("champion_unseen")
-    return metrics
+    return score_unseen(ws, unseen, params.evaluate, candidate, champion)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)

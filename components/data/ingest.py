@@ -7,7 +7,6 @@ an optional manifest.json. Re-ingesting an arrival already in the registry chang
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from components.config import IngestParams, Workspace, load_params, resolve_workspace
+from components.config import IngestParams, Workspace, stage_setup
 from components.data.class_registry import ClassRegistry
 
 MANIFEST = "manifest.json"
@@ -191,10 +190,7 @@ def _read_manifest(arrival_dir: Path, report: IngestReport) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     """DVC stage: ingest every pending inbox arrival, leaving the inbox (a stage dependency) as it is."""
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    params = load_params(ap.parse_args(argv).params)
-    ws = resolve_workspace(params)
+    params, ws = stage_setup(argv, main.__doc__)
     for path in pending_arrivals(ws):
         report = ingest_arrival(path, ws, params.ingest)
         print(f"{report.arrival}: {report.stored} stored, {len(report.rejected)} quarantined, {len(report.new_classes)} new classes")
