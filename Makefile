@@ -38,7 +38,8 @@ fonts:
 demo: setup
 	$(BIN)/mnemo demo
 
-# pytest exits 5 when it collects nothing: that is reported, not passed off as a failure of the code.
+# pytest exits 5 when it collects nothing: say so plainly; it still fails the run (and CI), since a
+# suite that collects no test has lost its tests.
 test: setup
 	$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
@@ -46,5 +47,6 @@ test: setup
 test-e2e: setup
 	$(BIN)/python -m pytest -m e2e
 
+# Removes the environment only: ./workspace holds models, data and the registry, delete it by hand.
 clean:
-	rm -rf $(VENV) workspace
+	rm -rf $(VENV)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -31,6 +31,12 @@ class PathsParams(_Section):
     workspace: Path
 
 
+# Image formats ingest can store, and the file extension each is stored under.
+IMAGE_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "WEBP": "webp"}
+# Pixel modes whose conversion to RGB keeps the picture (16-bit and float modes would clip).
+IMAGE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"}
+
+
 class IngestParams(_Section):
     max_file_bytes: int = Field(gt=0)
     max_pixels: int = Field(gt=0)
@@ -40,6 +46,22 @@ class IngestParams(_Section):
     unseen_class_fraction: float = Fraction
     query_image_fraction: float = Fraction
     seed: int
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(IMAGE_EXTENSIONS))
+        if unknown:
+            raise ValueError(f"unsupported {unknown}; choose from {sorted(IMAGE_EXTENSIONS)}")
+        return v
+
+    @field_validator("modes")
+    @classmethod
+    def _known_modes(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - IMAGE_MODES)
+        if unknown:
+            raise ValueError(f"unsupported {unknown}; choose from {sorted(IMAGE_MODES)}")
+        return v
 
 
 class DemoParams(_Section):
@@ -56,6 +78,18 @@ class ModelParams(_Section):
     embedding_dim: int = Field(gt=0)
     image_size: int = Field(ge=16)
     weights: Path | None
+
+    @field_validator("backbone")
+    @classmethod
+    def _torchvision_classifier(cls, v: str) -> str:
+        import torchvision  # heavy: only when a params file is actually validated
+
+        known = torchvision.models.list_models(module=torchvision.models)
+        if v not in known:
+            raise ValueError(f"not a torchvision classification model; e.g. {', '.join(sorted(known)[:6])}, ...")
+        if v.startswith(("googlenet", "inception")):
+            raise ValueError("auxiliary-output models are not supported as backbones")
+        return v
 
 
 class TrainParams(_Section):
@@ -80,7 +114,7 @@ class TrainParams(_Section):
 
 
 class EvaluateParams(_Section):
-    recall_at: list[int] = Field(min_length=1)
+    recall_at: list[PositiveInt] = Field(min_length=1)
     batch_size: int = Field(gt=0)
     baseline_image_size: int = Field(ge=4)
 
@@ -110,6 +144,10 @@ class Params(_Section):
     gate: GateParams
     registry: RegistryParams
     index: IndexParams
+
+    def flat(self, *sections: str) -> dict[str, object]:
+        """Dotted keys and values of the given sections, as MLflow params."""
+        return {f"{name}.{k}": v for name in sections for k, v in getattr(self, name).model_dump(mode="json").items()}
 
 
 def parse_params(raw: Any, source: str = "params") -> Params:
@@ -146,8 +184,10 @@ def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
         node = raw
         *parents, leaf = dotted.split(".")
         for part in parents:
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"override: {dotted}: no such key")
             node = node[part]
-        if leaf not in node:
+        if not isinstance(node, dict) or leaf not in node:
             raise ConfigError(f"override: {dotted}: no such key")
         node[leaf] = value
     return parse_params(raw, "override")

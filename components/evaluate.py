@@ -97,6 +97,12 @@ class GateDecision:
     reasons: list[str] = field(default_factory=list)
 
 
+def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float] | None:
+    """The metrics whose keys start with prefix, prefix removed; None when there are none."""
+    found = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+    return found or None
+
+
 def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate: GateParams) -> GateDecision:
     """Promote or reject, with every reason. Change thresholds are skipped without a champion."""
     reasons: list[str] = []

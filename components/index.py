@@ -20,7 +20,7 @@ from components.data.class_registry import ImageRecord
 from components.data.transforms import open_rgb
 from components.modeling.embedder import Embedder, embed_images
 
-COLUMNS = ["id", "class", "arrival", "role"]
+COLUMNS = ["id", "class", "arrival", "split"]  # split: the image's role, train | query | unseen
 
 
 class IndexValidationError(RuntimeError):
@@ -62,7 +62,7 @@ def build_table(
             vectors = embed_images(model, (open_rgb(ws.classes_dir / r.id) for r in chunk), batch_size=batch_size)
             tbl.add(pa.table(
                 {"id": [r.id for r in chunk], "class": [r.cls for r in chunk], "arrival": [r.arrival for r in chunk],
-                 "role": [r.role for r in chunk],
+                 "split": [r.role for r in chunk],
                  "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), model.embedding_dim)},
                 schema=_schema(model.embedding_dim),
             ))
@@ -75,9 +75,20 @@ def build_table(
 
 def search(ws: Workspace, table: str, vectors: np.ndarray, k: int) -> list[list[dict]]:
     """The k nearest rows (cosine distance) for each query vector, nearest first."""
-    tbl = lancedb.connect(ws.lancedb_uri).open_table(table)
+    try:
+        tbl = lancedb.connect(ws.lancedb_uri).open_table(table)
+    except (ValueError, FileNotFoundError):
+        raise FileNotFoundError(f"index table {table} is missing from {ws.lancedb_uri}") from None
     results = []
     for v in np.asarray(vectors, dtype=np.float32):
         rows = tbl.search(v).distance_type("cosine").limit(k).select(COLUMNS).to_list()
         results.append([{"class": r["class"], "distance": float(r["_distance"]), "id": r["id"]} for r in rows])
     return results
+
+
+def table_rows(ws: Workspace, table: str) -> int | None:
+    """Rows in a table, or None when it does not exist (a live pair that lost its index)."""
+    try:
+        return lancedb.connect(ws.lancedb_uri).open_table(table).count_rows()
+    except (ValueError, FileNotFoundError):
+        return None

@@ -3,6 +3,7 @@ and the `champion` alias as the serving pointer. All MLflow calls live here."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 import components
@@ -23,6 +25,7 @@ from components.modeling.pyfunc import ENTRY_POINT, WEIGHTS_ARTIFACT, signature
 CHAMPION = "champion"
 TABLE_TAG = "index_table"
 ARRIVALS_TAG = "arrivals"
+VERDICT_TAG = "gate_verdict"
 
 # What the logged model needs to run on its own (the versions mnemo is tested with).
 MODEL_REQUIREMENTS = [
@@ -71,7 +74,7 @@ class ModelVersionInfo:
 
     @property
     def arrivals(self) -> list[str]:
-        return sorted(filter(None, self.tags.get(ARRIVALS_TAG, "").split(",")))
+        return sorted(json.loads(self.tags.get(ARRIVALS_TAG, "[]")))
 
     @property
     def uri(self) -> str:
@@ -102,6 +105,7 @@ class ModelRegistry:
         metrics: dict[str, float],
         epoch_metrics: dict[str, list[float]],
         arrivals: list[str],
+        tags: dict[str, str] | None = None,
         run_name: str | None = None,
     ) -> ModelVersionInfo:
         """One MLflow run: params, metrics, the standalone pyfunc model, registered as a new version."""
@@ -126,14 +130,15 @@ class ModelRegistry:
                     registered_model_name=self.name,
                 )
         version = str(info.registered_model_version)
-        self.client.set_model_version_tag(self.name, version, ARRIVALS_TAG, ",".join(sorted(arrivals)))
+        for key, value in {ARRIVALS_TAG: json.dumps(sorted(arrivals), ensure_ascii=False), **(tags or {})}.items():
+            self.client.set_model_version_tag(self.name, version, key, value)
         return self.get(version)
 
     def get(self, version: str) -> ModelVersionInfo:
         mv = self.client.get_model_version(self.name, str(version))
         return self._info(mv)
 
-    def _info(self, mv) -> ModelVersionInfo:
+    def _info(self, mv: ModelVersion) -> ModelVersionInfo:
         metrics = self.client.get_run(mv.run_id).data.metrics if mv.run_id else {}
         return ModelVersionInfo(name=self.name, version=str(mv.version), run_id=mv.run_id, tags=dict(mv.tags), metrics=dict(metrics))
 
@@ -149,17 +154,20 @@ class ModelRegistry:
             raise
         return self._info(mv)
 
-    def promote(self, version: str) -> None:
-        """Move `champion` to a version whose index table is recorded: the atomic switch."""
-        info = self.get(version)
-        if not info.table:
-            raise ValueError(f"model {self.name} version {version} has no index table; refusing to promote")
+    def latest(self) -> ModelVersionInfo | None:
+        """The newest registered version, promoted or not."""
+        versions = self.client.search_model_versions(f"name = '{self.name}'")
+        return self._info(max(versions, key=lambda mv: int(mv.version))) if versions else None
+
+    def promote(self, version: str, table: str) -> None:
+        """Record the version's validated table, then move `champion` to it: the atomic switch."""
+        self.set_tag(version, TABLE_TAG, table)
         self.client.set_registered_model_alias(self.name, CHAMPION, str(version))
 
     def load_embedder(self, version: str) -> Embedder:
         return self.load_pyfunc(version).unwrap_python_model().embedder
 
-    def load_pyfunc(self, version: str):
+    def load_pyfunc(self, version: str) -> mlflow.pyfunc.PyFuncModel:
         """The logged model exactly as an outside user would load it."""
         with _fluent_uris(self.ws.tracking_uri):
             return mlflow.pyfunc.load_model(f"models:/{self.name}/{version}")

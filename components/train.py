@@ -47,6 +47,12 @@ class TrainResult:
     def images_per_second(self) -> float:
         return self.images * self.epochs / self.seconds if self.seconds else 0.0
 
+    def params(self) -> dict[str, object]:
+        return {"train.images": self.images, "train.classes": self.classes, "train.device_used": self.device}
+
+    def metrics(self) -> dict[str, float]:
+        return {"train_seconds": self.seconds, "train_images_per_second": self.images_per_second}
+
 
 def make_loss(params: TrainParams) -> tuple[losses.BaseMetricLossFunction, miners.BaseMiner | None]:
     """The loss and miner named in params, from pytorch-metric-learning."""

@@ -40,7 +40,7 @@ def _emit(payload: dict, as_json: bool, human: str) -> None:
 
 @app.command()
 def demo(
-    arrivals: Annotated[int | None, typer.Option(help="Further arrivals after the base one (default: params demo.arrivals).")] = None,
+    arrivals: Annotated[int | None, typer.Option(min=0, help="Further arrivals after the base one (default: params demo.arrivals).")] = None,
     workspace: WorkspaceOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
@@ -97,6 +97,7 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
     p, ws = _setup(params, workspace)
     from components.data.class_registry import ClassRegistry
     from components.data.ingest import pending_arrivals
+    from components.index import table_rows
     from components.registry import ModelRegistry
 
     champion = ModelRegistry(ws, p.registry).champion()
@@ -107,7 +108,8 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
         "tracking_uri": ws.tracking_uri,
         "lancedb_uri": ws.lancedb_uri,
         "champion": None if champion is None else {
-            "version": champion.version, "table": champion.table, "arrivals": champion.arrivals, "metrics": champion.metrics,
+            "version": champion.version, "table": champion.table, "table_rows": table_rows(ws, champion.table) if champion.table else None,
+            "arrivals": champion.arrivals, "metrics": champion.metrics,
         },
         "data": {
             "arrivals": sorted(catalog.arrivals),
@@ -138,6 +140,7 @@ def query(
     p, ws = _setup(params, workspace)
     import pandas as pd
 
+    from components.data.transforms import open_rgb
     from components.index import search
     from components.registry import ModelRegistry
 
@@ -150,16 +153,16 @@ def query(
     for path in images:
         try:
             payloads.append(path.read_bytes())
-        except OSError as exc:
-            err.print(f"[red]error:[/] {path}: cannot read ({exc.strerror})")
+            open_rgb(payloads[-1])
+        except (OSError, SyntaxError, ValueError) as exc:
+            err.print(f"[red]error:[/] {path}: not a readable image ({exc.strerror or exc})")
             raise typer.Exit(2) from None
-    model = registry.load_pyfunc(champion.version)
+    vectors = registry.load_pyfunc(champion.version).predict(pd.DataFrame({"image": payloads}))
     try:
-        vectors = model.predict(pd.DataFrame({"image": payloads}))
-    except ValueError as exc:
-        err.print(f"[red]error:[/] {exc} (rows follow the order of {', '.join(map(str, images))})")
-        raise typer.Exit(2) from None
-    results = search(ws, champion.table, vectors, k)
+        results = search(ws, champion.table, vectors, k)
+    except FileNotFoundError as exc:
+        err.print(f"[red]error:[/] champion v{champion.version}: {exc}")
+        raise typer.Exit(1) from None
     lines = []
     for path, hits in zip(images, results):
         lines.append(f"{path}: " + ", ".join(f"{h['class']} ({h['distance']:.3f})" for h in hits))

@@ -14,21 +14,21 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from components.config import Params, Workspace, resolve_workspace
-from components.data.class_registry import ClassRegistry, ImageRecord
+from components.data.class_registry import ClassRegistry, ImageRecord, retrain_skip_reason
 from components.data.ingest import IngestReport, ingest_arrival, pending_arrivals
-from components.evaluate import GateDecision, decide, score_unseen
+from components.evaluate import GateDecision, decide, prefixed, score_unseen
 from components.index import IndexBuild, build_table, table_name
 from components.modeling.embedder import Embedder
-from components.registry import TABLE_TAG, ModelRegistry, ModelVersionInfo
+from components.registry import VERDICT_TAG, ModelRegistry, ModelVersionInfo
 from components.train import TrainResult, train_embedder
 
 
 @dataclass
 class RetrainSummary:
-    status: str  # "promoted" | "rejected" | "nothing_new"
+    status: str  # "promoted" | "rejected" | "nothing_new" | "insufficient_data"
     message: str
-    version: str | None = None
-    table: str | None = None
+    version: str | None = None  # the candidate when one was trained, else the champion
+    table: str | None = None  # the table of the live pair after this run
     classes_known: int = 0
     trained_classes: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -46,10 +46,11 @@ def ingest_pending(ws: Workspace, params: Params) -> list[IngestReport]:
 
 
 @task(cache_policy=NO_CACHE)
-def load_champion(ws: Workspace, params: Params) -> tuple[ModelVersionInfo | None, Embedder | None]:
+def load_models(ws: Workspace, params: Params) -> tuple[ModelVersionInfo | None, Embedder | None, ModelVersionInfo | None]:
+    """The champion (info and network) and the newest registered version."""
     registry = ModelRegistry(ws, params.registry)
     champion = registry.champion()
-    return champion, (registry.load_embedder(champion.version) if champion else None)
+    return champion, (registry.load_embedder(champion.version) if champion else None), registry.latest()
 
 
 @task(cache_policy=NO_CACHE)
@@ -62,14 +63,16 @@ def evaluate(ws: Workspace, params: Params, candidate: Embedder, champion: Embed
     return score_unseen(ws, unseen, params.evaluate, candidate, champion)
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def register(ws: Workspace, params: Params, result: TrainResult, metrics: dict[str, float], arrivals: list[str]) -> ModelVersionInfo:
-    flat = {f"model.{k}": v for k, v in params.model.model_dump().items()}
-    flat |= {f"train.{k}": v for k, v in params.train.model_dump().items()}
-    flat |= {"train.images": result.images, "train.classes": result.classes, "train.device_used": result.device}
-    metrics = metrics | {"train_seconds": result.seconds, "train_images_per_second": result.images_per_second}
+@task(cache_policy=NO_CACHE)  # no retries: a repeat after log_model would register a second version
+def register(ws: Workspace, params: Params, result: TrainResult, metrics: dict[str, float], arrivals: list[str],
+             decision: GateDecision) -> ModelVersionInfo:
     return ModelRegistry(ws, params.registry).log_candidate(
-        result.model, params=flat, metrics=metrics, epoch_metrics={"train_loss": result.epoch_losses}, arrivals=arrivals
+        result.model,
+        params=params.flat("model", "train") | result.params(),
+        metrics=metrics | result.metrics(),
+        epoch_metrics={"train_loss": result.epoch_losses},
+        arrivals=arrivals,
+        tags={VERDICT_TAG: "promote" if decision.promote else "reject"},
     )
 
 
@@ -81,9 +84,7 @@ def build_index(ws: Workspace, params: Params, version: str, model: Embedder) ->
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def promote(ws: Workspace, params: Params, version: str, table: str) -> None:
-    registry = ModelRegistry(ws, params.registry)
-    registry.set_tag(version, TABLE_TAG, table)
-    registry.promote(version)
+    ModelRegistry(ws, params.registry).promote(version, table)
 
 
 @flow(name="retrain", log_prints=True)
@@ -93,25 +94,21 @@ def retrain(params: Params, workspace: str | None = None) -> RetrainSummary:
     ws = resolve_workspace(params, workspace)
     reports = ingest_pending(ws, params)
     catalog = ClassRegistry.load(ws.class_registry)
-    champion, champion_model = load_champion(ws, params)
-    summary = RetrainSummary(status="nothing_new", message="", classes_known=len(catalog.classes),
+    champion, champion_model, latest = load_models(ws, params)
+    summary = RetrainSummary(status="", message="", classes_known=len(catalog.classes),
+                             version=champion.version if champion else None, table=champion.table if champion else None,
                              ingested=[r.arrival for r in reports if r.status == "ingested"])
-    arrivals = sorted(catalog.arrivals)
-    if not arrivals:
-        summary.message = f"no arrivals ingested yet; drop one into {ws.inbox}"
-    elif champion is not None and champion.arrivals == arrivals:
-        summary.message = f"champion v{champion.version} already learned every arrival; nothing to do"
-        summary.version, summary.table = champion.version, champion.table
-    if summary.message:
+    skip = retrain_skip_reason(catalog, latest.arrivals if latest else None)
+    if skip is not None:
+        summary.status, summary.message = skip[0], f"{skip[1]}; live pair unchanged"
         logger.info(summary.message)
         return summary
 
-    train_records = catalog.records("train")
-    result = train(ws, params, train_records, champion_model)
+    arrivals = sorted(catalog.arrivals)
+    result = train(ws, params, catalog.records("train"), champion_model)
     metrics = evaluate(ws, params, result.model, champion_model, catalog.records("unseen"))
-    champion_metrics = {"unseen_recall_at_1": metrics["champion_unseen_recall_at_1"]} if champion else None
-    decision: GateDecision = decide(metrics, champion_metrics, params.gate)
-    candidate = register(ws, params, result, metrics, arrivals)
+    decision = decide(metrics, prefixed(metrics, "champion_"), params.gate)
+    candidate = register(ws, params, result, metrics, arrivals, decision)
     summary.version, summary.metrics, summary.reasons = candidate.version, metrics, decision.reasons
     summary.trained_classes = result.classes
     if decision.promote:
@@ -121,7 +118,7 @@ def retrain(params: Params, workspace: str | None = None) -> RetrainSummary:
         summary.message = f"v{candidate.version} promoted to champion with table {built.table} ({built.rows} rows)"
     else:
         summary.status = "rejected"
-        summary.message = f"v{candidate.version} rejected by the gate; champion unchanged"
+        summary.message = f"v{candidate.version} rejected by the gate ({'; '.join(decision.reasons)}); champion unchanged"
     summary.seconds = time.perf_counter() - start
     logger.info(summary.message)
     return summary

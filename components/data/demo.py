@@ -23,7 +23,6 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from components.config import DemoParams
 
-SYSTEM_FONT_DIRS = [Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), Path.home() / ".local/share/fonts"]
 CJK_PROBE = "日本人山川木水火金土月"
 LATIN_PROBE = "AaBbGgRr"
 CJK_RANGE = range(0x4E00, 0xA000)
@@ -114,7 +113,9 @@ def _designs(faces: list[tuple[Face, frozenset[int]]], probe: str) -> list[Desig
 
 def discover_fonts(font_dirs: list[Path] | None = None) -> FontSet:
     """CJK system fonts when at least 4 designs are installed, else matplotlib's bundled fonts."""
-    system = _designs(_faces(_font_files(font_dirs if font_dirs is not None else SYSTEM_FONT_DIRS)), CJK_PROBE)
+    if font_dirs is None:
+        font_dirs = [Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), Path.home() / ".local/share/fonts"]
+    system = _designs(_faces(_font_files(font_dirs)), CJK_PROBE)
     if len(system) >= 4:
         return _fontset("system CJK fonts", system, [CJK_RANGE], need=math.ceil(0.8 * len(system)))
     import matplotlib

@@ -8,9 +8,9 @@ an optional manifest.json. Re-ingesting an arrival already in the registry chang
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -19,12 +19,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from components.config import IngestParams, Workspace, stage_setup
+from components.config import IMAGE_EXTENSIONS, IngestParams, Workspace, stage_setup
 from components.data.class_registry import ClassRegistry
 
 MANIFEST = "manifest.json"
-_SAFE_NAME = re.compile(r"^[^/\\\x00]+$")
-_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "WEBP": "webp"}
 
 
 @dataclass(frozen=True)
@@ -45,17 +43,16 @@ class IngestReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def validate_image(path: Path, limits: IngestParams) -> tuple[str | None, str | None]:
-    """(format, None) for a good image, (None, reason) for a bad one. Decodes the whole file."""
-    size = path.stat().st_size
-    if size == 0:
+def validate_image(data: bytes, limits: IngestParams) -> tuple[str | None, str | None]:
+    """(format, None) for a good image, (None, reason) for a bad one. Decodes the whole image."""
+    if not data:
         return None, "empty file (0 bytes)"
-    if size > limits.max_file_bytes:
-        return None, f"file is {size} bytes, over the {limits.max_file_bytes}-byte limit"
+    if len(data) > limits.max_file_bytes:
+        return None, f"file is {len(data)} bytes, over the {limits.max_file_bytes}-byte limit"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 fmt, mode, (width, height) = img.format, img.mode, img.size
                 if fmt not in limits.formats:
                     return None, f"format {fmt} is not one of {', '.join(limits.formats)}"
@@ -75,6 +72,19 @@ def validate_image(path: Path, limits: IngestParams) -> tuple[str | None, str | 
     return fmt, None
 
 
+def _class_folder_problem(rel: Path) -> str | None:
+    if len(rel.parts) < 2:
+        return "not inside a class folder"
+    name = rel.parts[0]
+    if name.startswith("."):
+        return "inside a hidden folder, not a class folder"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "class folder name is not valid UTF-8"
+    return None
+
+
 def _rank(seed: int, *parts: str) -> str:
     return hashlib.sha256("\x1f".join((str(seed), *parts)).encode()).hexdigest()
 
@@ -87,10 +97,10 @@ def _held_out_share(items: list[str], fraction: float, seed: int, salt: str) -> 
     return set(sorted(items, key=lambda item: _rank(seed, salt, item))[:count])
 
 
-def _copy_atomically(src: Path, dest: Path) -> None:
+def _write_atomically(dest: Path, data: bytes) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.partial")
-    shutil.copyfile(src, tmp)
+    tmp.write_bytes(data)
     os.replace(tmp, dest)
 
 
@@ -117,27 +127,40 @@ def ingest_arrival(arrival_dir: Path, ws: Workspace, params: IngestParams, *, re
     manifest = _read_manifest(arrival_dir, report)
 
     stored_by_class: dict[str, list[str]] = {}
+    processed: list[Path] = []
     for path in sorted(p for p in arrival_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(arrival_dir)
         if rel.as_posix() == MANIFEST:
+            processed.append(path)
             continue
-        if len(rel.parts) < 2 or not _SAFE_NAME.match(rel.parts[0]) or rel.parts[0].startswith("."):
-            reason = "not inside a class folder"
-        else:
-            fmt, reason = validate_image(path, params)
+        try:
+            size = path.stat().st_size
+            if size > params.max_file_bytes:  # never read an oversized file into memory
+                report.rejected.append(Rejected(_printable(rel), f"file is {size} bytes, over the {params.max_file_bytes}-byte limit"))
+                (quarantine / _printable(rel)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, quarantine / _printable(rel))
+                processed.append(path)
+                continue
+            data = path.read_bytes()  # read once: the bytes validated are the bytes hashed and stored
+        except OSError as exc:
+            report.rejected.append(Rejected(file=_printable(rel), reason=f"cannot read file ({exc.strerror})"))
+            continue
+        processed.append(path)
+        fmt, reason = None, _class_folder_problem(rel)
+        if reason is None:
+            fmt, reason = validate_image(data, params)
         if reason is not None:
-            report.rejected.append(Rejected(file=rel.as_posix(), reason=reason))
-            _copy_atomically(path, quarantine / rel)
+            report.rejected.append(Rejected(file=_printable(rel), reason=reason))
+            _write_atomically(quarantine / _printable(rel), data)
             continue
         cls = rel.parts[0]
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
-        image_id = f"{cls}/{digest}.{_EXTENSIONS[fmt]}"
-        dest = ws.classes_dir / image_id
+        image_id = f"{cls}/{hashlib.sha256(data).hexdigest()[:32]}.{IMAGE_EXTENSIONS[fmt]}"
         if image_id in registry.images or image_id in stored_by_class.get(cls, []):
             report.duplicates += 1
             continue
+        dest = ws.classes_dir / image_id
         if not dest.exists():
-            _copy_atomically(path, dest)
+            _write_atomically(dest, data)
         stored_by_class.setdefault(cls, []).append(image_id)
         report.stored += 1
 
@@ -169,8 +192,28 @@ def ingest_arrival(arrival_dir: Path, ws: Workspace, params: IngestParams, *, re
     }
     registry.save()
     if remove_source:
-        shutil.rmtree(arrival_dir)
+        _remove_processed(arrival_dir, processed, report)
     return report
+
+
+def _remove_processed(arrival_dir: Path, processed: list[Path], report: IngestReport) -> None:
+    """Delete what was stored or quarantined; anything that landed meanwhile stays, with a warning."""
+    for path in processed:
+        path.unlink(missing_ok=True)
+    for folder in sorted((p for p in arrival_dir.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    left = [p for p in arrival_dir.rglob("*") if p.is_file()]
+    if left:
+        report.warnings.append(f"{arrival_dir}: {len(left)} file(s) arrived during ingest and were left there; "
+                               "move them into a new arrival folder")
+    else:
+        arrival_dir.rmdir()
+
+
+def _printable(rel: Path) -> str:
+    """A relative path safe to write to JSON and to the disk (undecodable bytes escaped)."""
+    return os.fsencode(rel).decode("utf-8", errors="backslashreplace")
 
 
 def _read_manifest(arrival_dir: Path, report: IngestReport) -> dict | None:

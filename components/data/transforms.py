@@ -14,9 +14,15 @@ STD = (0.5, 0.5, 0.5)
 
 
 def open_rgb(source: Path | bytes) -> Image.Image:
-    """Decode a file or encoded bytes to RGB; raises on anything that is not a whole image."""
+    """Decode a file or encoded bytes to RGB; raises on anything that is not a whole image.
+
+    Transparent pixels are laid on white (a plain convert would turn them black).
+    """
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
         img.load()
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
         return img.convert("RGB")
 
 

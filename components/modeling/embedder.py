@@ -4,9 +4,10 @@ with L2-normalised output. Weights come from a local file only: nothing is downl
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ from torch import nn
 
 from components.config import ModelParams
 from components.data.transforms import eval_transform, open_rgb
+
+
+T = TypeVar("T")
 
 
 class Embedder(nn.Module):
@@ -74,7 +78,7 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def _batches(items: Iterable, size: int) -> Iterator[list]:
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
     it = iter(items)
     while batch := list(islice(it, size)):
         yield batch
@@ -87,7 +91,7 @@ def embed_images(
     *,
     batch_size: int = 256,
     device: torch.device | None = None,
-    on_batch=None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """N x D float32 L2-normalised embeddings of RGB PIL images, in order."""
     device = device or next(model.parameters()).device
@@ -105,5 +109,5 @@ def embed_images(
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def embed_files(model: Embedder, paths: Sequence[Path], **kwargs) -> np.ndarray:
+def embed_files(model: Embedder, paths: Sequence[Path], **kwargs: Any) -> np.ndarray:
     return embed_images(model, (open_rgb(p) for p in paths), **kwargs)

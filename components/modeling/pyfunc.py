@@ -13,6 +13,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModelContext
 from mlflow.types import ColSpec, Schema, TensorSpec
 
 from components.data.transforms import open_rgb
@@ -24,7 +25,7 @@ ENTRY_POINT = Path(__file__).with_name("pyfunc_entry.py")  # what MLflow logs an
 
 
 class EmbedderModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         self.embedder = load_embedder(Path(context.artifacts[WEIGHTS_ARTIFACT])).to(pick_device("auto"))
 
     @classmethod
@@ -34,7 +35,7 @@ class EmbedderModel(mlflow.pyfunc.PythonModel):
         model.embedder = embedder
         return model
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+    def predict(self, context: PythonModelContext | None, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         if IMAGE_COLUMN not in model_input:
             raise ValueError(f"input needs a column {IMAGE_COLUMN!r} of encoded image bytes")
         images = []

@@ -28,10 +28,10 @@ def test_dvc_repro_runs_the_pipeline_and_reports_metrics(params, tmp_path):
     repo.mkdir()
     shutil.copytree(REPO / "components", repo / "components", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo)
-    tiny = params.model_copy(update={"paths": params.paths.model_copy(update={"workspace": Path("workspace")})})
+    tiny = params.model_copy(update={"paths": params.paths.model_copy(update={"workspace": Path("ws")})})
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny.model_dump(mode="json")))
     fonts = discover_fonts()
-    write_arrival(repo / "workspace" / "inbox", 0, stream_classes(fonts, params.demo)[0], fonts, params.demo)
+    write_arrival(repo / "ws" / "inbox", 0, stream_classes(fonts, params.demo)[0], fonts, params.demo)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MNEMO_", "MLFLOW_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` in dvc.yaml is this one
@@ -41,11 +41,11 @@ def test_dvc_repro_runs_the_pipeline_and_reports_metrics(params, tmp_path):
     run(dvc + ["init", "-q"], repo, env)
     run(dvc + ["repro"], repo, env)
 
-    metrics = json.loads((repo / "workspace" / "dvc" / "metrics.json").read_text())
+    metrics = json.loads((repo / "ws" / "dvc" / "metrics.json").read_text())
     assert 0.0 <= metrics["unseen_recall_at_1"] <= 1.0 and "baseline_unseen_map_at_r" in metrics
     shown = json.loads(run(dvc + ["metrics", "show", "--json"], repo, env))
     assert any("unseen_recall_at_1" in json.dumps(v) for v in shown.values())
     # The inbox is a stage dependency, so ingest leaves it in place; a second repro has nothing to do.
-    assert (repo / "workspace" / "inbox" / "demo-000").is_dir()
+    assert (repo / "ws" / "inbox" / "demo-000").is_dir()
     again = run(dvc + ["repro"], repo, env)
     assert "Running stage" not in again and again.count("didn't change, skipping") == 3, again

@@ -57,7 +57,10 @@ def test_retrain_flow_promotes_a_queryable_champion(params, ws, params_file):
     answer = cli("query", str(ws.classes_dir / held_out.id), "--k", "3", "--json", *common)
     assert answer["model_version"] == "1"
     [hits] = answer["results"]
+    # The query image is indexed too: finding it at distance ~0 shows the table was built by
+    # the very model that embedded the query (a model/index mismatch could not do that).
     assert len(hits) == 3 and hits[0]["class"] == held_out.cls and hits[0]["id"] == held_out.id
+    assert hits[0]["distance"] < 1e-4
     assert hits[0]["distance"] <= hits[1]["distance"] <= hits[2]["distance"]
 
     # Nothing new arrived: nothing is trained, the champion stays.

@@ -1,6 +1,7 @@
 """Ingest: every bad file is quarantined with its reason, every good one is kept, once."""
 
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -131,11 +132,66 @@ def test_inbox_arrivals_are_moved_and_no_longer_pending(arrival, ws, params):
     assert len([p for p in (ws.quarantine / arrival.name).rglob("*") if p.is_file() and p.name != "reasons.json"]) == 7
 
 
-def test_validate_rejects_oversized_files_and_disallowed_modes(tmp_path, params):
-    big = tmp_path / "big.png"
-    big.write_bytes(png_bytes(size=(64, 64), mode="RGB"))
+def test_validate_rejects_oversized_files_and_disallowed_modes(params):
+    rgb = png_bytes(size=(64, 64), mode="RGB")
     small_limit = params.ingest.model_copy(update={"max_file_bytes": 10})
-    assert "over the 10-byte limit" in validate_image(big, small_limit)[1]
+    assert "over the 10-byte limit" in validate_image(rgb, small_limit)[1]
     grey_only = params.ingest.model_copy(update={"modes": ["L"]})
-    assert "pixel mode RGB" in validate_image(big, grey_only)[1]
-    assert validate_image(big, params.ingest) == ("PNG", None)
+    assert "pixel mode RGB" in validate_image(rgb, grey_only)[1]
+    assert validate_image(rgb, params.ingest) == ("PNG", None)
+
+
+def test_oversized_file_is_quarantined_unread(arrival, ws, params):
+    big = noise_png()
+    assert len(big) > 1000
+    (arrival / "eel" / "big.png").write_bytes(big)
+    report = ingest_arrival(arrival, ws, params.ingest.model_copy(update={"max_file_bytes": 1000}))
+    reasons = {r.file: r.reason for r in report.rejected}
+    assert reasons["eel/big.png"] == f"file is {len(big)} bytes, over the 1000-byte limit"
+    assert (ws.quarantine / arrival.name / "eel" / "big.png").read_bytes() == big
+
+
+def test_class_folder_that_is_not_utf8_is_quarantined(tmp_path, ws, params):
+    root = tmp_path / "arrival-latin1"
+    for cls in (b"caf\xe9", b"tea", b"ink"):
+        folder = os.path.join(os.fsencode(root), cls)
+        os.makedirs(folder)
+        for i in range(3):
+            with open(os.path.join(folder, b"%d.png" % i), "wb") as fh:
+                fh.write(png_bytes(color=i * 40 + cls[0]))
+    report = ingest_arrival(root, ws, params.ingest)
+    bad = [r for r in report.rejected if "not valid UTF-8" in r.reason]
+    assert len(bad) == 3 and all(r.file.startswith("caf\\xe9/") for r in bad)
+    assert sorted(report.new_classes) == ["ink", "tea"]
+    assert ClassRegistry.load(ws.class_registry).arrivals["arrival-latin1"]["quarantined"] == 3
+
+
+def test_a_different_seed_gives_a_different_split(arrival, tmp_path, params, ws):
+    from components.config import resolve_workspace
+
+    first = ingest_arrival(arrival, ws, params.ingest)
+    reseeded = params.ingest.model_copy(update={"seed": 7})
+    others = [ingest_arrival(arrival, resolve_workspace(params, tmp_path / f"s{i}"), reseeded.model_copy(update={"seed": i}))
+              for i in range(1, 6)]
+    assert any(o.unseen_classes != first.unseen_classes for o in others)
+
+
+def test_files_landing_during_ingest_are_left_in_place(arrival, ws, params, monkeypatch):
+    import components.data.ingest as ingest_module
+
+    inbox_copy = ws.inbox / arrival.name
+    inbox_copy.parent.mkdir(parents=True)
+    arrival.rename(inbox_copy)
+    late = inbox_copy / "cat" / "late.png"
+    real = ingest_module.validate_image
+
+    def validate_then_drop_a_file(data, limits):
+        if not late.exists():
+            late.write_bytes(png_bytes(color=250))
+        return real(data, limits)
+
+    monkeypatch.setattr(ingest_module, "validate_image", validate_then_drop_a_file)
+    report = ingest_arrival(inbox_copy, ws, params.ingest, remove_source=True)
+    assert late.read_bytes() == png_bytes(color=250), "a file that arrived mid-ingest was deleted"
+    assert any("arrived during ingest" in w for w in report.warnings)
+    assert [p.name for p in inbox_copy.rglob("*") if p.is_file()] == ["late.png"]
