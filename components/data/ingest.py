@@ -48,7 +48,7 @@ def validate_image(data: bytes, limits: IngestParams) -> tuple[str | None, str |
     if not data:
         return None, "empty file (0 bytes)"
     if len(data) > limits.max_file_bytes:
-        return None, f"file is {len(data)} bytes, over the {limits.max_file_bytes}-byte limit"
+        return None, _too_big(len(data), limits.max_file_bytes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -97,11 +97,33 @@ def _held_out_share(items: list[str], fraction: float, seed: int, salt: str) -> 
     return set(sorted(items, key=lambda item: _rank(seed, salt, item))[:count])
 
 
-def _write_atomically(dest: Path, data: bytes) -> None:
+def _write_atomically(dest: Path, source: bytes | Path) -> None:
+    """Write bytes (or copy a file) so that dest is either absent or complete."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.partial")
-    tmp.write_bytes(data)
+    if isinstance(source, Path):
+        shutil.copyfile(source, tmp)
+    else:
+        tmp.write_bytes(source)
     os.replace(tmp, dest)
+
+
+def _check_file(path: Path, rel: Path, params: IngestParams) -> tuple[str | None, str | None, bytes | None]:
+    """(format, reason, bytes). The file is read once, so the bytes checked are the bytes stored;
+    an oversized one is judged by its size and never read into memory (bytes None)."""
+    size = path.stat().st_size
+    if size > params.max_file_bytes:
+        return None, _too_big(size, params.max_file_bytes), None
+    data = path.read_bytes()
+    reason = _class_folder_problem(rel)
+    if reason is not None:
+        return None, reason, data
+    fmt, reason = validate_image(data, params)
+    return fmt, reason, data
+
+
+def _too_big(size: int, limit: int) -> str:
+    return f"file is {size} bytes, over the {limit}-byte limit"
 
 
 def pending_arrivals(ws: Workspace) -> list[Path]:
@@ -134,24 +156,14 @@ def ingest_arrival(arrival_dir: Path, ws: Workspace, params: IngestParams, *, re
             processed.append(path)
             continue
         try:
-            size = path.stat().st_size
-            if size > params.max_file_bytes:  # never read an oversized file into memory
-                report.rejected.append(Rejected(_printable(rel), f"file is {size} bytes, over the {params.max_file_bytes}-byte limit"))
-                (quarantine / _printable(rel)).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, quarantine / _printable(rel))
-                processed.append(path)
-                continue
-            data = path.read_bytes()  # read once: the bytes validated are the bytes hashed and stored
-        except OSError as exc:
+            fmt, reason, data = _check_file(path, rel, params)
+        except OSError as exc:  # vanished or unreadable: nothing to store or quarantine
             report.rejected.append(Rejected(file=_printable(rel), reason=f"cannot read file ({exc.strerror})"))
             continue
         processed.append(path)
-        fmt, reason = None, _class_folder_problem(rel)
-        if reason is None:
-            fmt, reason = validate_image(data, params)
         if reason is not None:
             report.rejected.append(Rejected(file=_printable(rel), reason=reason))
-            _write_atomically(quarantine / _printable(rel), data)
+            _write_atomically(quarantine / _printable(rel), path if data is None else data)
             continue
         cls = rel.parts[0]
         image_id = f"{cls}/{hashlib.sha256(data).hexdigest()[:32]}.{IMAGE_EXTENSIONS[fmt]}"
