@@ -1,4 +1,8 @@
-"""The `mnemo` command line: the edge where params.yaml is read and flows are started."""
+"""The `mnemo` command line: the edge where params.yaml is read and flows are started.
+
+Commands import torch, mlflow, lancedb and prefect when they run, not at start-up, so
+`mnemo --help` and argument errors answer at once.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 
 from components.config import ConfigError, Params, Workspace, load_params, resolve_workspace
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Continual learning for image embeddings.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, file names unbroken
 
 WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", envvar="MNEMO_WORKSPACE", help="State directory (default: params paths.workspace, ./workspace).")]
 ParamsOpt = Annotated[Path, typer.Option("--params", envvar="MNEMO_PARAMS", help="The params.yaml to use.")]
@@ -31,7 +35,7 @@ def _setup(params_path: Path, workspace: Path | None) -> tuple[Params, Workspace
     return params, resolve_workspace(params, workspace)
 
 
-def _emit(payload: dict, as_json: bool, human: str) -> None:
+def _emit(payload: dict, as_json: bool, human: RenderableType) -> None:
     if as_json:
         sys.stdout.write(json.dumps(payload, indent=1, default=str, ensure_ascii=False) + "\n")
     else:
@@ -125,7 +129,7 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
                        ("arrivals", len(catalog.arrivals)), ("classes", len(catalog.classes)), ("images", len(catalog.images)),
                        ("pending", len(payload["data"]["pending_arrivals"]))]:
         table.add_row(key, str(value))
-    _emit(payload, as_json, table)  # type: ignore[arg-type]
+    _emit(payload, as_json, table)
 
 
 @app.command()
@@ -140,7 +144,7 @@ def query(
     p, ws = _setup(params, workspace)
     import pandas as pd
 
-    from components.data.transforms import open_rgb
+    from components.data.ingest import validate_image
     from components.index import search
     from components.registry import ModelRegistry
 
@@ -153,10 +157,13 @@ def query(
     for path in images:
         try:
             payloads.append(path.read_bytes())
-            open_rgb(payloads[-1])
-        except (OSError, SyntaxError, ValueError) as exc:
-            err.print(f"[red]error:[/] {path}: not a readable image ({exc.strerror or exc})")
+        except OSError as exc:
+            err.print(f"[red]error:[/] {path}: cannot read ({exc.strerror})")
             raise typer.Exit(2) from None
+        _, reason = validate_image(payloads[-1], p.ingest)  # the limits ingest applies
+        if reason is not None:
+            err.print(f"[red]error:[/] {path}: {reason}")
+            raise typer.Exit(2)
     vectors = registry.load_pyfunc(champion.version).predict(pd.DataFrame({"image": payloads}))
     try:
         results = search(ws, champion.table, vectors, k)

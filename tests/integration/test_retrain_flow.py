@@ -63,6 +63,14 @@ def test_retrain_flow_promotes_a_queryable_champion(params, ws, params_file):
     assert hits[0]["distance"] < 1e-4
     assert hits[0]["distance"] <= hits[1]["distance"] <= hits[2]["distance"]
 
+    assert status["champion"]["table_rows"] == len(catalog.images)
+
+    # A bad query image is refused by name, before any model is loaded.
+    junk = ws.root / "junk.png"
+    junk.write_bytes(b"definitely not a png")
+    refused = runner.invoke(app, ["query", str(junk), *common])
+    assert refused.exit_code == 2 and "junk.png: not an image" in refused.output
+
     # Nothing new arrived: nothing is trained, the champion stays.
     again = retrain(params, str(ws.root))
     assert again.status == "nothing_new" and again.version == "1"
