@@ -13,7 +13,7 @@ CJK_FONTS := fonts-ipafont fonts-morisawa-bizud-gothic fonts-morisawa-bizud-minc
   fonts-reggae fonts-motoya-l-cedar fonts-motoya-l-maruberi fonts-vlgothic fonts-wqy-zenhei \
   fonts-sawarabi-mincho fonts-umeplus fonts-mplus
 
-.PHONY: setup fonts demo test test-e2e clean
+.PHONY: setup fonts demo test test-e2e repro clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,10 @@ test: setup
 
 test-e2e: setup
 	$(BIN)/python -m pytest -m e2e
+
+# The same pipeline as DVC stages (dvc.yaml), with this environment's python on PATH.
+repro: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # Removes the environment only: ./workspace holds models, data and the registry, delete it by hand.
 clean:
