@@ -3,7 +3,7 @@
 The stored images are in the index, so querying one finds itself; this asks the harder
 question a user asks: does a *new* image of a known character come back with its class
 first? It renders new samples of the demo classes in a workspace made by `mnemo demo`
-(random draws seeded apart from the demo's, so never a stored image), embeds them through
+(sample indices past the stored ones, so never a stored image), embeds them through
 the registered pyfunc model and searches the champion's table, as `mnemo query` does.
 
     python bench/query_fresh.py --workspace workspace --per-class 2
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.config import load_params, resolve_workspace  # noqa: E402
 from components.data.class_registry import ClassRegistry  # noqa: E402
-from components.data.demo import discover_fonts, has_glyph, render_sample  # noqa: E402
+from components.data.demo import class_char, discover_fonts, sample_image  # noqa: E402
 from components.index import search  # noqa: E402
 from components.registry import ModelRegistry  # noqa: E402
 
@@ -55,13 +55,10 @@ def main() -> None:
         classes = catalog.classes_with_split(split)
         payloads, truth = [], []
         for cls in classes:
-            ch = chr(int(cls[1:], 16))
-            designs = [d for d in fonts.designs_for(ch) if has_glyph(d.faces[0], ch)]
             for i in range(args.per_class):
-                rng = np.random.default_rng([params.demo.seed, ord(ch), 10_000 + i])  # never a stored sample's draw
-                face = designs[int(rng.integers(len(designs)))].faces[0]
                 buf = io.BytesIO()
-                render_sample(face, ch, params.demo.image_size, rng).save(buf, format="PNG")
+                fresh = params.demo.images_per_class + i  # past the stored samples' indices
+                sample_image(fonts, class_char(cls), fresh, params.demo).save(buf, format="PNG")
                 payloads.append(buf.getvalue())
                 truth.append(cls)
         start = time.perf_counter()

@@ -26,7 +26,7 @@ from components.config import load_params, resolve_workspace, with_overrides  # 
 from components.data.class_registry import ClassRegistry  # noqa: E402
 from components.data.demo import discover_fonts, stream_classes, write_arrival  # noqa: E402
 from components.data.ingest import ingest_arrival  # noqa: E402
-from components.evaluate import score_embedder, score_pixels  # noqa: E402
+from components.evaluate import score_unseen  # noqa: E402
 from components.train import train_embedder  # noqa: E402
 
 
@@ -57,9 +57,7 @@ def main() -> None:
         catalog = ClassRegistry.load(ws.class_registry)
         train, unseen = catalog.records("train"), catalog.records("unseen")
         result = train_embedder([ws.classes_dir / r.id for r in train], [r.cls for r in train], params.train, params.model)
-        paths, labels = [ws.classes_dir / r.id for r in unseen], [r.cls for r in unseen]
-        model = score_embedder(result.model, paths, labels, [1, 5], params.evaluate.batch_size)
-        pixels = score_pixels(paths, labels, [1, 5], params.evaluate.baseline_image_size)
+        scores = score_unseen(ws, unseen, params.evaluate, result.model)
 
     report = {
         "date": date.today().isoformat(),
@@ -77,10 +75,10 @@ def main() -> None:
         "train_seconds": round(result.seconds, 2),
         "train_images_per_second": round(result.images_per_second, 1),
         "final_loss": round(result.epoch_losses[-1], 4),
-        "unseen_recall_at_1": round(model.recall_at[1], 4),
-        "unseen_map_at_r": round(model.map_at_r, 4),
-        "pixel_unseen_recall_at_1": round(pixels.recall_at[1], 4),
-        "pixel_unseen_map_at_r": round(pixels.map_at_r, 4),
+        "unseen_recall_at_1": round(scores["unseen_recall_at_1"], 4),
+        "unseen_map_at_r": round(scores["unseen_map_at_r"], 4),
+        "pixel_unseen_recall_at_1": round(scores["baseline_unseen_recall_at_1"], 4),
+        "pixel_unseen_map_at_r": round(scores["baseline_unseen_map_at_r"], 4),
     }
     print(json.dumps(report, indent=1))
     print("\n| " + " | ".join(report) + " |\n|" + "---|" * len(report) + "\n| " + " | ".join(map(str, report.values())) + " |")

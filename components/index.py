@@ -75,10 +75,7 @@ def build_table(
 
 def search(ws: Workspace, table: str, vectors: np.ndarray, k: int) -> list[list[dict]]:
     """The k nearest rows (cosine distance) for each query vector, nearest first."""
-    try:
-        tbl = lancedb.connect(ws.lancedb_uri).open_table(table)
-    except (ValueError, FileNotFoundError):
-        raise FileNotFoundError(f"index table {table} is missing from {ws.lancedb_uri}") from None
+    tbl = _open(ws, table)
     results = []
     for v in np.asarray(vectors, dtype=np.float32):
         rows = tbl.search(v).distance_type("cosine").limit(k).select(COLUMNS).to_list()
@@ -89,6 +86,13 @@ def search(ws: Workspace, table: str, vectors: np.ndarray, k: int) -> list[list[
 def table_rows(ws: Workspace, table: str) -> int | None:
     """Rows in a table, or None when it does not exist (a live pair that lost its index)."""
     try:
-        return lancedb.connect(ws.lancedb_uri).open_table(table).count_rows()
-    except (ValueError, FileNotFoundError):
+        return _open(ws, table).count_rows()
+    except FileNotFoundError:
         return None
+
+
+def _open(ws: Workspace, table: str) -> lancedb.table.Table:
+    try:
+        return lancedb.connect(ws.lancedb_uri).open_table(table)
+    except (ValueError, FileNotFoundError):  # lancedb says ValueError for a missing table
+        raise FileNotFoundError(f"index table {table} is missing from {ws.lancedb_uri}") from None

@@ -78,8 +78,7 @@ def ingest(
     for path in targets:
         inside_inbox = path.resolve().parent == ws.inbox.resolve()
         reports.append(ingest_arrival(path, ws, p.ingest, remove_source=inside_inbox))
-    lines = [f"{r.arrival}: {r.status}, {r.stored} stored, {len(r.rejected)} quarantined, {len(r.new_classes)} new classes"
-             for r in reports] or ["nothing to ingest"]
+    lines = [r.summary() for r in reports] or ["nothing to ingest"]
     for r in reports:
         lines += [f"  rejected {x.file}: {x.reason}" for x in r.rejected]
     _emit({"arrivals": [asdict(r) for r in reports]}, as_json, "\n".join(lines))

@@ -140,6 +140,11 @@ def class_name(ch: str) -> str:
     return f"U{ord(ch):04X}"
 
 
+def class_char(name: str) -> str:
+    """The character a demo class name stands for (inverse of class_name)."""
+    return chr(int(name[1:], 16))
+
+
 def _rng(*parts: object) -> np.random.Generator:
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
@@ -164,6 +169,18 @@ def render_sample(face: Face, ch: str, size: int, rng: np.random.Generator) -> I
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), mode="L")
 
 
+def sample_image(fonts: FontSet, ch: str, i: int, params: DemoParams) -> Image.Image:
+    """Sample i of character ch: designs taken in a seeded rotation, a random style of each.
+
+    Indices past demo.images_per_class give fresh samples that no arrival holds.
+    """
+    designs = [d for d in fonts.designs_for(ch) if has_glyph(d.faces[0], ch)]
+    design = designs[_rng(params.seed, ch, "designs").permutation(len(designs))[i % len(designs)]]
+    rng = _rng(params.seed, ch, i)
+    face = design.faces[int(rng.integers(len(design.faces)))]
+    return render_sample(face, ch, params.image_size, rng)
+
+
 def stream_classes(fonts: FontSet, params: DemoParams) -> list[list[str]]:
     """Characters of the base arrival and each further one: a seeded draw without repeats."""
     wanted = params.base_classes + params.arrivals * params.classes_per_arrival
@@ -184,15 +201,10 @@ def write_arrival(inbox: Path, step: int, chars: list[str], fonts: FontSet, para
     """Render one arrival folder (class sub-folders + manifest.json) into the inbox."""
     root = inbox / arrival_id(step)
     for ch in chars:
-        designs = [d for d in fonts.designs_for(ch) if has_glyph(d.faces[0], ch)]
-        order = _rng(params.seed, ch, "designs").permutation(len(designs))
         out = root / class_name(ch)
         out.mkdir(parents=True, exist_ok=True)
         for i in range(params.images_per_class):
-            rng = _rng(params.seed, ch, i)
-            design = designs[order[i % len(designs)]]
-            face = design.faces[int(rng.integers(len(design.faces)))]
-            render_sample(face, ch, params.image_size, rng).save(out / f"{i:03d}.png")
+            sample_image(fonts, ch, i, params).save(out / f"{i:03d}.png")
     manifest = {
         "source": f"mnemo demo, rendered from {fonts.source}",
         "seed": params.seed,

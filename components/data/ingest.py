@@ -42,6 +42,10 @@ class IngestReport:
     rejected: list[Rejected] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
+    def summary(self) -> str:
+        return (f"{self.arrival}: {self.status}, {self.stored} stored, {len(self.rejected)} quarantined, "
+                f"{len(self.new_classes)} new classes")
+
 
 def validate_image(data: bytes, limits: IngestParams) -> tuple[str | None, str | None]:
     """(format, None) for a good image, (None, reason) for a bad one. Decodes the whole image."""
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     params, ws = stage_setup(argv, main.__doc__)
     for path in pending_arrivals(ws):
         report = ingest_arrival(path, ws, params.ingest)
-        print(f"{report.arrival}: {report.stored} stored, {len(report.rejected)} quarantined, {len(report.new_classes)} new classes")
+        print(report.summary())
 
 
 if __name__ == "__main__":
