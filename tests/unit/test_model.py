@@ -44,7 +44,8 @@ def shapes(tmp_path, n_classes=4, per_class=4):
     return paths, labels
 
 
-@pytest.mark.parametrize("loss, miner", [("multi_similarity", "multi_similarity"), ("triplet", "batch_hard")])
+@pytest.mark.parametrize("loss, miner", [("multi_similarity", "multi_similarity"), ("triplet", "batch_hard"),
+                                         ("supcon", "none"), ("proxy_anchor", "none")])
 def test_training_fits_one_small_batch(params, tmp_path, loss, miner):
     paths, labels = shapes(tmp_path)
     p = params.train.model_copy(update={"epochs": 15, "batch_size": 16, "m_per_class": 4, "lr": 0.003, "loss": loss, "miner": miner})

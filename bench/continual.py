@@ -1,0 +1,298 @@
+"""Continual-learning benchmark: does replay + distillation keep old classes without slowing down?
+
+Runs the same stream of arrivals under four strategies, with the same backbone, replay
+budget, epochs and seed:
+  naive            fine-tune on each arrival alone (no memory, no distillation)
+  replay           the arrival plus the exemplar memory
+  replay_distill   the arrival plus the memory, distilled from the previous model (mnemo's default)
+  joint            fine-tune on every arrival so far (the upper bound; its cost grows)
+Two streams: the demo's rendered characters (a base arrival plus 4 more) and Omniglot
+(../shared/data/omniglot/images_background_small1.zip, one alphabet per arrival).
+
+Each arrival goes through mnemo's real ingest (so the unseen classes and query images are
+the pipeline's own splits) and mnemo's real continual step (components.train.train_continual,
+with the memory saved and restored between arrivals as the retrain flow does). After every
+arrival it records unseen-class Recall@1 / MAP@R (all unseen classes so far), seen-class
+Recall@1 per arrival slice (leave-one-out among that arrival's query images: the forgetting
+matrix) and the training seconds. The first arrival is trained once and shared: with no
+memory and no previous model every strategy does the same thing there.
+
+    python bench/continual.py            # full run (GPU when present)
+    python bench/continual.py --quick    # under 15 minutes on 2 CPU cores
+
+Writes bench/results/<date>-continual[-quick].json, a markdown table (.md) and one PNG per stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from components.config import Params, load_params, resolve_workspace, with_overrides  # noqa: E402
+from components.data.class_registry import ClassRegistry, ImageRecord  # noqa: E402
+from components.data.demo import discover_fonts, stream_classes, write_arrival  # noqa: E402
+from components.data.ingest import ingest_arrival  # noqa: E402
+from components.evaluate import average_forgetting, score_embedder, slice_forgetting  # noqa: E402
+from components.modeling.embedder import Embedder  # noqa: E402
+from components.train import ContinualResult, train_continual  # noqa: E402
+
+OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot" / "images_background_small1.zip"
+STRATEGIES = ("naive", "replay", "replay_distill", "joint")
+NO_REPLAY = {"replay.budget": 0}
+NO_DISTILL = {"distill.embedding_weight": 0.0, "distill.relational_weight": 0.0}
+OVERRIDES = {"naive": NO_REPLAY | NO_DISTILL, "replay": NO_DISTILL, "replay_distill": {}, "joint": NO_REPLAY | NO_DISTILL}
+
+# Both modes hold out 30% of each trained class's images as queries (6 of Omniglot's 20), so
+# every seen-slice query has 5 positives: forgetting is measured, not sampling noise.
+COMMON = {"ingest.query_image_fraction": 0.3, "demo.images_per_class": 20}
+# Quick: smaller images, fewer classes and epochs; the same code path.
+# The Omniglot run of 2026-11-23 (6 epochs, 20 drawers, 20 demo images per class) took 57 min
+# wall-clock on 2 shared cores; these settings do about 0.4 of that work.
+QUICK = COMMON | {"model.image_size": 32, "train.epochs": 4, "demo.base_classes": 24, "demo.classes_per_arrival": 16,
+                  "demo.image_size": 48, "demo.images_per_class": 12, "replay.budget": 400}
+QUICK_DRAWERS = 12  # of Omniglot's 20 drawings per character
+# 40 + 4 x 30 = 160 classes: within the 165 letters of the matplotlib-font fallback too.
+FULL = COMMON | {"demo.base_classes": 40, "demo.classes_per_arrival": 30}
+
+
+@dataclass
+class Stream:
+    name: str
+    ws_root: Path
+    arrivals: list[str]  # in arrival order
+
+
+def demo_stream(params: Params, root: Path, arrivals: int) -> Stream:
+    params = with_overrides(params, {"demo.arrivals": arrivals - 1, "paths.workspace": str(root)})
+    ws = resolve_workspace(params)
+    fonts = discover_fonts()
+    names = []
+    for step, chars in enumerate(stream_classes(fonts, params.demo)):
+        report = ingest_arrival(write_arrival(ws.inbox, step, chars, fonts, params.demo), ws, params.ingest, remove_source=True)
+        names.append(report.arrival)
+    return Stream(f"demo ({fonts.source})", root, names)
+
+
+def omniglot_stream(params: Params, root: Path, drawers: int = 20) -> Stream:
+    """One arrival per alphabet; classes are '<alphabet>-<character>' (character names repeat across alphabets).
+
+    `drawers` keeps each character's first N drawings (files are '<character id>_<drawer>.png').
+    """
+    ws = resolve_workspace(with_overrides(params, {"paths.workspace": str(root)}))
+    with zipfile.ZipFile(OMNIGLOT) as z:
+        files = [n for n in z.namelist() if n.endswith(".png") and int(n.rsplit("_", 1)[1][:-4]) <= drawers]
+        alphabets = sorted({n.split("/")[1] for n in files})
+        for alphabet in alphabets:
+            for name in (n for n in files if n.split("/")[1] == alphabet):
+                _, _, character, file = name.split("/")
+                dest = ws.inbox / alphabet / f"{alphabet}-{character}" / file
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(z.read(name))
+            ingest_arrival(ws.inbox / alphabet, ws, params.ingest, remove_source=True)
+    return Stream("omniglot", root, alphabets)
+
+
+def evaluate_step(model: Embedder, ws_root: Path, catalog: ClassRegistry, arrivals: list[str], params: Params) -> dict:
+    """Unseen retrieval over every unseen class so far, and seen-class Recall@1 per arrival slice."""
+    classes_dir = resolve_workspace(with_overrides(params, {"paths.workspace": str(ws_root)})).classes_dir
+    ks, bs = params.evaluate.recall_at, params.evaluate.batch_size
+
+    def score(records: list[ImageRecord]):
+        return score_embedder(model, [classes_dir / r.id for r in records], [r.cls for r in records], ks, bs)
+
+    unseen = score([r for r in catalog.records("unseen") if r.arrival in arrivals])
+    seen = {a: score([r for r in catalog.records("query") if r.arrival == a]).recall_at[1] for a in arrivals}
+    return {"unseen_recall_at_1": unseen.recall_at[1], "unseen_map_at_r": unseen.map_at_r, "seen_recall_at_1": seen}
+
+
+def run_strategy(strategy: str, stream: Stream, params: Params, first: ContinualResult, first_cpu: float,
+                 state_root: Path) -> dict:
+    """The stream's arrivals under one strategy, the memory saved and restored between arrivals."""
+    p = with_overrides(params, OVERRIDES[strategy])
+    catalog = ClassRegistry.load(stream.ws_root / "data" / "registry.json")
+    classes_dir = stream.ws_root / "data" / "classes"
+    train = catalog.records("train")
+    model, state = first.train.model, None
+    if p.replay.budget:  # the shared first step, with this strategy's memory
+        state = first.save_state(state_root / strategy / "0")
+    steps = [{"arrival": stream.arrivals[0], "train_seconds": first.train.seconds, "cpu_seconds": first_cpu,
+              **evaluate_step(model, stream.ws_root, catalog, stream.arrivals[:1], p)}]
+    for k, arrival in enumerate(stream.arrivals[1:], start=1):
+        so_far = set(stream.arrivals[: k + 1])
+        new = [r for r in train if (r.arrival in so_far if strategy == "joint" else r.arrival == arrival)]
+        print(f"  {strategy}: arrival {k} ({arrival}), {len(new)} new training images", flush=True)
+        cpu = time.process_time()
+        step = train_continual(new, classes_dir, p, init=model, state=state)
+        cpu = time.process_time() - cpu
+        model = step.train.model
+        if p.replay.budget:
+            state = step.save_state(state_root / strategy / str(k))
+        steps.append({"arrival": arrival, "train_seconds": step.train.seconds, "cpu_seconds": cpu, "memory": len(step.memory),
+                      **evaluate_step(model, stream.ws_root, catalog, stream.arrivals[: k + 1], p)})
+        seen = steps[-1]["seen_recall_at_1"]
+        print(f"    unseen R@1 {steps[-1]['unseen_recall_at_1']:.3f}, seen R@1 per slice "
+              f"{' '.join(f'{v:.2f}' for v in seen.values())}, {step.train.seconds:.1f} s", flush=True)
+    matrix = [[s["seen_recall_at_1"].get(a, np.nan) for a in stream.arrivals] for s in steps]
+    return {
+        "final_unseen_recall_at_1": steps[-1]["unseen_recall_at_1"],
+        "final_unseen_map_at_r": steps[-1]["unseen_map_at_r"],
+        "avg_forgetting": average_forgetting(np.array(matrix)),
+        "final_slice_forgetting": [None if np.isnan(v) else float(v) for v in slice_forgetting(np.array(matrix))],
+        "train_seconds": sum(s["train_seconds"] for s in steps),
+        "forgetting_matrix": [[None if np.isnan(v) else v for v in row] for row in matrix],
+        "arrivals": steps,
+    }
+
+
+def run_stream(stream: Stream, params: Params, state_root: Path) -> dict:
+    catalog = ClassRegistry.load(stream.ws_root / "data" / "registry.json")
+    first_records = [r for r in catalog.records("train") if r.arrival == stream.arrivals[0]]
+    print(f"{stream.name}: {len(stream.arrivals)} arrivals, {len(catalog.classes)} classes; "
+          f"first arrival ({len(first_records)} training images), shared by all strategies", flush=True)
+    cpu = time.process_time()
+    first = train_continual(first_records, stream.ws_root / "data" / "classes", params)
+    cpu = time.process_time() - cpu
+    return {s: run_strategy(s, stream, params, first, cpu, state_root) for s in STRATEGIES}
+
+
+def targets(results: dict) -> dict:
+    """The issue's targets, checked on this run's numbers."""
+    naive, rd, joint = results["naive"], results["replay_distill"], results["joint"]
+
+    def time_ratio(r: dict, key: str = "train_seconds") -> float:
+        return r["arrivals"][-1][key] / r["arrivals"][1][key]
+
+    forgetting_ratio = rd["avg_forgetting"] / naive["avg_forgetting"] if naive["avg_forgetting"] > 0 else float("nan")
+    gap = joint["final_unseen_recall_at_1"] - rd["final_unseen_recall_at_1"]
+    return {
+        "forgetting_ratio_vs_naive": forgetting_ratio, "forgetting_ok": bool(forgetting_ratio <= 1 / 3),
+        "unseen_r1_gap_to_joint": gap, "unseen_ok": bool(gap <= 0.03),
+        "replay_distill_time_ratio_last_vs_second": time_ratio(rd), "time_flat_ok": bool(time_ratio(rd) <= 1.3),
+        "joint_time_ratio_last_vs_second": time_ratio(joint),
+        # Process CPU seconds: unlike wall time, barely moved by other processes on the machine.
+        "replay_distill_cpu_ratio_last_vs_second": time_ratio(rd, "cpu_seconds"),
+        "joint_cpu_ratio_last_vs_second": time_ratio(joint, "cpu_seconds"),
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Continual benchmark {report['date']}{' (quick)' if report['quick'] else ''}", "",
+             f"{report['machine']}; backbone {report['params']['model.backbone']}, image {report['params']['model.image_size']} px, "
+             f"{report['params']['train.epochs']} epochs, replay budget {report['params']['replay.budget']} "
+             f"({report['params']['replay.selection']}), batch ratio {report['params']['replay.batch_ratio']}, "
+             f"distill weights {report['params']['distill.embedding_weight']} / {report['params']['distill.relational_weight']}.", ""]
+    for stream, results in report["results"].items():
+        t = report["targets"][stream]
+        lines += [f"## {stream}", "",
+                  "| strategy | final unseen R@1 | final unseen MAP@R | avg forgetting | train s (total) | train s per arrival |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in results.items():
+            per = ", ".join(f"{a['train_seconds']:.1f}" for a in r["arrivals"])
+            lines.append(f"| {name} | {r['final_unseen_recall_at_1']:.3f} | {r['final_unseen_map_at_r']:.3f} | "
+                         f"{r['avg_forgetting']:.3f} | {r['train_seconds']:.1f} | {per} |")
+        lines += ["", f"- forgetting, replay_distill / naive: {t['forgetting_ratio_vs_naive']:.2f} (target <= 0.33: "
+                  f"{'met' if t['forgetting_ok'] else 'missed'})",
+                  f"- unseen R@1, joint minus replay_distill: {t['unseen_r1_gap_to_joint']:+.3f} (target <= 0.03: "
+                  f"{'met' if t['unseen_ok'] else 'missed'})",
+                  f"- train time, last arrival / second: replay_distill {t['replay_distill_time_ratio_last_vs_second']:.2f} "
+                  f"(target <= 1.3: {'met' if t['time_flat_ok'] else 'missed'}), joint {t['joint_time_ratio_last_vs_second']:.2f}; "
+                  f"in process CPU seconds: replay_distill {t['replay_distill_cpu_ratio_last_vs_second']:.2f}, "
+                  f"joint {t['joint_cpu_ratio_last_vs_second']:.2f}", ""]
+    return "\n".join(lines)
+
+
+def plot(stream: str, results: dict, arrivals: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    x = range(len(arrivals))
+    for name, r in results.items():
+        axes[0, 0].plot(x, [a["unseen_recall_at_1"] for a in r["arrivals"]], marker="o", label=name)
+        axes[0, 1].plot(x, [np.nanmean([v for v in row if v is not None]) for row in r["forgetting_matrix"]], marker="o", label=name)
+    axes[0, 0].set(title="unseen classes: Recall@1", xlabel="arrival", ylabel="Recall@1")
+    axes[0, 1].set(title="seen classes: mean Recall@1 over arrival slices", xlabel="arrival")
+    for ax in axes[0]:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    for ax, name in zip(axes[1], ("naive", "replay_distill")):
+        m = np.array([[np.nan if v is None else v for v in row] for row in results[name]["forgetting_matrix"]])
+        im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+        ax.set(title=f"{name}: seen R@1 (row: after arrival, col: slice)", xlabel="arrival slice", ylabel="after arrival")
+        for (i, j), v in np.ndenumerate(m):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, ax=axes[1].tolist(), shrink=0.8)
+    fig.suptitle(f"continual benchmark: {stream}")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small images, fewer classes and epochs (< 15 min on 2 CPU cores)")
+    ap.add_argument("--streams", default="demo,omniglot")
+    ap.add_argument("--demo-arrivals", type=int, default=5, help="arrivals in the demo stream, the base one included")
+    ap.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: params train.num_workers)")
+    ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+
+    overrides = QUICK if args.quick else FULL
+    if args.device:
+        overrides = overrides | {"train.device": args.device}
+    if args.workers is not None:
+        overrides = overrides | {"train.num_workers": args.workers}
+    params = with_overrides(load_params(args.params), overrides)
+    started = time.perf_counter()
+    report: dict = {"date": date.today().isoformat(), "quick": args.quick,
+                    "machine": f"{platform.node()}: {torch.get_num_threads()} CPU threads, "
+                               f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
+                    "params": params.flat("model", "train", "replay", "distill"), "results": {}, "targets": {}, "arrival_ids": {}}
+    with tempfile.TemporaryDirectory(prefix="mnemo-continual-") as tmp:
+        for name in args.streams.split(","):
+            root = Path(tmp) / name
+            if name == "demo":
+                stream = demo_stream(params, root / "ws", args.demo_arrivals)
+            elif name == "omniglot":
+                if not OMNIGLOT.is_file():
+                    print(f"skipping omniglot: {OMNIGLOT} is absent", flush=True)
+                    continue
+                stream = omniglot_stream(params, root / "ws", QUICK_DRAWERS if args.quick else 20)
+            else:
+                raise SystemExit(f"unknown stream {name!r}: choose from demo, omniglot")
+            results = run_stream(stream, params, root / "state")
+            report["results"][name], report["targets"][name] = results, targets(results)
+            report["arrival_ids"][name] = stream.arrivals
+    report["seconds"] = time.perf_counter() - started
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{report['date']}-continual{'-quick' if args.quick else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    for name, results in report["results"].items():
+        plot(name, results, report["arrival_ids"][name], Path(f"{stem}-{name}.png"))
+    print(json.dumps({s: report["targets"][s] for s in report["targets"]}, indent=1))
+    print(markdown(report))
+    print(f"wrote {stem}.json, .md and PNGs in {report['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
