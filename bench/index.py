@@ -1,0 +1,257 @@
+"""Index benchmark: re-index against bare inference, LanceDB writes, query latency with and
+without the ANN index, ANN recall, and the time of a swap and a rollback of the live pair.
+
+Everything runs in a temporary workspace (real LanceDB and MLflow, nothing downloaded):
+
+- re-index: `build_table` (embed, write in chunks, compact, validate, mark) over N stored
+  images against bare batched inference (decode + forward) of the same model on the same
+  images, alternated twice in one run; the ratio compares the better of each;
+- latency: seeded synthetic 128-d vectors shaped like class embeddings (unit vectors around
+  one centre per 100 rows, cosine to the centre ~0.74), one table per size, queried one
+  vector at a time through the service's search path (`TableReader`, params.yaml's
+  nprobes and refine_factor), exact scan first, then with the ANN index; recall@10 is
+  against exact cosine neighbours computed with numpy; other nprobes on the same index
+  show the recall/latency trade;
+- swap: `ModelRegistry.promote` + `LiveIndex.refresh` until readers hold the new pair
+  (cold: the new model is loaded; warm: cached), and `ModelRegistry.rollback` + refresh.
+
+    python bench/index.py --out bench/results/<date>-index.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from components.config import Params, load_params, resolve_workspace  # noqa: E402
+from components.data.class_registry import ImageRecord  # noqa: E402
+from components.data.transforms import open_rgb  # noqa: E402
+from components.index import VECTOR, AsyncLoop, TableReader, build_table, connect, ensure_ann_index, table_schema  # noqa: E402
+from components.live import LiveIndex  # noqa: E402
+from components.modeling.embedder import Embedder, build_embedder, embed_images  # noqa: E402
+from components.registry import CHAMPION, TABLE_TAG, ModelRegistry  # noqa: E402
+
+DIM = 128
+TARGETS = {"reindex_vs_bare_ratio": 0.9, "ann_recall_at_10": 0.95, "p99_ms_at_1m": 10.0, "swap_seconds": 1.0,
+           "rollback_seconds": 1.0}
+
+
+def write_images(root: Path, n: int, size: int, seed: int) -> list[ImageRecord]:
+    """n distinct PNGs under root/<class>/, 20 per class, as the catalog would list them."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        cls = f"c{i // 20:05d}"
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / cls / f"{i:07d}.png")
+        records.append(ImageRecord(id=f"{cls}/{i:07d}.png", cls=cls, arrival="bench", role="train"))
+    return records
+
+
+def bare_inference(model: Embedder, root: Path, records: list[ImageRecord], batch_size: int) -> float:
+    """Images/s of decode + transform + forward, nothing stored."""
+    start = time.perf_counter()
+    embed_images(model, (open_rgb(root / r.id) for r in records), batch_size=batch_size)
+    return len(records) / (time.perf_counter() - start)
+
+
+def bench_reindex(params: Params, tmp: Path, n_images: int) -> dict:
+    ws = resolve_workspace(params, tmp / "reindex")
+    records = write_images(ws.classes_dir, n_images, 64, seed=0)
+    torch.manual_seed(0)
+    model = build_embedder(params.model).eval()
+    bare, built = [], []
+    for round_ in range(2):  # alternated, so drifting load on a shared machine hits both alike
+        bare.append(bare_inference(model, ws.classes_dir, records, params.index.batch_size))
+        result = build_table(ws, params.index, str(round_ + 1), model, records)
+        assert result.probes_ok and result.rows == n_images
+        built.append(n_images / result.seconds)
+        print(f"  round {round_}: bare {bare[-1]:.1f} img/s, re-index {built[-1]:.1f} img/s", file=sys.stderr)
+    return {"images": n_images, "image_size": 64, "model": params.model.backbone, "model_image_size": params.model.image_size,
+            "batch_size": params.index.batch_size, "write_rows": params.index.write_rows, "probes": params.index.probes,
+            "bare_images_per_s": [round(x, 1) for x in bare], "reindex_images_per_s": [round(x, 1) for x in built],
+            "ratio": round(max(built) / max(bare), 3)}
+
+
+def class_like(n: int, seed: int, centres: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = centres[rng.integers(0, len(centres), n)] + rng.standard_normal((n, DIM), dtype=np.float32) * (0.9 / np.sqrt(DIM))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def exact_top10(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    scores = queries @ vectors.T
+    top = np.argpartition(-scores, 10, axis=1)[:, :10]
+    return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
+
+
+def latencies(reader: TableReader, queries: np.ndarray) -> tuple[list[float], list[list[str]]]:
+    """Per-query milliseconds through the live pair's search path (TableReader), and the ids found."""
+    times, found = [], []
+    reader.search(queries[:3], 10)  # warm the caches the first queries would pay for
+    for q in queries:
+        start = time.perf_counter()
+        [hits] = reader.search(q[None], 10)
+        times.append((time.perf_counter() - start) * 1000)
+        found.append([h["id"] for h in hits])
+    return times, found
+
+
+def pct(values: list[float], p: float) -> float:
+    return round(float(np.percentile(values, p)), 2)
+
+
+def bench_size(params: Params, tmp: Path, loop: AsyncLoop, n: int, n_queries: int, n_flat: int,
+               sweep_nprobes: list[int]) -> dict:
+    rng = np.random.default_rng(n)
+    centres = rng.standard_normal((max(n // 100, 10), DIM)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    vectors = class_like(n, 1, centres)
+    queries = class_like(n_queries, 2, centres)
+    ids = [f"v{i}" for i in range(n)]
+    ws = resolve_workspace(params, tmp / f"size-{n}")
+    db = connect(ws)
+    tbl = db.create_table("bench", schema=table_schema(DIM))
+    start = time.perf_counter()
+    for lo in range(0, n, 100_000):
+        chunk = vectors[lo : lo + 100_000]
+        tbl.add(pa.table({"id": ids[lo : lo + len(chunk)], "class": ids[lo : lo + len(chunk)], "arrival": ["bench"] * len(chunk),
+                          "split": ["train"] * len(chunk), VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(chunk.ravel()), DIM)},
+                         schema=table_schema(DIM)))
+    write = n / (time.perf_counter() - start)
+    truth = exact_top10(vectors, queries)
+    reader = TableReader.open(ws, "bench", loop, params.index)
+    flat_ms, flat_found = latencies(reader, queries[:n_flat])
+    flat_recall = np.mean([len(set(f) & {ids[j] for j in t}) / 10 for f, t in zip(flat_found, truth)])
+    start = time.perf_counter()
+    ann = ensure_ann_index(tbl, params.index.model_copy(update={"ann_min_rows": 256}))
+    build = time.perf_counter() - start
+    reader = TableReader.open(ws, "bench", loop, params.index)  # a fresh handle sees the index
+    ann_ms, ann_found = latencies(reader, queries)
+    recall = np.mean([len(set(f) & {ids[j] for j in t}) / 10 for f, t in zip(ann_found, truth)])
+    sweep = []
+    for nprobes in sweep_nprobes:  # the same index searched wider or narrower: the recall/latency trade
+        ms, found = latencies(replace(reader, params=params.index.model_copy(update={"ann_nprobes": nprobes})), queries)
+        sweep.append({"nprobes": nprobes, "p50_ms": pct(ms, 50), "p99_ms": pct(ms, 99),
+                      "ann_recall_at_10": round(float(np.mean([len(set(f) & {ids[j] for j in t}) / 10
+                                                               for f, t in zip(found, truth)])), 4)})
+    row = {"rows": n, "write_rows_per_s": round(write), "flat_queries": n_flat, "flat_p50_ms": pct(flat_ms, 50),
+           "flat_p99_ms": pct(flat_ms, 99), "flat_recall_at_10": round(float(flat_recall), 4), "ann_index": ann,
+           "index_build_seconds": round(build, 1), "queries": n_queries, "p50_ms": pct(ann_ms, 50), "p99_ms": pct(ann_ms, 99),
+           "ann_recall_at_10": round(float(recall), 4), "nprobes": params.index.ann_nprobes, "sweep": sweep,
+           "production_uses_ann": n >= params.index.ann_min_rows}
+    db.drop_table("bench")
+    return row
+
+
+def bench_swap(params: Params, tmp: Path, rounds: int) -> dict:
+    """promote + refresh (cold, then warm) and rollback + refresh, as a reader sees them."""
+    ws = resolve_workspace(params, tmp / "swap")
+    records = write_images(ws.classes_dir, 200, 64, seed=1)
+    registry = ModelRegistry(ws, params.registry)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = build_embedder(params.model).eval()
+        version = registry.log_candidate(model, params={"seed": seed}, metrics={}, epoch_metrics={}, arrivals=["bench"]).version
+        registry.set_tag(version, TABLE_TAG, build_table(ws, params.index, version, model, records).table)
+    registry.client.set_registered_model_alias(registry.name, CHAMPION, "1")  # the first champion
+    live = LiveIndex(ws, params.registry, params.index, refresh_seconds=3600)
+    assert live.refresh().version == "1"
+    swaps, rollbacks, alias_moves = [], [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        registry.promote("2", reason="bench")
+        moved = time.perf_counter()
+        assert live.refresh().version == "2"
+        swaps.append(time.perf_counter() - start)
+        alias_moves.append(moved - start)
+        start = time.perf_counter()
+        registry.rollback(reason="bench")
+        assert live.refresh().version == "1"
+        rollbacks.append(time.perf_counter() - start)
+    return {"rounds": rounds, "swap_cold_seconds": round(swaps[0], 3),
+            "swap_warm_seconds": round(statistics.median(swaps[1:]), 3) if rounds > 1 else None,
+            "rollback_seconds_all": [round(x, 3) for x in rollbacks], "alias_move_seconds": round(statistics.median(alias_moves), 3),
+            "swap_seconds": round(swaps[0], 3), "rollback_seconds": round(statistics.median(rollbacks), 3)}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--images", type=int, default=2000, help="stored images for the re-index comparison")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--queries", type=int, default=300, help="ANN queries per size")
+    ap.add_argument("--flat-queries", type=int, default=50, help="exact-scan queries per size (slow at 1M)")
+    ap.add_argument("--swap-rounds", type=int, default=5)
+    ap.add_argument("--sweep-nprobes", type=int, nargs="*", default=[10, 20, 80], help="other nprobes to measure per size")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    params = load_params(args.params)
+    report: dict = {"date": date.today().isoformat(), "machine": machine(),
+                    "index_params": params.index.model_dump(mode="json"), "targets": TARGETS}
+    with tempfile.TemporaryDirectory(prefix="mnemo-bench-index-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        print("re-index against bare inference ...", file=sys.stderr)
+        report["reindex"] = bench_reindex(params, tmp, args.images)
+        report["reindex_vs_bare_ratio"] = report["reindex"]["ratio"]
+        report["sizes"] = {}
+        loop = AsyncLoop()
+        for n in args.sizes:
+            print(f"{n} vectors ...", file=sys.stderr)
+            report["sizes"][str(n)] = bench_size(params, tmp, loop, n, args.queries, args.flat_queries, args.sweep_nprobes)
+        print("swap and rollback ...", file=sys.stderr)
+        report["swap"] = bench_swap(params, tmp, args.swap_rounds)
+        report["swap_seconds"] = report["swap"]["swap_seconds"]
+        report["rollback_seconds"] = report["swap"]["rollback_seconds"]
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["lancedb_write_rows_per_s"] = max(r["write_rows_per_s"] for r in report["sizes"].values())
+
+    print(json.dumps(report, indent=1))
+    print(markdown(report))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def markdown(report: dict) -> str:
+    r = report["reindex"]
+    lines = [f"\nre-index {max(r['reindex_images_per_s']):.1f} img/s vs bare inference {max(r['bare_images_per_s']):.1f} img/s: "
+             f"ratio {report['reindex_vs_bare_ratio']:.3f}; swap {report['swap_seconds']:.3f} s (cold), "
+             f"{report['swap']['swap_warm_seconds']} s (warm); rollback {report['rollback_seconds']:.3f} s\n",
+             "| rows | write rows/s | exact p50 ms | exact p99 ms | ANN | index build s | ANN p50 ms | ANN p99 ms | ANN recall@10 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for n, s in report["sizes"].items():
+        lines.append(f"| {int(n):,} | {s['write_rows_per_s']:,} | {s['flat_p50_ms']} | {s['flat_p99_ms']} | {s['ann_index']} | "
+                     f"{s['index_build_seconds']} | {s['p50_ms']} | {s['p99_ms']} | {s['ann_recall_at_10']:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

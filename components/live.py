@@ -1,0 +1,146 @@
+"""The live pair: the champion's model and its table, resolved together and swapped as one.
+
+Readers call `LiveIndex.current()` once per request and use that pair throughout, so a
+promotion or rollback landing mid-request never mixes one version's model with another's
+table. A swap replaces the pair in one assignment; whoever still holds the previous pair
+finishes on it (its table is among the retained ones, see index.cleanup_tables).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+from PIL import Image
+
+from components.config import IndexParams, RegistryParams, Workspace
+from components.index import AsyncLoop, Hit, TableReader
+from components.modeling.embedder import Embedder, embed_images
+from components.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+class NoChampionError(LookupError):
+    """No version carries the champion alias yet: there is nothing to answer with."""
+
+
+class LivePairMismatch(RuntimeError):
+    """The champion's table was written by another version's model; serving it would mix embeddings."""
+
+
+@dataclass(frozen=True)
+class LivePair:
+    """One champion version, its model and its opened table: everything a query needs, immutable."""
+
+    version: str
+    table_name: str
+    model: Embedder
+    table: TableReader
+    since: datetime  # when this reader switched to the pair (UTC)
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return embed_images(self.model, images)
+
+    def query(self, images: Sequence[Image.Image], k: int) -> list[list[Hit]]:
+        """The k nearest stored images for each RGB image, by this pair's model in this pair's table."""
+        return self.table.search(self.embed(images), k)
+
+    def rows(self) -> int:
+        return self.table.count_rows()
+
+
+class LiveIndex:
+    """Holds the current LivePair; re-resolves the champion alias on demand or every `refresh_seconds`.
+
+    Loaded models and opened tables are cached per version, so swapping back (a rollback)
+    costs an alias lookup, not a model load.
+    """
+
+    def __init__(self, ws: Workspace, registry: RegistryParams, index: IndexParams, *, refresh_seconds: float) -> None:
+        self.ws = ws
+        self.index = index
+        self.refresh_seconds = refresh_seconds
+        self._registry = ModelRegistry(ws, registry)
+        self._loop: AsyncLoop | None = None
+        self._pair: LivePair | None = None
+        self._models: OrderedDict[str, Embedder] = OrderedDict()
+        self._tables: dict[str, TableReader] = {}
+        self._resolving = threading.Lock()  # one resolver at a time; readers never wait on it
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pair(self) -> LivePair | None:
+        """The pair readers get now, without resolving anything (None before the first champion)."""
+        return self._pair
+
+    def current(self) -> LivePair:
+        """The pair to answer one request with; resolved first when there is none yet."""
+        pair = self._pair or self.refresh()
+        if pair is None:
+            raise NoChampionError(f"no champion model in {self.ws.tracking_uri}; run `mnemo retrain` first")
+        return pair
+
+    def refresh(self) -> LivePair | None:
+        """Resolve champion -> version -> table now; swap in a new pair when the alias moved."""
+        with self._resolving:
+            champion = self._registry.champion()
+            current = self._pair
+            if champion is None or not champion.table:
+                return current  # an alias never removed in normal operation: keep answering
+            if current is not None and (current.version, current.table_name) == (champion.version, champion.table):
+                return current
+            table = self._table(champion.table)
+            if table.written_by() not in (None, champion.version):
+                raise LivePairMismatch(f"champion v{champion.version} points at table {champion.table}, "
+                                       f"written by model version {table.written_by()}")
+            pair = LivePair(version=champion.version, table_name=champion.table, model=self._model(champion.version),
+                            table=table, since=datetime.now(timezone.utc))
+            self._pair = pair  # the swap: one assignment; in-flight readers keep the pair they hold
+            log.info("live pair: v%s with table %s", pair.version, pair.table_name)
+            return pair
+
+    def _model(self, version: str) -> Embedder:
+        if version in self._models:
+            self._models.move_to_end(version)
+        else:
+            self._models[version] = self._registry.load_embedder(version).eval()
+            while len(self._models) > self.index.keep_tables:  # rollback targets, no more
+                self._models.popitem(last=False)
+        return self._models[version]
+
+    def _table(self, name: str) -> TableReader:
+        if name not in self._tables:
+            if self._loop is None:
+                self._loop = AsyncLoop()
+            # hot adds by other processes become visible within refresh_seconds
+            self._tables[name] = TableReader.open(self.ws, name, self._loop, self.index, refresh_seconds=self.refresh_seconds)
+        return self._tables[name]
+
+    def start(self) -> None:
+        """Refresh in a background thread every refresh_seconds until stop()."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._refresh_forever, name="mnemo-live-refresh", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, self.refresh_seconds))
+            self._thread = None
+
+    def _refresh_forever(self) -> None:
+        while not self._stop.wait(self.refresh_seconds):
+            try:
+                self.refresh()
+            except Exception:  # the registry or the store may be briefly away: keep the pair, retry
+                log.exception("live pair refresh failed; still serving v%s", getattr(self._pair, "version", None))
+

@@ -1,0 +1,182 @@
+"""The query service: FastAPI over the live pair, hot-swapped when the champion alias moves.
+
+    POST /query         multipart: one or more `image` files, form field `k` -> neighbours per image
+    GET  /health        200 with the model version once a champion is live, 503 before
+    GET  /live          the live pair: model version, table, rows, since when
+    POST /live/refresh  re-resolve the champion alias now (e.g. right after `mnemo promote`)
+
+Every answer names the model version that produced it (body and X-Model-Version header),
+from the one pair the request took. Bad uploads get a 4xx that says why; the limits
+(bytes per request, pixels per image) are checked before an image is decoded.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at
+# runtime, and they close over create_app's limits.
+import io
+import json
+import logging
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+
+from components.config import IngestParams, ServeParams
+from components.data.ingest import validate_image
+from components.data.transforms import open_rgb
+from components.live import LiveIndex, LivePair, NoChampionError
+
+log = logging.getLogger(__name__)
+
+VERSION_HEADER = "X-Model-Version"
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Answers 413 once a request body passes `limit` bytes, counting what arrives (chunked
+    uploads included), so an oversized upload is never buffered whole."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        received = 0
+        over = False
+
+        async def counted() -> Message:
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    over = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded(message: Message) -> None:
+            if not over:  # the app's own reply to a body cut short is replaced by the 413 below
+                await send(message)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except _BodyTooLarge:
+            pass
+        if over:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps({"detail": f"request body is over the {self.limit}-byte limit (serve.max_upload_bytes)"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _decode(data: bytes, name: str, limits: IngestParams) -> Image.Image:
+    """An uploaded image as RGB, or an HTTPException that says what is wrong with it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:  # the header only: no pixels decoded yet
+                width, height = img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise HTTPException(413, f"{name}: image dimensions are too large") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        width = height = 0  # not an image at all: validate_image below says so
+    if width * height > limits.max_pixels:
+        raise HTTPException(413, f"{name}: {width}x{height} = {width * height} pixels, over the "
+                                 f"{limits.max_pixels}-pixel limit (serve.max_upload_pixels)")
+    _, reason = validate_image(data, limits)  # ingest's own checks: format, mode, size, a full decode
+    if reason is not None:
+        raise HTTPException(400, f"{name}: {reason}")
+    try:
+        return open_rgb(data)
+    except Exception as exc:  # validated, yet any decoder failure is still the caller's bad input
+        raise HTTPException(400, f"{name}: not a decodable image ({exc})") from None
+
+
+def _live_payload(pair: LivePair) -> dict[str, Any]:
+    return {"model_version": pair.version, "table": pair.table_name, "rows": pair.rows(),
+            "since": pair.since.isoformat(timespec="seconds")}
+
+
+def _answer(pair: LivePair, payload: dict[str, Any], status: int = 200) -> JSONResponse:
+    return JSONResponse(payload, status_code=status, headers={VERSION_HEADER: pair.version})
+
+
+def create_app(live: LiveIndex, serve: ServeParams, ingest: IngestParams, *, refresh_in_background: bool = True) -> FastAPI:
+    """The service over `live`; it resolves the pair at start-up and (by default) every refresh_seconds."""
+    limits = ingest.model_copy(update={"max_file_bytes": serve.max_upload_bytes, "max_pixels": serve.max_upload_pixels})
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            live.refresh()
+        except Exception:  # no registry yet, a missing table: /health says so, the refresher retries
+            log.exception("no live pair at start-up")
+        if refresh_in_background:
+            live.start()
+        try:
+            yield
+        finally:
+            live.stop()
+
+    app = FastAPI(title="mnemo query service", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=serve.max_upload_bytes)
+
+    def current() -> LivePair:
+        try:
+            return live.current()
+        except NoChampionError as exc:
+            raise HTTPException(503, str(exc)) from None
+
+    @app.post("/query")
+    def query(
+        image: Annotated[list[UploadFile], File(description="one or more image files")],
+        k: Annotated[int, Form(ge=1, le=serve.max_k, description="neighbours per image")] = 5,
+    ) -> JSONResponse:
+        """Nearest stored images for each uploaded image, from one (model, table) pair."""
+        if len(image) > serve.max_images:
+            raise HTTPException(413, f"{len(image)} images in one request, over the limit of {serve.max_images}")
+        decoded = [_decode(upload.file.read(), upload.filename or f"image {i}", limits) for i, upload in enumerate(image)]
+        pair = current()  # taken once: this request's model and table come from this one version
+        return _answer(pair, {"model_version": pair.version, "table": pair.table_name, "results": pair.query(decoded, k)})
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        pair = live.pair
+        if pair is None:
+            return JSONResponse({"status": "no_champion", "model_version": None}, status_code=503)
+        return _answer(pair, {"status": "ok", "model_version": pair.version, "table": pair.table_name})
+
+    @app.get("/live")
+    def live_pair() -> JSONResponse:
+        pair = current()
+        return _answer(pair, _live_payload(pair))
+
+    @app.post("/live/refresh")
+    def refresh() -> JSONResponse:
+        live.refresh()
+        pair = current()
+        return _answer(pair, _live_payload(pair))
+
+    return app

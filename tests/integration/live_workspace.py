@@ -1,0 +1,90 @@
+"""A tiny live workspace for the index, service and reliability tests: one arrival of noise
+images, two registered versions with their validated tables, champion v1.
+
+Built once per test session (registering a model costs seconds) and copied per test.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import uvicorn
+from fastapi import FastAPI
+from PIL import Image
+
+from components.config import Params, Workspace
+from components.data.ingest import ingest_arrival
+from components.index import reindex
+from components.modeling.embedder import build_embedder
+from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
+
+CLASSES = [f"c{i}" for i in range(6)]
+PER_CLASS = 10
+
+
+def noise_png(rng: np.random.Generator, size: int = 32) -> bytes:
+    """A distinct random RGB image: every stored image is its own nearest neighbour."""
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_arrival(inbox: Path, name: str, classes: list[str], per_class: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for cls in classes:
+        (inbox / name / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (inbox / name / cls / f"{i}.png").write_bytes(noise_png(rng))
+    return inbox / name
+
+
+def register_random(ws: Workspace, params: Params, seed: int) -> str:
+    """A registered version whose (untrained) model differs from every other seed's."""
+    torch.manual_seed(seed)
+    model = build_embedder(params.model)
+    info = ModelRegistry(ws, params.registry).log_candidate(
+        model, params={"seed": seed}, metrics={}, epoch_metrics={}, arrivals=["a0"])
+    return info.version
+
+
+def build_template(ws: Workspace, params: Params) -> None:
+    ingest_arrival(write_arrival(ws.root / "arrivals", "a0", CLASSES, PER_CLASS, seed=0), ws, params.ingest)
+    registry = ModelRegistry(ws, params.registry)
+    for seed in (1, 2):
+        version = register_random(ws, params, seed)
+        built = reindex(ws, params, version)
+        registry.set_tag(version, TABLE_TAG, built.table)
+        if version == "1":  # the first champion, set directly: the promotion log is not under test here
+            registry.client.set_registered_model_alias(registry.name, CHAMPION, version)
+
+
+def copy_workspace(template: Path, root: Path) -> None:
+    """The template's state under a new root; model artifacts stay in the template (read only)."""
+    shutil.copytree(template, root, ignore=shutil.ignore_patterns("mlartifacts"))
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """The app behind a real uvicorn server on a free 127.0.0.1 port; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -1,0 +1,165 @@
+"""Building, validating, retaining and hot-adding LanceDB tables: real LanceDB (and MLflow) in tmp_path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from components.config import with_overrides
+from components.data.class_registry import ClassRegistry, ImageRecord
+from components.index import (
+    IndexValidationError,
+    build_table,
+    cleanup_tables,
+    connect,
+    ensure_ann_index,
+    hot_add,
+    is_validated,
+    list_tables,
+    search_table,
+    table_name,
+    table_schema,
+    validate_table,
+    written_by,
+)
+from components.live import LiveIndex, LivePairMismatch
+from components.modeling.embedder import Embedder, build_embedder
+from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
+from flows.cli import app
+from tests.integration.live_workspace import write_arrival
+
+runner = CliRunner()
+
+
+def random_model(params, seed: int) -> Embedder:
+    torch.manual_seed(seed)
+    return build_embedder(params.model).eval()
+
+
+class Jittery(Embedder):
+    """A model that never embeds the same image twice the same way: its table cannot validate."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x + torch.randn_like(x))
+
+
+def test_build_writes_validates_and_marks_the_version_table(live_ws, params):
+    records = ClassRegistry.load(live_ws.class_registry).records()
+    built = build_table(live_ws, params.index, "7", random_model(params, 7), records)
+
+    assert (built.table, built.version, built.rows, built.classes) == ("embeddings_v7", "7", 60, 6)
+    assert built.probes_ok and built.probes == params.index.probes and built.ann_index is None and not built.reused
+    tbl = connect(live_ws).open_table("embeddings_v7")
+    assert is_validated(tbl) and written_by(tbl) == "7"
+    assert len(tbl.list_versions()) == 1  # the chunked writes' versions are gone: one validated version
+
+    # Building a validated table again checks it and leaves it as it is: it may be live.
+    again = build_table(live_ws, params.index, "7", random_model(params, 7), records)
+    assert again.reused and again.rows == 60 and tbl.version == connect(live_ws).open_table("embeddings_v7").version
+
+
+def test_a_table_that_fails_validation_is_never_marked_and_the_next_build_removes_it(live_ws, params):
+    records = ClassRegistry.load(live_ws.class_registry).records()
+    torch.manual_seed(0)
+    jittery = Jittery(params.model.backbone, params.model.embedding_dim, params.model.image_size)
+    with pytest.raises(IndexValidationError, match="probe images did not find themselves") as failed:
+        build_table(live_ws, params.index, "8", jittery, records)
+    assert not failed.value.validation.ok and failed.value.validation.rows == 60
+    db = connect(live_ws)
+    assert not is_validated(db.open_table("embeddings_v8"))
+
+    build_table(live_ws, params.index, "9", random_model(params, 9), records[:12], keep={"embeddings_v1"})
+    assert "embeddings_v8" not in list_tables(db)
+
+
+def test_validation_reports_missing_rows_classes_and_a_foreign_model(live_ws, params):
+    records = ClassRegistry.load(live_ws.class_registry).records()
+    tbl = connect(live_ws).open_table("embeddings_v1")
+    model_v1 = ModelRegistry(live_ws, params.registry).load_embedder("1")
+    assert validate_table(live_ws, tbl, model_v1, records, params.index).ok
+
+    foreign = validate_table(live_ws, tbl, random_model(params, 99), records, params.index)
+    assert foreign.probes_found < foreign.probes and "did not find themselves" in " ".join(foreign.problems)
+
+    # An image stored after the table was built, of a class the table has never seen.
+    (live_ws.classes_dir / "c9").mkdir()
+    (live_ws.classes_dir / "c9" / "x.png").write_bytes((live_ws.classes_dir / records[0].id).read_bytes())
+    later = [*records, ImageRecord(id="c9/x.png", cls="c9", arrival="a9", role="train")]
+    behind = validate_table(live_ws, tbl, model_v1, later, params.index)
+    assert behind.missing_classes == ("c9",) and (behind.rows, behind.expected_rows) == (60, 61) and not behind.ok
+
+
+def test_clean_up_keeps_the_champions_table_and_the_newest_validated_ones(live_ws, params):
+    records = ClassRegistry.load(live_ws.class_registry).records()[:12]
+    index = params.index.model_copy(update={"keep_tables": 2})
+    for version in ("3", "4", "5"):
+        build_table(live_ws, index, version, random_model(params, int(version)), records, keep={"embeddings_v1"})
+    assert sorted(list_tables(connect(live_ws))) == ["embeddings_v1", "embeddings_v4", "embeddings_v5"]
+    # Without protection the champion's table would be the oldest, and go: keep is what saves it.
+    assert cleanup_tables(live_ws, index, keep=()) == ("embeddings_v1",)
+
+
+def test_build_catches_up_images_ingested_while_it_ran(live_ws, params):
+    records = ClassRegistry.load(live_ws.class_registry).records()
+    built = build_table(live_ws, params.index, "6", random_model(params, 6), records[:-5], catch_up=lambda: records)
+    assert built.caught_up == 5 and built.rows == 60 and built.probes_ok
+
+
+def clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((32, dim)).astype(np.float32)
+    x = centres[rng.integers(0, 32, n)] + 0.3 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("ann_type", ["IVF_PQ", "IVF_HNSW_SQ"])
+def test_ann_index_from_the_row_threshold_keeps_recall(ws, params, ann_type):
+    index = with_overrides(params, {"index.ann_min_rows": 2000, "index.ann_type": ann_type, "index.ann_partitions": 4,
+                                    "index.ann_sub_vectors": 4, "index.ann_nprobes": 4}).index
+    vectors = clustered(2000, 16, seed=0)
+    schema = table_schema(16)
+    ids = [f"i{i}" for i in range(len(vectors))]
+    rows = pa.table({"id": ids, "class": ids, "arrival": ids, "split": ids,
+                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 16)}, schema=schema)
+    tbl = connect(ws).create_table("t", rows.slice(0, 1999), schema=schema)
+    assert ensure_ann_index(tbl, index) is None  # one row short: exact search
+    tbl.add(rows.slice(1999))
+    assert ensure_ann_index(tbl, index) == ann_type and list(tbl.list_indices())
+
+    queries = clustered(20, 16, seed=1)
+    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    found = search_table(tbl, queries, 10, index)
+    recall = np.mean([len({h["id"] for h in hits} & {f"i{j}" for j in truth}) / 10 for hits, truth in zip(found, exact)])
+    assert recall >= 0.9
+
+
+def test_hot_add_makes_a_new_class_queryable_at_once(live_ws, params, params_file):
+    common = ["--workspace", str(live_ws.root), "--params", str(params_file)]
+    arrival = write_arrival(live_ws.root / "drop", "a1", ["fresh"], 5, seed=11)
+    result = runner.invoke(app, ["ingest", str(arrival), "--json", *common], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    added = json.loads(result.stdout)["hot_add"]
+    assert added["added"] == 5 and added["table"] == "embeddings_v1" and added["version"] == "1"
+
+    fresh = next(r for r in ClassRegistry.load(live_ws.class_registry).records() if r.cls == "fresh")
+    result = runner.invoke(app, ["query", str(live_ws.classes_dir / fresh.id), "--k", "1", "--json", *common])
+    answer = json.loads(result.stdout)
+    assert answer["model_version"] == "1" and answer["table"] == "embeddings_v1"
+    assert answer["results"][0][0]["id"] == fresh.id and answer["results"][0][0]["class"] == "fresh"
+
+    again = hot_add(live_ws, params)  # idempotent: nothing is missing any more
+    assert again.added == 0 and connect(live_ws).open_table("embeddings_v1").count_rows() == 65
+
+
+def test_a_champion_pointing_at_another_versions_table_is_refused(live_ws, params):
+    registry = ModelRegistry(live_ws, params.registry)
+    registry.set_tag("2", TABLE_TAG, table_name(params.index.table_prefix, 1))  # wrong table for v2
+    registry.client.set_registered_model_alias(registry.name, CHAMPION, "2")
+    live = LiveIndex(live_ws, params.registry, params.index, refresh_seconds=60)
+    with pytest.raises(LivePairMismatch, match="written by model version 1"):
+        live.refresh()
