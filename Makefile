@@ -13,7 +13,7 @@ CJK_FONTS := fonts-ipafont fonts-morisawa-bizud-gothic fonts-morisawa-bizud-minc
   fonts-reggae fonts-motoya-l-cedar fonts-motoya-l-maruberi fonts-vlgothic fonts-wqy-zenhei \
   fonts-sawarabi-mincho fonts-umeplus fonts-mplus
 
-.PHONY: setup fonts demo test test-e2e repro clean
+.PHONY: setup fonts demo test test-e2e bench repro clean
 
 setup: $(STAMP)
 
@@ -44,8 +44,16 @@ test: setup
 	$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
+# Real servers (tests/e2e): prefect server on SQLite and on PostgreSQL, mlflow server on PostgreSQL.
+# Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth; the PostgreSQL tests skip without
+# it). About 15 minutes on 2 CPU cores, so CI's `make test` leaves them out.
 test-e2e: setup
-	$(BIN)/python -m pytest -m e2e
+	$(BIN)/python -m pytest -m e2e tests/e2e
+
+# The continual-learning benchmark (bench/continual.py): `make bench` is the full run (GPU when
+# present), `make bench QUICK=1` the quick one (under 15 minutes on 2 CPU cores). Results go to bench/results/.
+bench: setup
+	$(BIN)/python bench/continual.py $(if $(QUICK),--quick)
 
 # The same pipeline as DVC stages (dvc.yaml), with this environment's python on PATH.
 repro: setup

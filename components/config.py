@@ -94,7 +94,7 @@ class ModelParams(_Section):
 
 class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda"]
-    loss: Literal["triplet", "multi_similarity"]
+    loss: Literal["triplet", "multi_similarity", "supcon", "proxy_anchor"]
     miner: Literal["batch_hard", "multi_similarity", "none"]
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=1)
@@ -102,6 +102,9 @@ class TrainParams(_Section):
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
     margin: float = Field(gt=0)
+    temperature: float = Field(gt=0)
+    proxy_lr: float = Field(gt=0)
+    compile: bool
     num_workers: int = Field(ge=0)
     seed: int
 
@@ -113,6 +116,19 @@ class TrainParams(_Section):
         return v
 
 
+class ReplayParams(_Section):
+    budget: int = Field(ge=0)  # exemplars over all old classes; 0 turns replay off
+    selection: Literal["herding", "random"]
+    batch_ratio: float = Field(ge=0, lt=1)  # share of every batch drawn from the memory
+    seed: int
+
+
+class DistillParams(_Section):
+    embedding_weight: float = Field(ge=0)  # 0 turns the term off
+    embedding_distance: Literal["cosine", "l2"]
+    relational_weight: float = Field(ge=0)
+
+
 class EvaluateParams(_Section):
     recall_at: list[PositiveInt] = Field(min_length=1)
     batch_size: int = Field(gt=0)
@@ -120,8 +136,13 @@ class EvaluateParams(_Section):
 
 
 class GateParams(_Section):
+    # Value thresholds: floors every candidate must meet.
     min_unseen_recall_at_1: float = Field(ge=0, le=1)
+    min_unseen_map_at_r: float = Field(ge=0, le=1)
+    min_embedding_spread: float = Field(ge=0, le=2)  # mean cosine distance between embeddings; ~0 is collapse
+    # Change thresholds against the champion: skipped when there is none.
     max_unseen_recall_at_1_drop: float = Field(ge=0, le=1)
+    max_slice_forgetting: float = Field(ge=0, le=1)  # seen Recall@1 lost on any arrival slice
 
 
 class RegistryParams(_Section):
@@ -131,7 +152,49 @@ class RegistryParams(_Section):
 
 class IndexParams(_Section):
     table_prefix: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
-    batch_size: int = Field(gt=0)
+    batch_size: int = Field(gt=0)  # images per forward pass
+    write_rows: int = Field(gt=0)  # rows per LanceDB write while building a table
+    keep_tables: int = Field(ge=2)  # validated tables kept (the champion's among them): rollback targets
+    probes: int = Field(gt=0)  # stored images re-embedded after a build; each must find itself
+    ann_min_rows: int = Field(ge=256)  # below this many rows, exact search: fast enough, and exact
+    ann_type: Literal["IVF_PQ", "IVF_HNSW_SQ"]
+    ann_partitions: PositiveInt | None  # None: LanceDB's default (about sqrt(rows))
+    ann_sub_vectors: PositiveInt | None  # IVF_PQ only; None: LanceDB's default
+    ann_nprobes: PositiveInt
+    ann_refine_factor: PositiveInt | None  # re-rank refine_factor * k candidates exactly; None: off
+    old_versions_seconds: int = Field(ge=0)  # grace before a live table's superseded Lance versions go
+
+
+class ServeParams(_Section):
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    refresh_seconds: float = Field(gt=0)  # how often readers re-resolve the champion alias
+    max_upload_bytes: int = Field(gt=0)  # a whole request body
+    max_upload_pixels: int = Field(gt=0)  # width * height of one image, checked before decoding
+    max_images: int = Field(gt=0)  # images in one request
+    max_k: int = Field(gt=0)
+
+
+class ScheduleParams(_Section):
+    """When `mnemo deploy` runs the flows: retrain on a cron, the inbox scan on an interval."""
+
+    retrain_cron: str = Field(min_length=1)  # five-field cron, evaluated in UTC by Prefect
+    inbox_interval: float = Field(gt=0)  # seconds between inbox scans
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _five_field_cron(cls, v: str) -> str:
+        from datetime import datetime
+
+        from cronsim import CronSim, CronSimError
+
+        if len(v.split()) != 5:
+            raise ValueError(f"{v!r} is not a five-field cron expression (minute hour day month weekday)")
+        try:
+            CronSim(v, datetime(2000, 1, 1))
+        except CronSimError as exc:
+            raise ValueError(f"{v!r} is not a valid cron expression: {exc}") from None
+        return v
 
 
 class Params(_Section):
@@ -140,10 +203,14 @@ class Params(_Section):
     demo: DemoParams
     model: ModelParams
     train: TrainParams
+    replay: ReplayParams
+    distill: DistillParams
     evaluate: EvaluateParams
     gate: GateParams
     registry: RegistryParams
     index: IndexParams
+    serve: ServeParams
+    schedule: ScheduleParams
 
     def flat(self, *sections: str) -> dict[str, object]:
         """Dotted keys and values of the given sections, as MLflow params."""

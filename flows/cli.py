@@ -7,10 +7,11 @@ Commands import torch, mlflow, lancedb and prefect when they run, not at start-u
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console, RenderableType
@@ -18,15 +19,23 @@ from rich.table import Table
 
 from components.config import ConfigError, Params, Workspace, load_params, resolve_workspace
 
+if TYPE_CHECKING:
+    from components.index import HotAdd
+    from components.registry import ModelRegistry, ModelVersionInfo
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Continual learning for image embeddings.")
 err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, file names unbroken
 
 WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", envvar="MNEMO_WORKSPACE", help="State directory (default: params paths.workspace, ./workspace).")]
 ParamsOpt = Annotated[Path, typer.Option("--params", envvar="MNEMO_PARAMS", help="The params.yaml to use.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+ActorOpt = Annotated[str | None, typer.Option("--actor", envvar="MNEMO_ACTOR", help="Who acts, for the promotion log (default: your login name).")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why, for the promotion log.")]
 
 
 def _setup(params_path: Path, workspace: Path | None) -> tuple[Params, Workspace]:
+    # stdout carries mnemo's answer (--json must parse): not MLflow's "View run at <server URL>" lines.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         params = load_params(params_path)
     except ConfigError as exc:
@@ -81,7 +90,23 @@ def ingest(
     lines = [r.summary() for r in reports] or ["nothing to ingest"]
     for r in reports:
         lines += [f"  rejected {x.file}: {x.reason}" for x in r.rejected]
-    _emit({"arrivals": [asdict(r) for r in reports]}, as_json, "\n".join(lines))
+    added = _hot_add(p, ws) if any(r.stored for r in reports) else None
+    if added is not None:
+        lines.append(f"queryable now: {added.added} image(s) appended to {added.table} (champion v{added.version})"
+                     if added.table else "no champion yet: the first retrain indexes these images")
+    _emit({"arrivals": [asdict(r) for r in reports], "hot_add": None if added is None else asdict(added)}, as_json,
+          "\n".join(lines))
+
+
+def _hot_add(p: Params, ws: Workspace) -> HotAdd | None:
+    """New images into the live table, embedded by the champion: queryable before the next retrain."""
+    from components.index import IndexBuildError, hot_add
+
+    try:
+        return hot_add(ws, p)
+    except (IndexBuildError, FileNotFoundError) as exc:  # stored all the same; the next retrain indexes them
+        err.print(f"[yellow]warning:[/] images stored but not yet queryable: {exc}")
+        return None
 
 
 @app.command()
@@ -96,14 +121,18 @@ def retrain(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Pa
 
 @app.command()
 def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: ParamsOpt = Path("params.yaml")) -> None:
-    """Where things stand: the champion, its table and metrics, the data."""
+    """Where things stand: champion and challenger, the promotion log, the latest gate report, the data."""
     p, ws = _setup(params, workspace)
     from components.data.class_registry import ClassRegistry
     from components.data.ingest import pending_arrivals
     from components.index import table_rows
-    from components.registry import ModelRegistry
+    from components.registry import SMOKE_TAG, VERDICT_TAG, ModelRegistry
 
-    champion = ModelRegistry(ws, p.registry).champion()
+    registry = ModelRegistry(ws, p.registry)
+    champion = registry.champion()
+    challenger = registry.challenger() or registry.latest()  # stores from before the alias existed have none
+    promotions = [e.to_dict() for e in registry.promotions()]
+    gate = registry.gate_report(challenger.version) if challenger else None
     catalog = ClassRegistry.load(ws.class_registry)
     payload = {
         "workspace": str(ws.root),
@@ -112,8 +141,14 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
         "lancedb_uri": ws.lancedb_uri,
         "champion": None if champion is None else {
             "version": champion.version, "table": champion.table, "table_rows": table_rows(ws, champion.table) if champion.table else None,
-            "arrivals": champion.arrivals, "metrics": champion.metrics,
+            "arrivals": champion.arrivals, "metrics": _finite(champion.metrics),
         },
+        "challenger": None if challenger is None else {
+            "version": challenger.version, "table": challenger.table, "verdict": challenger.tags.get(VERDICT_TAG),
+            "index_smoke_test": challenger.tags.get(SMOKE_TAG), "arrivals": challenger.arrivals, "metrics": _finite(challenger.metrics),
+        },
+        "promotions": promotions,  # the promotion log, newest last
+        "gate": gate,  # the latest gate report: verdict, reasons, metrics side by side
         "data": {
             "arrivals": sorted(catalog.arrivals),
             "classes": len(catalog.classes),
@@ -124,11 +159,97 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
     }
     table = Table(show_header=False, title="mnemo status")
     champ = "none yet" if champion is None else f"v{champion.version} (table {champion.table}, unseen R@1 {champion.metrics.get('unseen_recall_at_1', float('nan')):.3f})"
-    for key, value in [("workspace", ws.root), ("model", p.registry.model_name), ("champion", champ),
+    chall = "none yet" if challenger is None else f"v{challenger.version} (gate: {challenger.tags.get(VERDICT_TAG, 'unknown')})"
+    last = promotions[-1] if promotions else None
+    moved = "none yet" if last is None else f"{last['kind']} v{last['from'] or '-'} -> v{last['to']} at {last['time']} by {last['actor']}: {last['reason']}"
+    for key, value in [("workspace", ws.root), ("model", p.registry.model_name), ("champion", champ), ("challenger", chall),
+                       ("last promotion", moved), *([("gate", f"v{gate['candidate']} {gate['verdict']}: " + "; ".join(gate["reasons"]))] if gate else []),
                        ("arrivals", len(catalog.arrivals)), ("classes", len(catalog.classes)), ("images", len(catalog.images)),
                        ("pending", len(payload["data"]["pending_arrivals"]))]:
         table.add_row(key, str(value))
     _emit(payload, as_json, table)
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
+    """Metrics for JSON: NaN and infinities (a model that produced NaN) become null."""
+    return {k: (v if v == v and abs(v) != float("inf") else None) for k, v in metrics.items()}
+
+
+def _version_or_exit(registry: ModelRegistry, version: str) -> ModelVersionInfo:
+    """The registered version, or exit 2 naming what is not there."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return registry.get(version)
+    except MlflowException:
+        err.print(f"[red]error:[/] {registry.name} has no version {version!r}")
+        raise typer.Exit(2) from None
+
+
+def _table_problems(ws: Workspace, p: Params, info: ModelVersionInfo) -> tuple[str, list[str]]:
+    """The version's table (its tag, else the conventional name) and why it may not go live:
+    gone from the store (pruned), never validated, or written by another model version."""
+    from components.promotion import table_problems
+
+    return table_problems(ws, p.index, info)
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="The registered model version to serve.")],
+    reason: ReasonOpt = "",
+    force: Annotated[bool, typer.Option("--force", help="Promote a version that failed the gate (never one without a validated table).")] = False,
+    actor: ActorOpt = None,
+    as_json: JsonOpt = False,
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Make VERSION the champion: its table goes live at once; the move is logged."""
+    p, ws = _setup(params, workspace)
+    from components.registry import ModelRegistry, PromotionRefused, promotion_refusals
+
+    registry = ModelRegistry(ws, p.registry)
+    info = _version_or_exit(registry, version)
+    table, problems = _table_problems(ws, p, info)
+    problems += promotion_refusals(info, force=force, table=table if not problems else None)
+    try:
+        if problems:
+            raise PromotionRefused(f"cannot make v{info.version} champion: " + "; ".join(problems))
+        entry = registry.promote(info.version, table, reason=reason, actor=actor, force=force)
+    except PromotionRefused as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    message = (f"v{info.version} is already the champion (table {table}); nothing changed" if entry is None else
+               f"champion: v{entry.from_version or '-'} -> v{info.version} (table {table})")
+    _emit({"champion": info.version, "table": table, "promotion": entry.to_dict() if entry else None}, as_json, message)
+
+
+@app.command()
+def rollback(
+    to: Annotated[str | None, typer.Option("--to", help="The version to go back to (default: the previous champion in the promotion log).")] = None,
+    reason: ReasonOpt = "",
+    actor: ActorOpt = None,
+    as_json: JsonOpt = False,
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Move the champion back to the previous one (or --to VERSION), with its table; the move is logged."""
+    p, ws = _setup(params, workspace)
+    from components.registry import ModelRegistry, PromotionRefused
+
+    registry = ModelRegistry(ws, p.registry)
+    try:
+        target = _version_or_exit(registry, registry.rollback_target(to))
+        table, problems = _table_problems(ws, p, target)
+        if problems:
+            raise PromotionRefused(f"cannot roll back to v{target.version}: " + "; ".join(problems))
+        entry = registry.rollback(target.version, table=table, reason=reason, actor=actor)
+    except PromotionRefused as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    message = (f"v{target.version} is already the champion; nothing changed" if entry is None else
+               f"rolled back: champion v{entry.from_version or '-'} -> v{target.version} (table {table})")
+    _emit({"champion": target.version, "table": table, "promotion": entry.to_dict() if entry else None}, as_json, message)
 
 
 @app.command()
@@ -141,17 +262,10 @@ def query(
 ) -> None:
     """Nearest stored images for each query image, from the live (champion model, table) pair."""
     p, ws = _setup(params, workspace)
-    import pandas as pd
-
     from components.data.ingest import validate_image
-    from components.index import search
-    from components.registry import ModelRegistry
+    from components.data.transforms import open_rgb
+    from components.live import LiveIndex, LivePairMismatch
 
-    registry = ModelRegistry(ws, p.registry)
-    champion = registry.champion()  # resolve once: model and table come from this one version
-    if champion is None or not champion.table:
-        err.print(f"[red]error:[/] no champion model in {ws.tracking_uri}; run `mnemo demo` or `mnemo retrain` first")
-        raise typer.Exit(1)
     payloads = []
     for path in images:
         try:
@@ -163,17 +277,58 @@ def query(
         if reason is not None:
             err.print(f"[red]error:[/] {path}: {reason}")
             raise typer.Exit(2)
-    vectors = registry.load_pyfunc(champion.version).predict(pd.DataFrame({"image": payloads}))
+    live = LiveIndex(ws, p.registry, p.index, refresh_seconds=p.serve.refresh_seconds)
     try:
-        results = search(ws, champion.table, vectors, k)
-    except FileNotFoundError as exc:
-        err.print(f"[red]error:[/] champion v{champion.version}: {exc}")
+        pair = live.refresh()  # resolved once: model and table come from this one version
+    except (FileNotFoundError, LivePairMismatch) as exc:
+        err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
+    if pair is None:
+        err.print(f"[red]error:[/] no champion model in {ws.tracking_uri}; run `mnemo demo` or `mnemo retrain` first")
+        raise typer.Exit(1)
+    results = pair.query([open_rgb(data) for data in payloads], k)
     lines = []
     for path, hits in zip(images, results):
         lines.append(f"{path}: " + ", ".join(f"{h['class']} ({h['distance']:.3f})" for h in hits))
-    _emit({"model_version": champion.version, "table": champion.table, "results": results}, as_json,
-          f"model v{champion.version}, table {champion.table}\n" + "\n".join(lines))
+    _emit({"model_version": pair.version, "table": pair.table_name, "results": results}, as_json,
+          f"model v{pair.version}, table {pair.table_name}\n" + "\n".join(lines))
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to listen on (default: params serve.host).")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default: params serve.port).")] = None,
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Serve the live pair over HTTP: POST /query, GET /health, GET /live; follows promotions and rollbacks."""
+    p, ws = _setup(params, workspace)
+    import uvicorn
+
+    from components.live import LiveIndex
+    from components.serve import create_app
+
+    live = LiveIndex(ws, p.registry, p.index, refresh_seconds=p.serve.refresh_seconds)
+    uvicorn.run(create_app(live, p.serve, p.ingest), host=host or p.serve.host, port=port or p.serve.port)
+
+
+@app.command()
+def deploy(workspace: WorkspaceOpt = None, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Serve the retrain (cron), ingest (interval) and rollback deployments on the Prefect server in PREFECT_API_URL.
+
+    Blocks, running each scheduled or triggered flow run here; schedules come from params
+    `schedule:`. Stopping it (Ctrl-C) pauses the schedules.
+    """
+    p, ws = _setup(params, workspace)
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        err.print("[red]error:[/] schedules need a Prefect server: run `prefect server start` and set PREFECT_API_URL "
+                  "(e.g. http://127.0.0.1:4200/api)")
+        raise typer.Exit(2)
+    from flows.deploy import build_deployments, serve_deployments
+
+    serve_deployments(build_deployments(p, ws))
 
 
 if __name__ == "__main__":

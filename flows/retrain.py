@@ -6,21 +6,30 @@ Each task wraps one component call. A failed or rejected run leaves the live pai
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 
 from components.config import Params, Workspace, resolve_workspace
 from components.data.class_registry import ClassRegistry, ImageRecord, retrain_skip_reason
-from components.data.ingest import IngestReport, ingest_arrival, pending_arrivals
-from components.evaluate import GateDecision, decide, prefixed, score_unseen
-from components.index import IndexBuild, build_table, table_name
+from components.data.inbox import ingest_inbox
+from components.data.ingest import IngestReport
+from components.evaluate import (Assessment, GateDecision, assess, forgetting_heatmap, gate_markdown, gate_report,
+                                 index_smoke_test)
+from components.index import HotAdd, IndexBuild, hot_add, reindex
 from components.modeling.embedder import Embedder
 from components.registry import VERDICT_TAG, ModelRegistry, ModelVersionInfo
-from components.train import TrainResult, train_embedder
+from components.train import TrainResult, train_continual
+from flows.retries import TRANSIENT_RETRIES
+
+CHECKPOINTS = "checkpoints"  # under the workspace: the running retrain's per-epoch checkpoints
 
 
 @dataclass
@@ -40,12 +49,13 @@ class RetrainSummary:
         return asdict(self)
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def ingest_pending(ws: Workspace, params: Params) -> list[IngestReport]:
-    return [ingest_arrival(path, ws, params.ingest, remove_source=True) for path in pending_arrivals(ws)]
+    """Every inbox arrival, under the workspace's ingest lock (the scheduled inbox scan may run too)."""
+    return ingest_inbox(ws, params.ingest)
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def load_models(ws: Workspace, params: Params) -> tuple[ModelVersionInfo | None, Embedder | None, ModelVersionInfo | None]:
     """The champion (info and network) and the newest registered version."""
     registry = ModelRegistry(ws, params.registry)
@@ -54,37 +64,81 @@ def load_models(ws: Workspace, params: Params) -> tuple[ModelVersionInfo | None,
 
 
 @task(cache_policy=NO_CACHE)
-def train(ws: Workspace, params: Params, records: list[ImageRecord], init: Embedder | None) -> TrainResult:
-    return train_embedder([ws.classes_dir / r.id for r in records], [r.cls for r in records], params.train, params.model, init=init)
+def train(ws: Workspace, params: Params, new: list[ImageRecord], champion: ModelVersionInfo | None,
+          init: Embedder | None) -> tuple[TrainResult, Path]:
+    """Learn the new images with the champion's replay memory and distillation; returns the result and its saved state."""
+    with tempfile.TemporaryDirectory(dir=ws.root) as tmp:
+        state = ModelRegistry(ws, params.registry).download_state(champion.version, Path(tmp)) if champion else None
+        step = train_continual(new, ws.classes_dir, params, init=init, state=state, checkpoint_dir=ws.root / CHECKPOINTS)
+        return step.train, step.save_state(Path(tempfile.mkdtemp(prefix="state-", dir=ws.root)))
 
 
-@task(cache_policy=NO_CACHE)
-def evaluate(ws: Workspace, params: Params, candidate: Embedder, champion: Embedder | None, unseen: list[ImageRecord]) -> dict[str, float]:
-    return score_unseen(ws, unseen, params.evaluate, candidate, champion)
+@task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def evaluate(ws: Workspace, params: Params, catalog: ClassRegistry, candidate: Embedder, champion_model: Embedder | None,
+             champion: ModelVersionInfo | None) -> Assessment:
+    """Candidate and champion on the same images, forgetting against every served version, the gate's decision."""
+    return assess(ws, catalog, params.evaluate, params.gate, candidate, champion=champion_model,
+                  champion_version=champion.version if champion else None, champion_arrivals=champion.arrivals if champion else (),
+                  served=ModelRegistry(ws, params.registry).served_history())
 
 
 @task(cache_policy=NO_CACHE)  # no retries: a repeat after log_model would register a second version
 def register(ws: Workspace, params: Params, result: TrainResult, metrics: dict[str, float], arrivals: list[str],
-             decision: GateDecision) -> ModelVersionInfo:
-    return ModelRegistry(ws, params.registry).log_candidate(
+             decision: GateDecision, state: Path) -> ModelVersionInfo:
+    info = ModelRegistry(ws, params.registry).log_candidate(
         result.model,
-        params=params.flat("model", "train") | result.params(),
+        params=params.flat("model", "train", "replay", "distill") | result.params(),
         metrics=metrics | result.metrics(),
-        epoch_metrics={"train_loss": result.epoch_losses},
+        epoch_metrics=result.epoch_metrics,
         arrivals=arrivals,
         tags={VERDICT_TAG: "promote" if decision.promote else "reject"},
+        state_dir=state,
     )
+    # Registered: the checkpoints and the local copy of the state have served their purpose.
+    shutil.rmtree(ws.root / CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(state, ignore_errors=True)
+    return info
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def build_index(ws: Workspace, params: Params, version: str, model: Embedder) -> IndexBuild:
-    records = ClassRegistry.load(ws.class_registry).records()
-    return build_table(ws, table_name(params.index.table_prefix, version), model, records, batch_size=params.index.batch_size)
+    """The version's table over the whole catalog, validated; raises (and promotes nothing) when it is not right."""
+    return reindex(ws, params, version, model)
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def index_new_images(ws: Workspace, params: Params) -> HotAdd:
+    """Stored images the live table lacks, embedded by the champion and appended: queryable at once."""
+    return hot_add(ws, params)
+
+
+@task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def smoke_test(ws: Workspace, params: Params, version: str, table: str, decision: GateDecision) -> GateDecision:
+    """Record the new table, then query it with the model loaded back as users load it (models:/<name>/<version>)."""
+    registry = ModelRegistry(ws, params.registry)
+    registry.record_index(version, table)
+    result = index_smoke_test(ws, table, registry.load_pyfunc(version), ClassRegistry.load(ws.class_registry).records(),
+                              params.index)
+    registry.record_smoke_test(version, result.passed, result.detail)
+    return decision.with_check(result.passed, f"index smoke test: {result.detail}")
+
+
+@task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def publish_gate(ws: Workspace, params: Params, version: str, champion: ModelVersionInfo | None, assessment: Assessment,
+                 decision: GateDecision) -> dict:
+    """The gate report to the version's MLflow run (JSON, markdown, forgetting heatmap) and as Prefect artifacts."""
+    report = gate_report(version, champion.version if champion else None, assessment.metrics, decision, params.gate, assessment.matrix)
+    markdown = gate_markdown(report)
+    ModelRegistry(ws, params.registry).log_gate(version, report, markdown, forgetting_heatmap(assessment.matrix.labelled(version)))
+    create_markdown_artifact(markdown=markdown, key="gate-report", description=f"gate verdict for v{version}: {decision.verdict}")
+    create_table_artifact(table=[{"metric": key, **row} for key, row in report["metrics"].items()], key="retrain-metrics",
+                          description=f"v{version} against champion v{report['champion'] or '-'}: candidate, champion, delta")
+    return report
+
+
+@task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def promote(ws: Workspace, params: Params, version: str, table: str) -> None:
-    ModelRegistry(ws, params.registry).promote(version, table)
+    ModelRegistry(ws, params.registry).promote(version, table, reason="passed the gate and the index smoke test", actor="retrain-flow")
 
 
 @flow(name="retrain", log_prints=True)
@@ -93,6 +147,7 @@ def retrain(params: Params, workspace: str | None = None) -> RetrainSummary:
     logger = get_run_logger()
     ws = resolve_workspace(params, workspace)
     reports = ingest_pending(ws, params)
+    index_new_images(ws, params)
     catalog = ClassRegistry.load(ws.class_registry)
     champion, champion_model, latest = load_models(ws, params)
     summary = RetrainSummary(status="", message="", classes_known=len(catalog.classes),
@@ -102,23 +157,37 @@ def retrain(params: Params, workspace: str | None = None) -> RetrainSummary:
     if skip is not None:
         summary.status, summary.message = skip[0], f"{skip[1]}; live pair unchanged"
         logger.info(summary.message)
-        return summary
+        return finished(summary)  # Prefect unwraps the state: callers get the summary
 
     arrivals = sorted(catalog.arrivals)
-    result = train(ws, params, catalog.records("train"), champion_model)
-    metrics = evaluate(ws, params, result.model, champion_model, catalog.records("unseen"))
-    decision = decide(metrics, prefixed(metrics, "champion_"), params.gate)
-    candidate = register(ws, params, result, metrics, arrivals, decision)
+    learned = set(champion.arrivals) if champion else set()
+    result, state = train(ws, params, [r for r in catalog.records("train") if r.arrival not in learned], champion, champion_model)
+    assessment = evaluate(ws, params, catalog, result.model, champion_model, champion)
+    metrics, decision = assessment.metrics, assessment.decision
+    candidate = register(ws, params, result, metrics, arrivals, decision, state)
+    built = None
+    if decision.promote:  # register -> build index -> smoke test -> promote; a failed step promotes nothing
+        built = build_index(ws, params, candidate.version, result.model)
+        decision = smoke_test(ws, params, candidate.version, built.table, decision)
+    publish_gate(ws, params, candidate.version, champion, assessment, decision)
     summary.version, summary.metrics, summary.reasons = candidate.version, metrics, decision.reasons
     summary.trained_classes = result.classes
-    if decision.promote:
-        built = build_index(ws, params, candidate.version, result.model)
+    if decision.promote and built is not None:
         promote(ws, params, candidate.version, built.table)
+        index_new_images(ws, params)  # images ingested between the build's catch-up and the promotion
         summary.status, summary.table = "promoted", built.table
         summary.message = f"v{candidate.version} promoted to champion with table {built.table} ({built.rows} rows)"
     else:
         summary.status = "rejected"
-        summary.message = f"v{candidate.version} rejected by the gate ({'; '.join(decision.reasons)}); champion unchanged"
+        summary.message = f"v{candidate.version} rejected by the gate ({'; '.join(decision.failed)}); champion unchanged"
     summary.seconds = time.perf_counter() - start
     logger.info(summary.message)
-    return summary
+    return finished(summary)
+
+
+OUTCOMES = {"promoted": "Promoted", "rejected": "Rejected", "nothing_new": "Nothing new", "insufficient_data": "Insufficient data"}
+
+
+def finished(summary: RetrainSummary) -> State:
+    """The run's final state: Completed, named after the outcome, its message saying why; the summary is its result."""
+    return Completed(name=OUTCOMES[summary.status], message=summary.message, data=summary)

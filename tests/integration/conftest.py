@@ -20,3 +20,26 @@ def params_file(params, tmp_path: Path) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
     return path
+
+
+@pytest.fixture(scope="session")
+def live_template(repo_params, tmp_path_factory) -> Path:
+    """A workspace with 60 stored images, v1 and v2 registered with validated tables, champion v1
+    (tests/integration/live_workspace.py); built once, copied by `live_ws`."""
+    from components.config import resolve_workspace, with_overrides
+    from tests.conftest import TINY
+    from tests.integration.live_workspace import build_template
+
+    root = tmp_path_factory.mktemp("live-template")
+    params = with_overrides(repo_params, TINY | {"paths.workspace": str(root)})
+    build_template(resolve_workspace(params), params)
+    return root
+
+
+@pytest.fixture()
+def live_ws(live_template, ws):
+    """This test's copy of the live template, at the `ws` fixture's root."""
+    from tests.integration.live_workspace import copy_workspace
+
+    copy_workspace(live_template, ws.root)
+    return ws

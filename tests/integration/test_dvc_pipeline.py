@@ -48,4 +48,27 @@ def test_dvc_repro_runs_the_pipeline_and_reports_metrics(params, tmp_path):
     # The inbox is a stage dependency, so ingest leaves it in place; a second repro has nothing to do.
     assert (repo / "ws" / "inbox" / "demo-000").is_dir()
     again = run(dvc + ["repro"], repo, env)
-    assert "Running stage" not in again and again.count("didn't change, skipping") == 3, again
+    assert "Running stage" not in again and again.count("didn't change, skipping") == 4, again
+
+    # The report stage's plots: Recall@K of the model next to raw pixels, Recall@1 per arrival slice.
+    curve = json.loads((repo / "ws" / "dvc" / "plots" / "unseen_recall_at_k.json").read_text())
+    assert [row["k"] for row in curve] == params.evaluate.recall_at
+    assert curve[0]["model"] == metrics["unseen_recall_at_1"] and curve[0]["pixels"] == metrics["baseline_unseen_recall_at_1"]
+    plots = json.loads(run(dvc + ["plots", "show", "--json"], repo, env))["data"]
+    assert {"unseen Recall@K, model vs raw pixels", "seen-class Recall@1 per arrival", "ws/dvc/plots/seen_recall.png"} <= set(plots)
+
+    # The data is DVC-tracked: data/classes and the class registry are cached outputs in dvc.lock.
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["ingest"]
+    assert {o["path"] for o in lock["outs"]} == {"ws/data/classes", "ws/data/registry.json"}
+
+    # An experiment on a train param: DVC re-runs train, evaluate and report, and reports its metrics.
+    git = ["git", "-c", "user.name=mnemo-test", "-c", "user.email=test@mnemo.invalid"]
+    run(git + ["add", "-A"], repo, env)
+    run(git + ["commit", "-q", "-m", "baseline"], repo, env)
+    exp = run(dvc + ["exp", "run", "-S", "train.epochs=2"], repo, env)
+    assert "Running stage 'train'" in exp and "Running stage 'report'" in exp and "Running stage 'ingest'" not in exp, exp
+    shown = json.loads(run(dvc + ["metrics", "show", "--json"], repo, env))
+    assert "unseen_recall_at_1" in json.dumps(shown)
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"] == 2
+    table = json.loads(run(dvc + ["exp", "show", "--json"], repo, env))
+    assert "unseen_recall_at_1" in json.dumps(table) and '"epochs": 2' in json.dumps(table)

@@ -1,0 +1,78 @@
+"""Scheduling and retry settings users rely on: the schedule section, which errors are retried."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+
+from components.config import ConfigError, with_overrides
+from components.transient import is_transient
+
+
+def test_schedule_comes_from_params_and_a_bad_cron_is_named(repo_params):
+    assert repo_params.schedule.inbox_interval > 0
+    with pytest.raises(ConfigError, match=r"schedule\.retrain_cron: .*'0 3 \* \*' is not a five-field cron"):
+        with_overrides(repo_params, {"schedule.retrain_cron": "0 3 * *"})
+    with pytest.raises(ConfigError, match=r"schedule\.retrain_cron: .*not a valid cron expression"):
+        with_overrides(repo_params, {"schedule.retrain_cron": "61 * * * *"})
+    with pytest.raises(ConfigError, match=r"schedule\.inbox_interval"):
+        with_overrides(repo_params, {"schedule.inbox_interval": 0})
+
+
+@pytest.mark.parametrize("exc", [
+    ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+    TimeoutError("read timed out"),
+    OSError(errno.EIO, "LanceError(IO): generic I/O error"),
+    MlflowException("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/get failed with exception "
+                    "HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded"),
+    MlflowException("try later", error_code=TEMPORARILY_UNAVAILABLE),
+    MlflowException("(sqlite3.OperationalError) database is locked"),
+])
+def test_network_and_io_hiccups_are_retried(exc):
+    assert is_transient(exc)
+
+
+@pytest.mark.parametrize("exc", [
+    FileNotFoundError(errno.ENOENT, "No such file or directory"),
+    PermissionError(errno.EACCES, "Permission denied"),
+    MlflowException("Registered Model with name=mnemo-embedder not found", error_code=RESOURCE_DOES_NOT_EXIST),
+    ValueError("arrival folder does not exist"),
+    RuntimeError("index validation failed: 3 probes did not find themselves"),
+])
+def test_wrong_inputs_and_failed_checks_fail_at_once(exc):
+    assert not is_transient(exc)
+
+
+def test_deployments_take_schedules_and_concurrency_from_params(params, ws):
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    from flows.deploy import build_deployments
+
+    retrain, ingest, rollback = build_deployments(params, ws)
+    assert [d.name for d in (retrain, ingest, rollback)] == ["scheduled", "inbox", "operator"]
+    assert retrain.schedules[0].schedule.cron == params.schedule.retrain_cron
+    assert ingest.schedules[0].schedule.interval == timedelta(seconds=params.schedule.inbox_interval)
+    assert not rollback.schedules  # triggered by people, never by the clock
+    assert retrain.concurrency_limit == 1 and retrain.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+    assert ingest.concurrency_limit == 1 and ingest.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+    assert retrain.parameters == {"params": params.model_dump(mode="json"), "workspace": str(ws.root)}
+
+
+def test_deploy_without_a_prefect_server_says_what_to_start(params, tmp_path):
+    import yaml
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        result = CliRunner().invoke(app, ["deploy", "--params", str(params_file)])
+    assert result.exit_code == 2
+    assert "schedules need a Prefect server: run `prefect server start` and set PREFECT_API_URL" in result.output
