@@ -46,7 +46,7 @@ test: setup
 
 # Real servers (tests/e2e): prefect server on SQLite and on PostgreSQL, mlflow server on PostgreSQL.
 # Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth; the PostgreSQL tests skip without
-# it). About 15 minutes on 2 CPU cores, so CI's `make test` leaves them out.
+# it). 12-16 minutes on a busy 2-core machine, so CI's `make test` leaves them out.
 test-e2e: setup
 	$(BIN)/python -m pytest -m e2e tests/e2e
 

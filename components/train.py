@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
@@ -306,6 +307,7 @@ def train_embedder(
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"),
         TimeRemainingColumn(),
+        console=Console(stderr=True),  # stdout stays for the caller's answer (`mnemo retrain --json`)
     ) as progress:
         task = progress.add_task("train", total=len(loader), epoch=first_epoch, loss=float("nan"))
         for epoch in range(first_epoch, params.epochs):

@@ -36,6 +36,8 @@ ReasonOpt = Annotated[str, typer.Option("--reason", help="Why, for the promotion
 def _setup(params_path: Path, workspace: Path | None) -> tuple[Params, Workspace]:
     # stdout carries mnemo's answer (--json must parse): not MLflow's "View run at <server URL>" lines.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # Prefect's ephemeral server gets 20 s to start by default; a busy 2-core machine can need more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         params = load_params(params_path)
     except ConfigError as exc:
