@@ -79,16 +79,17 @@ def ingest(
 ) -> None:
     """Validate and store arrivals; bad files go to quarantine with a reason."""
     p, ws = _setup(params, workspace)
-    from components.data.ingest import ingest_arrival, pending_arrivals
+    from components.data.inbox import inbox_lock, ingest_inbox
+    from components.data.ingest import ingest_arrival
 
     if directory is not None and not directory.is_dir():
         err.print(f"[red]error:[/] {directory}: not a directory")
         raise typer.Exit(2)
-    targets = [directory] if directory is not None else pending_arrivals(ws)
-    reports = []
-    for path in targets:
-        inside_inbox = path.resolve().parent == ws.inbox.resolve()
-        reports.append(ingest_arrival(path, ws, p.ingest, remove_source=inside_inbox))
+    if directory is None:
+        reports = ingest_inbox(ws, p.ingest)
+    else:
+        with inbox_lock(ws):  # the class registry is rewritten whole: one writer at a time
+            reports = [ingest_arrival(directory, ws, p.ingest, remove_source=directory.resolve().parent == ws.inbox.resolve())]
     lines = [r.summary() for r in reports] or ["nothing to ingest"]
     for r in reports:
         lines += [f"  rejected {x.file}: {x.reason}" for x in r.rejected]
