@@ -176,10 +176,13 @@ def targets(results: dict) -> dict:
     def time_ratio(r: dict, key: str = "train_seconds") -> float:
         return r["arrivals"][-1][key] / r["arrivals"][1][key]
 
-    forgetting_ratio = rd["avg_forgetting"] / naive["avg_forgetting"] if naive["avg_forgetting"] > 0 else float("nan")
+    # When naive fine-tuning forgot nothing (an under-trained model keeps improving on old slices),
+    # the ratio means nothing and the target is not shown either way: None, not "missed".
+    shown = naive["avg_forgetting"] > 0
+    forgetting_ratio = rd["avg_forgetting"] / naive["avg_forgetting"] if shown else None
     gap = joint["final_unseen_recall_at_1"] - rd["final_unseen_recall_at_1"]
     return {
-        "forgetting_ratio_vs_naive": forgetting_ratio, "forgetting_ok": bool(forgetting_ratio <= 1 / 3),
+        "forgetting_ratio_vs_naive": forgetting_ratio, "forgetting_ok": bool(forgetting_ratio <= 1 / 3) if shown else None,
         "unseen_r1_gap_to_joint": gap, "unseen_ok": bool(gap <= 0.03),
         "replay_distill_time_ratio_last_vs_second": time_ratio(rd), "time_flat_ok": bool(time_ratio(rd) <= 1.3),
         "joint_time_ratio_last_vs_second": time_ratio(joint),
@@ -204,8 +207,13 @@ def markdown(report: dict) -> str:
             per = ", ".join(f"{a['train_seconds']:.1f}" for a in r["arrivals"])
             lines.append(f"| {name} | {r['final_unseen_recall_at_1']:.3f} | {r['final_unseen_map_at_r']:.3f} | "
                          f"{r['avg_forgetting']:.3f} | {r['train_seconds']:.1f} | {per} |")
-        lines += ["", f"- forgetting, replay_distill / naive: {t['forgetting_ratio_vs_naive']:.2f} (target <= 0.33: "
-                  f"{'met' if t['forgetting_ok'] else 'missed'})",
+        if t["forgetting_ok"] is None:
+            forgetting = (f"- forgetting: naive fine-tuning forgot nothing on average ({results['naive']['avg_forgetting']:+.3f}), "
+                          "so this run cannot show the target (<= 1/3 of naive)")
+        else:
+            forgetting = (f"- forgetting, replay_distill / naive: {t['forgetting_ratio_vs_naive']:.2f} (target <= 0.33: "
+                          f"{'met' if t['forgetting_ok'] else 'missed'})")
+        lines += ["", forgetting,
                   f"- unseen R@1, joint minus replay_distill: {t['unseen_r1_gap_to_joint']:+.3f} (target <= 0.03: "
                   f"{'met' if t['unseen_ok'] else 'missed'})",
                   f"- train time, last arrival / second: replay_distill {t['replay_distill_time_ratio_last_vs_second']:.2f} "
@@ -234,7 +242,7 @@ def plot(stream: str, results: dict, arrivals: list[str], path: Path) -> None:
     for ax, name in zip(axes[1], ("naive", "replay_distill")):
         m = np.array([[np.nan if v is None else v for v in row] for row in results[name]["forgetting_matrix"]])
         im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
-        ax.set(title=f"{name}: seen R@1 (row: after arrival, col: slice)", xlabel="arrival slice", ylabel="after arrival")
+        ax.set(title=f"{name}: seen R@1 per arrival slice", xlabel="arrival slice", ylabel="after arrival")
         for (i, j), v in np.ndenumerate(m):
             if not np.isnan(v):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
