@@ -44,9 +44,10 @@ test: setup
 	$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
 
-# Real servers (tests/e2e): prefect server on SQLite and on PostgreSQL, mlflow server on PostgreSQL.
-# Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth; the PostgreSQL tests skip without
-# it). 12-16 minutes on a busy 2-core machine, so CI's `make test` leaves them out.
+# Real servers (tests/e2e): prefect server on SQLite and on PostgreSQL, mlflow server on PostgreSQL,
+# and LanceDB + MLflow artifacts on S3 (moto's S3 server on 127.0.0.1, from the dev extra). Needs
+# PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth; the PostgreSQL and S3 tests skip without
+# it). 17-22 minutes on a busy 2-core machine, so CI's `make test` leaves them out.
 test-e2e: setup
 	$(BIN)/python -m pytest -m e2e tests/e2e
 

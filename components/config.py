@@ -297,7 +297,9 @@ class Workspace:
 def resolve_workspace(params: Params, override: Path | str | None = None) -> Workspace:
     """Workspace from (in order) the explicit override, MNEMO_WORKSPACE, params.paths.workspace.
 
-    MLFLOW_TRACKING_URI and MNEMO_LANCEDB_URI point the same code at servers.
+    MLFLOW_TRACKING_URI and MNEMO_LANCEDB_URI point the same code at servers; an `s3://bucket/prefix`
+    LanceDB URI takes its endpoint, region and credentials from the standard AWS_* variables,
+    which LanceDB reads itself (README, "Object storage (S3)").
     """
     root = Path(override or os.environ.get("MNEMO_WORKSPACE") or params.paths.workspace)
     root = root.expanduser().resolve()

@@ -1,6 +1,6 @@
-"""Real servers for the e2e tests: `prefect server start` (SQLite or PostgreSQL) and `mlflow server`
-(PostgreSQL backend store, local artifact root), each on a free 127.0.0.1 port with its own
-state, started per test in its own process group and stopped by its process id."""
+"""Real servers for the e2e tests: `prefect server start` (SQLite or PostgreSQL), `mlflow server`
+(PostgreSQL backend store, local or S3 artifact root) and moto's S3 server, each on a free
+127.0.0.1 port with its own state, started in its own process group and stopped by its process id."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -136,15 +137,16 @@ def _no_database() -> Iterator[None]:
 
 
 @contextmanager
-def mlflow_server(root: Path) -> Iterator[str]:
-    """`mlflow server` on a free port: PostgreSQL backend store, artifacts under root/artifacts; yields its URL."""
+def mlflow_server(root: Path, artifacts: str | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`mlflow server` on a free port: PostgreSQL backend store, artifacts proxied to `artifacts`
+    (default: root/artifacts; an s3:// URI with the AWS_* variables in `env`); yields its URL."""
     with postgres_database() as pg_name:
         port = free_port()
         cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                "--backend-store-uri", f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{pg_name}",
-               "--artifacts-destination", str(root / "artifacts")]
+               "--artifacts-destination", artifacts or str(root / "artifacts")]
         log = root / "mlflow-server.log"
-        with process(cmd, clean_env(), log) as proc:
+        with process(cmd, clean_env(**(env or {})), log) as proc:
             wait_healthy(f"http://127.0.0.1:{port}/health", proc, log)
             yield f"http://127.0.0.1:{port}"
 
@@ -155,3 +157,37 @@ def params_file(params, tmp_path: Path) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
     return path
+
+
+S3_REGION = "us-east-1"
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """The standard AWS variables that point LanceDB (Lance's object_store) and boto3 (the MLflow server)
+    at an S3-compatible endpoint; nothing mnemo-specific. Both read AWS_ENDPOINT_URL and
+    AWS_DEFAULT_REGION; AWS_ALLOW_HTTP is Lance's own: it refuses an http:// endpoint without it."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "mnemo-e2e",
+            "AWS_SECRET_ACCESS_KEY": "mnemo-e2e-secret", "AWS_DEFAULT_REGION": S3_REGION}
+
+
+@contextmanager
+def s3_server(root: Path, buckets: tuple[str, ...]) -> Iterator[str]:
+    """moto's S3-compatible server (`moto_server`, in memory) on a free port, with `buckets` created; yields its endpoint URL."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = root / "moto-server.log"
+    with process([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], clean_env(), log) as proc:
+        wait_healthy(f"{endpoint}/moto-api/data.json", proc, log)
+        s3 = s3_client(endpoint)
+        for bucket in buckets:
+            s3.create_bucket(Bucket=bucket)
+        yield endpoint
+
+
+def s3_client(endpoint: str) -> Any:  # boto3 generates its client classes at run time
+    """A boto3 S3 client for the endpoint, with the credentials of s3_env."""
+    import boto3
+
+    env = s3_env(endpoint)
+    return boto3.client("s3", endpoint_url=endpoint, region_name=S3_REGION, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])

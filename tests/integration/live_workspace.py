@@ -22,8 +22,9 @@ from PIL import Image
 
 from components.config import Params, Workspace
 from components.data.ingest import ingest_arrival
-from components.index import reindex
-from components.modeling.embedder import build_embedder
+from components.data.transforms import open_rgb
+from components.index import Hit, connect, reindex
+from components.modeling.embedder import build_embedder, embed_images
 from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
 
 CLASSES = [f"c{i}" for i in range(6)]
@@ -64,6 +65,28 @@ def build_template(ws: Workspace, params: Params) -> None:
         registry.set_tag(version, TABLE_TAG, built.table)
         if version == "1":  # the first champion, set directly: the promotion log is not under test here
             registry.client.set_registered_model_alias(registry.name, CHAMPION, version)
+
+
+def reference(ws: Workspace, params: Params, version: str, images: list[bytes]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A version's stored vectors by id, and its model's embeddings of the query images."""
+    table = connect(ws).open_table(f"embeddings_v{version}").to_arrow()
+    vectors = dict(zip(table["id"].to_pylist(), np.asarray(table["vector"].to_pylist(), dtype=np.float32)))
+    model = ModelRegistry(ws, params.registry).load_embedder(version)
+    return vectors, embed_images(model, [open_rgb(data) for data in images])
+
+
+def assert_one_version(version: str, table: str, hits: list[Hit], query: int, query_id: str,
+                       expected: dict[str, tuple[dict[str, np.ndarray], np.ndarray]]) -> None:
+    """An answer to query image `query` (stored as `query_id`) came wholly from the version it names.
+
+    Every distance must be that version's model against that version's table (`reference`); a
+    mixed pair (one version's model, the other's table) gives other numbers.
+    """
+    assert table == f"embeddings_v{version}"
+    vectors, queries = expected[version]
+    assert hits[0]["id"] == query_id
+    for hit in hits:
+        assert abs(hit["distance"] - (1.0 - float(queries[query] @ vectors[hit["id"]]))) < 1e-4
 
 
 def copy_workspace(template: Path, root: Path) -> None:

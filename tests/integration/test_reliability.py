@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import yaml
 
@@ -23,20 +22,11 @@ from components.data.class_registry import ClassRegistry
 from components.data.transforms import open_rgb
 from components.index import connect, is_validated, list_tables, reindex
 from components.live import LiveIndex
-from components.modeling.embedder import embed_images
 from components.registry import ModelRegistry
 from components.serve import create_app
-from tests.integration.live_workspace import serving
+from tests.integration.live_workspace import assert_one_version, reference, serving
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def reference(ws, params, version: str, images: list[bytes]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """A version's stored vectors by id, and its model's embeddings of the query images."""
-    table = connect(ws).open_table(f"embeddings_v{version}").to_arrow()
-    vectors = dict(zip(table["id"].to_pylist(), np.asarray(table["vector"].to_pylist(), dtype=np.float32)))
-    model = ModelRegistry(ws, params.registry).load_embedder(version)
-    return vectors, embed_images(model, [open_rgb(data) for data in images])
 
 
 def test_queries_stay_consistent_while_the_champion_is_promoted_and_rolled_back(live_ws, params):
@@ -88,15 +78,7 @@ def test_queries_stay_consistent_while_the_champion_is_promoted_and_rolled_back(
     per_version = {v: sum(body["model_version"] == v for _, _, body in answers) for v in ("1", "2")}
     assert min(per_version.values()) >= 10, per_version
     for i, _, body in answers:
-        version = body["model_version"]
-        assert body["table"] == f"embeddings_v{version}"
-        vectors, queries = expected[version]
-        hits = body["results"][0]
-        assert hits[0]["id"] == records[i].id
-        # Every distance is the named version's model against the named version's table; a
-        # mixed pair (model of one, table of the other) would give other numbers.
-        for hit in hits:
-            assert abs(hit["distance"] - (1.0 - float(queries[i] @ vectors[hit["id"]]))) < 1e-4
+        assert_one_version(body["model_version"], body["table"], body["results"][0], i, records[i].id, expected)
 
 
 def reindex_command(ws, params_file: Path, version: str) -> list[str]:
