@@ -316,11 +316,20 @@ def serve(
 
 
 @app.command()
-def deploy(workspace: WorkspaceOpt = None, params: ParamsOpt = Path("params.yaml")) -> None:
-    """Serve the retrain (cron), ingest (interval) and rollback deployments on the Prefect server in PREFECT_API_URL.
+def deploy(
+    ctx: typer.Context,
+    work_pool: Annotated[str | None, typer.Option("--work-pool", help="Register the deployments to this Prefect work pool (its workers run them) instead of serving them here.")] = None,
+    retrain_pool: Annotated[str | None, typer.Option("--retrain-pool", help="With --work-pool: the pool for retrain/scheduled, e.g. a GPU pool (default: --work-pool).")] = None,
+    image: Annotated[str | None, typer.Option("--image", help="With --work-pool: the mnemo image (built from infra/Dockerfile) that container pools (kubernetes, docker) run.")] = None,
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """The retrain (cron), ingest (interval) and rollback deployments on the Prefect server in PREFECT_API_URL: served here, or on work pools.
 
-    Blocks, running each scheduled or triggered flow run here; schedules come from params
-    `schedule:`. Stopping it (Ctrl-C) pauses the schedules.
+    Without --work-pool it blocks, running each scheduled or triggered flow run here; stopping
+    it (Ctrl-C) pauses the schedules. With --work-pool it registers the same deployments to work
+    pools and returns: the pools' workers run them, and each run takes MNEMO_WORKSPACE and the
+    server URLs from its own environment. Schedules come from params `schedule:`.
     """
     p, ws = _setup(params, workspace)
     from prefect.settings import get_current_settings
@@ -329,9 +338,31 @@ def deploy(workspace: WorkspaceOpt = None, params: ParamsOpt = Path("params.yaml
         err.print("[red]error:[/] schedules need a Prefect server: run `prefect server start` and set PREFECT_API_URL "
                   "(e.g. http://127.0.0.1:4200/api)")
         raise typer.Exit(2)
-    from flows.deploy import build_deployments, serve_deployments
+    from flows.deploy import build_deployments, register_deployments, serve_deployments
 
-    serve_deployments(build_deployments(p, ws))
+    if work_pool is None:
+        if retrain_pool or image:
+            err.print("[red]error:[/] --retrain-pool and --image go with --work-pool")
+            raise typer.Exit(2)
+        serve_deployments(build_deployments(p, ws))
+        return
+    source = ctx.get_parameter_source("workspace")  # typer's vendored click: compared by name
+    if source is not None and source.name == "COMMANDLINE":
+        # A path on this machine means nothing to a worker elsewhere: the workers' environment names it.
+        err.print("[red]error:[/] with --work-pool, each run uses MNEMO_WORKSPACE of the worker or job that runs it; "
+                  "set it there instead of passing --workspace")
+        raise typer.Exit(2)
+    from flows.deploy import WorkPoolError
+
+    try:
+        registered = register_deployments(build_deployments(p, None), work_pool, retrain_pool=retrain_pool, image=image)
+    except WorkPoolError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    table = Table("deployment", "work pool", title="registered (start a worker on each pool: `prefect worker start --pool NAME`)")
+    for r in registered:
+        table.add_row(r.name, r.work_pool)
+    Console().print(table)
 
 
 if __name__ == "__main__":
