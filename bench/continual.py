@@ -46,7 +46,8 @@ from components.config import Params, load_params, resolve_workspace, with_overr
 from components.data.class_registry import ClassRegistry, ImageRecord  # noqa: E402
 from components.data.demo import discover_fonts, stream_classes, write_arrival  # noqa: E402
 from components.data.ingest import ingest_arrival  # noqa: E402
-from components.evaluate import average_forgetting, score_embedder, slice_forgetting  # noqa: E402
+from components.forgetting import average_forgetting, slice_forgetting  # noqa: E402
+from components.metrics import score_embedder  # noqa: E402
 from components.modeling.embedder import Embedder  # noqa: E402
 from components.train import ContinualResult, train_continual  # noqa: E402
 
@@ -136,7 +137,7 @@ def run_strategy(strategy: str, stream: Stream, params: Params, first: Continual
         new = [r for r in train if (r.arrival in so_far if strategy == "joint" else r.arrival == arrival)]
         print(f"  {strategy}: arrival {k} ({arrival}), {len(new)} new training images", flush=True)
         cpu = time.process_time()
-        step = train_continual(new, classes_dir, p, init=model, state=state)
+        step = train_continual(new, classes_dir, p.train, p.model, p.replay, p.distill, init=model, state=state)
         cpu = time.process_time() - cpu
         model = step.train.model
         if p.replay.budget:
@@ -164,7 +165,8 @@ def run_stream(stream: Stream, params: Params, state_root: Path) -> dict:
     print(f"{stream.name}: {len(stream.arrivals)} arrivals, {len(catalog.classes)} classes; "
           f"first arrival ({len(first_records)} training images), shared by all strategies", flush=True)
     cpu = time.process_time()
-    first = train_continual(first_records, stream.ws_root / "data" / "classes", params)
+    first = train_continual(first_records, stream.ws_root / "data" / "classes", params.train, params.model, params.replay,
+                            params.distill)
     cpu = time.process_time() - cpu
     return {s: run_strategy(s, stream, params, first, cpu, state_root) for s in STRATEGIES}
 

@@ -41,9 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.config import Params, load_params, resolve_workspace  # noqa: E402
 from components.data.class_registry import ImageRecord  # noqa: E402
 from components.data.transforms import open_rgb  # noqa: E402
-from components.index import VECTOR, AsyncLoop, TableReader, build_table, connect, ensure_ann_index, table_schema  # noqa: E402
+from components.index import build_table, ensure_ann_index  # noqa: E402
+from components.search import AsyncLoop, TableReader  # noqa: E402
+from components.tables import VECTOR, connect, table_schema  # noqa: E402
 from components.live import LiveIndex  # noqa: E402
 from components.modeling.embedder import Embedder, build_embedder, embed_images  # noqa: E402
+from components.promotion import Promoter  # noqa: E402
 from components.registry import CHAMPION, TABLE_TAG, ModelRegistry  # noqa: E402
 
 DIM = 128
@@ -167,6 +170,7 @@ def bench_swap(params: Params, tmp: Path, rounds: int) -> dict:
     ws = resolve_workspace(params, tmp / "swap")
     records = write_images(ws.classes_dir, 200, 64, seed=1)
     registry = ModelRegistry(ws, params.registry)
+    promoter = Promoter(ws, params.registry, params.index)
     for seed in (1, 2):
         torch.manual_seed(seed)
         model = build_embedder(params.model).eval()
@@ -178,13 +182,13 @@ def bench_swap(params: Params, tmp: Path, rounds: int) -> dict:
     swaps, rollbacks, alias_moves = [], [], []
     for _ in range(rounds):
         start = time.perf_counter()
-        registry.promote("2", reason="bench")
+        promoter.promote("2", reason="bench")
         moved = time.perf_counter()
         assert live.refresh().version == "2"
         swaps.append(time.perf_counter() - start)
         alias_moves.append(moved - start)
         start = time.perf_counter()
-        registry.rollback(reason="bench")
+        promoter.rollback(reason="bench")
         assert live.refresh().version == "1"
         rollbacks.append(time.perf_counter() - start)
     return {"rounds": rounds, "swap_cold_seconds": round(swaps[0], 3),

@@ -14,7 +14,6 @@ import json
 import platform
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from components.config import load_params, resolve_workspace, with_overrides  # 
 from components.data.class_registry import ClassRegistry  # noqa: E402
 from components.data.demo import discover_fonts, stream_classes, write_arrival  # noqa: E402
 from components.data.ingest import ingest_arrival  # noqa: E402
-from components.evaluate import score_unseen  # noqa: E402
+from components.metrics import score_unseen  # noqa: E402
 from components.train import train_embedder  # noqa: E402
 
 

@@ -103,7 +103,8 @@ def main() -> None:
         train = ClassRegistry.load(ws.class_registry).records("train")
         first = [r for r in train if r.arrival == "demo-000"]
         second = [r for r in train if r.arrival == "demo-001"]
-        previous = train_continual(first, ws.classes_dir, with_overrides(params, {"train.epochs": 1}))
+        one_epoch = with_overrides(params, {"train.epochs": 1})
+        previous = train_continual(first, ws.classes_dir, one_epoch.train, one_epoch.model, one_epoch.replay, one_epoch.distill)
         state = previous.save_state(Path(tmp) / "state")
 
         runs: dict[str, list[float]] = {}
@@ -115,7 +116,9 @@ def main() -> None:
         if args.compile:
             variants["mnemo replay_distill compiled"] = {"train.compile": True}
         for name, extra in variants.items():
-            step = train_continual(second, ws.classes_dir, with_overrides(params, extra), init=previous.train.model, state=state)
+            p = with_overrides(params, extra)
+            step = train_continual(second, ws.classes_dir, p.train, p.model, p.replay, p.distill, init=previous.train.model,
+                                   state=state)
             runs[name] = step.train.epoch_metrics["epoch_images_per_second"]
 
     median = {name: statistics.median(r[1:] if len(r) > 1 else r) for name, r in runs.items()}

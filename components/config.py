@@ -6,7 +6,6 @@ lives; unknown keys and bad values are errors that name the key.
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,7 +289,7 @@ class Workspace:
 
     @property
     def dvc_outputs(self) -> Path:
-        """Where the DVC stages (python -m components.<stage>) write their outputs."""
+        """Where the DVC stages (python -m flows.stages <stage>) write their outputs."""
         return self.root / "dvc"
 
 
@@ -306,11 +305,3 @@ def resolve_workspace(params: Params, override: Path | str | None = None) -> Wor
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
     lance = os.environ.get("MNEMO_LANCEDB_URI") or str(root / "lancedb")
     return Workspace(root=root, tracking_uri=tracking, lancedb_uri=lance)
-
-
-def stage_setup(argv: list[str] | None, description: str | None) -> tuple[Params, Workspace]:
-    """The edge of a DVC stage (`python -m components.<stage> [--params FILE]`): params, then workspace."""
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
-    params = load_params(ap.parse_args(argv).params)
-    return params, resolve_workspace(params)

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from components.config import IndexParams, RegistryParams, Workspace
-from components.index import AsyncLoop, Hit, TableReader
+from components.search import AsyncLoop, Hit, TableReader
 from components.modeling.embedder import Embedder, embed_images
 from components.registry import ModelRegistry
 

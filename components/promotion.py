@@ -1,19 +1,63 @@
-"""Moving the live pair by hand: the index checks a version's table must pass before it may
-serve, and the rollback that `mnemo rollback` and the rollback flow both run."""
+"""Moving the live pair: the one place the `champion` alias moves, and where the tables it
+may move to are built and kept complete.
+
+Every move (the retrain flow's promotion, `mnemo promote`, `mnemo rollback`, the rollback
+flow) goes through `Promoter.promote`: the checks (a validated table written by the
+version's own model; a passed gate unless forced; a passed smoke test), then the alias
+move inside its promotion-log entry. `reindex` builds a registered version's table over
+the whole catalog; `hot_add` appends newly stored images to the live table.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
-from components.config import IndexParams, Params, Workspace
-from components.index import connect, is_validated, open_table, table_name, written_by
-from components.registry import ModelRegistry, ModelVersionInfo, PromotionEntry, PromotionRefused
+from mlflow.exceptions import MlflowException
+
+from components.config import IndexParams, RegistryParams, Workspace
+from components.data.class_registry import ClassRegistry, ImageRecord
+from components.index import IndexBuild, IndexBuildError, append_missing, build_table, check_writable, drop_old_versions
+from components.modeling.embedder import Embedder
+from components.promotion_log import MoveKind, PromotionEntry, previous_champion
+from components.registry import (CHAMPION, INDEX_VALIDATED_TAG, SMOKE_DETAIL_TAG, SMOKE_TAG, VERDICT_TAG, ModelRegistry,
+                                  ModelVersionInfo)
+from components.tables import column, connect, is_validated, open_table, table_name, written_by
 
 
-def table_problems(ws: Workspace, params: IndexParams, info: ModelVersionInfo) -> tuple[str, list[str]]:
-    """The version's table (its tag, else the conventional name) and why it may not go live:
+class PromotionRefused(RuntimeError):
+    """A version may not become champion; the message gives every reason."""
+
+
+class UnknownVersion(PromotionRefused):
+    """The registered model has no such version."""
+
+
+def promotion_refusals(info: ModelVersionInfo, *, force: bool = False, table: str | None = None) -> list[str]:
+    """Why `info` may not carry `champion` by its tags (empty when it may). Only a failed gate yields to `force`.
+
+    `table` is a validated table found for the version beyond its tag (one built later by
+    `mnemo reindex V`); whether it exists is `table_problems`' check.
+    """
+    v = info.version
+    problems = []
+    if not (table or info.table):
+        problems.append(f"v{v} has no validated index table (build one with `mnemo reindex {v}`)")
+    if info.tags.get(INDEX_VALIDATED_TAG) == "false":
+        problems.append(f"v{v}'s index table {info.table} failed validation")
+    if info.tags.get(SMOKE_TAG) == "failed":
+        problems.append(f"v{v} failed the index smoke test ({info.tags.get(SMOKE_DETAIL_TAG, 'no detail')})")
+    if info.tags.get(VERDICT_TAG) == "reject" and not force:
+        problems.append(f"v{v} failed the gate (see `mnemo status`); --force promotes it anyway")
+    return problems
+
+
+def table_problems(ws: Workspace, params: IndexParams, info: ModelVersionInfo, table: str | None = None
+                   ) -> tuple[str, list[str]]:
+    """The version's table (`table`, its tag, else the conventional name) and why it may not go live:
     gone from the store (pruned), never validated, or written by another model version."""
-    table = info.table or table_name(params.table_prefix, info.version)
+    table = table or info.table or table_name(params.table_prefix, info.version)
     try:
         tbl = open_table(connect(ws), ws, table)
     except FileNotFoundError:
@@ -27,29 +71,140 @@ def table_problems(ws: Workspace, params: IndexParams, info: ModelVersionInfo) -
 
 
 @dataclass(frozen=True)
-class Rollback:
-    """Where a rollback left the champion; `entry` is None when the target already was champion."""
+class ChampionMove:
+    """Where a promotion or rollback left the champion; `entry` is None when the target already was champion."""
 
     version: str
     table: str
     entry: PromotionEntry | None
+    kind: MoveKind = "promote"
 
     @property
     def message(self) -> str:
         if self.entry is None:
-            return f"v{self.version} is already the champion; nothing changed"
-        return f"rolled back: champion v{self.entry.from_version or '-'} -> v{self.version} (table {self.table})"
+            return f"v{self.version} is already the champion (table {self.table}); nothing changed"
+        moved = f"champion v{self.entry.from_version or '-'} -> v{self.version} (table {self.table})"
+        return f"rolled back: {moved}" if self.kind == "rollback" else moved
 
 
-def roll_back(ws: Workspace, params: Params, to: str | None = None, *, reason: str = "", actor: str | None = None) -> Rollback:
-    """Move `champion` back to the previous champion (or `to`) with its table; logged in the promotion log.
+@dataclass(frozen=True)
+class HotAdd:
+    """Images appended to the live table right after ingest (none when there is no champion yet)."""
 
-    Raises PromotionRefused, with every reason, when there is nothing to go back to or the
-    target's table is missing, unvalidated or not its own; the live pair then stays as it is.
-    """
-    registry = ModelRegistry(ws, params.registry)
-    target = registry.get(registry.rollback_target(to))
-    table, problems = table_problems(ws, params.index, target)
-    if problems:
-        raise PromotionRefused(f"cannot roll back to v{target.version}: " + "; ".join(problems))
-    return Rollback(target.version, table, registry.rollback(target.version, table=table, reason=reason, actor=actor))
+    version: str | None
+    table: str | None
+    added: int
+    seconds: float
+
+
+class Promoter:
+    """Moves the live pair of one workspace and keeps the tables it may move to complete."""
+
+    def __init__(self, ws: Workspace, registry: RegistryParams, index: IndexParams) -> None:
+        self.ws = ws
+        self.index = index
+        self.registry = ModelRegistry(ws, registry)
+
+    def version(self, version: str) -> ModelVersionInfo:
+        """The registered version, or UnknownVersion naming what is not there."""
+        try:
+            return self.registry.get(version)
+        except MlflowException:
+            raise UnknownVersion(f"{self.registry.name} has no version {version!r}") from None
+
+    def promote(self, version: str, *, table: str | None = None, reason: str = "", actor: str | None = None,
+                force: bool = False, kind: MoveKind = "promote") -> ChampionMove:
+        """Make `version` champion with its table, logged; raises PromotionRefused with every reason.
+
+        `table` is the table just built for it (the retrain flow), recorded on the version
+        when its tag says otherwise.
+        """
+        info = self.version(version)
+        table, problems = table_problems(self.ws, self.index, info, table)
+        problems += promotion_refusals(info, force=force, table=table if not problems else None)
+        if problems:
+            verb = f"roll back to v{info.version}" if kind == "rollback" else f"make v{info.version} champion"
+            raise PromotionRefused(f"cannot {verb}: " + "; ".join(problems))
+        if info.table != table:
+            self.registry.record_index(info.version, table)
+        current = self.registry.champion()
+        if current is not None and current.version == info.version:
+            return ChampionMove(info.version, table, None, kind)
+        entry = self.registry.log.record(current.version if current else None, info.version, reason=reason, actor=actor,
+                                         kind=kind, move=lambda: self.registry.set_alias(CHAMPION, info.version))
+        return ChampionMove(info.version, table, entry, kind)
+
+    def rollback_target(self, to: str | None = None) -> str:
+        """The version a rollback moves `champion` to: `to`, else the champion before the current one.
+
+        Raises PromotionRefused, saying why, when there is nothing to roll back to.
+        """
+        if to is not None:
+            return str(to)
+        entries = self.registry.log.entries()
+        name = self.registry.name
+        if not entries:
+            raise PromotionRefused(f"nothing to roll back to: the promotion log of {name} is empty "
+                                   "(no version was ever promoted with it); name a version with --to")
+        current = self.registry.champion()
+        if current is None:
+            raise PromotionRefused(f"{name} has no champion to roll back from; promote a version instead")
+        previous = previous_champion(entries, current.version)
+        if previous is None:
+            raise PromotionRefused(f"nothing to roll back to: v{current.version} has no earlier champion in the "
+                                   f"promotion log ({len(entries)} entries); name a version with --to")
+        return previous
+
+    def rollback(self, to: str | None = None, *, reason: str = "", actor: str | None = None) -> ChampionMove:
+        """Move `champion` back: to the previous champion in the log, or to `to`.
+
+        A version that served before may return without passing the gate again; any
+        other needs a passed gate. The index checks always apply.
+        """
+        target = self.version(self.rollback_target(to)).version
+        current = self.registry.champion()
+        served_before = target in {e.to_version for e in self.registry.log.entries()}
+        default = f"rollback from v{current.version}" if current else "rollback"
+        return self.promote(target, reason=reason or default, actor=actor, force=served_before, kind="rollback")
+
+    def reindex(self, version: str, model: Embedder | None = None) -> IndexBuild:
+        """Build and validate the table of a registered version over the whole catalog (the alias does not move).
+
+        Tables that an alias (champion, challenger) points at are protected from the clean-up;
+        the model is loaded from the registry when not given, exactly as readers will load it.
+        """
+        check_writable(self.ws)  # before the model is loaded: a read-only store fails in a second
+        tables = {alias: self.registry.get(v).table for alias, v in self.registry.aliases().items()}
+        keep = {table for table in tables.values() if table}
+        model = model if model is not None else self.registry.load_embedder(version)
+
+        def catalog() -> list[ImageRecord]:
+            return ClassRegistry.load(self.ws.class_registry).records()
+
+        return build_table(self.ws, self.index, version, model, catalog(), keep=keep, live=tables.get(CHAMPION),
+                           catch_up=catalog)
+
+    def hot_add(self) -> HotAdd:
+        """Embed stored images the live table lacks with the champion's model and append them.
+
+        Called after every ingest, so new classes are queryable before the next retrain. It
+        appends whatever is missing, not only the last arrival's images: an image ingested while
+        a retrain was building the next table (after its catch-up, before promotion) lands in
+        the new live table at the next call.
+        """
+        start = time.perf_counter()
+        champion = self.registry.champion()
+        if champion is None or not champion.table:
+            return HotAdd(version=None, table=None, added=0, seconds=time.perf_counter() - start)
+        tbl = open_table(connect(self.ws), self.ws, champion.table)
+        if written_by(tbl) not in (None, champion.version):
+            raise IndexBuildError(f"live table {champion.table} was written by model version {written_by(tbl)}, "
+                                  f"not by champion v{champion.version}; refusing to mix embeddings")
+        known = set(column(tbl, "id"))
+        missing = [r for r in ClassRegistry.load(self.ws.class_registry).records() if r.id not in known]
+        if missing:
+            append_missing(tbl, self.ws, self.registry.load_embedder(champion.version), missing, self.index)
+            # Folds the new rows into the ANN index and compacts; readers mid-query keep their version's files.
+            drop_old_versions(tbl, timedelta(seconds=self.index.old_versions_seconds))
+        return HotAdd(version=champion.version, table=champion.table, added=len(missing),
+                      seconds=time.perf_counter() - start)

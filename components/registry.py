@@ -1,33 +1,25 @@
 """MLflow: one run per retrain, the model logged as a standalone pyfunc and registered,
-the `champion` alias as the serving pointer, `challenger` on the newest candidate, and
-the promotion log. All MLflow calls live here.
-
-MLflow keeps no alias history, so every move of `champion` is also recorded as one run
-in the experiment `<experiment>-promotions` (params from, to, reason, actor, kind; the
-run's start time is the time of the move). It lives in the tracking store itself, so it
-works the same against a local SQLite file and a remote MLflow server.
+the `champion` alias as the serving pointer, `challenger` on the newest candidate, gate
+artifacts, and model loading. All MLflow calls live here and in promotion_log.py (the
+log of `champion`'s moves). Which moves are allowed is promotion.py's business.
 """
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
 import os
 import subprocess
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Param, Run, RunStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
@@ -35,6 +27,7 @@ import components
 from components.config import RegistryParams, Workspace
 from components.modeling.embedder import Embedder, save_embedder
 from components.modeling.pyfunc import ENTRY_POINT, WEIGHTS_ARTIFACT, signature
+from components.promotion_log import PromotionLog
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -108,66 +101,6 @@ class ModelVersionInfo:
         return f"models:/{self.name}/{self.version}"
 
 
-class PromotionRefused(RuntimeError):
-    """A version may not become champion; the message gives every reason."""
-
-
-@dataclass(frozen=True)
-class PromotionEntry:
-    """One move of the `champion` alias: when, from which version to which, why, and by whom."""
-
-    time: str  # ISO 8601, UTC
-    from_version: str | None
-    to_version: str
-    reason: str
-    actor: str
-    kind: Literal["promote", "rollback"]
-
-    def to_dict(self) -> dict[str, str | None]:
-        return {"time": self.time, "from": self.from_version, "to": self.to_version, "reason": self.reason,
-                "actor": self.actor, "kind": self.kind}
-
-
-def default_actor() -> str:
-    """Who is moving the alias: $MNEMO_ACTOR, else the login name."""
-    try:
-        return os.environ.get("MNEMO_ACTOR") or getpass.getuser()
-    except (OSError, KeyError):  # no login name in some containers
-        return "unknown"
-
-
-def promotion_refusals(info: ModelVersionInfo, *, force: bool = False, table: str | None = None) -> list[str]:
-    """Why `info` may not carry `champion` (empty when it may). Only a failed gate yields to `force`.
-
-    `table` is a validated table found for the version beyond its tag (one built later by
-    `python -m components.index --version V`). Whether a table still exists and is
-    validated is the caller's check against the index (components.index).
-    """
-    v = info.version
-    problems = []
-    if not (table or info.table):
-        problems.append(f"v{v} has no validated index table (build one with `python -m components.index --version {v}`)")
-    if info.tags.get(INDEX_VALIDATED_TAG) == "false":
-        problems.append(f"v{v}'s index table {info.table} failed validation")
-    if info.tags.get(SMOKE_TAG) == "failed":
-        problems.append(f"v{v} failed the index smoke test ({info.tags.get(SMOKE_DETAIL_TAG, 'no detail')})")
-    if info.tags.get(VERDICT_TAG) == "reject" and not force:
-        problems.append(f"v{v} failed the gate (see `mnemo status`); --force promotes it anyway")
-    return problems
-
-
-def previous_champion(entries: list[PromotionEntry], current: str) -> str | None:
-    """The champion before `current`: where the promotion that made `current` champion came from.
-
-    Rollbacks are not promotions, so rolling back twice walks further back (v3 -> v2 -> v1)
-    rather than toggling between two versions; None when nothing came before.
-    """
-    for entry in reversed(entries):
-        if entry.kind == "promote" and entry.to_version == current:
-            return entry.from_version
-    return None
-
-
 def data_version(ws: Workspace) -> str:
     """Content hash of the class registry (which pins every stored image by its content-hash name).
 
@@ -197,6 +130,7 @@ class ModelRegistry:
         self.name = params.model_name
         self.experiment = params.experiment
         self.client = MlflowClient(tracking_uri=ws.tracking_uri, registry_uri=ws.tracking_uri)
+        self.log = PromotionLog(self.client, self.name, f"{self.experiment}-promotions", self._experiment_id)
 
     def _experiment_id(self, name: str | None = None) -> str:
         """The id of experiment `name` (default: the retrain runs' experiment), created when missing."""
@@ -208,11 +142,6 @@ class ModelRegistry:
         local = self.ws.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.ws.tracking_uri
         location = self.ws.artifact_root.as_uri() if local else None
         return self.client.create_experiment(name, artifact_location=location)
-
-    @property
-    def log_experiment(self) -> str:
-        """The experiment holding the promotion log: one run per move of `champion`."""
-        return f"{self.experiment}-promotions"
 
     def log_candidate(
         self,
@@ -257,7 +186,7 @@ class ModelRegistry:
         version = str(info.registered_model_version)
         for key, value in {ARRIVALS_TAG: json.dumps(sorted(arrivals), ensure_ascii=False), **(tags or {})}.items():
             self.client.set_model_version_tag(self.name, version, key, value)
-        self.client.set_registered_model_alias(self.name, CHALLENGER, version)
+        self.set_alias(CHALLENGER, version)
         return self.get(version)
 
     def _lineage_tags(self) -> dict[str, str]:
@@ -282,13 +211,20 @@ class ModelRegistry:
     def _by_alias(self, alias: str) -> ModelVersionInfo | None:
         # Read from the registered model: a missing alias is then None on every store, where
         # get_model_version_by_alias raises with store-dependent error codes.
+        version = self.aliases().get(alias)
+        return self.get(version) if version is not None else None
+
+    def aliases(self) -> dict[str, str]:
+        """{alias: version} of the registered model (empty before its first version)."""
         try:
-            version = self.client.get_registered_model(self.name).aliases.get(alias)
+            return dict(self.client.get_registered_model(self.name).aliases)
         except MlflowException as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return None
+                return {}
             raise
-        return self.get(version) if version is not None else None
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, alias, str(version))
 
     def champion(self) -> ModelVersionInfo | None:
         """The serving version."""
@@ -332,7 +268,7 @@ class ModelRegistry:
 
     def served_history(self) -> list[tuple[str, dict[str, float]]]:
         """(version, run metrics) of every version that was ever champion, oldest version first."""
-        served = {e.to_version for e in self.promotions()}
+        served = {e.to_version for e in self.log.entries()}
         champion = self.champion()
         if champion is not None:
             served.add(champion.version)
@@ -343,112 +279,6 @@ class ModelRegistry:
             except MlflowException:  # a version deleted from the registry since
                 continue
         return rows
-
-    # --- the promotion log and the alias moves ---------------------------------------------
-
-    def _log_runs(self) -> list[Run]:
-        """The finished runs of the promotion log for this model, oldest first."""
-        found = self.client.get_experiment_by_name(self.log_experiment)
-        if found is None:
-            return []
-        runs: list[Run] = []
-        token = None
-        while True:
-            page = self.client.search_runs(
-                [found.experiment_id], filter_string=f"tags.model_name = '{self.name}' and attributes.status = 'FINISHED'",
-                order_by=["attributes.start_time ASC"], max_results=1000, page_token=token,
-            )
-            runs += list(page)
-            token = page.token
-            if not token:
-                return sorted(runs, key=lambda r: r.info.start_time)
-
-    def promotions(self) -> list[PromotionEntry]:
-        """The promotion log, oldest first."""
-        entries = []
-        for run in self._log_runs():
-            p = run.data.params
-            entries.append(PromotionEntry(
-                time=datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc).isoformat(timespec="milliseconds"),
-                from_version=None if p.get("from", "none") == "none" else p["from"], to_version=p["to"],
-                reason=p.get("reason", ""), actor=p.get("actor", "unknown"), kind=p.get("kind", "promote"),  # type: ignore[arg-type]
-            ))
-        return entries
-
-    def promote(
-        self,
-        version: str,
-        table: str | None = None,
-        *,
-        reason: str = "",
-        actor: str | None = None,
-        force: bool = False,
-        kind: Literal["promote", "rollback"] = "promote",
-    ) -> PromotionEntry | None:
-        """Move `champion` to the version (the atomic switch) and log the move; None when it already is champion.
-
-        With `table`, the freshly built and validated table is recorded first (the retrain
-        flow's call). Raises PromotionRefused when the version has no validated table, failed
-        the smoke test, or failed the gate without `force`.
-        """
-        version = str(version)
-        if table is not None:
-            self.record_index(version, table)
-        refusals = promotion_refusals(self.get(version), force=force, table=table)
-        if refusals:
-            raise PromotionRefused(f"cannot make v{version} champion: " + "; ".join(refusals))
-        current = self.champion()
-        if current is not None and current.version == version:
-            return None
-        entry_params = {"from": current.version if current else "none", "to": version, "reason": reason or "-",
-                        "actor": actor or default_actor(), "kind": kind}
-        last = self._log_runs()[-1:]
-        start = max(int(time.time() * 1000), last[0].info.start_time + 1 if last else 0)  # the log stays strictly ordered
-        run = self.client.create_run(self._experiment_id(self.log_experiment), start_time=start, tags={"model_name": self.name},
-                                     run_name=f"{kind} v{entry_params['from']} -> v{version}")
-        try:
-            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in entry_params.items()])
-            self.client.set_registered_model_alias(self.name, CHAMPION, version)
-        except Exception:
-            self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))  # not part of the log
-            raise
-        self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED), end_time=start)
-        return PromotionEntry(time=datetime.fromtimestamp(start / 1000, tz=timezone.utc).isoformat(timespec="milliseconds"),
-                              from_version=current.version if current else None, to_version=version,
-                              reason=entry_params["reason"], actor=entry_params["actor"], kind=kind)
-
-    def rollback_target(self, to: str | None = None) -> str:
-        """The version a rollback moves `champion` to: `to`, else the champion before the current one.
-
-        Raises PromotionRefused, saying why, when there is nothing to roll back to.
-        """
-        if to is not None:
-            return str(to)
-        entries = self.promotions()
-        if not entries:
-            raise PromotionRefused(f"nothing to roll back to: the promotion log of {self.name} is empty "
-                                   "(no version was ever promoted with it); name a version with --to")
-        current = self.champion()
-        if current is None:
-            raise PromotionRefused(f"{self.name} has no champion to roll back from; promote a version instead")
-        previous = previous_champion(entries, current.version)
-        if previous is None:
-            raise PromotionRefused(f"nothing to roll back to: v{current.version} has no earlier champion in the promotion "
-                                   f"log ({len(entries)} entries); name a version with --to")
-        return previous
-
-    def rollback(self, to: str | None = None, *, table: str | None = None, reason: str = "", actor: str | None = None
-                 ) -> PromotionEntry | None:
-        """Move `champion` back: to the previous champion in the log, or to `to`.
-
-        A version that served before may return without passing the gate again; any
-        other needs a passed gate. The index checks always apply.
-        """
-        target = self.rollback_target(to)
-        current = self.champion()
-        served_before = target in {e.to_version for e in self.promotions()}
-        default = f"rollback from v{current.version}" if current else "rollback"
-        return self.promote(target, table, reason=reason or default, actor=actor, force=served_before, kind="rollback")
 
     def load_embedder(self, version: str) -> Embedder:
         return self.load_pyfunc(version).unwrap_python_model().embedder

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.config import stage_setup
-from components.evaluate import ForgettingMatrix, forgetting_heatmap, slice_values
+from components.forgetting import ForgettingMatrix, forgetting_heatmap, slice_values
 
 PLOTS = "plots"  # under the workspace's dvc/ folder
 
@@ -54,15 +53,3 @@ def write_report(metrics: Mapping[str, float | None], ks: Sequence[int], out: Pa
                               values=np.array([[r["recall_at_1"] for r in slices]], dtype=float).reshape(1, len(slices)))
     forgetting_heatmap(matrix).savefig(out / "seen_recall.png", dpi=100)
     (out / "report.md").write_text(report_markdown(curve, slices))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """DVC stage: plots and a markdown report from the evaluate stage's metrics.json."""
-    params, ws = stage_setup(argv, main.__doc__)
-    metrics = json.loads((ws.dvc_outputs / "metrics.json").read_text())
-    write_report(metrics, params.evaluate.recall_at, ws.dvc_outputs / PLOTS)
-    print((ws.dvc_outputs / PLOTS / "report.md").read_text())
-
-
-if __name__ == "__main__":
-    main()

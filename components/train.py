@@ -31,12 +31,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from components.config import ModelParams, Params, TrainParams, stage_setup
-from components.data.class_registry import ClassRegistry, ImageRecord
+from components.config import DistillParams, ModelParams, ReplayParams, TrainParams
+from components.data.class_registry import ImageRecord
 from components.data.datasets import ImageFiles
 from components.data.transforms import train_transform
 from components.distill import Distillation
-from components.modeling.embedder import Embedder, build_embedder, embed_files, pick_device, save_embedder
+from components.modeling.embedder import Embedder, build_embedder, embed_files, pick_device
 from components.replay import ReplayMemory
 
 CHECKPOINT_FILE = "last.pt"
@@ -396,7 +396,10 @@ class ContinualResult:
 def train_continual(
     new: Sequence[ImageRecord],
     classes_dir: Path,
-    params: Params,
+    train: TrainParams,
+    model: ModelParams,
+    replay: ReplayParams,
+    distill: DistillParams,
     *,
     init: Embedder | None = None,
     state: Path | None = None,
@@ -409,11 +412,11 @@ def train_continual(
     `state` is the previous version's saved state (see ContinualResult.save_state); without
     it the memory starts empty. Old arrivals are never read: only the memory's own images.
     """
-    memory = ReplayMemory.load(state / REPLAY_DIR, params.replay) if state and (state / REPLAY_DIR).is_dir() else ReplayMemory(params.replay)
-    distill = Distillation(init, params.distill) if init is not None else None
+    memory = ReplayMemory.load(state / REPLAY_DIR, replay) if state and (state / REPLAY_DIR).is_dir() else ReplayMemory(replay)
+    distillation = Distillation(init, distill) if init is not None else None
     result = train_embedder(
-        [classes_dir / r.id for r in new], [r.cls for r in new], params.train, params.model,
-        init=init, memory=memory, distill=distill if distill is not None and distill.active else None,
+        [classes_dir / r.id for r in new], [r.cls for r in new], train, model,
+        init=init, memory=memory, distill=distillation if distillation is not None and distillation.active else None,
         loss_state=load_loss_state(state) if state else None, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch,
     )
     by_class: dict[str, list[tuple[str, Path]]] = {}
@@ -421,19 +424,3 @@ def train_continual(
         by_class.setdefault(r.cls, []).append((r.id, classes_dir / r.id))
     memory.add_classes(by_class, featurize=lambda paths: embed_files(result.model, paths))
     return ContinualResult(train=result, memory=memory)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """DVC stage: train an embedder from scratch on every trained class's training images."""
-    params, ws = stage_setup(argv, main.__doc__)
-    records = ClassRegistry.load(ws.class_registry).records("train")
-    result = train_embedder([ws.classes_dir / r.id for r in records], [r.cls for r in records], params.train, params.model)
-    ws.dvc_outputs.mkdir(parents=True, exist_ok=True)
-    save_embedder(result.model, ws.dvc_outputs / "embedder.pt")
-    summary = {"train_seconds": result.seconds, "train_images": result.images, "train_classes": result.classes,
-               "train_loss": result.epoch_losses[-1], "device": result.device}
-    (ws.dvc_outputs / "train.json").write_text(json.dumps(summary, indent=1) + "\n")
-
-
-if __name__ == "__main__":
-    main()

@@ -11,6 +11,7 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -20,8 +21,7 @@ from rich.table import Table
 from components.config import ConfigError, Params, Workspace, load_params, resolve_workspace
 
 if TYPE_CHECKING:
-    from components.index import HotAdd
-    from components.registry import ModelRegistry, ModelVersionInfo
+    from components.promotion import ChampionMove, HotAdd
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Continual learning for image embeddings.")
 err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, file names unbroken
@@ -103,10 +103,11 @@ def ingest(
 
 def _hot_add(p: Params, ws: Workspace) -> HotAdd | None:
     """New images into the live table, embedded by the champion: queryable before the next retrain."""
-    from components.index import IndexBuildError, hot_add
+    from components.index import IndexBuildError
+    from components.promotion import Promoter
 
     try:
-        return hot_add(ws, p)
+        return Promoter(ws, p.registry, p.index).hot_add()
     except (IndexBuildError, FileNotFoundError) as exc:  # stored all the same; the next retrain indexes them
         err.print(f"[yellow]warning:[/] images stored but not yet queryable: {exc}")
         return None
@@ -128,13 +129,14 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
     p, ws = _setup(params, workspace)
     from components.data.class_registry import ClassRegistry
     from components.data.ingest import pending_arrivals
-    from components.index import table_rows
+    from components.metrics import json_number
     from components.registry import SMOKE_TAG, VERDICT_TAG, ModelRegistry
+    from components.search import table_rows
 
     registry = ModelRegistry(ws, p.registry)
     champion = registry.champion()
     challenger = registry.challenger() or registry.latest()  # stores from before the alias existed have none
-    promotions = [e.to_dict() for e in registry.promotions()]
+    promotions = [e.to_dict() for e in registry.log.entries()]
     gate = registry.gate_report(challenger.version) if challenger else None
     catalog = ClassRegistry.load(ws.class_registry)
     payload = {
@@ -144,11 +146,11 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
         "lancedb_uri": ws.lancedb_uri,
         "champion": None if champion is None else {
             "version": champion.version, "table": champion.table, "table_rows": table_rows(ws, champion.table) if champion.table else None,
-            "arrivals": champion.arrivals, "metrics": _finite(champion.metrics),
+            "arrivals": champion.arrivals, "metrics": {k: json_number(v) for k, v in champion.metrics.items()},
         },
         "challenger": None if challenger is None else {
             "version": challenger.version, "table": challenger.table, "verdict": challenger.tags.get(VERDICT_TAG),
-            "index_smoke_test": challenger.tags.get(SMOKE_TAG), "arrivals": challenger.arrivals, "metrics": _finite(challenger.metrics),
+            "index_smoke_test": challenger.tags.get(SMOKE_TAG), "arrivals": challenger.arrivals, "metrics": {k: json_number(v) for k, v in challenger.metrics.items()},
         },
         "promotions": promotions,  # the promotion log, newest last
         "gate": gate,  # the latest gate report: verdict, reasons, metrics side by side
@@ -173,30 +175,6 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
     _emit(payload, as_json, table)
 
 
-def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
-    """Metrics for JSON: NaN and infinities (a model that produced NaN) become null."""
-    return {k: (v if v == v and abs(v) != float("inf") else None) for k, v in metrics.items()}
-
-
-def _version_or_exit(registry: ModelRegistry, version: str) -> ModelVersionInfo:
-    """The registered version, or exit 2 naming what is not there."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return registry.get(version)
-    except MlflowException:
-        err.print(f"[red]error:[/] {registry.name} has no version {version!r}")
-        raise typer.Exit(2) from None
-
-
-def _table_problems(ws: Workspace, p: Params, info: ModelVersionInfo) -> tuple[str, list[str]]:
-    """The version's table (its tag, else the conventional name) and why it may not go live:
-    gone from the store (pruned), never validated, or written by another model version."""
-    from components.promotion import table_problems
-
-    return table_problems(ws, p.index, info)
-
-
 @app.command()
 def promote(
     version: Annotated[str, typer.Argument(help="The registered model version to serve.")],
@@ -209,22 +187,9 @@ def promote(
 ) -> None:
     """Make VERSION the champion: its table goes live at once; the move is logged."""
     p, ws = _setup(params, workspace)
-    from components.registry import ModelRegistry, PromotionRefused, promotion_refusals
+    from components.promotion import Promoter
 
-    registry = ModelRegistry(ws, p.registry)
-    info = _version_or_exit(registry, version)
-    table, problems = _table_problems(ws, p, info)
-    problems += promotion_refusals(info, force=force, table=table if not problems else None)
-    try:
-        if problems:
-            raise PromotionRefused(f"cannot make v{info.version} champion: " + "; ".join(problems))
-        entry = registry.promote(info.version, table, reason=reason, actor=actor, force=force)
-    except PromotionRefused as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
-    message = (f"v{info.version} is already the champion (table {table}); nothing changed" if entry is None else
-               f"champion: v{entry.from_version or '-'} -> v{info.version} (table {table})")
-    _emit({"champion": info.version, "table": table, "promotion": entry.to_dict() if entry else None}, as_json, message)
+    _move(lambda: Promoter(ws, p.registry, p.index).promote(version, reason=reason, actor=actor, force=force), as_json)
 
 
 @app.command()
@@ -238,21 +203,46 @@ def rollback(
 ) -> None:
     """Move the champion back to the previous one (or --to VERSION), with its table; the move is logged."""
     p, ws = _setup(params, workspace)
-    from components.registry import ModelRegistry, PromotionRefused
+    from components.promotion import Promoter
 
-    registry = ModelRegistry(ws, p.registry)
+    _move(lambda: Promoter(ws, p.registry, p.index).rollback(to, reason=reason, actor=actor), as_json)
+
+
+def _move(move: Callable[[], ChampionMove], as_json: bool) -> None:
+    """Run a promotion or rollback; a refusal exits 1 (2 for a version that does not exist) with every reason."""
+    from components.promotion import PromotionRefused, UnknownVersion
+
     try:
-        target = _version_or_exit(registry, registry.rollback_target(to))
-        table, problems = _table_problems(ws, p, target)
-        if problems:
-            raise PromotionRefused(f"cannot roll back to v{target.version}: " + "; ".join(problems))
-        entry = registry.rollback(target.version, table=table, reason=reason, actor=actor)
+        done = move()
     except PromotionRefused as exc:
         err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2 if isinstance(exc, UnknownVersion) else 1) from None
+    _emit({"champion": done.version, "table": done.table, "promotion": done.entry.to_dict() if done.entry else None},
+          as_json, done.message)
+
+
+@app.command()
+def reindex(
+    version: Annotated[str, typer.Argument(help="The registered model version whose table to build.")],
+    as_json: JsonOpt = False,
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Build and validate VERSION's table over every stored image; the champion alias does not move."""
+    p, ws = _setup(params, workspace)
+    from components.index import IndexBuildError
+    from components.promotion import Promoter, UnknownVersion
+
+    try:
+        promoter = Promoter(ws, p.registry, p.index)
+        built = promoter.reindex(promoter.version(version).version)
+    except UnknownVersion as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except (IndexBuildError, FileNotFoundError) as exc:
+        err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
-    message = (f"v{target.version} is already the champion; nothing changed" if entry is None else
-               f"rolled back: champion v{entry.from_version or '-'} -> v{target.version} (table {table})")
-    _emit({"champion": target.version, "table": table, "promotion": entry.to_dict() if entry else None}, as_json, message)
+    _emit(asdict(built), as_json, f"v{built.version}: table {built.table} built and validated ({built.rows} rows)")
 
 
 @app.command()

@@ -11,7 +11,8 @@ from rich.table import Table
 from components.config import Params, resolve_workspace
 from components.data.class_registry import ClassRegistry
 from components.data.demo import arrival_id, discover_fonts, stream_classes, write_arrival
-from flows.retrain import RetrainSummary, retrain
+from components.planning import RetrainSummary
+from flows.retrain import retrain
 
 
 @dataclass

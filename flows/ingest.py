@@ -16,7 +16,7 @@ from prefect.states import Completed, State
 from components.config import Params, Workspace, resolve_workspace
 from components.data.inbox import ingest_inbox
 from components.data.ingest import IngestReport
-from components.index import HotAdd, hot_add
+from components.promotion import HotAdd, Promoter
 from flows.retries import TRANSIENT_RETRIES
 
 
@@ -51,7 +51,7 @@ def ingest_arrivals(ws: Workspace, params: Params) -> list[IngestReport]:
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)  # a repeat is safe: rows are merged on their id
 def make_queryable(ws: Workspace, params: Params) -> HotAdd:
     """Stored images the live table lacks, embedded by the champion and appended."""
-    return hot_add(ws, params)
+    return Promoter(ws, params.registry, params.index).hot_add()
 
 
 @flow(name="ingest", log_prints=True)

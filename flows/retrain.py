@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -18,35 +17,22 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from components.config import Params, Workspace, resolve_workspace
-from components.data.class_registry import ClassRegistry, ImageRecord, retrain_skip_reason
+from components.data.class_registry import ClassRegistry, ImageRecord
 from components.data.inbox import ingest_inbox
 from components.data.ingest import IngestReport
-from components.evaluate import (Assessment, GateDecision, assess, forgetting_heatmap, gate_markdown, gate_report,
-                                 index_smoke_test)
-from components.index import HotAdd, IndexBuild, hot_add, reindex
+from components.evaluate import Assessment, assess
+from components.forgetting import forgetting_heatmap
+from components.gate import GateDecision, gate_markdown, gate_report
+from components.index import IndexBuild
 from components.modeling.embedder import Embedder
+from components.planning import RetrainSummary, concluded, plan_retrain, skipped
+from components.promotion import HotAdd, Promoter
 from components.registry import VERDICT_TAG, ModelRegistry, ModelVersionInfo
+from components.search import index_smoke_test
 from components.train import TrainResult, train_continual
 from flows.retries import TRANSIENT_RETRIES
 
 CHECKPOINTS = "checkpoints"  # under the workspace: the running retrain's per-epoch checkpoints
-
-
-@dataclass
-class RetrainSummary:
-    status: str  # "promoted" | "rejected" | "nothing_new" | "insufficient_data"
-    message: str
-    version: str | None = None  # the candidate when one was trained, else the champion
-    table: str | None = None  # the table of the live pair after this run
-    classes_known: int = 0
-    trained_classes: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    reasons: list[str] = field(default_factory=list)
-    ingested: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
@@ -69,7 +55,8 @@ def train(ws: Workspace, params: Params, new: list[ImageRecord], champion: Model
     """Learn the new images with the champion's replay memory and distillation; returns the result and its saved state."""
     with tempfile.TemporaryDirectory(dir=ws.root) as tmp:
         state = ModelRegistry(ws, params.registry).download_state(champion.version, Path(tmp)) if champion else None
-        step = train_continual(new, ws.classes_dir, params, init=init, state=state, checkpoint_dir=ws.root / CHECKPOINTS)
+        step = train_continual(new, ws.classes_dir, params.train, params.model, params.replay, params.distill, init=init,
+                               state=state, checkpoint_dir=ws.root / CHECKPOINTS)
         return step.train, step.save_state(Path(tempfile.mkdtemp(prefix="state-", dir=ws.root)))
 
 
@@ -103,13 +90,13 @@ def register(ws: Workspace, params: Params, result: TrainResult, metrics: dict[s
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def build_index(ws: Workspace, params: Params, version: str, model: Embedder) -> IndexBuild:
     """The version's table over the whole catalog, validated; raises (and promotes nothing) when it is not right."""
-    return reindex(ws, params, version, model)
+    return Promoter(ws, params.registry, params.index).reindex(version, model)
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def index_new_images(ws: Workspace, params: Params) -> HotAdd:
     """Stored images the live table lacks, embedded by the champion and appended: queryable at once."""
-    return hot_add(ws, params)
+    return Promoter(ws, params.registry, params.index).hot_add()
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
@@ -138,56 +125,40 @@ def publish_gate(ws: Workspace, params: Params, version: str, champion: ModelVer
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def promote(ws: Workspace, params: Params, version: str, table: str) -> None:
-    ModelRegistry(ws, params.registry).promote(version, table, reason="passed the gate and the index smoke test", actor="retrain-flow")
+    Promoter(ws, params.registry, params.index).promote(version, table=table, reason="passed the gate and the index smoke test",
+                                                        actor="retrain-flow")
 
 
 @flow(name="retrain", log_prints=True)
 def retrain(params: Params, workspace: str | None = None) -> RetrainSummary:
     start = time.perf_counter()
-    logger = get_run_logger()
     ws = resolve_workspace(params, workspace)
-    reports = ingest_pending(ws, params)
+    ingested = [r.arrival for r in ingest_pending(ws, params) if r.status == "ingested"]
     index_new_images(ws, params)
     catalog = ClassRegistry.load(ws.class_registry)
     champion, champion_model, latest = load_models(ws, params)
-    summary = RetrainSummary(status="", message="", classes_known=len(catalog.classes),
-                             version=champion.version if champion else None, table=champion.table if champion else None,
-                             ingested=[r.arrival for r in reports if r.status == "ingested"])
-    skip = retrain_skip_reason(catalog, latest.arrivals if latest else None)
-    if skip is not None:
-        summary.status, summary.message = skip[0], f"{skip[1]}; live pair unchanged"
-        logger.info(summary.message)
-        return finished(summary)  # Prefect unwraps the state: callers get the summary
+    plan = plan_retrain(catalog, champion, latest)
+    nothing_to_do = skipped(plan, catalog, champion, ingested)
+    if nothing_to_do is not None:
+        return finished(nothing_to_do)  # Prefect unwraps the state: callers get the summary
 
-    arrivals = sorted(catalog.arrivals)
-    learned = set(champion.arrivals) if champion else set()
-    result, state = train(ws, params, [r for r in catalog.records("train") if r.arrival not in learned], champion, champion_model)
+    result, state = train(ws, params, plan.new, champion, champion_model)
     assessment = evaluate(ws, params, catalog, result.model, champion_model, champion)
-    metrics, decision = assessment.metrics, assessment.decision
-    candidate = register(ws, params, result, metrics, arrivals, decision, state)
+    decision = assessment.decision
+    candidate = register(ws, params, result, assessment.metrics, plan.arrivals, decision, state)
     built = None
     if decision.promote:  # register -> build index -> smoke test -> promote; a failed step promotes nothing
         built = build_index(ws, params, candidate.version, result.model)
         decision = smoke_test(ws, params, candidate.version, built.table, decision)
     publish_gate(ws, params, candidate.version, champion, assessment, decision)
-    summary.version, summary.metrics, summary.reasons = candidate.version, metrics, decision.reasons
-    summary.trained_classes = result.classes
     if decision.promote and built is not None:
         promote(ws, params, candidate.version, built.table)
         index_new_images(ws, params)  # images ingested between the build's catch-up and the promotion
-        summary.status, summary.table = "promoted", built.table
-        summary.message = f"v{candidate.version} promoted to champion with table {built.table} ({built.rows} rows)"
-    else:
-        summary.status = "rejected"
-        summary.message = f"v{candidate.version} rejected by the gate ({'; '.join(decision.failed)}); champion unchanged"
-    summary.seconds = time.perf_counter() - start
-    logger.info(summary.message)
-    return finished(summary)
-
-
-OUTCOMES = {"promoted": "Promoted", "rejected": "Rejected", "nothing_new": "Nothing new", "insufficient_data": "Insufficient data"}
+    return finished(concluded(catalog, champion, ingested, candidate.version, result.classes, assessment.metrics, decision,
+                              built, time.perf_counter() - start))
 
 
 def finished(summary: RetrainSummary) -> State:
     """The run's final state: Completed, named after the outcome, its message saying why; the summary is its result."""
-    return Completed(name=OUTCOMES[summary.status], message=summary.message, data=summary)
+    get_run_logger().info(summary.message)
+    return Completed(name=summary.state_name, message=summary.message, data=summary)

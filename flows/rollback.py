@@ -11,23 +11,23 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from components.config import Params, Workspace, resolve_workspace
-from components.promotion import Rollback, roll_back
+from components.promotion import ChampionMove, Promoter
 from flows.retries import TRANSIENT_RETRIES
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)  # a repeat is safe: moving the alias to where it is changes nothing
-def move_champion_back(ws: Workspace, params: Params, to: str | None, reason: str, actor: str | None) -> Rollback:
-    return roll_back(ws, params, to, reason=reason, actor=actor)
+def move_champion_back(ws: Workspace, params: Params, to: str | None, reason: str, actor: str | None) -> ChampionMove:
+    return Promoter(ws, params.registry, params.index).rollback(to, reason=reason, actor=actor)
 
 
 @flow(name="rollback", log_prints=True)
 def rollback(params: Params, workspace: str | None = None, to: str | None = None, reason: str = "",
-             actor: str | None = "rollback-flow") -> Rollback:
+             actor: str | None = "rollback-flow") -> ChampionMove:
     """Roll back, or fail saying why (nothing to go back to, the target's table missing or invalid)."""
     done = move_champion_back(resolve_workspace(params, workspace), params, to, reason, actor)
     get_run_logger().info(done.message)
-    return finished(done)  # Prefect unwraps the state: callers get the Rollback
+    return finished(done)  # Prefect unwraps the state: callers get the ChampionMove
 
 
-def finished(done: Rollback) -> State:
+def finished(done: ChampionMove) -> State:
     return Completed(name="Rolled back" if done.entry else "Unchanged", message=done.message, data=done)

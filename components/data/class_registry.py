@@ -64,27 +64,3 @@ class ClassRegistry:
 
     def classes_with_split(self, split: Literal["train", "unseen"]) -> list[str]:
         return sorted(name for name, meta in self.classes.items() if meta["split"] == split)
-
-
-def retrain_skip_reason(catalog: ClassRegistry, last_tried: list[str] | None) -> tuple[str, str] | None:
-    """(status, message) when a retrain has nothing to do or cannot score what it would learn.
-
-    `last_tried` is the arrival set the newest registered model was trained on, whether it
-    was promoted or rejected: the same data is not trained twice.
-    """
-    arrivals = sorted(catalog.arrivals)
-    if not arrivals:
-        return "nothing_new", "no arrivals ingested yet"
-    if last_tried == arrivals:
-        return "nothing_new", f"the newest model already learned arrivals {', '.join(arrivals)}"
-    trained = {r.cls for r in catalog.records("train")}
-    if len(trained) < 2:
-        return "insufficient_data", f"{len(trained)} trained class(es) so far; training needs at least 2"
-    per_class: dict[str, int] = {}
-    for r in catalog.records("unseen"):
-        per_class[r.cls] = per_class.get(r.cls, 0) + 1
-    scorable = sum(1 for n in per_class.values() if n >= 2)
-    if scorable < 2:
-        return "insufficient_data", (f"{scorable} unseen class(es) with 2+ images so far; scoring retrieval on "
-                                     "classes no model has seen needs at least 2")
-    return None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from components.config import IMAGE_EXTENSIONS, IngestParams, Workspace, stage_setup
+from components.config import IMAGE_EXTENSIONS, IngestParams, Workspace
 from components.data.class_registry import ClassRegistry
 
 MANIFEST = "manifest.json"
@@ -245,15 +245,3 @@ def _read_manifest(arrival_dir: Path, report: IngestReport) -> dict | None:
         report.warnings.append(f"{path}: manifest ignored, expected a JSON object")
         return None
     return manifest
-
-
-def main(argv: list[str] | None = None) -> None:
-    """DVC stage: ingest every pending inbox arrival, leaving the inbox (a stage dependency) as it is."""
-    params, ws = stage_setup(argv, main.__doc__)
-    for path in pending_arrivals(ws):
-        report = ingest_arrival(path, ws, params.ingest)
-        print(report.summary())
-
-
-if __name__ == "__main__":
-    main()

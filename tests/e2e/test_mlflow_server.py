@@ -52,6 +52,6 @@ def test_retrain_promote_and_rollback_through_an_mlflow_server(params, params_fi
         assert promoted.exit_code == 0, promoted.output
         assert json.loads(promoted.stdout)["champion"] == "2"
         assert server.get_model_version_by_alias(lenient.registry.model_name, CHAMPION).version == "2"
-        log = ModelRegistry(ws, lenient.registry).promotions()
+        log = ModelRegistry(ws, lenient.registry).log.entries()
         assert [(e.kind, e.from_version, e.to_version) for e in log] == [
             ("promote", None, "1"), ("promote", "1", "2"), ("rollback", "2", "1"), ("promote", "1", "2")]

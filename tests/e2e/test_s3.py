@@ -29,9 +29,9 @@ from components.config import Params, resolve_workspace, with_overrides
 from components.data.class_registry import ClassRegistry
 from components.data.demo import discover_fonts, stream_classes, write_arrival
 from components.data.transforms import open_rgb
-from components.index import connect, list_tables, table_schema
 from components.live import LiveIndex
-from components.registry import ModelRegistry
+from components.promotion import Promoter
+from components.tables import connect, list_tables, table_schema
 from tests.e2e.conftest import BIN, clean_env, mlflow_server, s3_client, s3_env, s3_server
 from tests.integration.live_workspace import assert_one_version, build_template, reference
 
@@ -150,7 +150,7 @@ def test_readers_see_no_errors_while_the_champion_moves_between_tables_on_s3(sta
     records = ClassRegistry.load(ws.class_registry).records()[::6]
     images = [(ws.classes_dir / r.id).read_bytes() for r in records]
     expected = {v: reference(ws, p, v, images) for v in ("1", "2")}
-    registry = ModelRegistry(ws, p.registry)
+    promoter = Promoter(ws, p.registry, p.index)
     live = LiveIndex(ws, p.registry, p.index, refresh_seconds=0.2)
     answers: list[tuple[int, str, str, list]] = []
     failures: list[str] = []
@@ -183,9 +183,9 @@ def test_readers_see_no_errors_while_the_champion_moves_between_tables_on_s3(sta
     try:
         served("1")
         for _ in range(3):
-            registry.promote("2", reason="s3 reliability test")
+            promoter.promote("2", reason="s3 reliability test")
             served("2")
-            registry.rollback(reason="s3 reliability test")
+            promoter.rollback(reason="s3 reliability test")
             served("1")
     finally:
         stop.set()

@@ -23,7 +23,9 @@ from PIL import Image
 from components.config import Params, Workspace
 from components.data.ingest import ingest_arrival
 from components.data.transforms import open_rgb
-from components.index import Hit, connect, reindex
+from components.promotion import Promoter
+from components.search import Hit
+from components.tables import connect
 from components.modeling.embedder import build_embedder, embed_images
 from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
 
@@ -61,7 +63,7 @@ def build_template(ws: Workspace, params: Params) -> None:
     registry = ModelRegistry(ws, params.registry)
     for seed in (1, 2):
         version = register_random(ws, params, seed)
-        built = reindex(ws, params, version)
+        built = Promoter(ws, params.registry, params.index).reindex(version)
         registry.set_tag(version, TABLE_TAG, built.table)
         if version == "1":  # the first champion, set directly: the promotion log is not under test here
             registry.client.set_registered_model_alias(registry.name, CHAMPION, version)

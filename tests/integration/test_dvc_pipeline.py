@@ -26,7 +26,8 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
 def test_dvc_repro_runs_the_pipeline_and_reports_metrics(params, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    shutil.copytree(REPO / "components", repo / "components", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("components", "flows"):
+        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", repo)
     tiny = params.model_copy(update={"paths": params.paths.model_copy(update={"workspace": Path("ws")})})
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny.model_dump(mode="json")))

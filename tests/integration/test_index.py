@@ -12,21 +12,10 @@ from typer.testing import CliRunner
 
 from components.config import with_overrides
 from components.data.class_registry import ClassRegistry, ImageRecord
-from components.index import (
-    IndexValidationError,
-    build_table,
-    cleanup_tables,
-    connect,
-    ensure_ann_index,
-    hot_add,
-    is_validated,
-    list_tables,
-    search_table,
-    table_name,
-    table_schema,
-    validate_table,
-    written_by,
-)
+from components.index import IndexValidationError, build_table, cleanup_tables, ensure_ann_index, validate_table
+from components.promotion import Promoter
+from components.search import search_table
+from components.tables import connect, is_validated, list_tables, table_name, table_schema, written_by
 from components.live import LiveIndex, LivePairMismatch
 from components.modeling.embedder import Embedder, build_embedder
 from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
@@ -152,7 +141,7 @@ def test_hot_add_makes_a_new_class_queryable_at_once(live_ws, params, params_fil
     assert answer["model_version"] == "1" and answer["table"] == "embeddings_v1"
     assert answer["results"][0][0]["id"] == fresh.id and answer["results"][0][0]["class"] == "fresh"
 
-    again = hot_add(live_ws, params)  # idempotent: nothing is missing any more
+    again = Promoter(live_ws, params.registry, params.index).hot_add()  # idempotent: nothing is missing any more
     assert again.added == 0 and connect(live_ws).open_table("embeddings_v1").count_rows() == 65
 
 

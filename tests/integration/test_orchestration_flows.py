@@ -3,8 +3,9 @@ server with real MLflow and LanceDB stores in tmp_path."""
 
 from __future__ import annotations
 
-from components.index import table_rows
+from components.promotion import Promoter
 from components.registry import ModelRegistry
+from components.search import table_rows
 from flows.ingest import ingest
 from flows.retrain import retrain
 from flows.rollback import rollback
@@ -34,13 +35,13 @@ def test_ingest_flow_makes_an_arrival_queryable_and_then_has_nothing_to_do(param
 def test_rollback_flow_moves_the_champion_back_and_refuses_with_a_reason(params, live_ws):
     ws = live_ws
     registry = ModelRegistry(ws, params.registry)
-    registry.promote("2", "embeddings_v2", reason="test", actor="pytest")
+    Promoter(ws, params.registry, params.index).promote("2", table="embeddings_v2", reason="test", actor="pytest")
 
     state = rollback(params, str(ws.root), reason="v2 answers badly", return_state=True)
     assert state.is_completed() and state.name == "Rolled back"
     assert state.message == "rolled back: champion v2 -> v1 (table embeddings_v1)"
     assert registry.champion().version == "1"
-    last = registry.promotions()[-1]
+    last = registry.log.entries()[-1]
     assert (last.kind, last.from_version, last.to_version, last.actor) == ("rollback", "2", "1", "rollback-flow")
 
     # v1 came before any logged promotion: nothing to go back to. The run fails saying so, the pair stays.

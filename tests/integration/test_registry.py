@@ -28,10 +28,14 @@ from typer.testing import CliRunner
 from components.config import Params
 from components.data.class_registry import ClassRegistry
 from components.data.ingest import ingest_arrival
-from components.evaluate import GateDecision, assess, forgetting_heatmap, gate_markdown, gate_report, index_smoke_test
+from components.evaluate import assess
+from components.forgetting import forgetting_heatmap
+from components.gate import GateDecision, gate_markdown, gate_report
 from components.index import build_table
 from components.modeling.embedder import Embedder, build_embedder
+from components.promotion import Promoter
 from components.registry import SMOKE_TAG, VERDICT_TAG, ModelRegistry, ModelVersionInfo
+from components.search import index_smoke_test
 from flows.cli import app
 
 runner = CliRunner()
@@ -109,7 +113,7 @@ def retrain_step(ws, params: Params, catalog: ClassRegistry, model: Embedder, *,
                          assessment.matrix)
     registry.log_gate(info.version, report, gate_markdown(report), forgetting_heatmap(assessment.matrix.labelled(info.version)))
     if decision.promote:
-        registry.promote(info.version, reason="passed the gate", actor="test-flow")
+        Promoter(ws, params.registry, params.index).promote(info.version, reason="passed the gate", actor="test-flow")
     return registry.get(info.version), decision
 
 

@@ -20,10 +20,11 @@ import yaml
 from components.config import with_overrides
 from components.data.class_registry import ClassRegistry
 from components.data.transforms import open_rgb
-from components.index import connect, is_validated, list_tables, reindex
 from components.live import LiveIndex
+from components.promotion import Promoter
 from components.registry import ModelRegistry
 from components.serve import create_app
+from components.tables import connect, is_validated, list_tables
 from tests.integration.live_workspace import assert_one_version, reference, serving
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +34,7 @@ def test_queries_stay_consistent_while_the_champion_is_promoted_and_rolled_back(
     records = ClassRegistry.load(live_ws.class_registry).records()[::6]
     images = [(live_ws.classes_dir / r.id).read_bytes() for r in records]
     expected = {v: reference(live_ws, params, v, images) for v in ("1", "2")}
-    registry = ModelRegistry(live_ws, params.registry)
+    promoter = Promoter(live_ws, params.registry, params.index)
     live = LiveIndex(live_ws, params.registry, params.index, refresh_seconds=0.05)
     answers: list[tuple[int, int, dict]] = []
     failures: list[str] = []
@@ -64,9 +65,9 @@ def test_queries_stay_consistent_while_the_champion_is_promoted_and_rolled_back(
         try:
             served(url, "1")
             for _ in range(5):
-                registry.promote("2", reason="reliability test")
+                promoter.promote("2", reason="reliability test")
                 served(url, "2")
-                registry.rollback(reason="reliability test")
+                promoter.rollback(reason="reliability test")
                 served(url, "1")
         finally:
             stop.set()
@@ -82,7 +83,7 @@ def test_queries_stay_consistent_while_the_champion_is_promoted_and_rolled_back(
 
 
 def reindex_command(ws, params_file: Path, version: str) -> list[str]:
-    return [sys.executable, "-m", "components.index", "--version", version, "--params", str(params_file),
+    return [sys.executable, "-m", "flows.cli", "reindex", version, "--params", str(params_file),
             "--workspace", str(ws.root)]
 
 
@@ -120,7 +121,7 @@ def test_a_reindex_killed_mid_write_leaves_the_live_pair_and_the_next_one_cleans
     assert ModelRegistry(live_ws, params.registry).champion().version == "1"
     answers_with_v1(live_ws, params)
 
-    built = reindex(live_ws, params, "2")
+    built = Promoter(live_ws, params.registry, params.index).reindex("2")
     assert (built.rows, built.probes_ok, built.reused) == (60, True, False)
     rebuilt = connect(live_ws).open_table("embeddings_v2")
     assert is_validated(rebuilt) and rebuilt.count_rows() == 60 and len(rebuilt.list_versions()) == 1

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from components.data.class_registry import ClassRegistry, retrain_skip_reason
+from components.data.class_registry import ClassRegistry
+from components.planning import retrain_skip_reason
 
 
 def catalog_with(classes: dict[str, tuple[str, int]]) -> ClassRegistry:

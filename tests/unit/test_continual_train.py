@@ -99,10 +99,11 @@ def test_continual_steps_carry_the_memory_and_proxies_through_saved_state(params
     paths, labels = shapes(tmp_path, n_classes=4, per_class=6)
     records = [ImageRecord(id=path.name, cls=c, arrival=f"a{int(c[-1]) // 2}", role="train") for path, c in zip(paths, labels)]
     p = with_overrides(params, {"train.loss": "proxy_anchor", "train.miner": "none", "replay.budget": 5, "replay.selection": "herding"})
-    first = train_continual([r for r in records if r.arrival == "a0"], tmp_path, p)
+    first = train_continual([r for r in records if r.arrival == "a0"], tmp_path, p.train, p.model, p.replay, p.distill)
     assert first.memory.per_class() == {"class0": 3, "class1": 2}
     state = first.save_state(tmp_path / "state")
-    second = train_continual([r for r in records if r.arrival == "a1"], tmp_path, p, init=first.train.model, state=state)
+    second = train_continual([r for r in records if r.arrival == "a1"], tmp_path, p.train, p.model, p.replay, p.distill,
+                             init=first.train.model, state=state)
     # The second step trained on two new classes plus the two remembered ones.
     assert second.train.classes == 4
     assert sorted(second.memory.per_class()) == ["class0", "class1", "class2", "class3"] and len(second.memory) == 5

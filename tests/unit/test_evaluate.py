@@ -9,7 +9,8 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 
-from components.evaluate import decide, embedding_spread, retrieval_metrics
+from components.gate import decide
+from components.metrics import embedding_spread, retrieval_metrics
 
 
 def on_circle(degrees):

@@ -9,10 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from components.evaluate import (ForgettingMatrix, GateDecision, decide, forgetting_heatmap, forgetting_matrix,
-                                 forgetting_metrics, gate_markdown, gate_report, slice_forgetting)
-from components.registry import INDEX_VALIDATED_TAG, SMOKE_TAG, TABLE_TAG, VERDICT_TAG, ModelVersionInfo, PromotionEntry, \
-    previous_champion, promotion_refusals
+from components.forgetting import (ForgettingMatrix, forgetting_heatmap, forgetting_matrix, forgetting_metrics,
+                                   slice_forgetting)
+from components.gate import GateDecision, decide, gate_markdown, gate_report
+from components.promotion import promotion_refusals
+from components.promotion_log import PromotionEntry, previous_champion
+from components.registry import INDEX_VALIDATED_TAG, SMOKE_TAG, TABLE_TAG, VERDICT_TAG, ModelVersionInfo
 
 HEALTHY = {"unseen_recall_at_1": 0.6, "unseen_map_at_r": 0.3, "embedding_spread": 0.4, "non_finite_embeddings": 0.0}
 
@@ -151,5 +153,5 @@ def test_promotion_refusals_name_every_problem_and_force_only_skips_the_gate():
     broken = info(**{TABLE_TAG: "t_v4", INDEX_VALIDATED_TAG: "false", SMOKE_TAG: "failed", VERDICT_TAG: "reject"})
     assert len(promotion_refusals(broken, force=True)) == 2
     assert promotion_refusals(info(), force=True) == [
-        "v4 has no validated index table (build one with `python -m components.index --version 4`)"]
+        "v4 has no validated index table (build one with `mnemo reindex 4`)"]
     assert promotion_refusals(info(), force=True, table="t_v4") == []  # a table found in the index counts
