@@ -13,7 +13,7 @@ CJK_FONTS := fonts-ipafont fonts-morisawa-bizud-gothic fonts-morisawa-bizud-minc
   fonts-reggae fonts-motoya-l-cedar fonts-motoya-l-maruberi fonts-vlgothic fonts-wqy-zenhei \
   fonts-sawarabi-mincho fonts-umeplus fonts-mplus
 
-.PHONY: setup fonts demo test test-e2e bench repro clean
+.PHONY: setup fonts demo test lint test-e2e bench repro clean
 
 setup: $(STAMP)
 
@@ -38,11 +38,17 @@ fonts:
 demo: setup
 	$(BIN)/mnemo demo
 
-# pytest exits 5 when it collects nothing: say so plainly; it still fails the run (and CI), since a
-# suite that collects no test has lost its tests.
-test: setup
+# Lint, format and types first (seconds), then pytest. pytest exits 5 when it collects nothing: say so
+# plainly; it still fails the run (and CI), since a suite that collects no test has lost its tests.
+test: setup lint
 	$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$rc
+
+# ruff (rules and line length in pyproject.toml) over everything; mypy over components/ and flows/.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Real servers (tests/e2e): prefect server on SQLite and on PostgreSQL, mlflow server on PostgreSQL,
 # and LanceDB + MLflow artifacts on S3 (moto's S3 server on 127.0.0.1, from the dev extra). Needs

@@ -38,16 +38,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.config import Params, load_params, resolve_workspace  # noqa: E402
-from components.data.class_registry import ImageRecord  # noqa: E402
-from components.data.transforms import open_rgb  # noqa: E402
-from components.index import build_table, ensure_ann_index  # noqa: E402
-from components.search import AsyncLoop, TableReader  # noqa: E402
-from components.tables import VECTOR, connect, table_schema  # noqa: E402
-from components.live import LiveIndex  # noqa: E402
-from components.modeling.embedder import Embedder, build_embedder, embed_images  # noqa: E402
-from components.promotion import Promoter  # noqa: E402
-from components.registry import CHAMPION, TABLE_TAG, ModelRegistry  # noqa: E402
+from components.config import Params, load_params, resolve_workspace
+from components.data.class_registry import ImageRecord
+from components.data.transforms import open_rgb
+from components.index import build_table, ensure_ann_index
+from components.live import LiveIndex
+from components.modeling.embedder import Embedder, build_embedder, embed_images
+from components.promotion import Promoter
+from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
+from components.search import AsyncLoop, TableReader
+from components.tables import VECTOR, connect, table_schema
 
 DIM = 128
 TARGETS = {"reindex_vs_bare_ratio": 0.9, "ann_recall_at_10": 0.95, "p99_ms_at_1m": 10.0, "swap_seconds": 1.0,

@@ -24,11 +24,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.config import load_params, resolve_workspace  # noqa: E402
-from components.data.class_registry import ClassRegistry  # noqa: E402
-from components.data.demo import class_char, discover_fonts, sample_image  # noqa: E402
-from components.search import search  # noqa: E402
-from components.registry import ModelRegistry  # noqa: E402
+from components.config import load_params, resolve_workspace
+from components.data.class_registry import ClassRegistry
+from components.data.demo import class_char, discover_fonts, sample_image
+from components.registry import ModelRegistry
+from components.search import search
 
 
 def main() -> None:

@@ -21,12 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.config import load_params, resolve_workspace, with_overrides  # noqa: E402
-from components.data.class_registry import ClassRegistry  # noqa: E402
-from components.data.demo import discover_fonts, stream_classes, write_arrival  # noqa: E402
-from components.data.ingest import ingest_arrival  # noqa: E402
-from components.metrics import score_unseen  # noqa: E402
-from components.train import train_embedder  # noqa: E402
+from components.config import load_params, resolve_workspace, with_overrides
+from components.data.class_registry import ClassRegistry
+from components.data.demo import discover_fonts, stream_classes, write_arrival
+from components.data.ingest import ingest_arrival
+from components.metrics import score_unseen
+from components.train import train_embedder
 
 
 def main() -> None:

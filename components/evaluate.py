@@ -14,7 +14,7 @@ from components.config import EvaluateParams, GateParams, Workspace
 from components.data.class_registry import ClassRegistry
 from components.forgetting import ForgettingMatrix, forgetting_matrix, forgetting_metrics, seen_slices, slice_key
 from components.gate import GateDecision, decide, prefixed
-from components.metrics import score_vectors, sanity_metrics, score_pixels
+from components.metrics import sanity_metrics, score_pixels, score_vectors
 from components.modeling.embedder import Embedder, embed_files
 
 

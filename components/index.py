@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import lancedb
@@ -31,8 +31,19 @@ from components.data.class_registry import ImageRecord
 from components.data.transforms import open_rgb
 from components.modeling.embedder import Embedder, embed_images, pick_device
 from components.search import finds_itself, probe_records, search_table
-from components.tables import (MODEL_VERSION, VALIDATED, VECTOR, column, connect, is_validated, list_tables, table_name,
-                               table_schema, table_version, written_by)
+from components.tables import (
+    MODEL_VERSION,
+    VALIDATED,
+    VECTOR,
+    column,
+    connect,
+    is_validated,
+    list_tables,
+    table_name,
+    table_schema,
+    table_version,
+    written_by,
+)
 
 
 class IndexBuildError(RuntimeError):
@@ -178,7 +189,7 @@ def validate_table(ws: Workspace, tbl: lancedb.table.Table, model: Embedder, rec
 
 
 def _mark_validated(tbl: lancedb.table.Table, version: str) -> None:
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
     tbl.update_field_metadata({"path": VECTOR, "metadata": {VALIDATED: stamp, MODEL_VERSION: str(version)}})
 
 
@@ -202,7 +213,7 @@ def cleanup_tables(ws: Workspace, params: IndexParams, *, keep: Collection[str],
     retained = set(keep) | set(newest)
     doomed = sorted(n for n in ours if n not in retained)
     for name in doomed:
-        db.drop_table(name, ignore_missing=True)
+        db.drop_table(name, ignore_missing=True)  # type: ignore[call-arg]  # LanceDB's local connection takes it; the base class stub does not
     return tuple(doomed)
 
 

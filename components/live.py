@@ -13,15 +13,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 from PIL import Image
 
 from components.config import IndexParams, RegistryParams, Workspace
-from components.search import AsyncLoop, Hit, TableReader
 from components.modeling.embedder import Embedder, embed_images
 from components.registry import ModelRegistry
+from components.search import AsyncLoop, Hit, TableReader
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class LiveIndex:
                 raise LivePairMismatch(f"champion v{champion.version} points at table {champion.table}, "
                                        f"written by model version {table.written_by()}")
             pair = LivePair(version=champion.version, table_name=champion.table, model=self._model(champion.version),
-                            table=table, since=datetime.now(timezone.utc))
+                            table=table, since=datetime.now(UTC))
             self._pair = pair  # the swap: one assignment; in-flight readers keep the pair they hold
             log.info("live pair: v%s with table %s", pair.version, pair.table_name)
             return pair

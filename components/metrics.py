@@ -67,8 +67,8 @@ def retrieval_metrics(
     if not torch.isfinite(x).all():
         raise ValueError("embeddings contain NaN or infinite values")
     x = torch.nn.functional.normalize(x, dim=1)
-    _, y = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
-    y = torch.as_tensor(y, device=device)
+    _, codes = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+    y = torch.as_tensor(codes, device=device)
     n = len(y)
     chunk = chunk or max(1, min(4096, BLOCK_BYTES // (4 * max(n, 1))))
     r_of = (torch.bincount(y)[y] - 1)  # other images of each query's class

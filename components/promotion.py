@@ -21,8 +21,15 @@ from components.data.class_registry import ClassRegistry, ImageRecord
 from components.index import IndexBuild, IndexBuildError, append_missing, build_table, check_writable, drop_old_versions
 from components.modeling.embedder import Embedder
 from components.promotion_log import MoveKind, PromotionEntry, previous_champion
-from components.registry import (CHAMPION, INDEX_VALIDATED_TAG, SMOKE_DETAIL_TAG, SMOKE_TAG, VERDICT_TAG, ModelRegistry,
-                                  ModelVersionInfo)
+from components.registry import (
+    CHAMPION,
+    INDEX_VALIDATED_TAG,
+    SMOKE_DETAIL_TAG,
+    SMOKE_TAG,
+    VERDICT_TAG,
+    ModelRegistry,
+    ModelVersionInfo,
+)
 from components.tables import column, connect, is_validated, open_table, table_name, written_by
 
 

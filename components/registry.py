@@ -31,6 +31,7 @@ from components.promotion_log import PromotionLog
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from mlflow.pyfunc import PyFuncModel
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"  # alias of the newest registered candidate, promoted or not
@@ -73,8 +74,9 @@ def _fluent_uris(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
-        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        # None puts MLflow back on its default; its stubs only name str.
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # type: ignore[arg-type]  # None resets
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]  # None resets
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -184,8 +186,9 @@ class ModelRegistry:
                     registered_model_name=self.name,
                 )
         version = str(info.registered_model_version)
-        for key, value in {ARRIVALS_TAG: json.dumps(sorted(arrivals), ensure_ascii=False), **(tags or {})}.items():
-            self.client.set_model_version_tag(self.name, version, key, value)
+        version_tags = {ARRIVALS_TAG: json.dumps(sorted(arrivals), ensure_ascii=False), **(tags or {})}
+        for key, tag in version_tags.items():
+            self.client.set_model_version_tag(self.name, version, key, tag)
         self.set_alias(CHALLENGER, version)
         return self.get(version)
 
@@ -203,7 +206,7 @@ class ModelRegistry:
 
     def _info(self, mv: ModelVersion) -> ModelVersionInfo:
         metrics = self.client.get_run(mv.run_id).data.metrics if mv.run_id else {}
-        return ModelVersionInfo(name=self.name, version=str(mv.version), run_id=mv.run_id, tags=dict(mv.tags), metrics=dict(metrics))
+        return ModelVersionInfo(name=self.name, version=str(mv.version), run_id=mv.run_id or "", tags=dict(mv.tags), metrics=dict(metrics))
 
     def set_tag(self, version: str, key: str, value: str) -> None:
         self.client.set_model_version_tag(self.name, str(version), key, value)
@@ -290,7 +293,7 @@ class ModelRegistry:
             return None
         return Path(self.client.download_artifacts(run_id, STATE_ARTIFACT, str(dst)))
 
-    def load_pyfunc(self, version: str) -> mlflow.pyfunc.PyFuncModel:
+    def load_pyfunc(self, version: str) -> PyFuncModel:
         """The logged model exactly as an outside user would load it."""
         with _fluent_uris(self.ws.tracking_uri):
             return mlflow.pyfunc.load_model(f"models:/{self.name}/{version}")

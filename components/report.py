@@ -49,7 +49,7 @@ def write_report(metrics: Mapping[str, float | None], ks: Sequence[int], out: Pa
     curve, slices = recall_curve(metrics, ks), slice_rows(metrics)
     (out / "unseen_recall_at_k.json").write_text(json.dumps(curve, indent=1) + "\n")
     (out / "seen_slices.json").write_text(json.dumps(slices, indent=1) + "\n")
-    matrix = ForgettingMatrix(versions=["this model"], slices=[r["slice"] for r in slices],
+    matrix = ForgettingMatrix(versions=["this model"], slices=[str(r["slice"]) for r in slices],
                               values=np.array([[r["recall_at_1"] for r in slices]], dtype=float).reshape(1, len(slices)))
     forgetting_heatmap(matrix).savefig(out / "seen_recall.png", dpi=100)
     (out / "report.md").write_text(report_markdown(curve, slices))

@@ -13,10 +13,11 @@ import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Protocol, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, TypeVar, cast
 
 import lancedb
 import numpy as np
+from lancedb.query import AsyncVectorQuery, LanceVectorQueryBuilder
 
 from components.config import IndexParams, Workspace
 from components.data.class_registry import ImageRecord
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 Hit = TypedDict("Hit", {"class": str, "distance": float, "id": str})
 T = TypeVar("T")
-QueryT = TypeVar("QueryT")  # a sync or an async LanceDB vector query: the same builder methods
+QueryT = TypeVar("QueryT", LanceVectorQueryBuilder, AsyncVectorQuery)  # sync or async: the same builder methods
 # An image stored twice (same bytes under two classes) ties with itself at this distance:
 # either row counts as "itself".
 SELF_MATCH_TOLERANCE = 1e-4
@@ -53,7 +54,8 @@ def search_table(tbl: lancedb.table.Table, vectors: np.ndarray, k: int, params: 
     With an ANN index, params' nprobes and refine_factor apply; rows appended since the index
     was built are searched exactly alongside it, so hot-added images are found at once.
     """
-    return [_hits(_tuned(tbl.search(v, vector_column_name=VECTOR), k, params).to_list())
+    # A vector makes search() a vector query builder; its declared type is the base class.
+    return [_hits(_tuned(cast(LanceVectorQueryBuilder, tbl.search(v, vector_column_name=VECTOR)), k, params).to_list())
             for v in np.asarray(vectors, dtype=np.float32)]
 
 

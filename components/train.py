@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -282,7 +283,7 @@ def train_embedder(
                            memory_ratio=memory.params.batch_ratio if memory else 0.0, seed=params.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=params.num_workers, pin_memory=on_gpu,
                         persistent_workers=params.num_workers > 0)
-    groups = [{"params": model.parameters()}]
+    groups: list[dict[str, Any]] = [{"params": model.parameters()}]
     if any(True for _ in metric_loss.parameters()):
         groups.append({"params": metric_loss.parameters(), "lr": params.proxy_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=params.lr, weight_decay=params.weight_decay)
@@ -352,7 +353,7 @@ def train_embedder(
             if on_epoch is not None:
                 on_epoch(epoch, epoch_metrics)
     result.seconds = time.perf_counter() - start
-    result.model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    result.model = model.to("cpu", memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]  # Module.to takes memory_format at runtime; torch's stubs omit it
     result.loss_state = metric_loss.to("cpu").state()
     return result
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -137,6 +137,7 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
     champion = registry.champion()
     challenger = registry.challenger() or registry.latest()  # stores from before the alias existed have none
     promotions = [e.to_dict() for e in registry.log.entries()]
+    pending = [a.name for a in pending_arrivals(ws)]
     gate = registry.gate_report(challenger.version) if challenger else None
     catalog = ClassRegistry.load(ws.class_registry)
     payload = {
@@ -159,7 +160,7 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
             "classes": len(catalog.classes),
             "unseen_classes": len(catalog.classes_with_split("unseen")),
             "images": len(catalog.images),
-            "pending_arrivals": [a.name for a in pending_arrivals(ws)],
+            "pending_arrivals": pending,
         },
     }
     table = Table(show_header=False, title="mnemo status")
@@ -170,7 +171,7 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
     for key, value in [("workspace", ws.root), ("model", p.registry.model_name), ("champion", champ), ("challenger", chall),
                        ("last promotion", moved), *([("gate", f"v{gate['candidate']} {gate['verdict']}: " + "; ".join(gate["reasons"]))] if gate else []),
                        ("arrivals", len(catalog.arrivals)), ("classes", len(catalog.classes)), ("images", len(catalog.images)),
-                       ("pending", len(payload["data"]["pending_arrivals"]))]:
+                       ("pending", len(pending))]:
         table.add_row(key, str(value))
     _emit(payload, as_json, table)
 
@@ -194,12 +195,12 @@ def promote(
 
 @app.command()
 def rollback(
-    to: Annotated[str | None, typer.Option("--to", help="The version to go back to (default: the previous champion in the promotion log).")] = None,
     reason: ReasonOpt = "",
     actor: ActorOpt = None,
     as_json: JsonOpt = False,
     workspace: WorkspaceOpt = None,
     params: ParamsOpt = Path("params.yaml"),
+    to: Annotated[str | None, typer.Option("--to", help="The version to go back to (default: the previous champion in the promotion log).")] = None,
 ) -> None:
     """Move the champion back to the previous one (or --to VERSION), with its table; the move is logged."""
     p, ws = _setup(params, workspace)

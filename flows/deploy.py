@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, cast
 from uuid import UUID
 
 from prefect import serve
@@ -46,8 +47,9 @@ def build_deployments(params: Params, ws: Workspace | None) -> list[RunnerDeploy
     if ws is not None:
         defaults["workspace"] = str(ws.root)
     # Module entrypoints: the runner imports flows.<name> from the installed package, whatever the cwd.
-    common = {"tags": TAGS, "entrypoint_type": EntrypointType.MODULE_PATH, "parameters": defaults}
-    return [
+    common: dict[str, Any] = {"tags": TAGS, "entrypoint_type": EntrypointType.MODULE_PATH, "parameters": defaults}
+    # to_deployment is sync-compatible: called from sync code it returns the deployment, not a coroutine.
+    return cast(list[RunnerDeployment], [
         retrain.to_deployment(
             RETRAIN.split("/")[1], cron=params.schedule.retrain_cron,
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
@@ -59,7 +61,7 @@ def build_deployments(params: Params, ws: Workspace | None) -> list[RunnerDeploy
         rollback.to_deployment(
             ROLLBACK.split("/")[1], concurrency_limit=1,
             description="Move the champion back to the previous one (or parameter `to`).", **common),
-    ]
+    ])
 
 
 def serve_deployments(deployments: list[RunnerDeployment]) -> None:
@@ -88,12 +90,12 @@ def register_deployments(deployments: list[RunnerDeployment], work_pool: str, *,
     pools = {work_pool, retrain_pool or work_pool}
     with get_client(sync_client=True) as client:
         found = {name: _read_pool(client, name) for name in sorted(pools)}
-    for pool in found.values():
-        _check_image(pool, image)
+    for found_pool in found.values():
+        _check_image(found_pool, image)
     registered = []
     for deployment in deployments:
         pool = retrain_pool if retrain_pool and deployment.full_name == RETRAIN else work_pool
-        deployment_id = deployment.apply(work_pool_name=pool, image=image)
+        deployment_id = cast(UUID, deployment.apply(work_pool_name=pool, image=image))  # sync: not awaited here
         registered.append(Registered(deployment.full_name, pool, deployment_id))
     return registered
 

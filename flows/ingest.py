@@ -62,7 +62,7 @@ def ingest(params: Params, workspace: str | None = None) -> IngestSummary:
     if any(r.stored for r in summary.arrivals):
         summary.hot_add = make_queryable(ws, params)
     get_run_logger().info(summary.message)
-    return finished(summary)  # Prefect unwraps the state: callers get the summary
+    return finished(summary)  # type: ignore[return-value]  # Prefect unwraps a returned State: callers get its data
 
 
 def finished(summary: IngestSummary) -> State:

@@ -140,7 +140,7 @@ def retrain(params: Params, workspace: str | None = None) -> RetrainSummary:
     plan = plan_retrain(catalog, champion, latest)
     nothing_to_do = skipped(plan, catalog, champion, ingested)
     if nothing_to_do is not None:
-        return finished(nothing_to_do)  # Prefect unwraps the state: callers get the summary
+        return finished(nothing_to_do)  # type: ignore[return-value]  # Prefect unwraps a returned State: callers get its data
 
     result, state = train(ws, params, plan.new, champion, champion_model)
     assessment = evaluate(ws, params, catalog, result.model, champion_model, champion)
@@ -154,8 +154,9 @@ def retrain(params: Params, workspace: str | None = None) -> RetrainSummary:
     if decision.promote and built is not None:
         promote(ws, params, candidate.version, built.table)
         index_new_images(ws, params)  # images ingested between the build's catch-up and the promotion
-    return finished(concluded(catalog, champion, ingested, candidate.version, result.classes, assessment.metrics, decision,
-                              built, time.perf_counter() - start))
+    summary = concluded(catalog, champion, ingested, candidate.version, result.classes, assessment.metrics, decision,
+                        built, time.perf_counter() - start)
+    return finished(summary)  # type: ignore[return-value]  # Prefect unwraps a returned State: callers get its data
 
 
 def finished(summary: RetrainSummary) -> State:

@@ -26,7 +26,7 @@ def rollback(params: Params, workspace: str | None = None, to: str | None = None
     """Roll back, or fail saying why (nothing to go back to, the target's table missing or invalid)."""
     done = move_champion_back(resolve_workspace(params, workspace), params, to, reason, actor)
     get_run_logger().info(done.message)
-    return finished(done)  # Prefect unwraps the state: callers get the ChampionMove
+    return finished(done)  # type: ignore[return-value]  # Prefect unwraps a returned State: callers get its data
 
 
 def finished(done: ChampionMove) -> State:

@@ -14,7 +14,7 @@ from PIL import Image
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="mnemo-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from components.config import Params, load_params, resolve_workspace, with_overrides  # noqa: E402
+from components.config import Params, load_params, resolve_workspace, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS_FILE = REPO / "params.yaml"

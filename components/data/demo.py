@@ -14,7 +14,7 @@ import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +130,7 @@ def _fontset(source: str, designs: list[Design], ranges: list[range], need: int)
     return FontSet(source=source, designs=tuple(designs), charset=tuple(chars))
 
 
-@lru_cache(maxsize=None)
+@cache
 def has_glyph(face: Face, ch: str) -> bool:
     """Some fonts map a codepoint to an empty glyph; those cannot draw the class."""
     return float(_render_plain(face, ch).sum()) > 5.0

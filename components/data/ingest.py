@@ -14,7 +14,7 @@ import os
 import shutil
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -169,6 +169,7 @@ def ingest_arrival(arrival_dir: Path, ws: Workspace, params: IngestParams, *, re
             report.rejected.append(Rejected(file=_printable(rel), reason=reason))
             _write_atomically(quarantine / _printable(rel), path if data is None else data)
             continue
+        assert fmt is not None and data is not None  # a file without a reason was read and identified
         cls = rel.parts[0]
         image_id = f"{cls}/{hashlib.sha256(data).hexdigest()[:32]}.{IMAGE_EXTENSIONS[fmt]}"
         if image_id in registry.images or image_id in stored_by_class.get(cls, []):
@@ -199,7 +200,7 @@ def ingest_arrival(arrival_dir: Path, ws: Workspace, params: IngestParams, *, re
             registry.images[image_id] = {"class": cls, "arrival": arrival, "role": role}
 
     registry.arrivals[arrival] = {
-        "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ingested_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "classes": sorted(stored_by_class),
         "stored": report.stored,
         "duplicates": report.duplicates,

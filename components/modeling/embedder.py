@@ -19,7 +19,6 @@ from torch import nn
 from components.config import ModelParams
 from components.data.transforms import eval_transform, open_rgb
 
-
 T = TypeVar("T")
 
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
-from mlflow.pyfunc import PythonModelContext
+from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, Schema, TensorSpec
 
 from components.data.transforms import open_rgb
@@ -24,7 +23,7 @@ WEIGHTS_ARTIFACT = "embedder"
 ENTRY_POINT = Path(__file__).with_name("pyfunc_entry.py")  # what MLflow logs and runs on load
 
 
-class EmbedderModel(mlflow.pyfunc.PythonModel):
+class EmbedderModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
         self.embedder = load_embedder(Path(context.artifacts[WEIGHTS_ARTIFACT])).to(pick_device("auto"))
 

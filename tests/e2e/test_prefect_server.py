@@ -8,14 +8,20 @@ import json
 import os
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName,
-                                            FlowRunFilter, TaskRunFilter)
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    TaskRunFilter,
+)
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
 from prefect.deployments import run_deployment
@@ -26,7 +32,7 @@ from components.data.class_registry import ClassRegistry
 from components.data.demo import arrival_id, discover_fonts, stream_classes, write_arrival
 from components.registry import ModelRegistry
 from flows.deploy import INGEST, RETRAIN, ROLLBACK
-from tests.e2e.conftest import BIN, clean_env, process, prefect_server, tail
+from tests.e2e.conftest import BIN, clean_env, prefect_server, process, tail
 
 pytestmark = pytest.mark.e2e
 
@@ -61,7 +67,7 @@ def test_deployed_flows_ingest_retrain_on_schedule_and_never_overlap(database, p
     arrivals = stream_classes(fonts, params.demo)
     # One scheduled retrain, at a minute boundary far enough ahead for the inbox scan to go first
     # (server and `mnemo deploy` start-up plus one scan took ~110 s on a busy 2-core machine).
-    at = (datetime.now(timezone.utc) + timedelta(seconds=150)).replace(second=0, microsecond=0) + timedelta(minutes=1)
+    at = (datetime.now(UTC) + timedelta(seconds=150)).replace(second=0, microsecond=0) + timedelta(minutes=1)
     p = with_overrides(params, {"schedule.retrain_cron": f"{at.minute} {at.hour} * * *", "schedule.inbox_interval": 30,
                                 # tiny data, one epoch: the second model may score below the first; the gate is not under test
                                 "gate.max_unseen_recall_at_1_drop": 1.0, "gate.max_slice_forgetting": 1.0})
@@ -103,7 +109,7 @@ def test_deployed_flows_ingest_retrain_on_schedule_and_never_overlap(database, p
                 return [r for r in flow_runs("retrain") if r.auto_scheduled and r.state and r.state.is_final()]
 
             [scheduled] = wait_for("the scheduled retrain", scheduled_retrain_done,
-                                   (at - datetime.now(timezone.utc)).total_seconds() + 420, log)
+                                   (at - datetime.now(UTC)).total_seconds() + 420, log)
             assert scheduled.state.name == "Promoted", scheduled.state.message
             assert scheduled.state.message.startswith("v1 promoted to champion with table embeddings_v1")
             assert ModelRegistry(ws, p.registry).champion().version == "1"

@@ -23,11 +23,11 @@ from PIL import Image
 from components.config import Params, Workspace
 from components.data.ingest import ingest_arrival
 from components.data.transforms import open_rgb
+from components.modeling.embedder import build_embedder, embed_images
 from components.promotion import Promoter
+from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
 from components.search import Hit
 from components.tables import connect
-from components.modeling.embedder import build_embedder, embed_images
-from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
 
 CLASSES = [f"c{i}" for i in range(6)]
 PER_CLASS = 10

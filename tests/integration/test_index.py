@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 from components.config import with_overrides
 from components.data.class_registry import ClassRegistry, ImageRecord
 from components.index import IndexValidationError, build_table, cleanup_tables, ensure_ann_index, validate_table
-from components.promotion import Promoter
-from components.search import search_table
-from components.tables import connect, is_validated, list_tables, table_name, table_schema, written_by
 from components.live import LiveIndex, LivePairMismatch
 from components.modeling.embedder import Embedder, build_embedder
+from components.promotion import Promoter
 from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
+from components.search import search_table
+from components.tables import connect, is_validated, list_tables, table_name, table_schema, written_by
 from flows.cli import app
 from tests.integration.live_workspace import write_arrival
 

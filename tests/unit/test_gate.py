@@ -9,8 +9,13 @@ import math
 import numpy as np
 import pytest
 
-from components.forgetting import (ForgettingMatrix, forgetting_heatmap, forgetting_matrix, forgetting_metrics,
-                                   slice_forgetting)
+from components.forgetting import (
+    ForgettingMatrix,
+    forgetting_heatmap,
+    forgetting_matrix,
+    forgetting_metrics,
+    slice_forgetting,
+)
 from components.gate import GateDecision, decide, gate_markdown, gate_report
 from components.promotion import promotion_refusals
 from components.promotion_log import PromotionEntry, previous_champion

@@ -308,7 +308,7 @@ def k8s_problems(docs: list[tuple[str, dict]], *, project_images: set[str], know
                     problems.append(f"{file}: ConfigMap {doc['metadata']['name']}: {key} belongs in {SECRET_NAME}")
                 problems += url_problems(key, str(value), f"{file}: ConfigMap {doc['metadata']['name']}", services)
     pods = list(pod_specs(docs))
-    for where, pod, labels in pods:
+    for where, pod, _labels in pods:
         for container in pod["containers"]:
             problems += container_problems(container, pod, where, project_images=project_images, known_env=known_env,
                                            configmaps=configmaps, claims=claims, secret_keys=secret_keys)
@@ -537,7 +537,7 @@ def test_kubernetes_runs_the_query_service_the_mlflow_server_and_workers_for_bot
     assert {("Deployment", "mnemo-query"), ("Service", "mnemo-query"), ("Deployment", "mlflow"), ("Service", "mlflow"),
             ("Deployment", "prefect-worker-cpu"), ("Deployment", "prefect-worker-gpu")} <= kinds
     pools = {}
-    for where, pod, _ in pod_specs(k8s_context["docs"]):
+    for _where, pod, _ in pod_specs(k8s_context["docs"]):
         args = pod["containers"][0].get("args") or []
         if "--pool" in args:
             pools[args[args.index("--pool") + 1]] = args[args.index("--base-job-template") + 1]
