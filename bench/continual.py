@@ -55,7 +55,12 @@ OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot" / "images_background_sma
 STRATEGIES = ("naive", "replay", "replay_distill", "joint")
 NO_REPLAY = {"replay.budget": 0}
 NO_DISTILL = {"distill.embedding_weight": 0.0, "distill.relational_weight": 0.0}
-OVERRIDES = {"naive": NO_REPLAY | NO_DISTILL, "replay": NO_DISTILL, "replay_distill": {}, "joint": NO_REPLAY | NO_DISTILL}
+OVERRIDES = {
+    "naive": NO_REPLAY | NO_DISTILL,
+    "replay": NO_DISTILL,
+    "replay_distill": {},
+    "joint": NO_REPLAY | NO_DISTILL,
+}
 
 # Both modes hold out 30% of each trained class's images as queries (6 of Omniglot's 20), so
 # every seen-slice query has 5 positives: forgetting is measured, not sampling noise.
@@ -63,8 +68,15 @@ COMMON = {"ingest.query_image_fraction": 0.3, "demo.images_per_class": 20}
 # Quick: smaller images, fewer classes and epochs; the same code path.
 # The Omniglot run of 2026-11-23 (6 epochs, 20 drawers, 20 demo images per class) took 57 min
 # wall-clock on 2 shared cores; these settings do about 0.4 of that work.
-QUICK = COMMON | {"model.image_size": 32, "train.epochs": 4, "demo.base_classes": 24, "demo.classes_per_arrival": 16,
-                  "demo.image_size": 48, "demo.images_per_class": 12, "replay.budget": 400}
+QUICK = COMMON | {
+    "model.image_size": 32,
+    "train.epochs": 4,
+    "demo.base_classes": 24,
+    "demo.classes_per_arrival": 16,
+    "demo.image_size": 48,
+    "demo.images_per_class": 12,
+    "replay.budget": 400,
+}
 QUICK_DRAWERS = 12  # of Omniglot's 20 drawings per character
 # 40 + 4 x 30 = 160 classes: within the 165 letters of the matplotlib-font fallback too.
 FULL = COMMON | {"demo.base_classes": 40, "demo.classes_per_arrival": 30}
@@ -83,7 +95,9 @@ def demo_stream(params: Params, root: Path, arrivals: int) -> Stream:
     fonts = discover_fonts()
     names = []
     for step, chars in enumerate(stream_classes(fonts, params.demo)):
-        report = ingest_arrival(write_arrival(ws.inbox, step, chars, fonts, params.demo), ws, params.ingest, remove_source=True)
+        report = ingest_arrival(
+            write_arrival(ws.inbox, step, chars, fonts, params.demo), ws, params.ingest, remove_source=True
+        )
         names.append(report.arrival)
     return Stream(f"demo ({fonts.source})", root, names)
 
@@ -120,8 +134,9 @@ def evaluate_step(model: Embedder, ws_root: Path, catalog: ClassRegistry, arriva
     return {"unseen_recall_at_1": unseen.recall_at[1], "unseen_map_at_r": unseen.map_at_r, "seen_recall_at_1": seen}
 
 
-def run_strategy(strategy: str, stream: Stream, params: Params, first: ContinualResult, first_cpu: float,
-                 state_root: Path) -> dict:
+def run_strategy(
+    strategy: str, stream: Stream, params: Params, first: ContinualResult, first_cpu: float, state_root: Path
+) -> dict:
     """The stream's arrivals under one strategy, the memory saved and restored between arrivals."""
     p = with_overrides(params, OVERRIDES[strategy])
     catalog = ClassRegistry.load(stream.ws_root / "data" / "registry.json")
@@ -130,8 +145,14 @@ def run_strategy(strategy: str, stream: Stream, params: Params, first: Continual
     model, state = first.train.model, None
     if p.replay.budget:  # the shared first step, with this strategy's memory
         state = first.save_state(state_root / strategy / "0")
-    steps = [{"arrival": stream.arrivals[0], "train_seconds": first.train.seconds, "cpu_seconds": first_cpu,
-              **evaluate_step(model, stream.ws_root, catalog, stream.arrivals[:1], p)}]
+    steps = [
+        {
+            "arrival": stream.arrivals[0],
+            "train_seconds": first.train.seconds,
+            "cpu_seconds": first_cpu,
+            **evaluate_step(model, stream.ws_root, catalog, stream.arrivals[:1], p),
+        }
+    ]
     for k, arrival in enumerate(stream.arrivals[1:], start=1):
         so_far = set(stream.arrivals[: k + 1])
         new = [r for r in train if (r.arrival in so_far if strategy == "joint" else r.arrival == arrival)]
@@ -142,11 +163,21 @@ def run_strategy(strategy: str, stream: Stream, params: Params, first: Continual
         model = step.train.model
         if p.replay.budget:
             state = step.save_state(state_root / strategy / str(k))
-        steps.append({"arrival": arrival, "train_seconds": step.train.seconds, "cpu_seconds": cpu, "memory": len(step.memory),
-                      **evaluate_step(model, stream.ws_root, catalog, stream.arrivals[: k + 1], p)})
+        steps.append(
+            {
+                "arrival": arrival,
+                "train_seconds": step.train.seconds,
+                "cpu_seconds": cpu,
+                "memory": len(step.memory),
+                **evaluate_step(model, stream.ws_root, catalog, stream.arrivals[: k + 1], p),
+            }
+        )
         seen = steps[-1]["seen_recall_at_1"]
-        print(f"    unseen R@1 {steps[-1]['unseen_recall_at_1']:.3f}, seen R@1 per slice "
-              f"{' '.join(f'{v:.2f}' for v in seen.values())}, {step.train.seconds:.1f} s", flush=True)
+        print(
+            f"    unseen R@1 {steps[-1]['unseen_recall_at_1']:.3f}, seen R@1 per slice "
+            f"{' '.join(f'{v:.2f}' for v in seen.values())}, {step.train.seconds:.1f} s",
+            flush=True,
+        )
     matrix = [[s["seen_recall_at_1"].get(a, np.nan) for a in stream.arrivals] for s in steps]
     return {
         "final_unseen_recall_at_1": steps[-1]["unseen_recall_at_1"],
@@ -162,11 +193,15 @@ def run_strategy(strategy: str, stream: Stream, params: Params, first: Continual
 def run_stream(stream: Stream, params: Params, state_root: Path) -> dict:
     catalog = ClassRegistry.load(stream.ws_root / "data" / "registry.json")
     first_records = [r for r in catalog.records("train") if r.arrival == stream.arrivals[0]]
-    print(f"{stream.name}: {len(stream.arrivals)} arrivals, {len(catalog.classes)} classes; "
-          f"first arrival ({len(first_records)} training images), shared by all strategies", flush=True)
+    print(
+        f"{stream.name}: {len(stream.arrivals)} arrivals, {len(catalog.classes)} classes; "
+        f"first arrival ({len(first_records)} training images), shared by all strategies",
+        flush=True,
+    )
     cpu = time.process_time()
-    first = train_continual(first_records, stream.ws_root / "data" / "classes", params.train, params.model, params.replay,
-                            params.distill)
+    first = train_continual(
+        first_records, stream.ws_root / "data" / "classes", params.train, params.model, params.replay, params.distill
+    )
     cpu = time.process_time() - cpu
     return {s: run_strategy(s, stream, params, first, cpu, state_root) for s in STRATEGIES}
 
@@ -184,9 +219,12 @@ def targets(results: dict) -> dict:
     forgetting_ratio = rd["avg_forgetting"] / naive["avg_forgetting"] if shown else None
     gap = joint["final_unseen_recall_at_1"] - rd["final_unseen_recall_at_1"]
     return {
-        "forgetting_ratio_vs_naive": forgetting_ratio, "forgetting_ok": bool(forgetting_ratio <= 1 / 3) if shown else None,
-        "unseen_r1_gap_to_joint": gap, "unseen_ok": bool(gap <= 0.03),
-        "replay_distill_time_ratio_last_vs_second": time_ratio(rd), "time_flat_ok": bool(time_ratio(rd) <= 1.3),
+        "forgetting_ratio_vs_naive": forgetting_ratio,
+        "forgetting_ok": bool(forgetting_ratio <= 1 / 3) if shown else None,
+        "unseen_r1_gap_to_joint": gap,
+        "unseen_ok": bool(gap <= 0.03),
+        "replay_distill_time_ratio_last_vs_second": time_ratio(rd),
+        "time_flat_ok": bool(time_ratio(rd) <= 1.3),
         "joint_time_ratio_last_vs_second": time_ratio(joint),
         # Process CPU seconds: unlike wall time, barely moved by other processes on the machine.
         "replay_distill_cpu_ratio_last_vs_second": time_ratio(rd, "cpu_seconds"),
@@ -195,33 +233,50 @@ def targets(results: dict) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Continual benchmark {report['date']}{' (quick)' if report['quick'] else ''}", "",
-             f"{report['machine']}; backbone {report['params']['model.backbone']}, image {report['params']['model.image_size']} px, "
-             f"{report['params']['train.epochs']} epochs, replay budget {report['params']['replay.budget']} "
-             f"({report['params']['replay.selection']}), batch ratio {report['params']['replay.batch_ratio']}, "
-             f"distill weights {report['params']['distill.embedding_weight']} / {report['params']['distill.relational_weight']}.", ""]
+    lines = [
+        f"# Continual benchmark {report['date']}{' (quick)' if report['quick'] else ''}",
+        "",
+        f"{report['machine']}; backbone {report['params']['model.backbone']}, image {report['params']['model.image_size']} px, "
+        f"{report['params']['train.epochs']} epochs, replay budget {report['params']['replay.budget']} "
+        f"({report['params']['replay.selection']}), batch ratio {report['params']['replay.batch_ratio']}, "
+        f"distill weights {report['params']['distill.embedding_weight']} / {report['params']['distill.relational_weight']}.",
+        "",
+    ]
     for stream, results in report["results"].items():
         t = report["targets"][stream]
-        lines += [f"## {stream}", "",
-                  "| strategy | final unseen R@1 | final unseen MAP@R | avg forgetting | train s (total) | train s per arrival |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {stream}",
+            "",
+            "| strategy | final unseen R@1 | final unseen MAP@R | avg forgetting | train s (total) | train s per arrival |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, r in results.items():
             per = ", ".join(f"{a['train_seconds']:.1f}" for a in r["arrivals"])
-            lines.append(f"| {name} | {r['final_unseen_recall_at_1']:.3f} | {r['final_unseen_map_at_r']:.3f} | "
-                         f"{r['avg_forgetting']:.3f} | {r['train_seconds']:.1f} | {per} |")
+            lines.append(
+                f"| {name} | {r['final_unseen_recall_at_1']:.3f} | {r['final_unseen_map_at_r']:.3f} | "
+                f"{r['avg_forgetting']:.3f} | {r['train_seconds']:.1f} | {per} |"
+            )
         if t["forgetting_ok"] is None:
-            forgetting = (f"- forgetting: naive fine-tuning forgot nothing on average ({results['naive']['avg_forgetting']:+.3f}), "
-                          "so this run cannot show the target (<= 1/3 of naive)")
+            forgetting = (
+                f"- forgetting: naive fine-tuning forgot nothing on average ({results['naive']['avg_forgetting']:+.3f}), "
+                "so this run cannot show the target (<= 1/3 of naive)"
+            )
         else:
-            forgetting = (f"- forgetting, replay_distill / naive: {t['forgetting_ratio_vs_naive']:.2f} (target <= 0.33: "
-                          f"{'met' if t['forgetting_ok'] else 'missed'})")
-        lines += ["", forgetting,
-                  f"- unseen R@1, joint minus replay_distill: {t['unseen_r1_gap_to_joint']:+.3f} (target <= 0.03: "
-                  f"{'met' if t['unseen_ok'] else 'missed'})",
-                  f"- train time, last arrival / second: replay_distill {t['replay_distill_time_ratio_last_vs_second']:.2f} "
-                  f"(target <= 1.3: {'met' if t['time_flat_ok'] else 'missed'}), joint {t['joint_time_ratio_last_vs_second']:.2f}; "
-                  f"in process CPU seconds: replay_distill {t['replay_distill_cpu_ratio_last_vs_second']:.2f}, "
-                  f"joint {t['joint_cpu_ratio_last_vs_second']:.2f}", ""]
+            forgetting = (
+                f"- forgetting, replay_distill / naive: {t['forgetting_ratio_vs_naive']:.2f} (target <= 0.33: "
+                f"{'met' if t['forgetting_ok'] else 'missed'})"
+            )
+        lines += [
+            "",
+            forgetting,
+            f"- unseen R@1, joint minus replay_distill: {t['unseen_r1_gap_to_joint']:+.3f} (target <= 0.03: "
+            f"{'met' if t['unseen_ok'] else 'missed'})",
+            f"- train time, last arrival / second: replay_distill {t['replay_distill_time_ratio_last_vs_second']:.2f} "
+            f"(target <= 1.3: {'met' if t['time_flat_ok'] else 'missed'}), joint {t['joint_time_ratio_last_vs_second']:.2f}; "
+            f"in process CPU seconds: replay_distill {t['replay_distill_cpu_ratio_last_vs_second']:.2f}, "
+            f"joint {t['joint_cpu_ratio_last_vs_second']:.2f}",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -235,7 +290,9 @@ def plot(stream: str, results: dict, arrivals: list[str], path: Path) -> None:
     x = range(len(arrivals))
     for name, r in results.items():
         axes[0, 0].plot(x, [a["unseen_recall_at_1"] for a in r["arrivals"]], marker="o", label=name)
-        axes[0, 1].plot(x, [np.nanmean([v for v in row if v is not None]) for row in r["forgetting_matrix"]], marker="o", label=name)
+        axes[0, 1].plot(
+            x, [np.nanmean([v for v in row if v is not None]) for row in r["forgetting_matrix"]], marker="o", label=name
+        )
     axes[0, 0].set(title="unseen classes: Recall@1", xlabel="arrival", ylabel="Recall@1")
     axes[0, 1].set(title="seen classes: mean Recall@1 over arrival slices", xlabel="arrival")
     for ax in axes[0]:
@@ -256,7 +313,9 @@ def plot(stream: str, results: dict, arrivals: list[str], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small images, fewer classes and epochs (< 15 min on 2 CPU cores)")
+    ap.add_argument(
+        "--quick", action="store_true", help="small images, fewer classes and epochs (< 15 min on 2 CPU cores)"
+    )
     ap.add_argument("--streams", default="demo,omniglot")
     ap.add_argument("--demo-arrivals", type=int, default=5, help="arrivals in the demo stream, the base one included")
     ap.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
@@ -272,10 +331,16 @@ def main() -> None:
         overrides = overrides | {"train.num_workers": args.workers}
     params = with_overrides(load_params(args.params), overrides)
     started = time.perf_counter()
-    report: dict = {"date": date.today().isoformat(), "quick": args.quick,
-                    "machine": f"{platform.node()}: {torch.get_num_threads()} CPU threads, "
-                               f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
-                    "params": params.flat("model", "train", "replay", "distill"), "results": {}, "targets": {}, "arrival_ids": {}}
+    report: dict = {
+        "date": date.today().isoformat(),
+        "quick": args.quick,
+        "machine": f"{platform.node()}: {torch.get_num_threads()} CPU threads, "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
+        "params": params.flat("model", "train", "replay", "distill"),
+        "results": {},
+        "targets": {},
+        "arrival_ids": {},
+    }
     with tempfile.TemporaryDirectory(prefix="mnemo-continual-") as tmp:
         for name in args.streams.split(","):
             root = Path(tmp) / name

@@ -50,8 +50,13 @@ from components.search import AsyncLoop, TableReader
 from components.tables import VECTOR, connect, table_schema
 
 DIM = 128
-TARGETS = {"reindex_vs_bare_ratio": 0.9, "ann_recall_at_10": 0.95, "p99_ms_at_1m": 10.0, "swap_seconds": 1.0,
-           "rollback_seconds": 1.0}
+TARGETS = {
+    "reindex_vs_bare_ratio": 0.9,
+    "ann_recall_at_10": 0.95,
+    "p99_ms_at_1m": 10.0,
+    "swap_seconds": 1.0,
+    "rollback_seconds": 1.0,
+}
 
 
 def write_images(root: Path, n: int, size: int, seed: int) -> list[ImageRecord]:
@@ -88,15 +93,25 @@ def bench_reindex(params: Params, tmp: Path, n_images: int) -> dict:
         assert result.probes_ok and result.rows == n_images
         built.append(n_images / result.seconds)
         print(f"  round {round_}: bare {bare[-1]:.1f} img/s, re-index {built[-1]:.1f} img/s", file=sys.stderr)
-    return {"images": n_images, "image_size": 64, "model": params.model.backbone, "model_image_size": params.model.image_size,
-            "batch_size": params.index.batch_size, "write_rows": params.index.write_rows, "probes": params.index.probes,
-            "bare_images_per_s": [round(x, 1) for x in bare], "reindex_images_per_s": [round(x, 1) for x in built],
-            "ratio": round(max(built) / max(bare), 3)}
+    return {
+        "images": n_images,
+        "image_size": 64,
+        "model": params.model.backbone,
+        "model_image_size": params.model.image_size,
+        "batch_size": params.index.batch_size,
+        "write_rows": params.index.write_rows,
+        "probes": params.index.probes,
+        "bare_images_per_s": [round(x, 1) for x in bare],
+        "reindex_images_per_s": [round(x, 1) for x in built],
+        "ratio": round(max(built) / max(bare), 3),
+    }
 
 
 def class_like(n: int, seed: int, centres: np.ndarray) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    x = centres[rng.integers(0, len(centres), n)] + rng.standard_normal((n, DIM), dtype=np.float32) * (0.9 / np.sqrt(DIM))
+    x = centres[rng.integers(0, len(centres), n)] + rng.standard_normal((n, DIM), dtype=np.float32) * (
+        0.9 / np.sqrt(DIM)
+    )
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -122,8 +137,9 @@ def pct(values: list[float], p: float) -> float:
     return round(float(np.percentile(values, p)), 2)
 
 
-def bench_size(params: Params, tmp: Path, loop: AsyncLoop, n: int, n_queries: int, n_flat: int,
-               sweep_nprobes: list[int]) -> dict:
+def bench_size(
+    params: Params, tmp: Path, loop: AsyncLoop, n: int, n_queries: int, n_flat: int, sweep_nprobes: list[int]
+) -> dict:
     rng = np.random.default_rng(n)
     centres = rng.standard_normal((max(n // 100, 10), DIM)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -136,9 +152,18 @@ def bench_size(params: Params, tmp: Path, loop: AsyncLoop, n: int, n_queries: in
     start = time.perf_counter()
     for lo in range(0, n, 100_000):
         chunk = vectors[lo : lo + 100_000]
-        tbl.add(pa.table({"id": ids[lo : lo + len(chunk)], "class": ids[lo : lo + len(chunk)], "arrival": ["bench"] * len(chunk),
-                          "split": ["train"] * len(chunk), VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(chunk.ravel()), DIM)},
-                         schema=table_schema(DIM)))
+        tbl.add(
+            pa.table(
+                {
+                    "id": ids[lo : lo + len(chunk)],
+                    "class": ids[lo : lo + len(chunk)],
+                    "arrival": ["bench"] * len(chunk),
+                    "split": ["train"] * len(chunk),
+                    VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(chunk.ravel()), DIM),
+                },
+                schema=table_schema(DIM),
+            )
+        )
     write = n / (time.perf_counter() - start)
     truth = exact_top10(vectors, queries)
     reader = TableReader.open(ws, "bench", loop, params.index)
@@ -153,14 +178,33 @@ def bench_size(params: Params, tmp: Path, loop: AsyncLoop, n: int, n_queries: in
     sweep = []
     for nprobes in sweep_nprobes:  # the same index searched wider or narrower: the recall/latency trade
         ms, found = latencies(replace(reader, params=params.index.model_copy(update={"ann_nprobes": nprobes})), queries)
-        sweep.append({"nprobes": nprobes, "p50_ms": pct(ms, 50), "p99_ms": pct(ms, 99),
-                      "ann_recall_at_10": round(float(np.mean([len(set(f) & {ids[j] for j in t}) / 10
-                                                               for f, t in zip(found, truth)])), 4)})
-    row = {"rows": n, "write_rows_per_s": round(write), "flat_queries": n_flat, "flat_p50_ms": pct(flat_ms, 50),
-           "flat_p99_ms": pct(flat_ms, 99), "flat_recall_at_10": round(float(flat_recall), 4), "ann_index": ann,
-           "index_build_seconds": round(build, 1), "queries": n_queries, "p50_ms": pct(ann_ms, 50), "p99_ms": pct(ann_ms, 99),
-           "ann_recall_at_10": round(float(recall), 4), "nprobes": params.index.ann_nprobes, "sweep": sweep,
-           "production_uses_ann": n >= params.index.ann_min_rows}
+        sweep.append(
+            {
+                "nprobes": nprobes,
+                "p50_ms": pct(ms, 50),
+                "p99_ms": pct(ms, 99),
+                "ann_recall_at_10": round(
+                    float(np.mean([len(set(f) & {ids[j] for j in t}) / 10 for f, t in zip(found, truth)])), 4
+                ),
+            }
+        )
+    row = {
+        "rows": n,
+        "write_rows_per_s": round(write),
+        "flat_queries": n_flat,
+        "flat_p50_ms": pct(flat_ms, 50),
+        "flat_p99_ms": pct(flat_ms, 99),
+        "flat_recall_at_10": round(float(flat_recall), 4),
+        "ann_index": ann,
+        "index_build_seconds": round(build, 1),
+        "queries": n_queries,
+        "p50_ms": pct(ann_ms, 50),
+        "p99_ms": pct(ann_ms, 99),
+        "ann_recall_at_10": round(float(recall), 4),
+        "nprobes": params.index.ann_nprobes,
+        "sweep": sweep,
+        "production_uses_ann": n >= params.index.ann_min_rows,
+    }
     db.drop_table("bench")
     return row
 
@@ -174,7 +218,9 @@ def bench_swap(params: Params, tmp: Path, rounds: int) -> dict:
     for seed in (1, 2):
         torch.manual_seed(seed)
         model = build_embedder(params.model).eval()
-        version = registry.log_candidate(model, params={"seed": seed}, metrics={}, epoch_metrics={}, arrivals=["bench"]).version
+        version = registry.log_candidate(
+            model, params={"seed": seed}, metrics={}, epoch_metrics={}, arrivals=["bench"]
+        ).version
         registry.set_tag(version, TABLE_TAG, build_table(ws, params.index, version, model, records).table)
     registry.client.set_registered_model_alias(registry.name, CHAMPION, "1")  # the first champion
     live = LiveIndex(ws, params.registry, params.index, refresh_seconds=3600)
@@ -191,18 +237,34 @@ def bench_swap(params: Params, tmp: Path, rounds: int) -> dict:
         promoter.rollback(reason="bench")
         assert live.refresh().version == "1"
         rollbacks.append(time.perf_counter() - start)
-    return {"rounds": rounds, "swap_cold_seconds": round(swaps[0], 3),
-            "swap_warm_seconds": round(statistics.median(swaps[1:]), 3) if rounds > 1 else None,
-            "rollback_seconds_all": [round(x, 3) for x in rollbacks], "alias_move_seconds": round(statistics.median(alias_moves), 3),
-            "swap_seconds": round(swaps[0], 3), "rollback_seconds": round(statistics.median(rollbacks), 3)}
+    return {
+        "rounds": rounds,
+        "swap_cold_seconds": round(swaps[0], 3),
+        "swap_warm_seconds": round(statistics.median(swaps[1:]), 3) if rounds > 1 else None,
+        "rollback_seconds_all": [round(x, 3) for x in rollbacks],
+        "alias_move_seconds": round(statistics.median(alias_moves), 3),
+        "swap_seconds": round(swaps[0], 3),
+        "rollback_seconds": round(statistics.median(rollbacks), 3),
+    }
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version()}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+    }
 
 
 def main() -> None:
@@ -213,13 +275,19 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=300, help="ANN queries per size")
     ap.add_argument("--flat-queries", type=int, default=50, help="exact-scan queries per size (slow at 1M)")
     ap.add_argument("--swap-rounds", type=int, default=5)
-    ap.add_argument("--sweep-nprobes", type=int, nargs="*", default=[10, 20, 80], help="other nprobes to measure per size")
+    ap.add_argument(
+        "--sweep-nprobes", type=int, nargs="*", default=[10, 20, 80], help="other nprobes to measure per size"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     params = load_params(args.params)
-    report: dict = {"date": date.today().isoformat(), "machine": machine(),
-                    "index_params": params.index.model_dump(mode="json"), "targets": TARGETS}
+    report: dict = {
+        "date": date.today().isoformat(),
+        "machine": machine(),
+        "index_params": params.index.model_dump(mode="json"),
+        "targets": TARGETS,
+    }
     with tempfile.TemporaryDirectory(prefix="mnemo-bench-index-") as tmp_dir:
         tmp = Path(tmp_dir)
         print("re-index against bare inference ...", file=sys.stderr)
@@ -229,7 +297,9 @@ def main() -> None:
         loop = AsyncLoop()
         for n in args.sizes:
             print(f"{n} vectors ...", file=sys.stderr)
-            report["sizes"][str(n)] = bench_size(params, tmp, loop, n, args.queries, args.flat_queries, args.sweep_nprobes)
+            report["sizes"][str(n)] = bench_size(
+                params, tmp, loop, n, args.queries, args.flat_queries, args.sweep_nprobes
+            )
         print("swap and rollback ...", file=sys.stderr)
         report["swap"] = bench_swap(params, tmp, args.swap_rounds)
         report["swap_seconds"] = report["swap"]["swap_seconds"]
@@ -246,14 +316,18 @@ def main() -> None:
 
 def markdown(report: dict) -> str:
     r = report["reindex"]
-    lines = [f"\nre-index {max(r['reindex_images_per_s']):.1f} img/s vs bare inference {max(r['bare_images_per_s']):.1f} img/s: "
-             f"ratio {report['reindex_vs_bare_ratio']:.3f}; swap {report['swap_seconds']:.3f} s (cold), "
-             f"{report['swap']['swap_warm_seconds']} s (warm); rollback {report['rollback_seconds']:.3f} s\n",
-             "| rows | write rows/s | exact p50 ms | exact p99 ms | ANN | index build s | ANN p50 ms | ANN p99 ms | ANN recall@10 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"\nre-index {max(r['reindex_images_per_s']):.1f} img/s vs bare inference {max(r['bare_images_per_s']):.1f} img/s: "
+        f"ratio {report['reindex_vs_bare_ratio']:.3f}; swap {report['swap_seconds']:.3f} s (cold), "
+        f"{report['swap']['swap_warm_seconds']} s (warm); rollback {report['rollback_seconds']:.3f} s\n",
+        "| rows | write rows/s | exact p50 ms | exact p99 ms | ANN | index build s | ANN p50 ms | ANN p99 ms | ANN recall@10 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for n, s in report["sizes"].items():
-        lines.append(f"| {int(n):,} | {s['write_rows_per_s']:,} | {s['flat_p50_ms']} | {s['flat_p99_ms']} | {s['ann_index']} | "
-                     f"{s['index_build_seconds']} | {s['p50_ms']} | {s['p99_ms']} | {s['ann_recall_at_10']:.3f} |")
+        lines.append(
+            f"| {int(n):,} | {s['write_rows_per_s']:,} | {s['flat_p50_ms']} | {s['flat_p99_ms']} | {s['ann_index']} | "
+            f"{s['index_build_seconds']} | {s['p50_ms']} | {s['p99_ms']} | {s['ann_recall_at_10']:.3f} |"
+        )
     return "\n".join(lines)
 
 

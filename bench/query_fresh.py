@@ -48,8 +48,14 @@ def main() -> None:
     catalog = ClassRegistry.load(ws.class_registry)
     fonts = discover_fonts()
 
-    report: dict = {"date": date.today().isoformat(), "model_version": champion.version, "table": champion.table,
-                    "fonts": fonts.source, "per_class": args.per_class, "splits": {}}
+    report: dict = {
+        "date": date.today().isoformat(),
+        "model_version": champion.version,
+        "table": champion.table,
+        "fonts": fonts.source,
+        "per_class": args.per_class,
+        "splits": {},
+    }
     model = registry.load_pyfunc(champion.version)
     for split in ("train", "unseen"):
         classes = catalog.classes_with_split(split)
@@ -66,13 +72,20 @@ def main() -> None:
         seconds = time.perf_counter() - start
         top1 = np.mean([h[0]["class"] == t for h, t in zip(hits, truth)])
         top5 = np.mean([any(x["class"] == t for x in h) for h, t in zip(hits, truth)])
-        report["splits"][split] = {"classes": len(classes), "queries": len(truth), "top1_class_accuracy": round(float(top1), 4),
-                                   "top5_class_accuracy": round(float(top5), 4), "seconds": round(seconds, 2)}
+        report["splits"][split] = {
+            "classes": len(classes),
+            "queries": len(truth),
+            "top1_class_accuracy": round(float(top1), 4),
+            "top5_class_accuracy": round(float(top5), 4),
+            "seconds": round(seconds, 2),
+        }
 
     print(json.dumps(report, indent=1))
     print("\n| classes | n classes | queries | top-1 class | top-5 class |\n|---|---|---|---|---|")
     for split, r in report["splits"].items():
-        print(f"| {split} | {r['classes']} | {r['queries']} | {r['top1_class_accuracy']:.3f} | {r['top5_class_accuracy']:.3f} |")
+        print(
+            f"| {split} | {r['classes']} | {r['queries']} | {r['top1_class_accuracy']:.3f} | {r['top5_class_accuracy']:.3f} |"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")

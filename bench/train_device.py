@@ -33,7 +33,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--classes", type=int, default=None, help="classes in the arrival (default: params demo.base_classes)")
+    ap.add_argument(
+        "--classes", type=int, default=None, help="classes in the arrival (default: params demo.base_classes)"
+    )
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: params train.num_workers)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", type=Path, default=None)
@@ -55,13 +57,17 @@ def main() -> None:
         ingest_arrival(write_arrival(ws.inbox, 0, chars, fonts, params.demo), ws, params.ingest)
         catalog = ClassRegistry.load(ws.class_registry)
         train, unseen = catalog.records("train"), catalog.records("unseen")
-        result = train_embedder([ws.classes_dir / r.id for r in train], [r.cls for r in train], params.train, params.model)
+        result = train_embedder(
+            [ws.classes_dir / r.id for r in train], [r.cls for r in train], params.train, params.model
+        )
         scores = score_unseen(ws, unseen, params.evaluate, result.model)
 
     report = {
         "date": date.today().isoformat(),
         "device": result.device,
-        "device_name": torch.cuda.get_device_name() if result.device.startswith("cuda") else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name()
+        if result.device.startswith("cuda")
+        else platform.processor() or "cpu",
         "torch": torch.__version__,
         "fonts": fonts.source,
         "backbone": params.model.backbone,
@@ -80,7 +86,15 @@ def main() -> None:
         "pixel_unseen_map_at_r": round(scores["baseline_unseen_map_at_r"], 4),
     }
     print(json.dumps(report, indent=1))
-    print("\n| " + " | ".join(report) + " |\n|" + "---|" * len(report) + "\n| " + " | ".join(map(str, report.values())) + " |")
+    print(
+        "\n| "
+        + " | ".join(report)
+        + " |\n|"
+        + "---|" * len(report)
+        + "\n| "
+        + " | ".join(map(str, report.values()))
+        + " |"
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")

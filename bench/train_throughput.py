@@ -54,9 +54,15 @@ def bare_loop(model: Embedder, paths: list[Path], names: list[str], params: Para
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
     labels, _ = encode_labels(names)
-    loader = DataLoader(ImageFiles(paths, labels, train_transform(model.image_size)), batch_size=params.train.batch_size,
-                        shuffle=True, drop_last=True, num_workers=params.train.num_workers, pin_memory=on_gpu,
-                        persistent_workers=params.train.num_workers > 0)
+    loader = DataLoader(
+        ImageFiles(paths, labels, train_transform(model.image_size)),
+        batch_size=params.train.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=params.train.num_workers,
+        pin_memory=on_gpu,
+        persistent_workers=params.train.num_workers > 0,
+    )
     loss_fn = losses.MultiSimilarityLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
     rates = []
@@ -90,8 +96,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    overrides = {"train.device": args.device, "train.epochs": args.epochs, "demo.arrivals": 1,
-                 "demo.base_classes": args.classes, "demo.classes_per_arrival": args.classes}
+    overrides = {
+        "train.device": args.device,
+        "train.epochs": args.epochs,
+        "demo.arrivals": 1,
+        "demo.base_classes": args.classes,
+        "demo.classes_per_arrival": args.classes,
+    }
     if args.workers is not None:
         overrides["train.num_workers"] = args.workers
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,32 +115,47 @@ def main() -> None:
         first = [r for r in train if r.arrival == "demo-000"]
         second = [r for r in train if r.arrival == "demo-001"]
         one_epoch = with_overrides(params, {"train.epochs": 1})
-        previous = train_continual(first, ws.classes_dir, one_epoch.train, one_epoch.model, one_epoch.replay, one_epoch.distill)
+        previous = train_continual(
+            first, ws.classes_dir, one_epoch.train, one_epoch.model, one_epoch.replay, one_epoch.distill
+        )
         state = previous.save_state(Path(tmp) / "state")
 
         runs: dict[str, list[float]] = {}
         memory_paths = [e.path for e in previous.memory.exemplars()]
         memory_names = [e.cls for e in previous.memory.exemplars()]
-        runs["bare"] = bare_loop(previous.train.model, [ws.classes_dir / r.id for r in second] + memory_paths,
-                                 [r.cls for r in second] + memory_names, params, args.epochs)
+        runs["bare"] = bare_loop(
+            previous.train.model,
+            [ws.classes_dir / r.id for r in second] + memory_paths,
+            [r.cls for r in second] + memory_names,
+            params,
+            args.epochs,
+        )
         variants = {"mnemo naive": NO_REPLAY | NO_DISTILL, "mnemo replay": NO_DISTILL, "mnemo replay_distill": {}}
         if args.compile:
             variants["mnemo replay_distill compiled"] = {"train.compile": True}
         for name, extra in variants.items():
             p = with_overrides(params, extra)
-            step = train_continual(second, ws.classes_dir, p.train, p.model, p.replay, p.distill, init=previous.train.model,
-                                   state=state)
+            step = train_continual(
+                second, ws.classes_dir, p.train, p.model, p.replay, p.distill, init=previous.train.model, state=state
+            )
             runs[name] = step.train.epoch_metrics["epoch_images_per_second"]
 
     median = {name: statistics.median(r[1:] if len(r) > 1 else r) for name, r in runs.items()}
     report = {
         "date": date.today().isoformat(),
         "machine": f"{platform.node()}: {torch.get_num_threads()} CPU threads, "
-                   f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
-        "device": str(pick_device(args.device)), "torch": torch.__version__, "epochs": args.epochs,
-        "batch_size": params.train.batch_size, "image_size": params.model.image_size, "backbone": params.model.backbone,
-        "num_workers": params.train.num_workers, "new_images": len(second), "memory_images": len(memory_paths),
-        "images_per_second_median": median, "images_per_second_per_epoch": runs,
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
+        "device": str(pick_device(args.device)),
+        "torch": torch.__version__,
+        "epochs": args.epochs,
+        "batch_size": params.train.batch_size,
+        "image_size": params.model.image_size,
+        "backbone": params.model.backbone,
+        "num_workers": params.train.num_workers,
+        "new_images": len(second),
+        "memory_images": len(memory_paths),
+        "images_per_second_median": median,
+        "images_per_second_per_epoch": runs,
         "ratio_vs_bare": {name: v / median["bare"] for name, v in median.items()},
     }
     print(json.dumps(report, indent=1))

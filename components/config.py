@@ -31,7 +31,15 @@ class PathsParams(_Section):
 
 
 # Image formats ingest can store, and the file extension each is stored under.
-IMAGE_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "MPO": "jpg", "BMP": "bmp", "GIF": "gif", "TIFF": "tif", "WEBP": "webp"}
+IMAGE_EXTENSIONS = {
+    "PNG": "png",
+    "JPEG": "jpg",
+    "MPO": "jpg",
+    "BMP": "bmp",
+    "GIF": "gif",
+    "TIFF": "tif",
+    "WEBP": "webp",
+}
 # Pixel modes whose conversion to RGB keeps the picture (16-bit and float modes would clip).
 IMAGE_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"}
 

@@ -56,11 +56,16 @@ def average_forgetting(matrix: np.ndarray) -> float:
     return float(f.mean()) if len(f) else 0.0
 
 
-def slice_values(metrics: Mapping[str, float], prefix: str = "seen_", metric: str = FORGETTING_METRIC) -> dict[str, float]:
+def slice_values(
+    metrics: Mapping[str, float], prefix: str = "seen_", metric: str = FORGETTING_METRIC
+) -> dict[str, float]:
     """{slice: value} from keys `<prefix><slice>_<metric>`."""
     head, tail = prefix, f"_{metric}"
-    return {k[len(head):-len(tail)]: v for k, v in metrics.items()
-            if k.startswith(head) and k.endswith(tail) and len(k) > len(head) + len(tail)}
+    return {
+        k[len(head) : -len(tail)]: v
+        for k, v in metrics.items()
+        if k.startswith(head) and k.endswith(tail) and len(k) > len(head) + len(tail)
+    }
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,11 @@ class ForgettingMatrix:
         return replace(self, versions=[*self.versions[:-1], f"v{candidate_version} (candidate)"])
 
     def as_dict(self) -> dict:
-        return {"versions": self.versions, "slices": self.slices,
-                "values": [[json_number(v) for v in row] for row in self.values.tolist()]}
+        return {
+            "versions": self.versions,
+            "slices": self.slices,
+            "values": [[json_number(v) for v in row] for row in self.values.tolist()],
+        }
 
 
 def forgetting_matrix(
@@ -104,8 +112,10 @@ def forgetting_matrix(
     order = sorted(rows, key=lambda v: (int(v), v) if v.isdigit() else (math.inf, v))
     last = slice_values(candidate)
     slices = sorted({s for v in order for s in rows[v]} | set(last))
-    values = np.array([[rows[v].get(s, math.nan) for s in slices] for v in order] + [[last.get(s, math.nan) for s in slices]],
-                      dtype=float).reshape(len(order) + 1, len(slices))
+    values = np.array(
+        [[rows[v].get(s, math.nan) for s in slices] for v in order] + [[last.get(s, math.nan) for s in slices]],
+        dtype=float,
+    ).reshape(len(order) + 1, len(slices))
     return ForgettingMatrix(versions=[*order, candidate_label], slices=slices, values=values)
 
 

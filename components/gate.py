@@ -28,13 +28,17 @@ class GateDecision:
 
     def with_check(self, passed: bool, reason: str) -> GateDecision:
         """The decision with one more check (e.g. the index smoke test, run after registration)."""
-        return replace(self, promote=self.promote and passed, reasons=[*self.reasons, reason],
-                       failed=self.failed if passed else [*self.failed, reason])
+        return replace(
+            self,
+            promote=self.promote and passed,
+            reasons=[*self.reasons, reason],
+            failed=self.failed if passed else [*self.failed, reason],
+        )
 
 
 def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float] | None:
     """The metrics whose keys start with prefix, prefix removed; None when there are none."""
-    found = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+    found = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
     return found or None
 
 
@@ -60,15 +64,29 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
             failed.append(no)
 
     bad_rows = _number(candidate, "non_finite_embeddings")
-    check(bad_rows == 0, "embeddings are finite",
-          "embeddings were not checked for NaN/inf" if math.isnan(bad_rows) else f"{bad_rows:.0f} embeddings contain NaN or infinite values")
+    check(
+        bad_rows == 0,
+        "embeddings are finite",
+        "embeddings were not checked for NaN/inf"
+        if math.isnan(bad_rows)
+        else f"{bad_rows:.0f} embeddings contain NaN or infinite values",
+    )
     spread = _number(candidate, "embedding_spread")
-    check(spread >= gate.min_embedding_spread, f"embedding spread {spread:.4f} meets the floor {gate.min_embedding_spread:.4f}",
-          f"embeddings collapsed: spread {spread:.4f} is below the floor {gate.min_embedding_spread:.4f}")
-    for key, name, floor in (("unseen_recall_at_1", "unseen Recall@1", gate.min_unseen_recall_at_1),
-                             ("unseen_map_at_r", "unseen MAP@R", gate.min_unseen_map_at_r)):
+    check(
+        spread >= gate.min_embedding_spread,
+        f"embedding spread {spread:.4f} meets the floor {gate.min_embedding_spread:.4f}",
+        f"embeddings collapsed: spread {spread:.4f} is below the floor {gate.min_embedding_spread:.4f}",
+    )
+    for key, name, floor in (
+        ("unseen_recall_at_1", "unseen Recall@1", gate.min_unseen_recall_at_1),
+        ("unseen_map_at_r", "unseen MAP@R", gate.min_unseen_map_at_r),
+    ):
         value = _number(candidate, key)
-        check(value >= floor, f"{name} {value:.4f} meets the floor {floor:.4f}", f"{name} {value:.4f} is below the floor {floor:.4f}")
+        check(
+            value >= floor,
+            f"{name} {value:.4f} meets the floor {floor:.4f}",
+            f"{name} {value:.4f} is below the floor {floor:.4f}",
+        )
 
     if champion is None:
         reasons.append("no champion: change thresholds skipped")
@@ -78,10 +96,16 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
         reasons.append("the champion's unseen Recall@1 is unknown: drop not checked")
     else:
         drop, allowed = before - r1, gate.max_unseen_recall_at_1_drop
-        check(drop <= allowed, f"unseen Recall@1 changed {-drop:+.4f} against the champion (allowed drop {allowed:.4f})",
-              f"unseen Recall@1 dropped {drop:.4f} against the champion, more than {allowed:.4f}"
-              if not math.isnan(drop) else "unseen Recall@1 is not a number: drop against the champion unknown")
-    forgetting = {k[len("forgetting_"):]: float(v) for k, v in sorted(candidate.items()) if k.startswith("forgetting_")}
+        check(
+            drop <= allowed,
+            f"unseen Recall@1 changed {-drop:+.4f} against the champion (allowed drop {allowed:.4f})",
+            f"unseen Recall@1 dropped {drop:.4f} against the champion, more than {allowed:.4f}"
+            if not math.isnan(drop)
+            else "unseen Recall@1 is not a number: drop against the champion unknown",
+        )
+    forgetting = {
+        k[len("forgetting_") :]: float(v) for k, v in sorted(candidate.items()) if k.startswith("forgetting_")
+    }
     allowed = gate.max_slice_forgetting
     over = {s: f for s, f in forgetting.items() if not f <= allowed}  # NaN counts as over: unknown is not fine
     for s, f in over.items():
@@ -94,8 +118,8 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
     return GateDecision(promote=not failed, reasons=reasons, failed=failed)
 
 
-
 # --- the gate report ------------------------------------------------------------------------
+
 
 def gate_report(
     candidate_version: str,
@@ -109,8 +133,11 @@ def gate_report(
     side_by_side = {}
     for key in sorted(k for k in metrics if k.startswith(("unseen_", "seen_"))):
         mine, theirs = metrics[key], metrics.get(f"champion_{key}")
-        side_by_side[key] = {"candidate": json_number(mine), "champion": json_number(theirs),
-                             "delta": json_number(mine - theirs) if theirs is not None else None}
+        side_by_side[key] = {
+            "candidate": json_number(mine),
+            "champion": json_number(theirs),
+            "delta": json_number(mine - theirs) if theirs is not None else None,
+        }
     for key in ("embedding_spread", "non_finite_embeddings", "average_forgetting"):
         if key in metrics:
             side_by_side[key] = {"candidate": json_number(metrics[key]), "champion": None, "delta": None}
@@ -122,7 +149,9 @@ def gate_report(
         "thresholds": gate.model_dump(mode="json"),
         "metrics": side_by_side,
         "baseline": {k: json_number(v) for k, v in sorted(metrics.items()) if k.startswith("baseline_")},
-        "forgetting": {k[len("forgetting_"):]: json_number(v) for k, v in sorted(metrics.items()) if k.startswith("forgetting_")},
+        "forgetting": {
+            k[len("forgetting_") :]: json_number(v) for k, v in sorted(metrics.items()) if k.startswith("forgetting_")
+        },
         "forgetting_matrix": matrix.labelled(str(candidate_version)).as_dict(),
     }
 
@@ -134,8 +163,14 @@ def _cell(v: float | None) -> str:
 def gate_markdown(report: Mapping) -> str:
     """The report for people: verdict, reasons, the side-by-side table, forgetting per slice."""
     champion = f"v{report['champion']}" if report["champion"] else "none"
-    lines = [f"# Gate: v{report['candidate']} — **{report['verdict'].upper()}**", "",
-             f"Candidate v{report['candidate']} against champion {champion}.", "", "## Reasons", ""]
+    lines = [
+        f"# Gate: v{report['candidate']} — **{report['verdict'].upper()}**",
+        "",
+        f"Candidate v{report['candidate']} against champion {champion}.",
+        "",
+        "## Reasons",
+        "",
+    ]
     lines += [f"- {r}" for r in report["reasons"]]
     lines += ["", "## Metrics", "", "| metric | candidate | champion | delta |", "|---|---:|---:|---:|"]
     for key, row in report["metrics"].items():
@@ -144,7 +179,13 @@ def gate_markdown(report: Mapping) -> str:
     if report["baseline"]:
         lines += ["", "Pixel baseline: " + ", ".join(f"{k} {_cell(v)}" for k, v in report["baseline"].items())]
     if report["forgetting"]:
-        lines += ["", "## Forgetting (best served seen Recall@1 minus the candidate's)", "", "| slice | forgetting |", "|---|---:|"]
+        lines += [
+            "",
+            "## Forgetting (best served seen Recall@1 minus the candidate's)",
+            "",
+            "| slice | forgetting |",
+            "|---|---:|",
+        ]
         lines += [f"| {s} | {_cell(v)} |" for s, v in report["forgetting"].items()]
     lines += ["", "## Thresholds", "", "```json", json.dumps(report["thresholds"], indent=1), "```", ""]
     return "\n".join(lines)

@@ -79,8 +79,10 @@ class IndexValidation:
             shown = ", ".join(self.missing_classes[:5]) + (", ..." if len(self.missing_classes) > 5 else "")
             found.append(f"{len(self.missing_classes)} class(es) missing: {shown}")
         if self.probes_found != self.probes:
-            found.append(f"{self.probes - self.probes_found} of {self.probes} probe images did not find themselves "
-                         "(model and stored vectors disagree)")
+            found.append(
+                f"{self.probes - self.probes_found} of {self.probes} probe images did not find themselves "
+                "(model and stored vectors disagree)"
+            )
         return found
 
     @property
@@ -109,7 +111,6 @@ class IndexBuild:
         return self.probes_found == self.probes
 
 
-
 def check_writable(ws: Workspace) -> None:
     """Fail before any work when a local LanceDB directory cannot be written (object stores answer at the write)."""
     uri = ws.lancedb_uri
@@ -122,24 +123,33 @@ def check_writable(ws: Workspace) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise IndexBuildError(f"LanceDB directory {path} is not writable ({exc.strerror}); "
-                              "nothing was built and the live pair is unchanged") from None
-
-
+        raise IndexBuildError(
+            f"LanceDB directory {path} is not writable ({exc.strerror}); "
+            "nothing was built and the live pair is unchanged"
+        ) from None
 
 
 def _progress(label: str) -> Progress:
     # stderr: stdout stays clean for --json output
-    return Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True))
+    return Progress(
+        TextColumn(f"[bold]{label}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
 
 
 def _rows(ws: Workspace, model: Embedder, records: Sequence[ImageRecord], batch_size: int) -> pa.Table:
     vectors = embed_images(model, (open_rgb(ws.classes_dir / r.id) for r in records), batch_size=batch_size)
     return pa.table(
-        {"id": [r.id for r in records], "class": [r.cls for r in records], "arrival": [r.arrival for r in records],
-         "split": [r.role for r in records],
-         VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), model.embedding_dim)},
+        {
+            "id": [r.id for r in records],
+            "class": [r.cls for r in records],
+            "arrival": [r.arrival for r in records],
+            "split": [r.role for r in records],
+            VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), model.embedding_dim),
+        },
         schema=table_schema(model.embedding_dim),
     )
 
@@ -149,8 +159,14 @@ def _chunks(records: Sequence[ImageRecord], size: int) -> Iterable[Sequence[Imag
         yield records[lo : lo + size]
 
 
-def _write(tbl: lancedb.table.Table, ws: Workspace, model: Embedder, records: Sequence[ImageRecord],
-           params: IndexParams, label: str) -> None:
+def _write(
+    tbl: lancedb.table.Table,
+    ws: Workspace,
+    model: Embedder,
+    records: Sequence[ImageRecord],
+    params: IndexParams,
+    label: str,
+) -> None:
     """Embed and append records, one LanceDB write per `write_rows` (each write is one Lance version)."""
     with _progress(label) as progress:
         task = progress.add_task(label, total=len(records))
@@ -164,16 +180,18 @@ def ensure_ann_index(tbl: lancedb.table.Table, params: IndexParams) -> str | Non
     if tbl.count_rows() < params.ann_min_rows:
         return None
     if params.ann_type == "IVF_PQ":
-        config: IvfPq | IvfHnswSq = IvfPq(distance_type="cosine", num_partitions=params.ann_partitions,
-                                          num_sub_vectors=params.ann_sub_vectors)
+        config: IvfPq | IvfHnswSq = IvfPq(
+            distance_type="cosine", num_partitions=params.ann_partitions, num_sub_vectors=params.ann_sub_vectors
+        )
     else:
         config = IvfHnswSq(distance_type="cosine", num_partitions=params.ann_partitions)
     tbl.create_index(VECTOR, config=config)
     return params.ann_type
 
 
-def validate_table(ws: Workspace, tbl: lancedb.table.Table, model: Embedder, records: Sequence[ImageRecord],
-                   params: IndexParams) -> IndexValidation:
+def validate_table(
+    ws: Workspace, tbl: lancedb.table.Table, model: Embedder, records: Sequence[ImageRecord], params: IndexParams
+) -> IndexValidation:
     """Row count equals the images stored, every class is present, and probe images, embedded
     afresh by `model` from their files, find their own rows through the live search path."""
     classes = set(column(tbl, "class"))
@@ -182,9 +200,13 @@ def validate_table(ws: Workspace, tbl: lancedb.table.Table, model: Embedder, rec
     vectors = embed_images(model, (open_rgb(ws.classes_dir / r.id) for r in probes), batch_size=params.batch_size)
     hits = search_table(tbl, vectors, min(5, max(rows, 1)), params) if rows else [[] for _ in probes]
     return IndexValidation(
-        table=tbl.name, rows=rows, expected_rows=len(records), classes=len(classes),
+        table=tbl.name,
+        rows=rows,
+        expected_rows=len(records),
+        classes=len(classes),
         missing_classes=tuple(sorted({r.cls for r in records} - classes)),
-        probes=len(probes), probes_found=sum(finds_itself(r.id, h) for r, h in zip(probes, hits)),
+        probes=len(probes),
+        probes_found=sum(finds_itself(r.id, h) for r, h in zip(probes, hits)),
     )
 
 
@@ -203,7 +225,9 @@ def drop_old_versions(tbl: lancedb.table.Table, older_than: timedelta) -> None:
         tbl.optimize(cleanup_older_than=older_than)
 
 
-def cleanup_tables(ws: Workspace, params: IndexParams, *, keep: Collection[str], orphans_only: bool = False) -> tuple[str, ...]:
+def cleanup_tables(
+    ws: Workspace, params: IndexParams, *, keep: Collection[str], orphans_only: bool = False
+) -> tuple[str, ...]:
     """Drop orphans (unmarked tables of the prefix) and validated tables beyond the newest
     `keep_tables`; a table named in `keep` (the champion's, the one just built) always stays."""
     db = connect(ws)
@@ -265,13 +289,30 @@ def build_table(
     _mark_validated(tbl, version)
     drop_old_versions(tbl, timedelta(0))  # one Lance version left: the validated one
     removed = cleanup_tables(ws, params, keep={*keep, name})
-    return IndexBuild(table=name, version=str(version), rows=validation.rows, classes=validation.classes,
-                      probes=validation.probes, probes_found=validation.probes_found, ann_index=ann,
-                      caught_up=len(caught_up), removed=removed, reused=False, seconds=time.perf_counter() - start)
+    return IndexBuild(
+        table=name,
+        version=str(version),
+        rows=validation.rows,
+        classes=validation.classes,
+        probes=validation.probes,
+        probes_found=validation.probes_found,
+        ann_index=ann,
+        caught_up=len(caught_up),
+        removed=removed,
+        reused=False,
+        seconds=time.perf_counter() - start,
+    )
 
 
-def _reuse(ws: Workspace, params: IndexParams, version: str, model: Embedder, tbl: lancedb.table.Table,
-           records: Sequence[ImageRecord], start: float) -> IndexBuild:
+def _reuse(
+    ws: Workspace,
+    params: IndexParams,
+    version: str,
+    model: Embedder,
+    tbl: lancedb.table.Table,
+    records: Sequence[ImageRecord],
+    start: float,
+) -> IndexBuild:
     """A validated (or aliased) table may be live or a rollback target: it is checked, never dropped."""
     if written_by(tbl) not in (None, str(version)):
         raise IndexBuildError(f"table {tbl.name} was written by model version {written_by(tbl)}, not {version}")
@@ -285,14 +326,24 @@ def _reuse(ws: Workspace, params: IndexParams, version: str, model: Embedder, tb
     if not is_validated(tbl):
         _mark_validated(tbl, version)
     indices = list(tbl.list_indices())
-    return IndexBuild(table=tbl.name, version=str(version), rows=validation.rows, classes=validation.classes,
-                      probes=validation.probes, probes_found=validation.probes_found,
-                      ann_index=params.ann_type if indices else None, caught_up=len(missing), removed=(),
-                      reused=True, seconds=time.perf_counter() - start)
+    return IndexBuild(
+        table=tbl.name,
+        version=str(version),
+        rows=validation.rows,
+        classes=validation.classes,
+        probes=validation.probes,
+        probes_found=validation.probes_found,
+        ann_index=params.ann_type if indices else None,
+        caught_up=len(missing),
+        removed=(),
+        reused=True,
+        seconds=time.perf_counter() - start,
+    )
 
 
-def append_missing(tbl: lancedb.table.Table, ws: Workspace, model: Embedder, records: Sequence[ImageRecord],
-            params: IndexParams) -> None:
+def append_missing(
+    tbl: lancedb.table.Table, ws: Workspace, model: Embedder, records: Sequence[ImageRecord], params: IndexParams
+) -> None:
     """Insert rows whose id the table lacks; merge on `id`, so two racing writers never duplicate one."""
     for chunk in _chunks(records, params.write_rows):
         tbl.merge_insert("id").when_not_matched_insert_all().execute(_rows(ws, model, chunk, params.batch_size))

@@ -98,10 +98,17 @@ class LiveIndex:
                 return current
             table = self._table(champion.table)
             if table.written_by() not in (None, champion.version):
-                raise LivePairMismatch(f"champion v{champion.version} points at table {champion.table}, "
-                                       f"written by model version {table.written_by()}")
-            pair = LivePair(version=champion.version, table_name=champion.table, model=self._model(champion.version),
-                            table=table, since=datetime.now(UTC))
+                raise LivePairMismatch(
+                    f"champion v{champion.version} points at table {champion.table}, "
+                    f"written by model version {table.written_by()}"
+                )
+            pair = LivePair(
+                version=champion.version,
+                table_name=champion.table,
+                model=self._model(champion.version),
+                table=table,
+                since=datetime.now(UTC),
+            )
             self._pair = pair  # the swap: one assignment; in-flight readers keep the pair they hold
             log.info("live pair: v%s with table %s", pair.version, pair.table_name)
             return pair
@@ -120,7 +127,9 @@ class LiveIndex:
             if self._loop is None:
                 self._loop = AsyncLoop()
             # hot adds by other processes become visible within refresh_seconds
-            self._tables[name] = TableReader.open(self.ws, name, self._loop, self.index, refresh_seconds=self.refresh_seconds)
+            self._tables[name] = TableReader.open(
+                self.ws, name, self._loop, self.index, refresh_seconds=self.refresh_seconds
+            )
         return self._tables[name]
 
     def start(self) -> None:
@@ -143,4 +152,3 @@ class LiveIndex:
                 self.refresh()
             except Exception:  # the registry or the store may be briefly away: keep the pair, retry
                 log.exception("live pair refresh failed; still serving v%s", getattr(self._pair, "version", None))
-

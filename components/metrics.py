@@ -71,7 +71,7 @@ def retrieval_metrics(
     y = torch.as_tensor(codes, device=device)
     n = len(y)
     chunk = chunk or max(1, min(4096, BLOCK_BYTES // (4 * max(n, 1))))
-    r_of = (torch.bincount(y)[y] - 1)  # other images of each query's class
+    r_of = torch.bincount(y)[y] - 1  # other images of each query's class
     depth = min(n - 1, max(max(ks), int(r_of.max()) if n else 0))
     hits = {k: 0.0 for k in ks}
     ap_sum, rp_sum, counted = 0.0, 0.0, 0
@@ -96,8 +96,12 @@ def retrieval_metrics(
         counted += int(valid.sum())
     if counted == 0:
         raise ValueError("no query has another image of its class; cannot score retrieval")
-    return RetrievalMetrics(recall_at={k: hits[k] / counted for k in ks}, map_at_r=ap_sum / counted,
-                            r_precision=rp_sum / counted, queries=counted)
+    return RetrievalMetrics(
+        recall_at={k: hits[k] / counted for k in ks},
+        map_at_r=ap_sum / counted,
+        r_precision=rp_sum / counted,
+        queries=counted,
+    )
 
 
 def metrics_device() -> str:
@@ -145,11 +149,16 @@ def sanity_metrics(embeddings: np.ndarray) -> dict[str, float]:
 def score_vectors(embeddings: np.ndarray, labels: Sequence[str], ks: Sequence[int], prefix: str) -> dict[str, float]:
     """Retrieval metrics under prefix; NaN for every key when an embedding is not finite."""
     if not np.isfinite(embeddings).all():
-        return {f"{prefix}_recall_at_{k}": math.nan for k in ks} | {f"{prefix}_map_at_r": math.nan, f"{prefix}_r_precision": math.nan}
+        return {f"{prefix}_recall_at_{k}": math.nan for k in ks} | {
+            f"{prefix}_map_at_r": math.nan,
+            f"{prefix}_r_precision": math.nan,
+        }
     return retrieval_metrics(embeddings, labels, ks, device=metrics_device()).as_dict(prefix)
 
 
-def score_embedder(model: Embedder, paths: Sequence[Path], labels: Sequence[str], ks: Sequence[int], batch_size: int) -> RetrievalMetrics:
+def score_embedder(
+    model: Embedder, paths: Sequence[Path], labels: Sequence[str], ks: Sequence[int], batch_size: int
+) -> RetrievalMetrics:
     """Embed the images with `model` and score leave-one-out retrieval among them."""
     return retrieval_metrics(embed_files(model, paths, batch_size=batch_size), labels, ks, device=metrics_device())
 
@@ -160,7 +169,11 @@ def score_pixels(paths: Sequence[Path], labels: Sequence[str], ks: Sequence[int]
 
 
 def score_unseen(
-    ws: Workspace, unseen: Sequence[ImageRecord], params: EvaluateParams, candidate: Embedder, champion: Embedder | None = None
+    ws: Workspace,
+    unseen: Sequence[ImageRecord],
+    params: EvaluateParams,
+    candidate: Embedder,
+    champion: Embedder | None = None,
 ) -> dict[str, float]:
     """Candidate, champion (when there is one) and the pixel baseline, on the same unseen-class images.
 

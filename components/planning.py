@@ -12,8 +12,12 @@ from components.gate import GateDecision
 from components.index import IndexBuild
 from components.registry import ModelVersionInfo
 
-OUTCOMES = {"promoted": "Promoted", "rejected": "Rejected", "nothing_new": "Nothing new",
-            "insufficient_data": "Insufficient data"}  # status -> the name of the run's final state
+OUTCOMES = {
+    "promoted": "Promoted",
+    "rejected": "Rejected",
+    "nothing_new": "Nothing new",
+    "insufficient_data": "Insufficient data",
+}  # status -> the name of the run's final state
 
 
 def retrain_skip_reason(catalog: ClassRegistry, last_tried: list[str] | None) -> tuple[str, str] | None:
@@ -35,8 +39,10 @@ def retrain_skip_reason(catalog: ClassRegistry, last_tried: list[str] | None) ->
         per_class[r.cls] = per_class.get(r.cls, 0) + 1
     scorable = sum(1 for n in per_class.values() if n >= 2)
     if scorable < 2:
-        return "insufficient_data", (f"{scorable} unseen class(es) with 2+ images so far; scoring retrieval on "
-                                     "classes no model has seen needs at least 2")
+        return "insufficient_data", (
+            f"{scorable} unseen class(es) with 2+ images so far; scoring retrieval on "
+            "classes no model has seen needs at least 2"
+        )
     return None
 
 
@@ -49,12 +55,16 @@ class RetrainPlan:
     skip: tuple[str, str] | None  # (status, message) when there is nothing to train
 
 
-def plan_retrain(catalog: ClassRegistry, champion: ModelVersionInfo | None, latest: ModelVersionInfo | None) -> RetrainPlan:
+def plan_retrain(
+    catalog: ClassRegistry, champion: ModelVersionInfo | None, latest: ModelVersionInfo | None
+) -> RetrainPlan:
     """The plan against the champion (whose arrivals are learned) and the newest version (whose were tried)."""
     learned = set(champion.arrivals) if champion else set()
-    return RetrainPlan(arrivals=sorted(catalog.arrivals),
-                       new=[r for r in catalog.records("train") if r.arrival not in learned],
-                       skip=retrain_skip_reason(catalog, latest.arrivals if latest else None))
+    return RetrainPlan(
+        arrivals=sorted(catalog.arrivals),
+        new=[r for r in catalog.records("train") if r.arrival not in learned],
+        skip=retrain_skip_reason(catalog, latest.arrivals if latest else None),
+    )
 
 
 @dataclass
@@ -78,24 +88,47 @@ class RetrainSummary:
         return OUTCOMES[self.status]
 
 
-def skipped(plan: RetrainPlan, catalog: ClassRegistry, champion: ModelVersionInfo | None,
-            ingested: Sequence[str]) -> RetrainSummary | None:
+def skipped(
+    plan: RetrainPlan, catalog: ClassRegistry, champion: ModelVersionInfo | None, ingested: Sequence[str]
+) -> RetrainSummary | None:
     """The summary of a run that trains nothing (the live pair unchanged); None when there is work to do."""
     if plan.skip is None:
         return None
     status, why = plan.skip
-    return RetrainSummary(status=status, message=f"{why}; live pair unchanged", classes_known=len(catalog.classes),
-                          version=champion.version if champion else None, table=champion.table if champion else None,
-                          ingested=list(ingested))
+    return RetrainSummary(
+        status=status,
+        message=f"{why}; live pair unchanged",
+        classes_known=len(catalog.classes),
+        version=champion.version if champion else None,
+        table=champion.table if champion else None,
+        ingested=list(ingested),
+    )
 
 
-def concluded(catalog: ClassRegistry, champion: ModelVersionInfo | None, ingested: Sequence[str], candidate: str,
-              trained_classes: int, metrics: dict[str, float], decision: GateDecision, built: IndexBuild | None,
-              seconds: float) -> RetrainSummary:
+def concluded(
+    catalog: ClassRegistry,
+    champion: ModelVersionInfo | None,
+    ingested: Sequence[str],
+    candidate: str,
+    trained_classes: int,
+    metrics: dict[str, float],
+    decision: GateDecision,
+    built: IndexBuild | None,
+    seconds: float,
+) -> RetrainSummary:
     """The summary of a run that trained `candidate`: promoted with its table, or rejected with the failed checks."""
-    summary = RetrainSummary(status="rejected", message="", version=candidate, classes_known=len(catalog.classes),
-                             table=champion.table if champion else None, trained_classes=trained_classes,
-                             metrics=metrics, reasons=decision.reasons, ingested=list(ingested), seconds=seconds)
+    summary = RetrainSummary(
+        status="rejected",
+        message="",
+        version=candidate,
+        classes_known=len(catalog.classes),
+        table=champion.table if champion else None,
+        trained_classes=trained_classes,
+        metrics=metrics,
+        reasons=decision.reasons,
+        ingested=list(ingested),
+        seconds=seconds,
+    )
     if decision.promote and built is not None:
         summary.status, summary.table = "promoted", built.table
         summary.message = f"v{candidate} promoted to champion with table {built.table} ({built.rows} rows)"

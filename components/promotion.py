@@ -60,8 +60,9 @@ def promotion_refusals(info: ModelVersionInfo, *, force: bool = False, table: st
     return problems
 
 
-def table_problems(ws: Workspace, params: IndexParams, info: ModelVersionInfo, table: str | None = None
-                   ) -> tuple[str, list[str]]:
+def table_problems(
+    ws: Workspace, params: IndexParams, info: ModelVersionInfo, table: str | None = None
+) -> tuple[str, list[str]]:
     """The version's table (`table`, its tag, else the conventional name) and why it may not go live:
     gone from the store (pruned), never validated, or written by another model version."""
     table = table or info.table or table_name(params.table_prefix, info.version)
@@ -119,8 +120,16 @@ class Promoter:
         except MlflowException:
             raise UnknownVersion(f"{self.registry.name} has no version {version!r}") from None
 
-    def promote(self, version: str, *, table: str | None = None, reason: str = "", actor: str | None = None,
-                force: bool = False, kind: MoveKind = "promote") -> ChampionMove:
+    def promote(
+        self,
+        version: str,
+        *,
+        table: str | None = None,
+        reason: str = "",
+        actor: str | None = None,
+        force: bool = False,
+        kind: MoveKind = "promote",
+    ) -> ChampionMove:
         """Make `version` champion with its table, logged; raises PromotionRefused with every reason.
 
         `table` is the table just built for it (the retrain flow), recorded on the version
@@ -137,8 +146,14 @@ class Promoter:
         current = self.registry.champion()
         if current is not None and current.version == info.version:
             return ChampionMove(info.version, table, None, kind)
-        entry = self.registry.log.record(current.version if current else None, info.version, reason=reason, actor=actor,
-                                         kind=kind, move=lambda: self.registry.set_alias(CHAMPION, info.version))
+        entry = self.registry.log.record(
+            current.version if current else None,
+            info.version,
+            reason=reason,
+            actor=actor,
+            kind=kind,
+            move=lambda: self.registry.set_alias(CHAMPION, info.version),
+        )
         return ChampionMove(info.version, table, entry, kind)
 
     def rollback_target(self, to: str | None = None) -> str:
@@ -151,15 +166,19 @@ class Promoter:
         entries = self.registry.log.entries()
         name = self.registry.name
         if not entries:
-            raise PromotionRefused(f"nothing to roll back to: the promotion log of {name} is empty "
-                                   "(no version was ever promoted with it); name a version with --to")
+            raise PromotionRefused(
+                f"nothing to roll back to: the promotion log of {name} is empty "
+                "(no version was ever promoted with it); name a version with --to"
+            )
         current = self.registry.champion()
         if current is None:
             raise PromotionRefused(f"{name} has no champion to roll back from; promote a version instead")
         previous = previous_champion(entries, current.version)
         if previous is None:
-            raise PromotionRefused(f"nothing to roll back to: v{current.version} has no earlier champion in the "
-                                   f"promotion log ({len(entries)} entries); name a version with --to")
+            raise PromotionRefused(
+                f"nothing to roll back to: v{current.version} has no earlier champion in the "
+                f"promotion log ({len(entries)} entries); name a version with --to"
+            )
         return previous
 
     def rollback(self, to: str | None = None, *, reason: str = "", actor: str | None = None) -> ChampionMove:
@@ -188,8 +207,9 @@ class Promoter:
         def catalog() -> list[ImageRecord]:
             return ClassRegistry.load(self.ws.class_registry).records()
 
-        return build_table(self.ws, self.index, version, model, catalog(), keep=keep, live=tables.get(CHAMPION),
-                           catch_up=catalog)
+        return build_table(
+            self.ws, self.index, version, model, catalog(), keep=keep, live=tables.get(CHAMPION), catch_up=catalog
+        )
 
     def hot_add(self) -> HotAdd:
         """Embed stored images the live table lacks with the champion's model and append them.
@@ -205,13 +225,16 @@ class Promoter:
             return HotAdd(version=None, table=None, added=0, seconds=time.perf_counter() - start)
         tbl = open_table(connect(self.ws), self.ws, champion.table)
         if written_by(tbl) not in (None, champion.version):
-            raise IndexBuildError(f"live table {champion.table} was written by model version {written_by(tbl)}, "
-                                  f"not by champion v{champion.version}; refusing to mix embeddings")
+            raise IndexBuildError(
+                f"live table {champion.table} was written by model version {written_by(tbl)}, "
+                f"not by champion v{champion.version}; refusing to mix embeddings"
+            )
         known = set(column(tbl, "id"))
         missing = [r for r in ClassRegistry.load(self.ws.class_registry).records() if r.id not in known]
         if missing:
             append_missing(tbl, self.ws, self.registry.load_embedder(champion.version), missing, self.index)
             # Folds the new rows into the ANN index and compacts; readers mid-query keep their version's files.
             drop_old_versions(tbl, timedelta(seconds=self.index.old_versions_seconds))
-        return HotAdd(version=champion.version, table=champion.table, added=len(missing),
-                      seconds=time.perf_counter() - start)
+        return HotAdd(
+            version=champion.version, table=champion.table, added=len(missing), seconds=time.perf_counter() - start
+        )

@@ -34,8 +34,14 @@ class PromotionEntry:
     kind: MoveKind
 
     def to_dict(self) -> dict[str, str | None]:
-        return {"time": self.time, "from": self.from_version, "to": self.to_version, "reason": self.reason,
-                "actor": self.actor, "kind": self.kind}
+        return {
+            "time": self.time,
+            "from": self.from_version,
+            "to": self.to_version,
+            "reason": self.reason,
+            "actor": self.actor,
+            "kind": self.kind,
+        }
 
 
 def default_actor() -> str:
@@ -65,8 +71,9 @@ def _iso(millis: int) -> str:
 class PromotionLog:
     """The log of one registered model, kept as finished runs of the experiment `experiment`."""
 
-    def __init__(self, client: MlflowClient, model_name: str, experiment: str,
-                 experiment_id: Callable[[str], str]) -> None:
+    def __init__(
+        self, client: MlflowClient, model_name: str, experiment: str, experiment_id: Callable[[str], str]
+    ) -> None:
         self.client = client
         self.model_name = model_name
         self.experiment = experiment
@@ -83,7 +90,9 @@ class PromotionLog:
             page = self.client.search_runs(
                 [found.experiment_id],
                 filter_string=f"tags.model_name = '{self.model_name}' and attributes.status = 'FINISHED'",
-                order_by=["attributes.start_time ASC"], max_results=1000, page_token=token,
+                order_by=["attributes.start_time ASC"],
+                max_results=1000,
+                page_token=token,
             )
             runs += list(page)
             token = page.token
@@ -95,23 +104,46 @@ class PromotionLog:
         entries = []
         for run in self._runs():
             p = run.data.params
-            entries.append(PromotionEntry(
-                time=_iso(run.info.start_time),
-                from_version=None if p.get("from", "none") == "none" else p["from"], to_version=p["to"],
-                reason=p.get("reason", ""), actor=p.get("actor", "unknown"), kind=cast(MoveKind, p.get("kind", "promote")),
-            ))
+            entries.append(
+                PromotionEntry(
+                    time=_iso(run.info.start_time),
+                    from_version=None if p.get("from", "none") == "none" else p["from"],
+                    to_version=p["to"],
+                    reason=p.get("reason", ""),
+                    actor=p.get("actor", "unknown"),
+                    kind=cast(MoveKind, p.get("kind", "promote")),
+                )
+            )
         return entries
 
-    def record(self, from_version: str | None, to_version: str, *, reason: str, actor: str | None, kind: MoveKind,
-               move: Callable[[], None]) -> PromotionEntry:
+    def record(
+        self,
+        from_version: str | None,
+        to_version: str,
+        *,
+        reason: str,
+        actor: str | None,
+        kind: MoveKind,
+        move: Callable[[], None],
+    ) -> PromotionEntry:
         """Log one move around `move()` (the alias switch): a move that raises is not part of the log."""
-        params = {"from": from_version or "none", "to": to_version, "reason": reason or "-",
-                  "actor": actor or default_actor(), "kind": kind}
+        params = {
+            "from": from_version or "none",
+            "to": to_version,
+            "reason": reason or "-",
+            "actor": actor or default_actor(),
+            "kind": kind,
+        }
         last = self._runs()[-1:]
-        start = max(int(time.time() * 1000), last[0].info.start_time + 1 if last else 0)  # the log stays strictly ordered
-        run = self.client.create_run(self._experiment_id(self.experiment), start_time=start,
-                                     tags={"model_name": self.model_name},
-                                     run_name=f"{kind} v{params['from']} -> v{to_version}")
+        start = max(
+            int(time.time() * 1000), last[0].info.start_time + 1 if last else 0
+        )  # the log stays strictly ordered
+        run = self.client.create_run(
+            self._experiment_id(self.experiment),
+            start_time=start,
+            tags={"model_name": self.model_name},
+            run_name=f"{kind} v{params['from']} -> v{to_version}",
+        )
         try:
             self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
             move()
@@ -119,5 +151,11 @@ class PromotionLog:
             self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))  # not part of the log
             raise
         self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED), end_time=start)
-        return PromotionEntry(time=_iso(start), from_version=from_version, to_version=to_version,
-                              reason=params["reason"], actor=params["actor"], kind=kind)
+        return PromotionEntry(
+            time=_iso(start),
+            from_version=from_version,
+            to_version=to_version,
+            reason=params["reason"],
+            actor=params["actor"],
+            kind=kind,
+        )

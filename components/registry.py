@@ -118,9 +118,16 @@ def git_commit() -> tuple[str, bool] | None:
     """(commit, dirty) of the git checkout holding this code; None outside one."""
     root = Path(components.__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True)
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return sha.stdout.strip(), bool(dirty.stdout.strip())
@@ -162,7 +169,10 @@ class ModelRegistry:
         `state_dir` (the continual-learning state: replay memory, loss proxies) is logged
         as the run's `continual/` artifacts, for the next retrain to restore.
         """
-        with _fluent_uris(self.ws.tracking_uri), mlflow.start_run(experiment_id=self._experiment_id(), run_name=run_name):
+        with (
+            _fluent_uris(self.ws.tracking_uri),
+            mlflow.start_run(experiment_id=self._experiment_id(), run_name=run_name),
+        ):
             mlflow.log_params(params)
             mlflow.set_tags(self._lineage_tags())
             if state_dir is not None:
@@ -197,7 +207,11 @@ class ModelRegistry:
         tags = {DATA_VERSION_TAG: data_version(self.ws)}
         commit = git_commit()
         if commit is not None:
-            tags |= {GIT_COMMIT_TAG: commit[0], "git_dirty": str(commit[1]).lower(), "mlflow.source.git.commit": commit[0]}
+            tags |= {
+                GIT_COMMIT_TAG: commit[0],
+                "git_dirty": str(commit[1]).lower(),
+                "mlflow.source.git.commit": commit[0],
+            }
         return tags
 
     def get(self, version: str) -> ModelVersionInfo:
@@ -206,7 +220,9 @@ class ModelRegistry:
 
     def _info(self, mv: ModelVersion) -> ModelVersionInfo:
         metrics = self.client.get_run(mv.run_id).data.metrics if mv.run_id else {}
-        return ModelVersionInfo(name=self.name, version=str(mv.version), run_id=mv.run_id or "", tags=dict(mv.tags), metrics=dict(metrics))
+        return ModelVersionInfo(
+            name=self.name, version=str(mv.version), run_id=mv.run_id or "", tags=dict(mv.tags), metrics=dict(metrics)
+        )
 
     def set_tag(self, version: str, key: str, value: str) -> None:
         self.client.set_model_version_tag(self.name, str(version), key, value)

@@ -102,7 +102,9 @@ class ReplayMemory:
     def per_class(self) -> dict[str, int]:
         return dict(self.quota)
 
-    def add_classes(self, images: Mapping[str, Sequence[tuple[str, Path]]], featurize: Featurizer | None = None) -> None:
+    def add_classes(
+        self, images: Mapping[str, Sequence[tuple[str, Path]]], featurize: Featurizer | None = None
+    ) -> None:
         """Rank the new classes' images (id, path), then share the budget over all classes.
 
         Herding needs `featurize` (the freshly trained model); random selection does not.
@@ -159,7 +161,9 @@ class ReplayMemory:
         for name, ids in manifest["classes"].items():
             missing = [i for i in ids if not (directory / IMAGES_DIR / i).is_file()]
             if missing:
-                raise ValueError(f"{manifest_file}: {len(missing)} exemplar images of class {name!r} are missing, e.g. {missing[0]}")
+                raise ValueError(
+                    f"{manifest_file}: {len(missing)} exemplar images of class {name!r} are missing, e.g. {missing[0]}"
+                )
             memory.ranked[name] = [Exemplar(i, name, directory / IMAGES_DIR / i) for i in ids]
         memory._rebalance()
         return memory

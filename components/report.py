@@ -21,8 +21,10 @@ PLOTS = "plots"  # under the workspace's dvc/ folder
 
 def recall_curve(metrics: Mapping[str, float | None], ks: Sequence[int]) -> list[dict[str, float | None]]:
     """One row per K: the model's and the pixel baseline's unseen-class Recall@K."""
-    return [{"k": k, "model": metrics.get(f"unseen_recall_at_{k}"), "pixels": metrics.get(f"baseline_unseen_recall_at_{k}")}
-            for k in ks]
+    return [
+        {"k": k, "model": metrics.get(f"unseen_recall_at_{k}"), "pixels": metrics.get(f"baseline_unseen_recall_at_{k}")}
+        for k in ks
+    ]
 
 
 def slice_rows(metrics: Mapping[str, float | None]) -> list[dict[str, float | str | None]]:
@@ -32,7 +34,14 @@ def slice_rows(metrics: Mapping[str, float | None]) -> list[dict[str, float | st
 
 
 def report_markdown(curve: list[dict], slices: list[dict]) -> str:
-    lines = ["# DVC pipeline report", "", "## Unseen classes: Recall@K", "", "| K | model | pixels |", "|---:|---:|---:|"]
+    lines = [
+        "# DVC pipeline report",
+        "",
+        "## Unseen classes: Recall@K",
+        "",
+        "| K | model | pixels |",
+        "|---:|---:|---:|",
+    ]
     lines += [f"| {r['k']} | {_cell(r['model'])} | {_cell(r['pixels'])} |" for r in curve]
     lines += ["", "## Seen classes: Recall@1 per arrival", "", "| arrival | Recall@1 |", "|---|---:|"]
     lines += [f"| {r['slice']} | {_cell(r['recall_at_1'])} |" for r in slices] or ["| – | – |"]
@@ -49,7 +58,10 @@ def write_report(metrics: Mapping[str, float | None], ks: Sequence[int], out: Pa
     curve, slices = recall_curve(metrics, ks), slice_rows(metrics)
     (out / "unseen_recall_at_k.json").write_text(json.dumps(curve, indent=1) + "\n")
     (out / "seen_slices.json").write_text(json.dumps(slices, indent=1) + "\n")
-    matrix = ForgettingMatrix(versions=["this model"], slices=[str(r["slice"]) for r in slices],
-                              values=np.array([[r["recall_at_1"] for r in slices]], dtype=float).reshape(1, len(slices)))
+    matrix = ForgettingMatrix(
+        versions=["this model"],
+        slices=[str(r["slice"]) for r in slices],
+        values=np.array([[r["recall_at_1"] for r in slices]], dtype=float).reshape(1, len(slices)),
+    )
     forgetting_heatmap(matrix).savefig(out / "seen_recall.png", dpi=100)
     (out / "report.md").write_text(report_markdown(curve, slices))

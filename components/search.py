@@ -48,15 +48,19 @@ def _hits(rows: list[dict[str, Any]]) -> list[Hit]:
     return [{"class": r["class"], "distance": float(r["_distance"]), "id": r["id"]} for r in rows]
 
 
-def search_table(tbl: lancedb.table.Table, vectors: np.ndarray, k: int, params: IndexParams | None = None) -> list[list[Hit]]:
+def search_table(
+    tbl: lancedb.table.Table, vectors: np.ndarray, k: int, params: IndexParams | None = None
+) -> list[list[Hit]]:
     """The k nearest rows (cosine distance) for each query vector, nearest first.
 
     With an ANN index, params' nprobes and refine_factor apply; rows appended since the index
     was built are searched exactly alongside it, so hot-added images are found at once.
     """
     # A vector makes search() a vector query builder; its declared type is the base class.
-    return [_hits(_tuned(cast(LanceVectorQueryBuilder, tbl.search(v, vector_column_name=VECTOR)), k, params).to_list())
-            for v in np.asarray(vectors, dtype=np.float32)]
+    return [
+        _hits(_tuned(cast(LanceVectorQueryBuilder, tbl.search(v, vector_column_name=VECTOR)), k, params).to_list())
+        for v in np.asarray(vectors, dtype=np.float32)
+    ]
 
 
 class AsyncLoop:
@@ -92,8 +96,15 @@ class TableReader:
     params: IndexParams | None
 
     @classmethod
-    def open(cls, ws: Workspace, name: str, loop: AsyncLoop, params: IndexParams | None,
-             *, refresh_seconds: float | None = None) -> TableReader:
+    def open(
+        cls,
+        ws: Workspace,
+        name: str,
+        loop: AsyncLoop,
+        params: IndexParams | None,
+        *,
+        refresh_seconds: float | None = None,
+    ) -> TableReader:
         async def opened() -> lancedb.table.AsyncTable:
             interval = None if refresh_seconds is None else timedelta(seconds=refresh_seconds)
             db = await lancedb.connect_async(ws.lancedb_uri, read_consistency_interval=interval)
@@ -106,8 +117,10 @@ class TableReader:
 
     def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         async def searched() -> list[list[Hit]]:
-            return [_hits((await _tuned(self.table.vector_search(v), k, self.params).to_arrow()).to_pylist())
-                    for v in np.asarray(vectors, dtype=np.float32)]
+            return [
+                _hits((await _tuned(self.table.vector_search(v), k, self.params).to_arrow()).to_pylist())
+                for v in np.asarray(vectors, dtype=np.float32)
+            ]
 
         return self.loop.run(searched())
 
@@ -118,8 +131,9 @@ class TableReader:
         return schema_written_by(self.loop.run(self.table.schema()))
 
 
-
-def search(ws: Workspace, table: str, vectors: np.ndarray, k: int, params: IndexParams | None = None) -> list[list[Hit]]:
+def search(
+    ws: Workspace, table: str, vectors: np.ndarray, k: int, params: IndexParams | None = None
+) -> list[list[Hit]]:
     """The k nearest rows of a table by name (see search_table)."""
     return search_table(open_table(connect(ws), ws, table), vectors, k, params)
 
@@ -145,8 +159,9 @@ def probe_records(records: Sequence[ImageRecord], count: int) -> list[ImageRecor
 
 def finds_itself(image_id: str, hits: Sequence[Hit]) -> bool:
     """Whether a probe's own row is (or ties with) its nearest neighbour."""
-    return bool(hits) and any(h["id"] == image_id and h["distance"] - hits[0]["distance"] <= SELF_MATCH_TOLERANCE
-                              for h in hits)
+    return bool(hits) and any(
+        h["id"] == image_id and h["distance"] - hits[0]["distance"] <= SELF_MATCH_TOLERANCE for h in hits
+    )
 
 
 # --- index smoke test ----------------------------------------------------------------------
@@ -165,7 +180,9 @@ class SmokeTest:
     detail: str
 
 
-def index_smoke_test(ws: Workspace, table: str, model: Predictor, records: Sequence[ImageRecord], params: IndexParams) -> SmokeTest:
+def index_smoke_test(
+    ws: Workspace, table: str, model: Predictor, records: Sequence[ImageRecord], params: IndexParams
+) -> SmokeTest:
     """Embed `params.probes` stored images with the model as users load it (image bytes in, through
     its signature) and query the new table the way readers do: each must find itself.
 
@@ -184,9 +201,15 @@ def index_smoke_test(ws: Workspace, table: str, model: Predictor, records: Seque
         results = search(ws, table, vectors, 3, params)
     except FileNotFoundError as exc:
         return SmokeTest(False, len(picked), str(exc))
-    lost = [f"{record.id} -> {hits[0]['id'] if hits else 'nothing'}"
-            for record, hits in zip(picked, results) if not finds_itself(record.id, hits)]
+    lost = [
+        f"{record.id} -> {hits[0]['id'] if hits else 'nothing'}"
+        for record, hits in zip(picked, results)
+        if not finds_itself(record.id, hits)
+    ]
     if lost:
-        return SmokeTest(False, len(picked), f"{len(lost)} of {len(picked)} probes did not find themselves in {table}: "
-                         + ", ".join(lost[:3]))
+        return SmokeTest(
+            False,
+            len(picked),
+            f"{len(lost)} of {len(picked)} probes did not find themselves in {table}: " + ", ".join(lost[:3]),
+        )
     return SmokeTest(True, len(picked), f"all {len(picked)} probes found themselves in {table}")

@@ -85,9 +85,16 @@ class BodyLimit:
             await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body is over the {self.limit}-byte limit (serve.max_upload_bytes)"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        body = json.dumps(
+            {"detail": f"request body is over the {self.limit}-byte limit (serve.max_upload_bytes)"}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -103,8 +110,11 @@ def _decode(data: bytes, name: str, limits: IngestParams) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         width = height = 0  # not an image at all: validate_image below says so
     if width * height > limits.max_pixels:
-        raise HTTPException(413, f"{name}: {width}x{height} = {width * height} pixels, over the "
-                                 f"{limits.max_pixels}-pixel limit (serve.max_upload_pixels)")
+        raise HTTPException(
+            413,
+            f"{name}: {width}x{height} = {width * height} pixels, over the "
+            f"{limits.max_pixels}-pixel limit (serve.max_upload_pixels)",
+        )
     _, reason = validate_image(data, limits)  # ingest's own checks: format, mode, size, a full decode
     if reason is not None:
         raise HTTPException(400, f"{name}: {reason}")
@@ -115,15 +125,21 @@ def _decode(data: bytes, name: str, limits: IngestParams) -> Image.Image:
 
 
 def _live_payload(pair: LivePair) -> dict[str, Any]:
-    return {"model_version": pair.version, "table": pair.table_name, "rows": pair.rows(),
-            "since": pair.since.isoformat(timespec="seconds")}
+    return {
+        "model_version": pair.version,
+        "table": pair.table_name,
+        "rows": pair.rows(),
+        "since": pair.since.isoformat(timespec="seconds"),
+    }
 
 
 def _answer(pair: LivePair, payload: dict[str, Any], status: int = 200) -> JSONResponse:
     return JSONResponse(payload, status_code=status, headers={VERSION_HEADER: pair.version})
 
 
-def create_app(live: LiveIndex, serve: ServeParams, ingest: IngestParams, *, refresh_in_background: bool = True) -> FastAPI:
+def create_app(
+    live: LiveIndex, serve: ServeParams, ingest: IngestParams, *, refresh_in_background: bool = True
+) -> FastAPI:
     """The service over `live`; it resolves the pair at start-up and (by default) every refresh_seconds."""
     limits = ingest.model_copy(update={"max_file_bytes": serve.max_upload_bytes, "max_pixels": serve.max_upload_pixels})
 
@@ -157,9 +173,13 @@ def create_app(live: LiveIndex, serve: ServeParams, ingest: IngestParams, *, ref
         """Nearest stored images for each uploaded image, from one (model, table) pair."""
         if len(image) > serve.max_images:
             raise HTTPException(413, f"{len(image)} images in one request, over the limit of {serve.max_images}")
-        decoded = [_decode(upload.file.read(), upload.filename or f"image {i}", limits) for i, upload in enumerate(image)]
+        decoded = [
+            _decode(upload.file.read(), upload.filename or f"image {i}", limits) for i, upload in enumerate(image)
+        ]
         pair = current()  # taken once: this request's model and table come from this one version
-        return _answer(pair, {"model_version": pair.version, "table": pair.table_name, "results": pair.query(decoded, k)})
+        return _answer(
+            pair, {"model_version": pair.version, "table": pair.table_name, "results": pair.query(decoded, k)}
+        )
 
     @app.get("/health")
     def health() -> JSONResponse:

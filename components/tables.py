@@ -53,7 +53,6 @@ def missing_table(ws: Workspace, table: str) -> FileNotFoundError:
     return FileNotFoundError(f"index table {table} is missing from {ws.lancedb_uri}")
 
 
-
 def is_validated(tbl: lancedb.table.Table) -> bool:
     return VALIDATED.encode() in (tbl.schema.field(VECTOR).metadata or {})
 
@@ -77,8 +76,6 @@ def list_tables(db: lancedb.DBConnection) -> list[str]:
         token = page.page_token
         if not token:
             return names
-
-
 
 
 def column(tbl: lancedb.table.Table, name: str) -> list[str]:

@@ -94,7 +94,7 @@ class MetricLoss(nn.Module):
                 if old is not None and len(old):
                     self.loss.proxies[: len(old)] = old
                 if class_means is not None:
-                    self.loss.proxies[len(self.classes) - len(new):] = class_means(new)
+                    self.loss.proxies[len(self.classes) - len(new) :] = class_means(new)
 
     def labels(self, names: Sequence[str]) -> list[int]:
         index = {c: i for i, c in enumerate(self.classes)}
@@ -133,8 +133,16 @@ class MixedBatches(Sampler[list[int]]):
     generator, so a resumed run sees exactly the batches an uninterrupted one would.
     """
 
-    def __init__(self, new_labels: Sequence[int], memory_labels: Sequence[int], *, batch_size: int, m: int,
-                 memory_ratio: float, seed: int) -> None:
+    def __init__(
+        self,
+        new_labels: Sequence[int],
+        memory_labels: Sequence[int],
+        *,
+        batch_size: int,
+        m: int,
+        memory_ratio: float,
+        seed: int,
+    ) -> None:
         self.m, self.seed, self.epoch = m, seed, 0
         self.pools = [self._by_class(new_labels, 0), self._by_class(memory_labels, len(new_labels))]
         memory_share = memory_ratio if memory_labels else 0.0
@@ -142,7 +150,11 @@ class MixedBatches(Sampler[list[int]]):
         self.per_batch = [min(batch_size - mem, m * len(self.pools[0])) // m * m, mem]
         if self.per_batch[0] == 0 and new_labels:
             self.per_batch[0] = m
-        self.batches = max(1, len(new_labels) // max(self.per_batch[0], 1)) if new_labels else max(1, len(memory_labels) // max(mem, 1))
+        self.batches = (
+            max(1, len(new_labels) // max(self.per_batch[0], 1))
+            if new_labels
+            else max(1, len(memory_labels) // max(mem, 1))
+        )
 
     @staticmethod
     def _by_class(labels: Sequence[int], offset: int) -> dict[int, np.ndarray]:
@@ -259,10 +271,17 @@ def train_embedder(
     on_gpu = device.type == "cuda"
 
     model = copy.deepcopy(init) if init is not None else build_embedder(model_params)
-    fingerprint = _fingerprint(new_items + [(e.id, e.cls) for e in exemplars], params,
-                               {"model": model_params.model_dump(mode="json"), "loss_state": bool(loss_state),
-                                "distill": distill.params.model_dump() if distill else None,
-                                "ratio": memory.params.batch_ratio if memory else 0}, init)
+    fingerprint = _fingerprint(
+        new_items + [(e.id, e.cls) for e in exemplars],
+        params,
+        {
+            "model": model_params.model_dump(mode="json"),
+            "loss_state": bool(loss_state),
+            "distill": distill.params.model_dump() if distill else None,
+            "ratio": memory.params.batch_ratio if memory else 0,
+        },
+        init,
+    )
     model = model.to(device)
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
@@ -273,23 +292,44 @@ def train_embedder(
     metric_loss = MetricLoss(params, model.embedding_dim)
     if loss_state:
         metric_loss.restore(loss_state)
-    metric_loss.add_classes(all_names, class_means=_class_means(model, list(paths) + [e.path for e in exemplars], all_names))
+    metric_loss.add_classes(
+        all_names, class_means=_class_means(model, list(paths) + [e.path for e in exemplars], all_names)
+    )
     metric_loss = metric_loss.to(device)
 
-    dataset = ImageFiles(list(paths) + [e.path for e in exemplars], metric_loss.labels(all_names), train_transform(model.image_size))
+    dataset = ImageFiles(
+        list(paths) + [e.path for e in exemplars], metric_loss.labels(all_names), train_transform(model.image_size)
+    )
     n_new = len(new_items)
     m = min(params.m_per_class, params.batch_size // 2)
-    sampler = MixedBatches(dataset.labels[:n_new], dataset.labels[n_new:], batch_size=params.batch_size, m=m,
-                           memory_ratio=memory.params.batch_ratio if memory else 0.0, seed=params.seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=params.num_workers, pin_memory=on_gpu,
-                        persistent_workers=params.num_workers > 0)
+    sampler = MixedBatches(
+        dataset.labels[:n_new],
+        dataset.labels[n_new:],
+        batch_size=params.batch_size,
+        m=m,
+        memory_ratio=memory.params.batch_ratio if memory else 0.0,
+        seed=params.seed,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=params.num_workers,
+        pin_memory=on_gpu,
+        persistent_workers=params.num_workers > 0,
+    )
     groups: list[dict[str, Any]] = [{"params": model.parameters()}]
     if any(True for _ in metric_loss.parameters()):
         groups.append({"params": metric_loss.parameters(), "lr": params.proxy_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=params.lr, weight_decay=params.weight_decay)
 
-    result = TrainResult(model=model, device=str(device), epochs=params.epochs, images=len(sampler) * sampler.batch_size,
-                         classes=len(set(all_names)), seconds=0.0)
+    result = TrainResult(
+        model=model,
+        device=str(device),
+        epochs=params.epochs,
+        images=len(sampler) * sampler.batch_size,
+        classes=len(set(all_names)),
+        seconds=0.0,
+    )
     first_epoch = 0
     checkpoint = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir is not None else None
     if checkpoint is not None and checkpoint.is_file():
@@ -343,13 +383,23 @@ def train_embedder(
                 progress.update(task, advance=1, loss=sums["train_loss"] / batches)
             seconds = time.perf_counter() - epoch_start
             epoch_metrics = {k: v / batches for k, v in sums.items()} | {
-                "epoch_seconds": seconds, "epoch_images_per_second": batches * sampler.batch_size / seconds}
+                "epoch_seconds": seconds,
+                "epoch_images_per_second": batches * sampler.batch_size / seconds,
+            }
             for key, value in epoch_metrics.items():
                 result.epoch_metrics.setdefault(key, []).append(value)
             if checkpoint is not None:
-                _save_checkpoint(checkpoint, {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
-                                              "loss": metric_loss.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "epoch_metrics": result.epoch_metrics})
+                _save_checkpoint(
+                    checkpoint,
+                    {
+                        "fingerprint": fingerprint,
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "loss": metric_loss.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch_metrics": result.epoch_metrics,
+                    },
+                )
             if on_epoch is not None:
                 on_epoch(epoch, epoch_metrics)
     result.seconds = time.perf_counter() - start
@@ -360,11 +410,13 @@ def train_embedder(
 
 def _class_means(model: Embedder, paths: Sequence[Path], names: Sequence[str]) -> Callable[[list[str]], torch.Tensor]:
     """Mean normalised embedding of each named class: where a new proxy starts."""
+
     def means(classes: list[str]) -> torch.Tensor:
         wanted = [(p, n) for p, n in zip(paths, names) if n in set(classes)]
         vectors = torch.from_numpy(embed_files(model, [p for p, _ in wanted]))
         rows = [vectors[[i for i, (_, n) in enumerate(wanted) if n == c]].mean(dim=0) for c in classes]
         return F.normalize(torch.stack(rows), dim=1)
+
     return means
 
 
@@ -413,12 +465,23 @@ def train_continual(
     `state` is the previous version's saved state (see ContinualResult.save_state); without
     it the memory starts empty. Old arrivals are never read: only the memory's own images.
     """
-    memory = ReplayMemory.load(state / REPLAY_DIR, replay) if state and (state / REPLAY_DIR).is_dir() else ReplayMemory(replay)
+    memory = (
+        ReplayMemory.load(state / REPLAY_DIR, replay)
+        if state and (state / REPLAY_DIR).is_dir()
+        else ReplayMemory(replay)
+    )
     distillation = Distillation(init, distill) if init is not None else None
     result = train_embedder(
-        [classes_dir / r.id for r in new], [r.cls for r in new], train, model,
-        init=init, memory=memory, distill=distillation if distillation is not None and distillation.active else None,
-        loss_state=load_loss_state(state) if state else None, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch,
+        [classes_dir / r.id for r in new],
+        [r.cls for r in new],
+        train,
+        model,
+        init=init,
+        memory=memory,
+        distill=distillation if distillation is not None and distillation.active else None,
+        loss_state=load_loss_state(state) if state else None,
+        checkpoint_dir=checkpoint_dir,
+        on_epoch=on_epoch,
     )
     by_class: dict[str, list[tuple[str, Path]]] = {}
     for r in new:

@@ -9,14 +9,37 @@ from __future__ import annotations
 import errno
 
 # MLflow error codes a server returns when asked again later may well succeed.
-_MLFLOW_TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "WORKSPACE_TEMPORARILY_UNAVAILABLE",
-                           "SERVICE_UNDER_MAINTENANCE", "DEADLINE_EXCEEDED", "ABORTED"}
+_MLFLOW_TRANSIENT_CODES = {
+    "TEMPORARILY_UNAVAILABLE",
+    "REQUEST_LIMIT_EXCEEDED",
+    "WORKSPACE_TEMPORARILY_UNAVAILABLE",
+    "SERVICE_UNDER_MAINTENANCE",
+    "DEADLINE_EXCEEDED",
+    "ABORTED",
+}
 # OS errors that say something is wrong with the request, not with the moment.
-_PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.EROFS,
-                     errno.ENOSPC, errno.EINVAL}
+_PERMANENT_ERRNOS = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EINVAL,
+}
 # Messages of errors raised as generic types by MLflow's SQL stores and LanceDB's object stores.
-_TRANSIENT_MESSAGES = ("database is locked", "connection refused", "connection reset", "timed out", "temporarily unavailable",
-                       "too many connections", "server closed the connection", "max retries exceeded")
+_TRANSIENT_MESSAGES = (
+    "database is locked",
+    "connection refused",
+    "connection reset",
+    "timed out",
+    "temporarily unavailable",
+    "too many connections",
+    "server closed the connection",
+    "max retries exceeded",
+)
 
 
 def is_transient(exc: BaseException) -> bool:

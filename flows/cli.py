@@ -26,10 +26,21 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Continual learning for image embeddings.")
 err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, file names unbroken
 
-WorkspaceOpt = Annotated[Path | None, typer.Option("--workspace", "-w", envvar="MNEMO_WORKSPACE", help="State directory (default: params paths.workspace, ./workspace).")]
+WorkspaceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace",
+        "-w",
+        envvar="MNEMO_WORKSPACE",
+        help="State directory (default: params paths.workspace, ./workspace).",
+    ),
+]
 ParamsOpt = Annotated[Path, typer.Option("--params", envvar="MNEMO_PARAMS", help="The params.yaml to use.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-ActorOpt = Annotated[str | None, typer.Option("--actor", envvar="MNEMO_ACTOR", help="Who acts, for the promotion log (default: your login name).")]
+ActorOpt = Annotated[
+    str | None,
+    typer.Option("--actor", envvar="MNEMO_ACTOR", help="Who acts, for the promotion log (default: your login name)."),
+]
 ReasonOpt = Annotated[str, typer.Option("--reason", help="Why, for the promotion log.")]
 
 
@@ -55,7 +66,9 @@ def _emit(payload: dict, as_json: bool, human: RenderableType) -> None:
 
 @app.command()
 def demo(
-    arrivals: Annotated[int | None, typer.Option(min=0, help="Further arrivals after the base one (default: params demo.arrivals).")] = None,
+    arrivals: Annotated[
+        int | None, typer.Option(min=0, help="Further arrivals after the base one (default: params demo.arrivals).")
+    ] = None,
     workspace: WorkspaceOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
@@ -72,7 +85,10 @@ def demo(
 
 @app.command()
 def ingest(
-    directory: Annotated[Path | None, typer.Argument(help="An arrival folder (class sub-folders); default: every pending arrival in the inbox.")] = None,
+    directory: Annotated[
+        Path | None,
+        typer.Argument(help="An arrival folder (class sub-folders); default: every pending arrival in the inbox."),
+    ] = None,
     as_json: JsonOpt = False,
     workspace: WorkspaceOpt = None,
     params: ParamsOpt = Path("params.yaml"),
@@ -89,16 +105,24 @@ def ingest(
         reports = ingest_inbox(ws, p.ingest)
     else:
         with inbox_lock(ws):  # the class registry is rewritten whole: one writer at a time
-            reports = [ingest_arrival(directory, ws, p.ingest, remove_source=directory.resolve().parent == ws.inbox.resolve())]
+            reports = [
+                ingest_arrival(directory, ws, p.ingest, remove_source=directory.resolve().parent == ws.inbox.resolve())
+            ]
     lines = [r.summary() for r in reports] or ["nothing to ingest"]
     for r in reports:
         lines += [f"  rejected {x.file}: {x.reason}" for x in r.rejected]
     added = _hot_add(p, ws) if any(r.stored for r in reports) else None
     if added is not None:
-        lines.append(f"queryable now: {added.added} image(s) appended to {added.table} (champion v{added.version})"
-                     if added.table else "no champion yet: the first retrain indexes these images")
-    _emit({"arrivals": [asdict(r) for r in reports], "hot_add": None if added is None else asdict(added)}, as_json,
-          "\n".join(lines))
+        lines.append(
+            f"queryable now: {added.added} image(s) appended to {added.table} (champion v{added.version})"
+            if added.table
+            else "no champion yet: the first retrain indexes these images"
+        )
+    _emit(
+        {"arrivals": [asdict(r) for r in reports], "hot_add": None if added is None else asdict(added)},
+        as_json,
+        "\n".join(lines),
+    )
 
 
 def _hot_add(p: Params, ws: Workspace) -> HotAdd | None:
@@ -145,13 +169,24 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
         "model_name": p.registry.model_name,
         "tracking_uri": ws.tracking_uri,
         "lancedb_uri": ws.lancedb_uri,
-        "champion": None if champion is None else {
-            "version": champion.version, "table": champion.table, "table_rows": table_rows(ws, champion.table) if champion.table else None,
-            "arrivals": champion.arrivals, "metrics": {k: json_number(v) for k, v in champion.metrics.items()},
+        "champion": None
+        if champion is None
+        else {
+            "version": champion.version,
+            "table": champion.table,
+            "table_rows": table_rows(ws, champion.table) if champion.table else None,
+            "arrivals": champion.arrivals,
+            "metrics": {k: json_number(v) for k, v in champion.metrics.items()},
         },
-        "challenger": None if challenger is None else {
-            "version": challenger.version, "table": challenger.table, "verdict": challenger.tags.get(VERDICT_TAG),
-            "index_smoke_test": challenger.tags.get(SMOKE_TAG), "arrivals": challenger.arrivals, "metrics": {k: json_number(v) for k, v in challenger.metrics.items()},
+        "challenger": None
+        if challenger is None
+        else {
+            "version": challenger.version,
+            "table": challenger.table,
+            "verdict": challenger.tags.get(VERDICT_TAG),
+            "index_smoke_test": challenger.tags.get(SMOKE_TAG),
+            "arrivals": challenger.arrivals,
+            "metrics": {k: json_number(v) for k, v in challenger.metrics.items()},
         },
         "promotions": promotions,  # the promotion log, newest last
         "gate": gate,  # the latest gate report: verdict, reasons, metrics side by side
@@ -164,14 +199,34 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
         },
     }
     table = Table(show_header=False, title="mnemo status")
-    champ = "none yet" if champion is None else f"v{champion.version} (table {champion.table}, unseen R@1 {champion.metrics.get('unseen_recall_at_1', float('nan')):.3f})"
-    chall = "none yet" if challenger is None else f"v{challenger.version} (gate: {challenger.tags.get(VERDICT_TAG, 'unknown')})"
+    champ = (
+        "none yet"
+        if champion is None
+        else f"v{champion.version} (table {champion.table}, unseen R@1 {champion.metrics.get('unseen_recall_at_1', float('nan')):.3f})"
+    )
+    chall = (
+        "none yet"
+        if challenger is None
+        else f"v{challenger.version} (gate: {challenger.tags.get(VERDICT_TAG, 'unknown')})"
+    )
     last = promotions[-1] if promotions else None
-    moved = "none yet" if last is None else f"{last['kind']} v{last['from'] or '-'} -> v{last['to']} at {last['time']} by {last['actor']}: {last['reason']}"
-    for key, value in [("workspace", ws.root), ("model", p.registry.model_name), ("champion", champ), ("challenger", chall),
-                       ("last promotion", moved), *([("gate", f"v{gate['candidate']} {gate['verdict']}: " + "; ".join(gate["reasons"]))] if gate else []),
-                       ("arrivals", len(catalog.arrivals)), ("classes", len(catalog.classes)), ("images", len(catalog.images)),
-                       ("pending", len(pending))]:
+    moved = (
+        "none yet"
+        if last is None
+        else f"{last['kind']} v{last['from'] or '-'} -> v{last['to']} at {last['time']} by {last['actor']}: {last['reason']}"
+    )
+    for key, value in [
+        ("workspace", ws.root),
+        ("model", p.registry.model_name),
+        ("champion", champ),
+        ("challenger", chall),
+        ("last promotion", moved),
+        *([("gate", f"v{gate['candidate']} {gate['verdict']}: " + "; ".join(gate["reasons"]))] if gate else []),
+        ("arrivals", len(catalog.arrivals)),
+        ("classes", len(catalog.classes)),
+        ("images", len(catalog.images)),
+        ("pending", len(pending)),
+    ]:
         table.add_row(key, str(value))
     _emit(payload, as_json, table)
 
@@ -180,7 +235,10 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
 def promote(
     version: Annotated[str, typer.Argument(help="The registered model version to serve.")],
     reason: ReasonOpt = "",
-    force: Annotated[bool, typer.Option("--force", help="Promote a version that failed the gate (never one without a validated table).")] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Promote a version that failed the gate (never one without a validated table)."),
+    ] = False,
     actor: ActorOpt = None,
     as_json: JsonOpt = False,
     workspace: WorkspaceOpt = None,
@@ -200,7 +258,10 @@ def rollback(
     as_json: JsonOpt = False,
     workspace: WorkspaceOpt = None,
     params: ParamsOpt = Path("params.yaml"),
-    to: Annotated[str | None, typer.Option("--to", help="The version to go back to (default: the previous champion in the promotion log).")] = None,
+    to: Annotated[
+        str | None,
+        typer.Option("--to", help="The version to go back to (default: the previous champion in the promotion log)."),
+    ] = None,
 ) -> None:
     """Move the champion back to the previous one (or --to VERSION), with its table; the move is logged."""
     p, ws = _setup(params, workspace)
@@ -218,8 +279,11 @@ def _move(move: Callable[[], ChampionMove], as_json: bool) -> None:
     except PromotionRefused as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2 if isinstance(exc, UnknownVersion) else 1) from None
-    _emit({"champion": done.version, "table": done.table, "promotion": done.entry.to_dict() if done.entry else None},
-          as_json, done.message)
+    _emit(
+        {"champion": done.version, "table": done.table, "promotion": done.entry.to_dict() if done.entry else None},
+        as_json,
+        done.message,
+    )
 
 
 @app.command()
@@ -284,8 +348,11 @@ def query(
     lines = []
     for path, hits in zip(images, results):
         lines.append(f"{path}: " + ", ".join(f"{h['class']} ({h['distance']:.3f})" for h in hits))
-    _emit({"model_version": pair.version, "table": pair.table_name, "results": results}, as_json,
-          f"model v{pair.version}, table {pair.table_name}\n" + "\n".join(lines))
+    _emit(
+        {"model_version": pair.version, "table": pair.table_name, "results": results},
+        as_json,
+        f"model v{pair.version}, table {pair.table_name}\n" + "\n".join(lines),
+    )
 
 
 @app.command()
@@ -309,9 +376,27 @@ def serve(
 @app.command()
 def deploy(
     ctx: typer.Context,
-    work_pool: Annotated[str | None, typer.Option("--work-pool", help="Register the deployments to this Prefect work pool (its workers run them) instead of serving them here.")] = None,
-    retrain_pool: Annotated[str | None, typer.Option("--retrain-pool", help="With --work-pool: the pool for retrain/scheduled, e.g. a GPU pool (default: --work-pool).")] = None,
-    image: Annotated[str | None, typer.Option("--image", help="With --work-pool: the mnemo image (built from infra/Dockerfile) that container pools (kubernetes, docker) run.")] = None,
+    work_pool: Annotated[
+        str | None,
+        typer.Option(
+            "--work-pool",
+            help="Register the deployments to this Prefect work pool (its workers run them) instead of serving them here.",
+        ),
+    ] = None,
+    retrain_pool: Annotated[
+        str | None,
+        typer.Option(
+            "--retrain-pool",
+            help="With --work-pool: the pool for retrain/scheduled, e.g. a GPU pool (default: --work-pool).",
+        ),
+    ] = None,
+    image: Annotated[
+        str | None,
+        typer.Option(
+            "--image",
+            help="With --work-pool: the mnemo image (built from infra/Dockerfile) that container pools (kubernetes, docker) run.",
+        ),
+    ] = None,
     workspace: WorkspaceOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
@@ -326,8 +411,10 @@ def deploy(
     from prefect.settings import get_current_settings
 
     if not get_current_settings().api.url:
-        err.print("[red]error:[/] schedules need a Prefect server: run `prefect server start` and set PREFECT_API_URL "
-                  "(e.g. http://127.0.0.1:4200/api)")
+        err.print(
+            "[red]error:[/] schedules need a Prefect server: run `prefect server start` and set PREFECT_API_URL "
+            "(e.g. http://127.0.0.1:4200/api)"
+        )
         raise typer.Exit(2)
     from flows.deploy import build_deployments, register_deployments, serve_deployments
 
@@ -340,8 +427,10 @@ def deploy(
     source = ctx.get_parameter_source("workspace")  # typer's vendored click: compared by name
     if source is not None and source.name == "COMMANDLINE":
         # A path on this machine means nothing to a worker elsewhere: the workers' environment names it.
-        err.print("[red]error:[/] with --work-pool, each run uses MNEMO_WORKSPACE of the worker or job that runs it; "
-                  "set it there instead of passing --workspace")
+        err.print(
+            "[red]error:[/] with --work-pool, each run uses MNEMO_WORKSPACE of the worker or job that runs it; "
+            "set it there instead of passing --workspace"
+        )
         raise typer.Exit(2)
     from flows.deploy import WorkPoolError
 
@@ -350,7 +439,9 @@ def deploy(
     except WorkPoolError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    table = Table("deployment", "work pool", title="registered (start a worker on each pool: `prefect worker start --pool NAME`)")
+    table = Table(
+        "deployment", "work pool", title="registered (start a worker on each pool: `prefect worker start --pool NAME`)"
+    )
     for r in registered:
         table.add_row(r.name, r.work_pool)
     Console().print(table)

@@ -24,20 +24,39 @@ class DemoStep:
 
 def steps_table(steps: list[DemoStep]) -> Table:
     table = Table(title="retrieval among unseen classes (never trained on): model vs raw pixels")
-    for col in ("step", "arrival", "classes known", "version", "status", "R@1", "MAP@R", "pixel R@1", "pixel MAP@R", "seconds"):
+    for col in (
+        "step",
+        "arrival",
+        "classes known",
+        "version",
+        "status",
+        "R@1",
+        "MAP@R",
+        "pixel R@1",
+        "pixel MAP@R",
+        "seconds",
+    ):
         table.add_column(col, justify="left" if col in ("arrival", "status") else "right")
     for s in steps:
         m = s.summary.metrics
         table.add_row(
-            str(s.step), ", ".join(s.summary.ingested) or "-", str(s.summary.classes_known), s.summary.version or "-",
-            s.summary.status, f"{m.get('unseen_recall_at_1', float('nan')):.3f}", f"{m.get('unseen_map_at_r', float('nan')):.3f}",
-            f"{m.get('baseline_unseen_recall_at_1', float('nan')):.3f}", f"{m.get('baseline_unseen_map_at_r', float('nan')):.3f}",
+            str(s.step),
+            ", ".join(s.summary.ingested) or "-",
+            str(s.summary.classes_known),
+            s.summary.version or "-",
+            s.summary.status,
+            f"{m.get('unseen_recall_at_1', float('nan')):.3f}",
+            f"{m.get('unseen_map_at_r', float('nan')):.3f}",
+            f"{m.get('baseline_unseen_recall_at_1', float('nan')):.3f}",
+            f"{m.get('baseline_unseen_map_at_r', float('nan')):.3f}",
             f"{s.seconds:.0f}",
         )
     return table
 
 
-def run_demo(params: Params, workspace: str | None = None, arrivals: int | None = None, console: Console | None = None) -> list[DemoStep]:
+def run_demo(
+    params: Params, workspace: str | None = None, arrivals: int | None = None, console: Console | None = None
+) -> list[DemoStep]:
     console = console or Console(width=None if Console().is_terminal else 120)
     if arrivals is not None:
         params = params.model_copy(update={"demo": params.demo.model_copy(update={"arrivals": arrivals})})
@@ -45,8 +64,10 @@ def run_demo(params: Params, workspace: str | None = None, arrivals: int | None 
     fonts = discover_fonts()
     console.print(f"[bold]fonts:[/] {len(fonts.designs)} designs from {fonts.source}, {len(fonts.charset)} characters")
     if fonts.source != "system CJK fonts":
-        console.print("[yellow]No CJK fonts found: using matplotlib's bundled fonts (fewer designs, an easier stream). "
-                      "`make setup` installs Debian's CJK fonts where apt is usable.[/]")
+        console.print(
+            "[yellow]No CJK fonts found: using matplotlib's bundled fonts (fewer designs, an easier stream). "
+            "`make setup` installs Debian's CJK fonts where apt is usable.[/]"
+        )
     steps: list[DemoStep] = []
     for step, chars in enumerate(stream_classes(fonts, params.demo)):
         start = time.perf_counter()

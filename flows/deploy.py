@@ -49,19 +49,33 @@ def build_deployments(params: Params, ws: Workspace | None) -> list[RunnerDeploy
     # Module entrypoints: the runner imports flows.<name> from the installed package, whatever the cwd.
     common: dict[str, Any] = {"tags": TAGS, "entrypoint_type": EntrypointType.MODULE_PATH, "parameters": defaults}
     # to_deployment is sync-compatible: called from sync code it returns the deployment, not a coroutine.
-    return cast(list[RunnerDeployment], [
-        retrain.to_deployment(
-            RETRAIN.split("/")[1], cron=params.schedule.retrain_cron,
-            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-            description="Pending arrivals -> train -> evaluate -> gate -> register -> index -> promote.", **common),
-        ingest.to_deployment(
-            INGEST.split("/")[1], interval=timedelta(seconds=params.schedule.inbox_interval),
-            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
-            description="Validate, store and hot-add every new inbox arrival.", **common),
-        rollback.to_deployment(
-            ROLLBACK.split("/")[1], concurrency_limit=1,
-            description="Move the champion back to the previous one (or parameter `to`).", **common),
-    ])
+    return cast(
+        list[RunnerDeployment],
+        [
+            retrain.to_deployment(
+                RETRAIN.split("/")[1],
+                cron=params.schedule.retrain_cron,
+                concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+                description="Pending arrivals -> train -> evaluate -> gate -> register -> index -> promote.",
+                **common,
+            ),
+            ingest.to_deployment(
+                INGEST.split("/")[1],
+                interval=timedelta(seconds=params.schedule.inbox_interval),
+                concurrency_limit=ConcurrencyLimitConfig(
+                    limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+                ),
+                description="Validate, store and hot-add every new inbox arrival.",
+                **common,
+            ),
+            rollback.to_deployment(
+                ROLLBACK.split("/")[1],
+                concurrency_limit=1,
+                description="Move the champion back to the previous one (or parameter `to`).",
+                **common,
+            ),
+        ],
+    )
 
 
 def serve_deployments(deployments: list[RunnerDeployment]) -> None:
@@ -82,8 +96,9 @@ class Registered:
     deployment_id: UUID
 
 
-def register_deployments(deployments: list[RunnerDeployment], work_pool: str, *, retrain_pool: str | None = None,
-                         image: str | None = None) -> list[Registered]:
+def register_deployments(
+    deployments: list[RunnerDeployment], work_pool: str, *, retrain_pool: str | None = None, image: str | None = None
+) -> list[Registered]:
     """Register the deployments to work pools instead of serving them: retrain to `retrain_pool`
     (a GPU pool) when given, the others to `work_pool`. Every pool is checked first, so nothing
     is registered when one is missing or cannot run the image."""
@@ -116,8 +131,12 @@ def _check_image(pool: WorkPool, image: str | None) -> None:
     process pools have none); such a pool needs one unless its template names a default."""
     variables = pool.base_job_template.get("variables", {}).get("properties", {})
     if image and "image" not in variables:
-        raise WorkPoolError(f"work pool {pool.name!r} ({pool.type}) runs flows in the worker's own environment and "
-                            "takes no image: leave out --image (the worker must have mnemo installed)")
+        raise WorkPoolError(
+            f"work pool {pool.name!r} ({pool.type}) runs flows in the worker's own environment and "
+            "takes no image: leave out --image (the worker must have mnemo installed)"
+        )
     if not image and "image" in variables and not variables["image"].get("default"):
-        raise WorkPoolError(f"work pool {pool.name!r} ({pool.type}) runs each flow in a container: pass --image, "
-                            "the mnemo image built from infra/Dockerfile (e.g. registry.example.com/mnemo:0.1.0)")
+        raise WorkPoolError(
+            f"work pool {pool.name!r} ({pool.type}) runs each flow in a container: pass --image, "
+            "the mnemo image built from infra/Dockerfile (e.g. registry.example.com/mnemo:0.1.0)"
+        )

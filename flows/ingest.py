@@ -33,13 +33,18 @@ class IngestSummary:
             return "nothing to ingest: the inbox holds no new arrival"
         parts = ["; ".join(r.summary() for r in ingested)]
         if self.hot_add is not None and self.hot_add.table:
-            parts.append(f"{self.hot_add.added} image(s) queryable now in {self.hot_add.table} (champion v{self.hot_add.version})")
+            parts.append(
+                f"{self.hot_add.added} image(s) queryable now in {self.hot_add.table} (champion v{self.hot_add.version})"
+            )
         elif self.hot_add is not None:
             parts.append("no champion yet: the first retrain indexes these images")
         return "; ".join(parts)
 
     def to_dict(self) -> dict:
-        return {"arrivals": [asdict(r) for r in self.arrivals], "hot_add": None if self.hot_add is None else asdict(self.hot_add)}
+        return {
+            "arrivals": [asdict(r) for r in self.arrivals],
+            "hot_add": None if self.hot_add is None else asdict(self.hot_add),
+        }
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)  # a repeat is safe: an ingested arrival is a no-op

@@ -42,7 +42,9 @@ def ingest_pending(ws: Workspace, params: Params) -> list[IngestReport]:
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def load_models(ws: Workspace, params: Params) -> tuple[ModelVersionInfo | None, Embedder | None, ModelVersionInfo | None]:
+def load_models(
+    ws: Workspace, params: Params
+) -> tuple[ModelVersionInfo | None, Embedder | None, ModelVersionInfo | None]:
     """The champion (info and network) and the newest registered version."""
     registry = ModelRegistry(ws, params.registry)
     champion = registry.champion()
@@ -50,28 +52,59 @@ def load_models(ws: Workspace, params: Params) -> tuple[ModelVersionInfo | None,
 
 
 @task(cache_policy=NO_CACHE)
-def train(ws: Workspace, params: Params, new: list[ImageRecord], champion: ModelVersionInfo | None,
-          init: Embedder | None) -> tuple[TrainResult, Path]:
+def train(
+    ws: Workspace, params: Params, new: list[ImageRecord], champion: ModelVersionInfo | None, init: Embedder | None
+) -> tuple[TrainResult, Path]:
     """Learn the new images with the champion's replay memory and distillation; returns the result and its saved state."""
     with tempfile.TemporaryDirectory(dir=ws.root) as tmp:
         state = ModelRegistry(ws, params.registry).download_state(champion.version, Path(tmp)) if champion else None
-        step = train_continual(new, ws.classes_dir, params.train, params.model, params.replay, params.distill, init=init,
-                               state=state, checkpoint_dir=ws.root / CHECKPOINTS)
+        step = train_continual(
+            new,
+            ws.classes_dir,
+            params.train,
+            params.model,
+            params.replay,
+            params.distill,
+            init=init,
+            state=state,
+            checkpoint_dir=ws.root / CHECKPOINTS,
+        )
         return step.train, step.save_state(Path(tempfile.mkdtemp(prefix="state-", dir=ws.root)))
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def evaluate(ws: Workspace, params: Params, catalog: ClassRegistry, candidate: Embedder, champion_model: Embedder | None,
-             champion: ModelVersionInfo | None) -> Assessment:
+def evaluate(
+    ws: Workspace,
+    params: Params,
+    catalog: ClassRegistry,
+    candidate: Embedder,
+    champion_model: Embedder | None,
+    champion: ModelVersionInfo | None,
+) -> Assessment:
     """Candidate and champion on the same images, forgetting against every served version, the gate's decision."""
-    return assess(ws, catalog, params.evaluate, params.gate, candidate, champion=champion_model,
-                  champion_version=champion.version if champion else None, champion_arrivals=champion.arrivals if champion else (),
-                  served=ModelRegistry(ws, params.registry).served_history())
+    return assess(
+        ws,
+        catalog,
+        params.evaluate,
+        params.gate,
+        candidate,
+        champion=champion_model,
+        champion_version=champion.version if champion else None,
+        champion_arrivals=champion.arrivals if champion else (),
+        served=ModelRegistry(ws, params.registry).served_history(),
+    )
 
 
 @task(cache_policy=NO_CACHE)  # no retries: a repeat after log_model would register a second version
-def register(ws: Workspace, params: Params, result: TrainResult, metrics: dict[str, float], arrivals: list[str],
-             decision: GateDecision, state: Path) -> ModelVersionInfo:
+def register(
+    ws: Workspace,
+    params: Params,
+    result: TrainResult,
+    metrics: dict[str, float],
+    arrivals: list[str],
+    decision: GateDecision,
+    state: Path,
+) -> ModelVersionInfo:
     info = ModelRegistry(ws, params.registry).log_candidate(
         result.model,
         params=params.flat("model", "train", "replay", "distill") | result.params(),
@@ -104,29 +137,46 @@ def smoke_test(ws: Workspace, params: Params, version: str, table: str, decision
     """Record the new table, then query it with the model loaded back as users load it (models:/<name>/<version>)."""
     registry = ModelRegistry(ws, params.registry)
     registry.record_index(version, table)
-    result = index_smoke_test(ws, table, registry.load_pyfunc(version), ClassRegistry.load(ws.class_registry).records(),
-                              params.index)
+    result = index_smoke_test(
+        ws, table, registry.load_pyfunc(version), ClassRegistry.load(ws.class_registry).records(), params.index
+    )
     registry.record_smoke_test(version, result.passed, result.detail)
     return decision.with_check(result.passed, f"index smoke test: {result.detail}")
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def publish_gate(ws: Workspace, params: Params, version: str, champion: ModelVersionInfo | None, assessment: Assessment,
-                 decision: GateDecision) -> dict:
+def publish_gate(
+    ws: Workspace,
+    params: Params,
+    version: str,
+    champion: ModelVersionInfo | None,
+    assessment: Assessment,
+    decision: GateDecision,
+) -> dict:
     """The gate report to the version's MLflow run (JSON, markdown, forgetting heatmap) and as Prefect artifacts."""
-    report = gate_report(version, champion.version if champion else None, assessment.metrics, decision, params.gate, assessment.matrix)
+    report = gate_report(
+        version, champion.version if champion else None, assessment.metrics, decision, params.gate, assessment.matrix
+    )
     markdown = gate_markdown(report)
-    ModelRegistry(ws, params.registry).log_gate(version, report, markdown, forgetting_heatmap(assessment.matrix.labelled(version)))
-    create_markdown_artifact(markdown=markdown, key="gate-report", description=f"gate verdict for v{version}: {decision.verdict}")
-    create_table_artifact(table=[{"metric": key, **row} for key, row in report["metrics"].items()], key="retrain-metrics",
-                          description=f"v{version} against champion v{report['champion'] or '-'}: candidate, champion, delta")
+    ModelRegistry(ws, params.registry).log_gate(
+        version, report, markdown, forgetting_heatmap(assessment.matrix.labelled(version))
+    )
+    create_markdown_artifact(
+        markdown=markdown, key="gate-report", description=f"gate verdict for v{version}: {decision.verdict}"
+    )
+    create_table_artifact(
+        table=[{"metric": key, **row} for key, row in report["metrics"].items()],
+        key="retrain-metrics",
+        description=f"v{version} against champion v{report['champion'] or '-'}: candidate, champion, delta",
+    )
     return report
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def promote(ws: Workspace, params: Params, version: str, table: str) -> None:
-    Promoter(ws, params.registry, params.index).promote(version, table=table, reason="passed the gate and the index smoke test",
-                                                        actor="retrain-flow")
+    Promoter(ws, params.registry, params.index).promote(
+        version, table=table, reason="passed the gate and the index smoke test", actor="retrain-flow"
+    )
 
 
 @flow(name="retrain", log_prints=True)
@@ -154,8 +204,17 @@ def retrain(params: Params, workspace: str | None = None) -> RetrainSummary:
     if decision.promote and built is not None:
         promote(ws, params, candidate.version, built.table)
         index_new_images(ws, params)  # images ingested between the build's catch-up and the promotion
-    summary = concluded(catalog, champion, ingested, candidate.version, result.classes, assessment.metrics, decision,
-                        built, time.perf_counter() - start)
+    summary = concluded(
+        catalog,
+        champion,
+        ingested,
+        candidate.version,
+        result.classes,
+        assessment.metrics,
+        decision,
+        built,
+        time.perf_counter() - start,
+    )
     return finished(summary)  # type: ignore[return-value]  # Prefect unwraps a returned State: callers get its data
 
 

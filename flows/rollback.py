@@ -21,8 +21,13 @@ def move_champion_back(ws: Workspace, params: Params, to: str | None, reason: st
 
 
 @flow(name="rollback", log_prints=True)
-def rollback(params: Params, workspace: str | None = None, to: str | None = None, reason: str = "",
-             actor: str | None = "rollback-flow") -> ChampionMove:
+def rollback(
+    params: Params,
+    workspace: str | None = None,
+    to: str | None = None,
+    reason: str = "",
+    actor: str | None = "rollback-flow",
+) -> ChampionMove:
     """Roll back, or fail saying why (nothing to go back to, the target's table missing or invalid)."""
     done = move_champion_back(resolve_workspace(params, workspace), params, to, reason, actor)
     get_run_logger().info(done.message)

@@ -27,11 +27,18 @@ def train(params: Params, ws: Workspace) -> None:
     from components.train import train_embedder
 
     records = ClassRegistry.load(ws.class_registry).records("train")
-    result = train_embedder([ws.classes_dir / r.id for r in records], [r.cls for r in records], params.train, params.model)
+    result = train_embedder(
+        [ws.classes_dir / r.id for r in records], [r.cls for r in records], params.train, params.model
+    )
     ws.dvc_outputs.mkdir(parents=True, exist_ok=True)
     save_embedder(result.model, ws.dvc_outputs / "embedder.pt")
-    summary = {"train_seconds": result.seconds, "train_images": result.images, "train_classes": result.classes,
-               "train_loss": result.epoch_losses[-1], "device": result.device}
+    summary = {
+        "train_seconds": result.seconds,
+        "train_images": result.images,
+        "train_classes": result.classes,
+        "train_loss": result.epoch_losses[-1],
+        "device": result.device,
+    }
     (ws.dvc_outputs / "train.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 

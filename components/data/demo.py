@@ -99,7 +99,9 @@ def _designs(faces: list[tuple[Face, frozenset[int]]], probe: str) -> list[Desig
             families[face.family].append((face, cmap))
     designs: list[tuple[np.ndarray, Design]] = []
     for family in sorted(families):
-        members = sorted(families[family], key=lambda fc: (fc[0].style.lower() not in _REGULAR, str(fc[0].path), fc[0].index))
+        members = sorted(
+            families[family], key=lambda fc: (fc[0].style.lower() not in _REGULAR, str(fc[0].path), fc[0].index)
+        )
         regular, cmap = members[0]
         try:
             look = _render_plain(regular, probe)
@@ -121,7 +123,9 @@ def discover_fonts(font_dirs: list[Path] | None = None) -> FontSet:
     import matplotlib
 
     bundled = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-    return _fontset("matplotlib's bundled fonts", _designs(_faces(_font_files([bundled])), LATIN_PROBE), LETTER_RANGES, need=2)
+    return _fontset(
+        "matplotlib's bundled fonts", _designs(_faces(_font_files([bundled])), LATIN_PROBE), LETTER_RANGES, need=2
+    )
 
 
 def _fontset(source: str, designs: list[Design], ranges: list[range], need: int) -> FontSet:

@@ -43,8 +43,10 @@ class IngestReport:
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{self.arrival}: {self.status}, {self.stored} stored, {len(self.rejected)} quarantined, "
-                f"{len(self.new_classes)} new classes")
+        return (
+            f"{self.arrival}: {self.status}, {self.stored} stored, {len(self.rejected)} quarantined, "
+            f"{len(self.new_classes)} new classes"
+        )
 
 
 def validate_image(data: bytes, limits: IngestParams) -> tuple[str | None, str | None]:
@@ -138,7 +140,9 @@ def pending_arrivals(ws: Workspace) -> list[Path]:
     return sorted(p for p in ws.inbox.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in known)
 
 
-def ingest_arrival(arrival_dir: Path, ws: Workspace, params: IngestParams, *, remove_source: bool = False) -> IngestReport:
+def ingest_arrival(
+    arrival_dir: Path, ws: Workspace, params: IngestParams, *, remove_source: bool = False
+) -> IngestReport:
     """Validate and store one arrival. With remove_source, the folder is deleted once recorded."""
     arrival_dir = Path(arrival_dir)
     arrival = arrival_dir.name
@@ -222,8 +226,10 @@ def _remove_processed(arrival_dir: Path, processed: list[Path], report: IngestRe
             folder.rmdir()
     left = [p for p in arrival_dir.rglob("*") if p.is_file()]
     if left:
-        report.warnings.append(f"{arrival_dir}: {len(left)} file(s) arrived during ingest and were left there; "
-                               "move them into a new arrival folder")
+        report.warnings.append(
+            f"{arrival_dir}: {len(left)} file(s) arrived during ingest and were left there; "
+            "move them into a new arrival folder"
+        )
     else:
         arrival_dir.rmdir()
 

@@ -27,19 +27,23 @@ def open_rgb(source: Path | bytes) -> Image.Image:
 
 
 def eval_transform(image_size: int) -> v2.Compose:
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize((image_size, image_size), antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
-    ])
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize((image_size, image_size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
 
 
 def train_transform(image_size: int) -> v2.Compose:
     """Light augmentation that needs no knowledge of the background colour."""
-    return v2.Compose([
-        v2.PILToTensor(),
-        v2.RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
-    ])
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )

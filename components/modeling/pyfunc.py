@@ -34,7 +34,9 @@ class EmbedderModel(PythonModel):
         model.embedder = embedder
         return model
 
-    def predict(self, context: PythonModelContext | None, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+    def predict(
+        self, context: PythonModelContext | None, model_input: pd.DataFrame, params: dict | None = None
+    ) -> np.ndarray:
         if IMAGE_COLUMN not in model_input:
             raise ValueError(f"input needs a column {IMAGE_COLUMN!r} of encoded image bytes")
         images = []

@@ -112,9 +112,12 @@ def postgres_database() -> Iterator[str]:
 @contextmanager
 def prefect_server(database: str, root: Path) -> Iterator[str]:
     """`prefect server start` on a free port with PREFECT_HOME under root, on SQLite or PostgreSQL; yields the API URL."""
-    with (postgres_database() if database == "postgresql" else _no_database()) as pg_name:
-        url = (f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{pg_name}" if pg_name
-               else f"sqlite+aiosqlite:///{root / 'prefect.db'}")
+    with postgres_database() if database == "postgresql" else _no_database() as pg_name:
+        url = (
+            f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{pg_name}"
+            if pg_name
+            else f"sqlite+aiosqlite:///{root / 'prefect.db'}"
+        )
         port = free_port()
         env = clean_env(
             PREFECT_HOME=str(root / "prefect-home"),
@@ -142,9 +145,20 @@ def mlflow_server(root: Path, artifacts: str | None = None, env: dict[str, str] 
     (default: root/artifacts; an s3:// URI with the AWS_* variables in `env`); yields its URL."""
     with postgres_database() as pg_name:
         port = free_port()
-        cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{pg_name}",
-               "--artifacts-destination", artifacts or str(root / "artifacts")]
+        cmd = [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{pg_name}",
+            "--artifacts-destination",
+            artifacts or str(root / "artifacts"),
+        ]
         log = root / "mlflow-server.log"
         with process(cmd, clean_env(**(env or {})), log) as proc:
             wait_healthy(f"http://127.0.0.1:{port}/health", proc, log)
@@ -166,8 +180,13 @@ def s3_env(endpoint: str) -> dict[str, str]:
     """The standard AWS variables that point LanceDB (Lance's object_store) and boto3 (the MLflow server)
     at an S3-compatible endpoint; nothing mnemo-specific. Both read AWS_ENDPOINT_URL and
     AWS_DEFAULT_REGION; AWS_ALLOW_HTTP is Lance's own: it refuses an http:// endpoint without it."""
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "mnemo-e2e",
-            "AWS_SECRET_ACCESS_KEY": "mnemo-e2e-secret", "AWS_DEFAULT_REGION": S3_REGION}
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_ACCESS_KEY_ID": "mnemo-e2e",
+        "AWS_SECRET_ACCESS_KEY": "mnemo-e2e-secret",
+        "AWS_DEFAULT_REGION": S3_REGION,
+    }
 
 
 @contextmanager
@@ -189,5 +208,10 @@ def s3_client(endpoint: str) -> Any:  # boto3 generates its client classes at ru
     import boto3
 
     env = s3_env(endpoint)
-    return boto3.client("s3", endpoint_url=endpoint, region_name=S3_REGION, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=S3_REGION,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )

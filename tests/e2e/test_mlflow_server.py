@@ -47,11 +47,18 @@ def test_retrain_promote_and_rollback_through_an_mlflow_server(params, params_fi
         assert state.name == "Rolled back" and state.message == "rolled back: champion v2 -> v1 (table embeddings_v1)"
         assert server.get_model_version_by_alias(lenient.registry.model_name, CHAMPION).version == "1"
 
-        promoted = CliRunner().invoke(app, ["promote", "2", "--reason", "fixed", "--json", "--workspace", str(ws.root),
-                                            "--params", str(params_file)], catch_exceptions=False)
+        promoted = CliRunner().invoke(
+            app,
+            ["promote", "2", "--reason", "fixed", "--json", "--workspace", str(ws.root), "--params", str(params_file)],
+            catch_exceptions=False,
+        )
         assert promoted.exit_code == 0, promoted.output
         assert json.loads(promoted.stdout)["champion"] == "2"
         assert server.get_model_version_by_alias(lenient.registry.model_name, CHAMPION).version == "2"
         log = ModelRegistry(ws, lenient.registry).log.entries()
         assert [(e.kind, e.from_version, e.to_version) for e in log] == [
-            ("promote", None, "1"), ("promote", "1", "2"), ("rollback", "2", "1"), ("promote", "1", "2")]
+            ("promote", None, "1"),
+            ("promote", "1", "2"),
+            ("rollback", "2", "1"),
+            ("promote", "1", "2"),
+        ]

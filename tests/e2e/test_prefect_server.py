@@ -39,8 +39,11 @@ pytestmark = pytest.mark.e2e
 
 def flow_runs(flow: str) -> list[FlowRun]:
     with get_client(sync_client=True) as client:
-        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])), limit=200,
-                                     sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+        return client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
+            limit=200,
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+        )
 
 
 def wait_for(what: str, check: Callable[[], object], timeout: float, log: Path) -> object:
@@ -68,9 +71,16 @@ def test_deployed_flows_ingest_retrain_on_schedule_and_never_overlap(database, p
     # One scheduled retrain, at a minute boundary far enough ahead for the inbox scan to go first
     # (server and `mnemo deploy` start-up plus one scan took ~110 s on a busy 2-core machine).
     at = (datetime.now(UTC) + timedelta(seconds=150)).replace(second=0, microsecond=0) + timedelta(minutes=1)
-    p = with_overrides(params, {"schedule.retrain_cron": f"{at.minute} {at.hour} * * *", "schedule.inbox_interval": 30,
-                                # tiny data, one epoch: the second model may score below the first; the gate is not under test
-                                "gate.max_unseen_recall_at_1_drop": 1.0, "gate.max_slice_forgetting": 1.0})
+    p = with_overrides(
+        params,
+        {
+            "schedule.retrain_cron": f"{at.minute} {at.hour} * * *",
+            "schedule.inbox_interval": 30,
+            # tiny data, one epoch: the second model may score below the first; the gate is not under test
+            "gate.max_unseen_recall_at_1_drop": 1.0,
+            "gate.max_slice_forgetting": 1.0,
+        },
+    )
     ws = resolve_workspace(p)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(p.model_dump(mode="json")))
@@ -80,9 +90,12 @@ def test_deployed_flows_ingest_retrain_on_schedule_and_never_overlap(database, p
     drop_arrival(ws.inbox, tmp_path / "staging", 0, arrivals[0], fonts, p.demo)
 
     with prefect_server(database, tmp_path) as api, temporary_settings({PREFECT_API_URL: api}):
-        env = clean_env(PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "client-home"), PREFECT_RUNNER_POLL_FREQUENCY="2")
+        env = clean_env(
+            PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "client-home"), PREFECT_RUNNER_POLL_FREQUENCY="2"
+        )
         deploy = [str(BIN / "mnemo"), "deploy", "--workspace", str(ws.root), "--params", str(params_file)]
         with process(deploy, env, log) as proc:
+
             def deployed() -> bool:
                 assert proc.poll() is None, f"mnemo deploy exited with {proc.returncode}:\n{tail(log)}"
                 with get_client(sync_client=True) as client:
@@ -98,8 +111,12 @@ def test_deployed_flows_ingest_retrain_on_schedule_and_never_overlap(database, p
             assert retrain_deployment.global_concurrency_limit.limit == 1
 
             # The arrival is ingested by the scheduled scan (the cron retrain is still minutes away).
-            ingested = wait_for("an ingest run that stored demo-000",
-                                lambda: [r for r in flow_runs("ingest") if r.state and r.state.name == "Ingested"], 150, log)
+            ingested = wait_for(
+                "an ingest run that stored demo-000",
+                lambda: [r for r in flow_runs("ingest") if r.state and r.state.name == "Ingested"],
+                150,
+                log,
+            )
             assert ingested[0].state.message.startswith("demo-000: ingested, 48 stored, 0 quarantined, 8 new classes")
             assert "no champion yet: the first retrain indexes these images" in ingested[0].state.message
             assert "demo-000" in ClassRegistry.load(ws.class_registry).arrivals and not (ws.inbox / "demo-000").exists()
@@ -108,16 +125,21 @@ def test_deployed_flows_ingest_retrain_on_schedule_and_never_overlap(database, p
             def scheduled_retrain_done() -> list[FlowRun]:
                 return [r for r in flow_runs("retrain") if r.auto_scheduled and r.state and r.state.is_final()]
 
-            [scheduled] = wait_for("the scheduled retrain", scheduled_retrain_done,
-                                   (at - datetime.now(UTC)).total_seconds() + 420, log)
+            [scheduled] = wait_for(
+                "the scheduled retrain", scheduled_retrain_done, (at - datetime.now(UTC)).total_seconds() + 420, log
+            )
             assert scheduled.state.name == "Promoted", scheduled.state.message
             assert scheduled.state.message.startswith("v1 promoted to champion with table embeddings_v1")
             assert ModelRegistry(ws, p.registry).champion().version == "1"
             with get_client(sync_client=True) as client:
                 artifacts = client.read_artifacts(  # empty run filters: the sync client sends null otherwise (422)
                     artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[scheduled.id])),
-                    flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(), limit=50, offset=0,
-                    sort=ArtifactSort.ID_DESC)
+                    flow_run_filter=FlowRunFilter(),
+                    task_run_filter=TaskRunFilter(),
+                    limit=50,
+                    offset=0,
+                    sort=ArtifactSort.ID_DESC,
+                )
             assert {a.key for a in artifacts} == {"gate-report", "retrain-metrics"}
             [table] = [a for a in artifacts if a.key == "retrain-metrics"]
             assert "unseen_recall_at_1" in json.dumps(table.data)
@@ -131,7 +153,9 @@ def test_deployed_flows_ingest_retrain_on_schedule_and_never_overlap(database, p
                 runs = [r for r in flow_runs("retrain") if r.id in ids]
                 return runs if len(runs) == 2 and all(r.state and r.state.is_final() for r in runs) else []
 
-            first, second = sorted(wait_for("both triggered retrains", both_final, 600, log), key=lambda r: r.start_time)
+            first, second = sorted(
+                wait_for("both triggered retrains", both_final, 600, log), key=lambda r: r.start_time
+            )
             with get_client(sync_client=True) as client:
                 second_states = [st.name for st in client.read_flow_run_states(second.id)]
 

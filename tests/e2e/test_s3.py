@@ -69,7 +69,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def lenient(params: Params, **overrides: Any) -> Params:
     # tiny data, one epoch: the second model may score below the first; the gate is not under test here
-    return with_overrides(params, {"gate.max_unseen_recall_at_1_drop": 1.0, "gate.max_slice_forgetting": 1.0, **overrides})
+    return with_overrides(
+        params, {"gate.max_unseen_recall_at_1_drop": 1.0, "gate.max_slice_forgetting": 1.0, **overrides}
+    )
 
 
 def test_ingest_retrain_query_and_rollback_keep_every_table_and_artifact_on_s3(stack, params, tmp_path):
@@ -77,12 +79,18 @@ def test_ingest_retrain_query_and_rollback_keep_every_table_and_artifact_on_s3(s
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(p.model_dump(mode="json")))
     root = tmp_path / "ws"
-    env = clean_env(**stack.env(f"s3://{LANCE_BUCKET}/pipeline"), MNEMO_WORKSPACE=str(root),
-                    MNEMO_PARAMS=str(params_file), PREFECT_HOME=str(tmp_path / "prefect-home"))
+    env = clean_env(
+        **stack.env(f"s3://{LANCE_BUCKET}/pipeline"),
+        MNEMO_WORKSPACE=str(root),
+        MNEMO_PARAMS=str(params_file),
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+    )
 
     def mnemo(*args: str) -> dict:
         """One `mnemo ... --json` as a user runs it; its JSON answer."""
-        proc = subprocess.run([str(BIN / "mnemo"), *args, "--json"], env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [str(BIN / "mnemo"), *args, "--json"], env=env, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, f"mnemo {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-6000:]}"
         return json.loads(proc.stdout)
 
@@ -102,7 +110,9 @@ def test_ingest_retrain_query_and_rollback_keep_every_table_and_artifact_on_s3(s
     # New images are appended to the live table on S3 at once (merge-insert, then compaction).
     assert (ingested["hot_add"]["table"], ingested["hot_add"]["added"]) == ("embeddings_v1", stored) and stored > 0
     second = mnemo("retrain")
-    assert (second["status"], second["version"], second["table"]) == ("promoted", "2", "embeddings_v2"), second["reasons"]
+    assert (second["status"], second["version"], second["table"]) == ("promoted", "2", "embeddings_v2"), second[
+        "reasons"
+    ]
 
     catalog = ClassRegistry.load(root / "data" / "registry.json")
     image = catalog.records("query")[0]
@@ -119,7 +129,11 @@ def test_ingest_retrain_query_and_rollback_keep_every_table_and_artifact_on_s3(s
     assert status["lancedb_uri"] == f"s3://{LANCE_BUCKET}/pipeline" and status["tracking_uri"] == stack.tracking_uri
     assert (status["champion"]["version"], status["champion"]["table"]) == ("1", "embeddings_v1")
     assert status["champion"]["table_rows"] == len(catalog.images)  # v1's table holds the hot-added images too
-    assert [(e["kind"], e["to"]) for e in status["promotions"]] == [("promote", "1"), ("promote", "2"), ("rollback", "1")]
+    assert [(e["kind"], e["to"]) for e in status["promotions"]] == [
+        ("promote", "1"),
+        ("promote", "2"),
+        ("rollback", "1"),
+    ]
     query("1")
     promoted = mnemo("promote", "2", "--reason", "fixed upstream")
     assert (promoted["champion"], promoted["table"], promoted["promotion"]["from"]) == ("2", "embeddings_v2", "1")
@@ -214,7 +228,13 @@ def test_concurrent_writers_to_one_s3_table_lose_no_commit(stack, params, monkey
     def write(w: int) -> None:
         tbl = connect(ws).open_table("race")  # a connection of its own, as another process would have
         for c in range(commits):
-            row = {"id": f"{w}-{c}", "class": "x", "arrival": "a", "split": "train", "vector": [float(w), float(c), 0.0, 1.0]}
+            row = {
+                "id": f"{w}-{c}",
+                "class": "x",
+                "arrival": "a",
+                "split": "train",
+                "vector": [float(w), float(c), 0.0, 1.0],
+            }
             try:
                 tbl.add(pa.Table.from_pylist([row], schema=schema))
             except Exception as exc:

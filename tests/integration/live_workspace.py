@@ -54,7 +54,8 @@ def register_random(ws: Workspace, params: Params, seed: int) -> str:
     torch.manual_seed(seed)
     model = build_embedder(params.model)
     info = ModelRegistry(ws, params.registry).log_candidate(
-        model, params={"seed": seed}, metrics={}, epoch_metrics={}, arrivals=["a0"])
+        model, params={"seed": seed}, metrics={}, epoch_metrics={}, arrivals=["a0"]
+    )
     return info.version
 
 
@@ -69,7 +70,9 @@ def build_template(ws: Workspace, params: Params) -> None:
             registry.client.set_registered_model_alias(registry.name, CHAMPION, version)
 
 
-def reference(ws: Workspace, params: Params, version: str, images: list[bytes]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def reference(
+    ws: Workspace, params: Params, version: str, images: list[bytes]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """A version's stored vectors by id, and its model's embeddings of the query images."""
     table = connect(ws).open_table(f"embeddings_v{version}").to_arrow()
     vectors = dict(zip(table["id"].to_pylist(), np.asarray(table["vector"].to_pylist(), dtype=np.float32)))
@@ -77,8 +80,14 @@ def reference(ws: Workspace, params: Params, version: str, images: list[bytes]) 
     return vectors, embed_images(model, [open_rgb(data) for data in images])
 
 
-def assert_one_version(version: str, table: str, hits: list[Hit], query: int, query_id: str,
-                       expected: dict[str, tuple[dict[str, np.ndarray], np.ndarray]]) -> None:
+def assert_one_version(
+    version: str,
+    table: str,
+    hits: list[Hit],
+    query: int,
+    query_id: str,
+    expected: dict[str, tuple[dict[str, np.ndarray], np.ndarray]],
+) -> None:
     """An answer to query image `query` (stored as `query_id`) came wholly from the version it names.
 
     Every distance must be that version's model against that version's table (`reference`); a

@@ -65,18 +65,25 @@ def test_retrain_goes_to_the_gpu_pool_and_jobs_run_the_image(params_file):
     result = deploy(params_file, "--work-pool", "mnemo-cpu", "--retrain-pool", "mnemo-gpu", "--image", IMAGE)
     assert result.exit_code == 0, result.output
     d = deployments()
-    assert {name: x.work_pool_name for name, x in d.items()} == {RETRAIN: "mnemo-gpu", INGEST: "mnemo-cpu", ROLLBACK: "mnemo-cpu"}
+    assert {name: x.work_pool_name for name, x in d.items()} == {
+        RETRAIN: "mnemo-gpu",
+        INGEST: "mnemo-cpu",
+        ROLLBACK: "mnemo-cpu",
+    }
     assert all(x.job_variables == {"image": IMAGE} for x in d.values())
     assert d[RETRAIN].global_concurrency_limit.limit == 1
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--work-pool", "nowhere"], "no work pool 'nowhere' on the Prefect server: create it first"),
-    (["--work-pool", "mnemo-cpu"], "runs each flow in a container: pass --image"),
-    (["--work-pool", "mnemo-process", "--image", IMAGE], "takes no image: leave out --image"),
-    (["--work-pool", "mnemo-process", "--workspace", "/somewhere"], "each run uses MNEMO_WORKSPACE of the worker"),
-    (["--image", IMAGE], "--retrain-pool and --image go with --work-pool"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--work-pool", "nowhere"], "no work pool 'nowhere' on the Prefect server: create it first"),
+        (["--work-pool", "mnemo-cpu"], "runs each flow in a container: pass --image"),
+        (["--work-pool", "mnemo-process", "--image", IMAGE], "takes no image: leave out --image"),
+        (["--work-pool", "mnemo-process", "--workspace", "/somewhere"], "each run uses MNEMO_WORKSPACE of the worker"),
+        (["--image", IMAGE], "--retrain-pool and --image go with --work-pool"),
+    ],
+)
 def test_what_a_pool_cannot_take_is_refused_before_anything_is_registered(params_file, args, message):
     create_pool("mnemo-process", "process", ProcessWorker.get_default_base_job_template())
     create_pool("mnemo-cpu", "kubernetes", json.loads((TEMPLATES / "cpu.json").read_text()))

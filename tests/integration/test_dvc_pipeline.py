@@ -54,9 +54,16 @@ def test_dvc_repro_runs_the_pipeline_and_reports_metrics(params, tmp_path):
     # The report stage's plots: Recall@K of the model next to raw pixels, Recall@1 per arrival slice.
     curve = json.loads((repo / "ws" / "dvc" / "plots" / "unseen_recall_at_k.json").read_text())
     assert [row["k"] for row in curve] == params.evaluate.recall_at
-    assert curve[0]["model"] == metrics["unseen_recall_at_1"] and curve[0]["pixels"] == metrics["baseline_unseen_recall_at_1"]
+    assert (
+        curve[0]["model"] == metrics["unseen_recall_at_1"]
+        and curve[0]["pixels"] == metrics["baseline_unseen_recall_at_1"]
+    )
     plots = json.loads(run(dvc + ["plots", "show", "--json"], repo, env))["data"]
-    assert {"unseen Recall@K, model vs raw pixels", "seen-class Recall@1 per arrival", "ws/dvc/plots/seen_recall.png"} <= set(plots)
+    assert {
+        "unseen Recall@K, model vs raw pixels",
+        "seen-class Recall@1 per arrival",
+        "ws/dvc/plots/seen_recall.png",
+    } <= set(plots)
 
     # The data is DVC-tracked: data/classes and the class registry are cached outputs in dvc.lock.
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["ingest"]
@@ -67,7 +74,9 @@ def test_dvc_repro_runs_the_pipeline_and_reports_metrics(params, tmp_path):
     run(git + ["add", "-A"], repo, env)
     run(git + ["commit", "-q", "-m", "baseline"], repo, env)
     exp = run(dvc + ["exp", "run", "-S", "train.epochs=2"], repo, env)
-    assert "Running stage 'train'" in exp and "Running stage 'report'" in exp and "Running stage 'ingest'" not in exp, exp
+    assert "Running stage 'train'" in exp and "Running stage 'report'" in exp and "Running stage 'ingest'" not in exp, (
+        exp
+    )
     shown = json.loads(run(dvc + ["metrics", "show", "--json"], repo, env))
     assert "unseen_recall_at_1" in json.dumps(shown)
     assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"] == 2

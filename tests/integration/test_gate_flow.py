@@ -37,7 +37,9 @@ def test_retrain_publishes_the_gate_report_everywhere(params, ws, params_file):
     status = json.loads(result.stdout)
     assert status["champion"]["version"] == status["challenger"]["version"] == "1"
     assert status["challenger"]["verdict"] == "promote" and status["challenger"]["index_smoke_test"] == "passed"
-    assert [(p["kind"], p["from"], p["to"], p["actor"]) for p in status["promotions"]] == [("promote", None, "1", "retrain-flow")]
+    assert [(p["kind"], p["from"], p["to"], p["actor"]) for p in status["promotions"]] == [
+        ("promote", None, "1", "retrain-flow")
+    ]
     gate = status["gate"]
     assert gate["verdict"] == "promote" and gate["reasons"] == summary.reasons and gate["champion"] is None
     assert gate["metrics"]["unseen_recall_at_1"]["candidate"] == summary.metrics["unseen_recall_at_1"]
@@ -53,6 +55,9 @@ def test_retrain_publishes_the_gate_report_everywhere(params, ws, params_file):
         [artifact] = prefect.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["gate-report"])),
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
-            task_run_filter=TaskRunFilter(), limit=10, offset=0, sort=ArtifactSort.CREATED_DESC,
+            task_run_filter=TaskRunFilter(),
+            limit=10,
+            offset=0,
+            sort=ArtifactSort.CREATED_DESC,
         )
     assert artifact.type == "markdown" and "# Gate: v1 — **PROMOTE**" in artifact.data

@@ -108,13 +108,29 @@ def clustered(n: int, dim: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("ann_type", ["IVF_PQ", "IVF_HNSW_SQ"])
 def test_ann_index_from_the_row_threshold_keeps_recall(ws, params, ann_type):
-    index = with_overrides(params, {"index.ann_min_rows": 2000, "index.ann_type": ann_type, "index.ann_partitions": 4,
-                                    "index.ann_sub_vectors": 4, "index.ann_nprobes": 4}).index
+    index = with_overrides(
+        params,
+        {
+            "index.ann_min_rows": 2000,
+            "index.ann_type": ann_type,
+            "index.ann_partitions": 4,
+            "index.ann_sub_vectors": 4,
+            "index.ann_nprobes": 4,
+        },
+    ).index
     vectors = clustered(2000, 16, seed=0)
     schema = table_schema(16)
     ids = [f"i{i}" for i in range(len(vectors))]
-    rows = pa.table({"id": ids, "class": ids, "arrival": ids, "split": ids,
-                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 16)}, schema=schema)
+    rows = pa.table(
+        {
+            "id": ids,
+            "class": ids,
+            "arrival": ids,
+            "split": ids,
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 16),
+        },
+        schema=schema,
+    )
     tbl = connect(ws).create_table("t", rows.slice(0, 1999), schema=schema)
     assert ensure_ann_index(tbl, index) is None  # one row short: exact search
     tbl.add(rows.slice(1999))
@@ -123,7 +139,9 @@ def test_ann_index_from_the_row_threshold_keeps_recall(ws, params, ann_type):
     queries = clustered(20, 16, seed=1)
     exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
     found = search_table(tbl, queries, 10, index)
-    recall = np.mean([len({h["id"] for h in hits} & {f"i{j}" for j in truth}) / 10 for hits, truth in zip(found, exact)])
+    recall = np.mean(
+        [len({h["id"] for h in hits} & {f"i{j}" for j in truth}) / 10 for hits, truth in zip(found, exact)]
+    )
     assert recall >= 0.9
 
 

@@ -91,27 +91,50 @@ def colour_blind(model: Embedder) -> Embedder:
     return bad
 
 
-def retrain_step(ws, params: Params, catalog: ClassRegistry, model: Embedder, *, table_model: Embedder | None = None
-                 ) -> tuple[ModelVersionInfo, GateDecision]:
+def retrain_step(
+    ws, params: Params, catalog: ClassRegistry, model: Embedder, *, table_model: Embedder | None = None
+) -> tuple[ModelVersionInfo, GateDecision]:
     """What the retrain flow does after training, with the same component calls."""
     registry = ModelRegistry(ws, params.registry)
     champion = registry.champion()
     champion_model = registry.load_embedder(champion.version) if champion else None
-    assessment = assess(ws, catalog, params.evaluate, params.gate, model, champion=champion_model,
-                        champion_version=champion.version if champion else None,
-                        champion_arrivals=champion.arrivals if champion else (), served=registry.served_history())
+    assessment = assess(
+        ws,
+        catalog,
+        params.evaluate,
+        params.gate,
+        model,
+        champion=champion_model,
+        champion_version=champion.version if champion else None,
+        champion_arrivals=champion.arrivals if champion else (),
+        served=registry.served_history(),
+    )
     decision = assessment.decision
-    info = registry.log_candidate(model, params={"test": "registry"}, metrics=assessment.metrics, epoch_metrics={},
-                                  arrivals=sorted(catalog.arrivals), tags={VERDICT_TAG: decision.verdict})
+    info = registry.log_candidate(
+        model,
+        params={"test": "registry"},
+        metrics=assessment.metrics,
+        epoch_metrics={},
+        arrivals=sorted(catalog.arrivals),
+        tags={VERDICT_TAG: decision.verdict},
+    )
     if decision.promote:
         built = build_table(ws, params.index, info.version, table_model or model, catalog.records())
         registry.record_index(info.version, built.table)
         smoke = index_smoke_test(ws, built.table, registry.load_pyfunc(info.version), catalog.records(), params.index)
         registry.record_smoke_test(info.version, smoke.passed, smoke.detail)
         decision = decision.with_check(smoke.passed, f"index smoke test: {smoke.detail}")
-    report = gate_report(info.version, champion.version if champion else None, assessment.metrics, decision, params.gate,
-                         assessment.matrix)
-    registry.log_gate(info.version, report, gate_markdown(report), forgetting_heatmap(assessment.matrix.labelled(info.version)))
+    report = gate_report(
+        info.version,
+        champion.version if champion else None,
+        assessment.metrics,
+        decision,
+        params.gate,
+        assessment.matrix,
+    )
+    registry.log_gate(
+        info.version, report, gate_markdown(report), forgetting_heatmap(assessment.matrix.labelled(info.version))
+    )
     if decision.promote:
         Promoter(ws, params.registry, params.index).promote(info.version, reason="passed the gate", actor="test-flow")
     return registry.get(info.version), decision
@@ -139,9 +162,11 @@ def test_bad_candidates_are_rejected_and_the_champion_stays(ws, hue_params, cata
     assert first.metrics["unseen_recall_at_1"] > 0.8  # hue classes are easy for the good model
 
     rejected = {}
-    for name, bad, expected in [("collapsed", collapsed(good), "embeddings collapsed"),
-                                ("nan", nan_weights(good), "embeddings contain NaN or infinite values"),
-                                ("colour-blind", colour_blind(good), "unseen Recall@1 dropped")]:
+    for name, bad, expected in [
+        ("collapsed", collapsed(good), "embeddings collapsed"),
+        ("nan", nan_weights(good), "embeddings contain NaN or infinite values"),
+        ("colour-blind", colour_blind(good), "unseen Recall@1 dropped"),
+    ]:
         info, decision = retrain_step(ws, hue_params, catalog, bad)
         assert not decision.promote, name
         assert any(expected in r for r in decision.failed), (name, decision.failed)
@@ -167,8 +192,11 @@ def test_bad_candidates_are_rejected_and_the_champion_stays(ws, hue_params, cata
 
 
 def test_promote_then_rollback_restores_the_previous_version_and_its_table(ws, hue_params, catalog, common):
-    lenient = hue_params.model_copy(update={"gate": hue_params.gate.model_copy(
-        update={"max_unseen_recall_at_1_drop": 1.0, "max_slice_forgetting": 1.0})})
+    lenient = hue_params.model_copy(
+        update={
+            "gate": hue_params.gate.model_copy(update={"max_unseen_recall_at_1_drop": 1.0, "max_slice_forgetting": 1.0})
+        }
+    )
     one, _ = retrain_step(ws, lenient, catalog, embedder(lenient, 0))
     two, decision = retrain_step(ws, lenient, catalog, embedder(lenient, 1))
     assert decision.promote and any("largest forgetting" in r for r in decision.reasons)  # a seen slice was compared
@@ -180,7 +208,11 @@ def test_promote_then_rollback_restores_the_previous_version_and_its_table(ws, h
     assert status["champion"]["version"] == "1" and status["champion"]["table"] == "embeddings_v1"
     assert status["champion"]["table_rows"] == len(catalog.images)  # the old table is live again, whole
     log = status["promotions"]
-    assert [(p["kind"], p["from"], p["to"]) for p in log] == [("promote", None, "1"), ("promote", "1", "2"), ("rollback", "2", "1")]
+    assert [(p["kind"], p["from"], p["to"]) for p in log] == [
+        ("promote", None, "1"),
+        ("promote", "1", "2"),
+        ("rollback", "2", "1"),
+    ]
     assert (log[-1]["reason"], log[-1]["actor"]) == ("v2 looks off", "alice") and log[0]["time"] < log[-1]["time"]
     assert "rollback v2 -> v1" in cli("status", *common)  # the human view shows the last move
 

@@ -83,8 +83,17 @@ def test_queries_stay_consistent_while_the_champion_is_promoted_and_rolled_back(
 
 
 def reindex_command(ws, params_file: Path, version: str) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "reindex", version, "--params", str(params_file),
-            "--workspace", str(ws.root)]
+    return [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "reindex",
+        version,
+        "--params",
+        str(params_file),
+        "--workspace",
+        str(ws.root),
+    ]
 
 
 def write_params(params, path: Path) -> Path:
@@ -142,8 +151,14 @@ def test_a_read_only_lancedb_directory_fails_the_reindex_before_the_alias_moves(
     lancedb_dir = Path(live_ws.lancedb_uri)
     lancedb_dir.chmod(0o555)
     try:
-        proc = subprocess.run(reindex_command(live_ws, write_params(params, tmp_path / "p.yaml"), "2"), cwd=REPO,
-                              capture_output=True, text=True, timeout=300, preexec_fn=_honour_file_modes)
+        proc = subprocess.run(
+            reindex_command(live_ws, write_params(params, tmp_path / "p.yaml"), "2"),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=_honour_file_modes,
+        )
     except subprocess.SubprocessError as exc:
         pytest.skip(f"cannot make a directory read-only for this process: {exc}")
     finally:

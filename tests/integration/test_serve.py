@@ -19,8 +19,12 @@ from components.registry import CHAMPION, ModelRegistry
 from components.serve import create_app
 from tests.integration.live_workspace import noise_png, serving
 
-LIMITS = {"serve.max_upload_bytes": 100_000, "serve.max_upload_pixels": 1_000_000, "serve.max_images": 4,
-          "serve.max_k": 20}
+LIMITS = {
+    "serve.max_upload_bytes": 100_000,
+    "serve.max_upload_pixels": 1_000_000,
+    "serve.max_images": 4,
+    "serve.max_k": 20,
+}
 
 
 @pytest.fixture()
@@ -50,8 +54,11 @@ def png(size: tuple[int, int]) -> bytes:
 def test_every_answer_names_the_model_version_that_produced_it(live_ws, small):
     first, second = stored(live_ws, 2)
     with TestClient(make_app(live_ws, small)) as client:
-        r = client.post("/query", files=upload(*((live_ws.classes_dir / x.id).read_bytes() for x in (first, second))),
-                        data={"k": "3"})
+        r = client.post(
+            "/query",
+            files=upload(*((live_ws.classes_dir / x.id).read_bytes() for x in (first, second))),
+            data={"k": "3"},
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model_version"] == "1" and body["table"] == "embeddings_v1" and r.headers["X-Model-Version"] == "1"
@@ -59,7 +66,11 @@ def test_every_answer_names_the_model_version_that_produced_it(live_ws, small):
         assert all(len(hits) == 3 for hits in body["results"]), body
 
         health = client.get("/health")
-        assert health.status_code == 200 and health.json() == {"status": "ok", "model_version": "1", "table": "embeddings_v1"}
+        assert health.status_code == 200 and health.json() == {
+            "status": "ok",
+            "model_version": "1",
+            "table": "embeddings_v1",
+        }
         live = client.get("/live").json()
         assert (live["model_version"], live["table"], live["rows"]) == ("1", "embeddings_v1", 60)
         assert datetime.fromisoformat(live["since"]).tzinfo is not None
@@ -68,6 +79,7 @@ def test_every_answer_names_the_model_version_that_produced_it(live_ws, small):
 def test_bad_uploads_get_a_clear_4xx_and_the_service_keeps_answering(live_ws, small):
     good = (live_ws.classes_dir / stored(live_ws, 1)[0].id).read_bytes()
     with TestClient(make_app(live_ws, small)) as client:
+
         def status(files: list, **data: str) -> tuple[int, str]:
             r = client.post("/query", files=files, data=data)
             return r.status_code, str(r.json()["detail"])
@@ -110,10 +122,14 @@ def test_real_http_follows_a_promotion_and_refuses_a_chunked_oversized_body(live
         registry.client.set_registered_model_alias(registry.name, CHAMPION, "2")
         assert client.post("/live/refresh").json()["model_version"] == "2"  # on demand, not waiting for the interval
         r = client.post("/query", files=upload(query.read_bytes()))
-        assert (r.json()["model_version"], r.json()["table"], r.headers["X-Model-Version"]) == ("2", "embeddings_v2", "2")
+        assert (r.json()["model_version"], r.json()["table"], r.headers["X-Model-Version"]) == (
+            "2",
+            "embeddings_v2",
+            "2",
+        )
 
         def chunked():  # no Content-Length: the limit must count what arrives
-            yield b"--xx\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.png\"\r\n\r\n"
+            yield b'--xx\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n\r\n'
             for _ in range(20):
                 yield b"\0" * 10_000
             yield b"\r\n--xx--\r\n"

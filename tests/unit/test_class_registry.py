@@ -28,7 +28,9 @@ def test_same_arrivals_as_the_newest_model_are_not_trained_again():
 
 
 def test_one_trained_class_is_not_enough():
-    status, message = retrain_skip_reason(catalog_with({"a": ("train", 4), "u": ("unseen", 3), "v": ("unseen", 3)}), None)
+    status, message = retrain_skip_reason(
+        catalog_with({"a": ("train", 4), "u": ("unseen", 3), "v": ("unseen", 3)}), None
+    )
     assert status == "insufficient_data" and "at least 2" in message
 
 

@@ -46,7 +46,9 @@ def test_distillation_terms_match_brute_force():
 
 def test_distillation_from_an_identical_teacher_is_zero_and_the_teacher_stays_frozen(params):
     model = build_embedder(params.model).eval()
-    distill = Distillation(model, DistillParams(embedding_weight=1.0, embedding_distance="cosine", relational_weight=1.0))
+    distill = Distillation(
+        model, DistillParams(embedding_weight=1.0, embedding_distance="cosine", relational_weight=1.0)
+    )
     x = torch.rand(6, 3, 32, 32)
     terms = distill(x, model(x))
     assert set(terms) == {"distill_embedding", "distill_relational"}
@@ -83,27 +85,42 @@ def test_a_crashed_run_resumes_from_its_last_epoch_and_ends_where_an_unbroken_on
             raise Crash
 
     with pytest.raises(Crash):
-        train_embedder(paths, labels, p, params.model, init=init, checkpoint_dir=tmp_path / "ckpt", on_epoch=crash_after_second)
+        train_embedder(
+            paths, labels, p, params.model, init=init, checkpoint_dir=tmp_path / "ckpt", on_epoch=crash_after_second
+        )
     resumed = train_embedder(paths, labels, p, params.model, init=init, checkpoint_dir=tmp_path / "ckpt")
     assert resumed.resumed_from_epoch == 2
     assert resumed.epoch_losses == pytest.approx(unbroken.epoch_losses)
     for a, b in zip(resumed.model.state_dict().values(), unbroken.model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
     # A different job (other params) does not pick up that checkpoint.
-    other = train_embedder(paths, labels, p.model_copy(update={"lr": 0.01}), params.model, init=init,
-                           checkpoint_dir=tmp_path / "ckpt")
+    other = train_embedder(
+        paths, labels, p.model_copy(update={"lr": 0.01}), params.model, init=init, checkpoint_dir=tmp_path / "ckpt"
+    )
     assert other.resumed_from_epoch == 0
 
 
 def test_continual_steps_carry_the_memory_and_proxies_through_saved_state(params, tmp_path):
     paths, labels = shapes(tmp_path, n_classes=4, per_class=6)
-    records = [ImageRecord(id=path.name, cls=c, arrival=f"a{int(c[-1]) // 2}", role="train") for path, c in zip(paths, labels)]
-    p = with_overrides(params, {"train.loss": "proxy_anchor", "train.miner": "none", "replay.budget": 5, "replay.selection": "herding"})
+    records = [
+        ImageRecord(id=path.name, cls=c, arrival=f"a{int(c[-1]) // 2}", role="train") for path, c in zip(paths, labels)
+    ]
+    p = with_overrides(
+        params, {"train.loss": "proxy_anchor", "train.miner": "none", "replay.budget": 5, "replay.selection": "herding"}
+    )
     first = train_continual([r for r in records if r.arrival == "a0"], tmp_path, p.train, p.model, p.replay, p.distill)
     assert first.memory.per_class() == {"class0": 3, "class1": 2}
     state = first.save_state(tmp_path / "state")
-    second = train_continual([r for r in records if r.arrival == "a1"], tmp_path, p.train, p.model, p.replay, p.distill,
-                             init=first.train.model, state=state)
+    second = train_continual(
+        [r for r in records if r.arrival == "a1"],
+        tmp_path,
+        p.train,
+        p.model,
+        p.replay,
+        p.distill,
+        init=first.train.model,
+        state=state,
+    )
     # The second step trained on two new classes plus the two remembered ones.
     assert second.train.classes == 4
     assert sorted(second.memory.per_class()) == ["class0", "class1", "class2", "class3"] and len(second.memory) == 5

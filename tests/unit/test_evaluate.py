@@ -88,7 +88,9 @@ def test_matches_pytorch_metric_learning():
     centres = rng.normal(size=(8, 16))
     x = (centres[labels] + rng.normal(scale=1.5, size=(200, 16))).astype(np.float32)
     ours = retrieval_metrics(x, labels, ks=(1,))
-    theirs = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r", "r_precision"), k="max_bin_count",
+    theirs = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+        k="max_bin_count",
         knn_func=CustomKNN(CosineSimilarity()),  # exact search, no faiss needed
     ).get_accuracy(torch.tensor(x), torch.tensor(labels))
     assert ours.recall_at[1] == pytest.approx(theirs["precision_at_1"], abs=1e-6)

@@ -26,10 +26,15 @@ HEALTHY = {"unseen_recall_at_1": 0.6, "unseen_map_at_r": 0.3, "embedding_spread"
 
 @pytest.fixture()
 def gate(repo_params):
-    return repo_params.gate.model_copy(update={
-        "min_unseen_recall_at_1": 0.2, "min_unseen_map_at_r": 0.1, "min_embedding_spread": 0.01,
-        "max_unseen_recall_at_1_drop": 0.05, "max_slice_forgetting": 0.1,
-    })
+    return repo_params.gate.model_copy(
+        update={
+            "min_unseen_recall_at_1": 0.2,
+            "min_unseen_map_at_r": 0.1,
+            "min_embedding_spread": 0.01,
+            "max_unseen_recall_at_1_drop": 0.05,
+            "max_slice_forgetting": 0.1,
+        }
+    )
 
 
 def test_first_model_is_promoted_on_value_thresholds_alone(gate):
@@ -84,11 +89,18 @@ def test_with_check_adds_a_late_reason():
 
 
 def test_forgetting_matrix_from_served_history_and_fresh_scores():
-    served = [("1", {"seen_a_recall_at_1": 0.9}),
-              ("3", {"seen_a_recall_at_1": 0.7, "seen_b_recall_at_1": 0.8}),
-              ("2", {"seen_a_recall_at_1": 0.95, "seen_a_map_at_r": 0.5})]
-    fresh = {"seen_a_recall_at_1": 0.75, "seen_b_recall_at_1": 0.85, "seen_c_recall_at_1": 0.6,
-             "champion_seen_a_recall_at_1": 0.72, "champion_seen_b_recall_at_1": 0.81}
+    served = [
+        ("1", {"seen_a_recall_at_1": 0.9}),
+        ("3", {"seen_a_recall_at_1": 0.7, "seen_b_recall_at_1": 0.8}),
+        ("2", {"seen_a_recall_at_1": 0.95, "seen_a_map_at_r": 0.5}),
+    ]
+    fresh = {
+        "seen_a_recall_at_1": 0.75,
+        "seen_b_recall_at_1": 0.85,
+        "seen_c_recall_at_1": 0.6,
+        "champion_seen_a_recall_at_1": 0.72,
+        "champion_seen_b_recall_at_1": 0.81,
+    }
     m = forgetting_matrix(served, fresh, champion="3")
     assert m.versions == ["1", "2", "3", "candidate"] and m.slices == ["a", "b", "c"]
     expected = [[0.9, np.nan, np.nan], [0.95, np.nan, np.nan], [0.72, 0.81, np.nan], [0.75, 0.85, 0.6]]
@@ -107,8 +119,14 @@ def test_no_history_means_nothing_forgotten():
 
 
 def test_report_puts_metrics_side_by_side_with_deltas(gate):
-    metrics = HEALTHY | {"champion_unseen_recall_at_1": 0.5, "seen_a_recall_at_1": 0.7, "champion_seen_a_recall_at_1": 0.75,
-                         "forgetting_a": 0.05, "baseline_unseen_recall_at_1": 0.3, "unseen_r_precision": math.nan}
+    metrics = HEALTHY | {
+        "champion_unseen_recall_at_1": 0.5,
+        "seen_a_recall_at_1": 0.7,
+        "champion_seen_a_recall_at_1": 0.75,
+        "forgetting_a": 0.05,
+        "baseline_unseen_recall_at_1": 0.3,
+        "unseen_r_precision": math.nan,
+    }
     decision = decide(metrics, {"unseen_recall_at_1": 0.5}, gate)
     matrix = ForgettingMatrix(["1", "candidate"], ["a"], np.array([[0.75], [0.7]]))
     report = gate_report("2", "1", metrics, decision, gate, matrix)
@@ -158,5 +176,6 @@ def test_promotion_refusals_name_every_problem_and_force_only_skips_the_gate():
     broken = info(**{TABLE_TAG: "t_v4", INDEX_VALIDATED_TAG: "false", SMOKE_TAG: "failed", VERDICT_TAG: "reject"})
     assert len(promotion_refusals(broken, force=True)) == 2
     assert promotion_refusals(info(), force=True) == [
-        "v4 has no validated index table (build one with `mnemo reindex 4`)"]
+        "v4 has no validated index table (build one with `mnemo reindex 4`)"
+    ]
     assert promotion_refusals(info(), force=True, table="t_v4") == []  # a table found in the index counts

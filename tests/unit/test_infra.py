@@ -35,17 +35,25 @@ URL_HOST_PORT = re.compile(r"://(?:[^@/\s]*@)?([A-Za-z0-9.-]+):(\d+)")
 # MLFLOW_* names are checked against the installed packages; these AWS names are read by boto3
 # (MLflow's S3 artifact store) and by lance's object_store (LanceDB on S3).
 AWS_NAMES = {
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL", "AWS_ALLOW_HTTP",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ALLOW_HTTP",
 }
 MLFLOW_SOURCES = ["environment_variables.py", "cli/__init__.py", "utils/cli_args.py"]
 
 
 # -- reading the project ----------------------------------------------------------------------
 
+
 def _pins(text: str) -> dict[str, str]:
     """name -> version of every `name==version` in a requirements-style text (pyproject, constraints)."""
-    return {m[1].lower(): m[2] for m in re.finditer(r"^\s*\"?([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^\s\";,]+)", text, re.M)}
+    return {
+        m[1].lower(): m[2] for m in re.finditer(r"^\s*\"?([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^\s\";,]+)", text, re.M)
+    }
 
 
 PYPROJECT = (REPO / "pyproject.toml").read_text()
@@ -86,13 +94,20 @@ def routes() -> set[tuple[str, str]]:
     """(METHOD, path) of every route components/serve.py declares on the FastAPI app."""
     found = set()
     for node in ast.walk(ast.parse((REPO / "components/serve.py").read_text())):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
-                and node.func.value.id == "app" and node.args and isinstance(node.args[0], ast.Constant)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "app"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             found.add((node.func.attr.upper(), node.args[0].value))
     return found
 
 
 # -- shared rules -----------------------------------------------------------------------------
+
 
 def image_problems(image: str, where: str, project_images: set[str]) -> list[str]:
     """The project's image, or an upstream image pinned to an explicit tag (or digest), never latest."""
@@ -110,8 +125,11 @@ def image_problems(image: str, where: str, project_images: set[str]) -> list[str
 
 def env_problems(names: list[str], where: str, known: set[str]) -> list[str]:
     """Every variable a mnemo container gets must be one mnemo or its engines read."""
-    return [f"{where}: {name} is not an environment variable mnemo or its engines read"
-            for name in names if name not in known and not engine_reads(name)]
+    return [
+        f"{where}: {name} is not an environment variable mnemo or its engines read"
+        for name in names
+        if name not in known and not engine_reads(name)
+    ]
 
 
 def secret_value_problems(name: str, value: Any, where: str) -> list[str]:
@@ -129,6 +147,7 @@ def secret_value_problems(name: str, value: Any, where: str) -> list[str]:
 def listening(command: list[str], image: str) -> tuple[set[int], bool]:
     """The TCP ports a container's command listens on (its flags, else the program's default), and
     whether it listens on all interfaces, as a port reached from outside the container must."""
+
     def flag(name: str, default: str | None = None) -> str | None:
         return command[command.index(name) + 1] if name in command else default
 
@@ -147,6 +166,7 @@ def listening(command: list[str], image: str) -> tuple[set[int], bool]:
 
 
 # -- compose ----------------------------------------------------------------------------------
+
 
 def load_compose(name: str) -> dict:
     return yaml.safe_load((INFRA / name).read_text())
@@ -199,7 +219,9 @@ def compose_problems(compose: dict, file: str, project_images: set[str], known_e
                 elif host not in services:
                     problems.append(f"{where}: {key} points at {host}:{port}, but there is no service {host!r}")
                 elif int(port) not in listens[host][0]:
-                    problems.append(f"{where}: {key} points at {host}:{port}, but {host} listens on {sorted(listens[host][0])}")
+                    problems.append(
+                        f"{where}: {key} points at {host}:{port}, but {host} listens on {sorted(listens[host][0])}"
+                    )
         ports, all_interfaces = listens[name]
         exposed = [_container_port(p) for p in service.get("ports", [])]
         test = " ".join(_command((service.get("healthcheck") or {}).get("test")))
@@ -229,10 +251,16 @@ def env_file_problems(text: str, file: str) -> list[str]:
 
 # -- Kubernetes -------------------------------------------------------------------------------
 
+
 def load_k8s() -> list[tuple[str, dict]]:
     """(file, document) for every document of every infra/k8s/*.yaml but the kustomization."""
-    return [(path.name, doc) for path in sorted(K8S.glob("*.yaml")) if path.name != "kustomization.yaml"
-            for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [
+        (path.name, doc)
+        for path in sorted(K8S.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
 
 
 def pod_specs(docs: list[tuple[str, dict]]) -> Iterator[tuple[str, dict, dict]]:
@@ -240,19 +268,32 @@ def pod_specs(docs: list[tuple[str, dict]]) -> Iterator[tuple[str, dict, dict]]:
     for file, doc in docs:
         template = (doc.get("spec") or {}).get("template")
         if template:
-            yield f"{file}: {doc['kind']} {doc['metadata']['name']}", template["spec"], template.get("metadata", {}).get("labels", {})
+            yield (
+                f"{file}: {doc['kind']} {doc['metadata']['name']}",
+                template["spec"],
+                template.get("metadata", {}).get("labels", {}),
+            )
 
 
 def secret_keys_documented() -> set[str]:
     """The keys of mnemo-secrets that infra/README.md's `kubectl create secret` command sets."""
     readme = (INFRA / "README.md").read_text()
-    block = readme[readme.index(f"create secret generic {SECRET_NAME}"):]
-    block = block[:block.index("```")]
+    block = readme[readme.index(f"create secret generic {SECRET_NAME}") :]
+    block = block[: block.index("```")]
     return set(re.findall(r"--from-literal=([A-Z_]+)=", block))
 
 
-def container_problems(container: dict, pod: dict, where: str, *, project_images: set[str], known_env: set[str],
-                       configmaps: dict[str, set[str]], claims: set[str], secret_keys: set[str]) -> list[str]:
+def container_problems(
+    container: dict,
+    pod: dict,
+    where: str,
+    *,
+    project_images: set[str],
+    known_env: set[str],
+    configmaps: dict[str, set[str]],
+    claims: set[str],
+    secret_keys: set[str],
+) -> list[str]:
     """One container (a workload's, or a work-pool job's): image, env names and sources, volumes."""
     where = f"{where}: {container['name']}"
     problems = image_problems(container["image"], where, project_images) if "{{" not in container["image"] else []
@@ -269,11 +310,13 @@ def container_problems(container: dict, pod: dict, where: str, *, project_images
     if container["image"] in project_images or container["image"] == "{{ image }}":
         problems += env_problems(names, where, known_env)
     for e in env:
-        ref = (e.get("valueFrom") or {})
+        ref = e.get("valueFrom") or {}
         if "secretKeyRef" in ref:
             name, key = ref["secretKeyRef"]["name"], ref["secretKeyRef"]["key"]
             if name != SECRET_NAME or key not in secret_keys:
-                problems.append(f"{where}: {e['name']} reads {name}/{key}, which the README's secret command does not create")
+                problems.append(
+                    f"{where}: {e['name']} reads {name}/{key}, which the README's secret command does not create"
+                )
         elif "configMapKeyRef" in ref:
             name, key = ref["configMapKeyRef"]["name"], ref["configMapKeyRef"]["key"]
             if key not in configmaps.get(name, ()):
@@ -293,8 +336,14 @@ def container_problems(container: dict, pod: dict, where: str, *, project_images
     return problems
 
 
-def k8s_problems(docs: list[tuple[str, dict]], *, project_images: set[str], known_env: set[str],
-                 configmaps: dict[str, set[str]], secret_keys: set[str]) -> list[str]:
+def k8s_problems(
+    docs: list[tuple[str, dict]],
+    *,
+    project_images: set[str],
+    known_env: set[str],
+    configmaps: dict[str, set[str]],
+    secret_keys: set[str],
+) -> list[str]:
     """Workloads, Services, probes and secrets of the manifests."""
     problems: list[str] = []
     claims = {doc["metadata"]["name"] for _, doc in docs if doc["kind"] == "PersistentVolumeClaim"}
@@ -310,13 +359,25 @@ def k8s_problems(docs: list[tuple[str, dict]], *, project_images: set[str], know
     pods = list(pod_specs(docs))
     for where, pod, _labels in pods:
         for container in pod["containers"]:
-            problems += container_problems(container, pod, where, project_images=project_images, known_env=known_env,
-                                           configmaps=configmaps, claims=claims, secret_keys=secret_keys)
-            ports, all_interfaces = listening(_command(container.get("command") or container.get("args")), container["image"])
+            problems += container_problems(
+                container,
+                pod,
+                where,
+                project_images=project_images,
+                known_env=known_env,
+                configmaps=configmaps,
+                claims=claims,
+                secret_keys=secret_keys,
+            )
+            ports, all_interfaces = listening(
+                _command(container.get("command") or container.get("args")), container["image"]
+            )
             named = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
             for p in container.get("ports", []):
                 if p["containerPort"] not in ports:
-                    problems.append(f"{where}: containerPort {p['containerPort']} is not one its command listens on ({sorted(ports) or 'none'})")
+                    problems.append(
+                        f"{where}: containerPort {p['containerPort']} is not one its command listens on ({sorted(ports) or 'none'})"
+                    )
             if named and not all_interfaces:
                 problems.append(f"{where}: declares a port but its command does not listen on 0.0.0.0 (--host)")
             for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
@@ -327,8 +388,12 @@ def k8s_problems(docs: list[tuple[str, dict]], *, project_images: set[str], know
             for e in container.get("env", []):
                 problems += url_problems(e["name"], str(e.get("value", "")), where, services)
     for name, service in services.items():
-        targets = [(w, c) for w, pod, labels in pods for c in pod["containers"]
-                   if service["spec"]["selector"].items() <= labels.items()]
+        targets = [
+            (w, c)
+            for w, pod, labels in pods
+            for c in pod["containers"]
+            if service["spec"]["selector"].items() <= labels.items()
+        ]
         if not targets:
             problems.append(f"Service {name}: its selector matches no workload")
         for port in service["spec"]["ports"]:
@@ -399,26 +464,39 @@ def kustomization_problems(kustomization: dict) -> list[str]:
     problems = []
     listed = set(kustomization.get("resources", []))
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    problems += [f"kustomization.yaml: {f} is not in resources: `kubectl apply -k` would leave it out" for f in sorted(on_disk - listed)]
+    problems += [
+        f"kustomization.yaml: {f} is not in resources: `kubectl apply -k` would leave it out"
+        for f in sorted(on_disk - listed)
+    ]
     problems += [f"kustomization.yaml: resource {f} does not exist" for f in sorted(listed - on_disk)]
     for generator in kustomization.get("configMapGenerator", []):
-        problems += [f"kustomization.yaml: {f} does not exist" for f in generator.get("files", []) if not (K8S / f).is_file()]
+        problems += [
+            f"kustomization.yaml: {f} does not exist" for f in generator.get("files", []) if not (K8S / f).is_file()
+        ]
     images = [i for i in kustomization.get("images", []) if i["name"] == PROJECT_IMAGE_K8S]
     if len(images) != 1 or str(images[0].get("newTag")) != VERSION:
-        problems.append(f"kustomization.yaml: images must name {PROJECT_IMAGE_K8S!r} once, tagged {VERSION} (pyproject)")
+        problems.append(
+            f"kustomization.yaml: images must name {PROJECT_IMAGE_K8S!r} once, tagged {VERSION} (pyproject)"
+        )
     return problems
 
 
 # -- Dockerfile -------------------------------------------------------------------------------
 
+
 def dockerfile_problems(text: str, file: str = "Dockerfile") -> list[str]:
     """Pinned base, the pinned set installed through constraints.txt, non-root, a workspace."""
     problems = []
     lines = re.sub(r"\\\n", " ", text).splitlines()
-    instructions = [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
-                    for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    instructions = [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+        for line in lines
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.M))
-    bases = [re.sub(r"\$\{(\w+)\}", lambda m: args.get(m[1], m[0]), v.split()[0]) for k, v in instructions if k == "FROM"]
+    bases = [
+        re.sub(r"\$\{(\w+)\}", lambda m: args.get(m[1], m[0]), v.split()[0]) for k, v in instructions if k == "FROM"
+    ]
     for base in bases:
         problems += image_problems(base, f"{file}: FROM", set())
         if base.startswith("python:") and not base.split(":")[1].startswith("3.11"):
@@ -427,10 +505,12 @@ def dockerfile_problems(text: str, file: str = "Dockerfile") -> list[str]:
     for needed in ("pyproject.toml", "constraints.txt"):
         if needed not in copied:
             problems.append(f"{file}: {needed} is never copied into the image")
-    installs = [cmd.strip() for k, v in instructions if k == "RUN" for cmd in re.split(r"&&|;", v) if "pip install" in cmd]
+    installs = [
+        cmd.strip() for k, v in instructions if k == "RUN" for cmd in re.split(r"&&|;", v) if "pip install" in cmd
+    ]
     project_installed = False
     for cmd in installs:
-        words = shlex.split(cmd)[shlex.split(cmd).index("install") + 1:]
+        words = shlex.split(cmd)[shlex.split(cmd).index("install") + 1 :]
         targets = [w for w in words if not w.startswith("-") and w != "constraints.txt"]
         if targets and all(t.startswith("pip==") for t in targets):
             if targets != [f"pip=={_makefile_pip()}"]:
@@ -464,6 +544,7 @@ def _makefile_pip() -> str:
 
 # -- the tests --------------------------------------------------------------------------------
 
+
 def assert_none(problems: list[str]) -> None:
     assert not problems, "\n".join(problems)
 
@@ -478,18 +559,31 @@ def k8s_context() -> dict[str, Any]:
     docs = load_k8s()
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     configmaps = {doc["metadata"]["name"]: set(doc.get("data") or {}) for _, doc in docs if doc["kind"] == "ConfigMap"}
-    configmaps |= {g["name"]: {Path(f).name for f in g.get("files", [])} for g in kustomization.get("configMapGenerator", [])}
-    return {"docs": docs, "kustomization": kustomization, "configmaps": configmaps, "secret_keys": secret_keys_documented()}
+    configmaps |= {
+        g["name"]: {Path(f).name for f in g.get("files", [])} for g in kustomization.get("configMapGenerator", [])
+    }
+    return {
+        "docs": docs,
+        "kustomization": kustomization,
+        "configmaps": configmaps,
+        "secret_keys": secret_keys_documented(),
+    }
 
 
 def _k8s_args(ctx: dict[str, Any], known_env: set[str]) -> dict[str, Any]:
-    return {"project_images": {PROJECT_IMAGE_K8S}, "known_env": known_env, "configmaps": ctx["configmaps"],
-            "secret_keys": ctx["secret_keys"]}
+    return {
+        "project_images": {PROJECT_IMAGE_K8S},
+        "known_env": known_env,
+        "configmaps": ctx["configmaps"],
+        "secret_keys": ctx["secret_keys"],
+    }
 
 
 def test_the_collected_env_names_are_real(known_env):
     assert {"MNEMO_WORKSPACE", "MNEMO_LANCEDB_URI", "MNEMO_PARAMS", "MLFLOW_TRACKING_URI"} <= known_env
-    assert engine_reads("PREFECT_API_URL") and engine_reads("MLFLOW_BACKEND_STORE_URI") and engine_reads("AWS_ALLOW_HTTP")
+    assert (
+        engine_reads("PREFECT_API_URL") and engine_reads("MLFLOW_BACKEND_STORE_URI") and engine_reads("AWS_ALLOW_HTTP")
+    )
     assert not engine_reads("PREFECT_API_URI") and not engine_reads("MLFLOW_TRACKING_URL")
     assert {("GET", "/health"), ("GET", "/live"), ("POST", "/query")} <= routes()
 
@@ -507,10 +601,14 @@ def test_compose_runs_every_part_from_the_one_project_image():
     compose = load_compose("compose.yaml")
     services = compose["services"]
     project = compose_project_image(compose)
-    assert {"prefect-server", "worker", "mlflow", "query", "deploy"} <= {n for n, s in services.items() if s["image"] == project}
+    assert {"prefect-server", "worker", "mlflow", "query", "deploy"} <= {
+        n for n, s in services.items() if s["image"] == project
+    }
     assert services["query"]["command"] == ["mnemo", "serve", "--host", "0.0.0.0", "--port", str(SERVE_PORT)]
     assert services["worker"]["command"][:3] == ["prefect", "worker", "start"]
-    assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
+    assert (
+        "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
+    )
     assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
     assert services["mlflow"]["environment"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
     assert services["worker"]["environment"]["MNEMO_LANCEDB_URI"].startswith("s3://")
@@ -534,8 +632,14 @@ def test_kubernetes_manifests_refer_only_to_what_exists(k8s_context, known_env):
 
 def test_kubernetes_runs_the_query_service_the_mlflow_server_and_workers_for_both_pools(k8s_context):
     kinds = {(doc["kind"], doc["metadata"]["name"]) for _, doc in k8s_context["docs"]}
-    assert {("Deployment", "mnemo-query"), ("Service", "mnemo-query"), ("Deployment", "mlflow"), ("Service", "mlflow"),
-            ("Deployment", "prefect-worker-cpu"), ("Deployment", "prefect-worker-gpu")} <= kinds
+    assert {
+        ("Deployment", "mnemo-query"),
+        ("Service", "mnemo-query"),
+        ("Deployment", "mlflow"),
+        ("Service", "mlflow"),
+        ("Deployment", "prefect-worker-cpu"),
+        ("Deployment", "prefect-worker-gpu"),
+    } <= kinds
     pools = {}
     for _where, pod, _ in pod_specs(k8s_context["docs"]):
         args = pod["containers"][0].get("args") or []
@@ -558,23 +662,32 @@ def test_dockerfile_installs_the_pinned_set_as_a_non_root_user():
     ignore = (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
     for source in re.findall(r"^COPY\s+(.+?)\s+\S+$", (INFRA / "Dockerfile").read_text(), re.M):
         for path in source.split():
-            assert f"!{path.rstrip('/')}" in ignore or f"!{path}" in ignore, f"{path} is copied but excluded by the .dockerignore"
+            assert f"!{path.rstrip('/')}" in ignore or f"!{path}" in ignore, (
+                f"{path} is copied but excluded by the .dockerignore"
+            )
 
 
-
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed: the kustomize build is not checked")
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl is not installed: the kustomize build is not checked"
+)
 def test_kustomize_builds_the_manifests_with_the_project_image(k8s_context):
     built = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=120)
     assert built.returncode == 0, built.stderr
     docs = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
     entry = next(i for i in k8s_context["kustomization"]["images"] if i["name"] == PROJECT_IMAGE_K8S)
-    images = {c["image"] for doc in docs if (doc.get("spec") or {}).get("template")
-              for c in doc["spec"]["template"]["spec"]["containers"]}
+    images = {
+        c["image"]
+        for doc in docs
+        if (doc.get("spec") or {}).get("template")
+        for c in doc["spec"]["template"]["spec"]["containers"]
+    }
     assert f"{entry['newName']}:{entry['newTag']}" in images and PROJECT_IMAGE_K8S not in images
     assert {doc["metadata"].get("namespace") for doc in docs} == {k8s_context["kustomization"]["namespace"]}
     pools = next(doc for doc in docs if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "mnemo-work-pools")
     assert {name: json.loads(text) for name, text in pools["data"].items()} == {
-        name: json.loads((K8S / "work-pools" / name).read_text()) for name in ("cpu.json", "gpu.json")}
+        name: json.loads((K8S / "work-pools" / name).read_text()) for name in ("cpu.json", "gpu.json")
+    }
+
 
 # -- every rule can fail ----------------------------------------------------------------------
 
@@ -582,23 +695,36 @@ PROJECT = "${MNEMO_IMAGE:-mnemo:0.1.0}"
 
 
 def _one_service(**service: Any) -> dict:
-    return {"services": {"query": {"image": PROJECT, "command": ["mnemo", "serve", "--host", "0.0.0.0", "--port", "8000"]} | service,
-                         "mlflow": {"image": PROJECT, "command": ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000"]}}}
+    return {
+        "services": {
+            "query": {"image": PROJECT, "command": ["mnemo", "serve", "--host", "0.0.0.0", "--port", "8000"]} | service,
+            "mlflow": {"image": PROJECT, "command": ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000"]},
+        }
+    }
 
 
-@pytest.mark.parametrize(("service", "expected"), [
-    ({"environment": {"MNEMO_LANCEDB_URL": "s3://b/l"}}, "bad.yaml: services.query: MNEMO_LANCEDB_URL is not an environment variable"),
-    ({"environment": {"PREFECT_API_URI": "x"}}, "PREFECT_API_URI is not an environment variable"),
-    ({"image": "postgres:latest", "command": None}, "image 'postgres:latest' is not pinned"),
-    ({"image": "minio/minio", "command": None}, "image 'minio/minio' has no tag"),
-    ({"ports": ["8080:8080"]}, "port 8080 is not one its command listens on ([8000])"),
-    ({"command": ["mnemo", "serve", "--port", "8000"], "ports": ["8000:8000"]}, "does not listen on 0.0.0.0"),
-    ({"environment": {"MLFLOW_TRACKING_URI": "http://mlflow:5001"}}, "points at mlflow:5001, but mlflow listens on [5000]"),
-    ({"environment": {"MLFLOW_TRACKING_URI": "http://tracking:5000"}}, "there is no service 'tracking'"),
-    ({"healthcheck": {"test": ["CMD", "curl", "http://127.0.0.1:8000/healthz"]}}, "GET /healthz is not a route"),
-    ({"environment": {"AWS_SECRET_ACCESS_KEY": "hunter22"}}, "AWS_SECRET_ACCESS_KEY holds a literal value"),
-    ({"environment": {"MLFLOW_TRACKING_URI": "http://u:hunter22@mlflow:5000"}}, "has a password in its URL"),
-])
+@pytest.mark.parametrize(
+    ("service", "expected"),
+    [
+        (
+            {"environment": {"MNEMO_LANCEDB_URL": "s3://b/l"}},
+            "bad.yaml: services.query: MNEMO_LANCEDB_URL is not an environment variable",
+        ),
+        ({"environment": {"PREFECT_API_URI": "x"}}, "PREFECT_API_URI is not an environment variable"),
+        ({"image": "postgres:latest", "command": None}, "image 'postgres:latest' is not pinned"),
+        ({"image": "minio/minio", "command": None}, "image 'minio/minio' has no tag"),
+        ({"ports": ["8080:8080"]}, "port 8080 is not one its command listens on ([8000])"),
+        ({"command": ["mnemo", "serve", "--port", "8000"], "ports": ["8000:8000"]}, "does not listen on 0.0.0.0"),
+        (
+            {"environment": {"MLFLOW_TRACKING_URI": "http://mlflow:5001"}},
+            "points at mlflow:5001, but mlflow listens on [5000]",
+        ),
+        ({"environment": {"MLFLOW_TRACKING_URI": "http://tracking:5000"}}, "there is no service 'tracking'"),
+        ({"healthcheck": {"test": ["CMD", "curl", "http://127.0.0.1:8000/healthz"]}}, "GET /healthz is not a route"),
+        ({"environment": {"AWS_SECRET_ACCESS_KEY": "hunter22"}}, "AWS_SECRET_ACCESS_KEY holds a literal value"),
+        ({"environment": {"MLFLOW_TRACKING_URI": "http://u:hunter22@mlflow:5000"}}, "has a password in its URL"),
+    ],
+)
 def test_compose_rules_report_a_bad_document(service, expected, known_env):
     problems = compose_problems(_one_service(**service), "bad.yaml", {PROJECT}, known_env)
     assert any(expected in p for p in problems), problems
@@ -606,36 +732,88 @@ def test_compose_rules_report_a_bad_document(service, expected, known_env):
 
 def test_env_example_with_a_real_secret_is_reported():
     assert env_file_problems("POSTGRES_PASSWORD=hunter22\nMNEMO_BUCKET=mnemo\n", ".env.example") == [
-        ".env.example: POSTGRES_PASSWORD must be the placeholder 'change-me', not a value"]
+        ".env.example: POSTGRES_PASSWORD must be the placeholder 'change-me', not a value"
+    ]
 
 
 def _k8s_doc(container: dict, **pod: Any) -> list[tuple[str, dict]]:
-    base = {"name": "query", "image": "mnemo", "command": ["mnemo", "serve", "--host", "0.0.0.0", "--port", "8000"],
-            "ports": [{"name": "http", "containerPort": 8000}],
-            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}}}
-    deployment = {"kind": "Deployment", "metadata": {"name": "mnemo-query"},
-                  "spec": {"template": {"metadata": {"labels": {"app": "q"}}, "spec": {"containers": [base | container]} | pod}}}
-    service = {"kind": "Service", "metadata": {"name": "mnemo-query"},
-               "spec": {"selector": {"app": "q"}, "ports": [{"port": 8000, "targetPort": "http"}]}}
+    base = {
+        "name": "query",
+        "image": "mnemo",
+        "command": ["mnemo", "serve", "--host", "0.0.0.0", "--port", "8000"],
+        "ports": [{"name": "http", "containerPort": 8000}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
+    }
+    deployment = {
+        "kind": "Deployment",
+        "metadata": {"name": "mnemo-query"},
+        "spec": {"template": {"metadata": {"labels": {"app": "q"}}, "spec": {"containers": [base | container]} | pod}},
+    }
+    service = {
+        "kind": "Service",
+        "metadata": {"name": "mnemo-query"},
+        "spec": {"selector": {"app": "q"}, "ports": [{"port": 8000, "targetPort": "http"}]},
+    }
     return [("bad.yaml", deployment), ("bad.yaml", service)]
 
 
-@pytest.mark.parametrize(("container", "pod", "expected"), [
-    ({"env": [{"name": "MNEMO_WORKSPACES", "value": "/w"}]}, {}, "bad.yaml: Deployment mnemo-query: query: MNEMO_WORKSPACES is not an environment variable"),
-    ({"image": "prefecthq/prefect:3-latest"}, {}, "Prefect must be the pinned"),
-    ({"image": "mlflow:latest"}, {}, "is not pinned"),
-    ({"readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}}}, {}, "readiness must be GET /health"),
-    ({"readinessProbe": {"httpGet": {"path": "/health", "port": 8080}}}, {}, "readinessProbe port 8080 is not one it listens on"),
-    ({"ports": [{"name": "http", "containerPort": 8080}]}, {}, "containerPort 8080 is not one its command listens on"),
-    ({"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "hunter22"}]}, {}, "AWS_SECRET_ACCESS_KEY holds a literal value"),
-    ({"env": [{"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "other", "key": "AWS_ACCESS_KEY_ID"}}}]}, {},
-     "reads other/AWS_ACCESS_KEY_ID, which the README's secret command does not create"),
-    ({"envFrom": [{"secretRef": {"name": SECRET_NAME}}]}, {}, "hands over every key"),
-    ({"envFrom": [{"configMapRef": {"name": "nowhere"}}]}, {}, "envFrom ConfigMap 'nowhere' is not declared"),
-    ({"env": [{"name": "MLFLOW_TRACKING_URI", "value": "http://tracking:5000"}]}, {}, "there is no Service 'tracking'"),
-    ({"volumeMounts": [{"name": "ws", "mountPath": "/workspace"}]}, {}, "mounts volume 'ws', which the pod does not define"),
-    ({}, {"volumes": [{"name": "ws", "persistentVolumeClaim": {"claimName": "nowhere"}}]}, "PersistentVolumeClaim 'nowhere' is not declared"),
-])
+@pytest.mark.parametrize(
+    ("container", "pod", "expected"),
+    [
+        (
+            {"env": [{"name": "MNEMO_WORKSPACES", "value": "/w"}]},
+            {},
+            "bad.yaml: Deployment mnemo-query: query: MNEMO_WORKSPACES is not an environment variable",
+        ),
+        ({"image": "prefecthq/prefect:3-latest"}, {}, "Prefect must be the pinned"),
+        ({"image": "mlflow:latest"}, {}, "is not pinned"),
+        ({"readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}}}, {}, "readiness must be GET /health"),
+        (
+            {"readinessProbe": {"httpGet": {"path": "/health", "port": 8080}}},
+            {},
+            "readinessProbe port 8080 is not one it listens on",
+        ),
+        (
+            {"ports": [{"name": "http", "containerPort": 8080}]},
+            {},
+            "containerPort 8080 is not one its command listens on",
+        ),
+        (
+            {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "hunter22"}]},
+            {},
+            "AWS_SECRET_ACCESS_KEY holds a literal value",
+        ),
+        (
+            {
+                "env": [
+                    {
+                        "name": "AWS_ACCESS_KEY_ID",
+                        "valueFrom": {"secretKeyRef": {"name": "other", "key": "AWS_ACCESS_KEY_ID"}},
+                    }
+                ]
+            },
+            {},
+            "reads other/AWS_ACCESS_KEY_ID, which the README's secret command does not create",
+        ),
+        ({"envFrom": [{"secretRef": {"name": SECRET_NAME}}]}, {}, "hands over every key"),
+        ({"envFrom": [{"configMapRef": {"name": "nowhere"}}]}, {}, "envFrom ConfigMap 'nowhere' is not declared"),
+        (
+            {"env": [{"name": "MLFLOW_TRACKING_URI", "value": "http://tracking:5000"}]},
+            {},
+            "there is no Service 'tracking'",
+        ),
+        (
+            {"volumeMounts": [{"name": "ws", "mountPath": "/workspace"}]},
+            {},
+            "mounts volume 'ws', which the pod does not define",
+        ),
+        (
+            {},
+            {"volumes": [{"name": "ws", "persistentVolumeClaim": {"claimName": "nowhere"}}]},
+            "PersistentVolumeClaim 'nowhere' is not declared",
+        ),
+    ],
+)
 def test_kubernetes_rules_report_a_bad_document(container, pod, expected, k8s_context, known_env):
     docs = _k8s_doc(container, **pod)
     problems = k8s_problems(docs, **_k8s_args(k8s_context, known_env)) + query_probe_problems(docs)
@@ -643,10 +821,18 @@ def test_kubernetes_rules_report_a_bad_document(container, pod, expected, k8s_co
 
 
 def test_kubernetes_secrets_and_orphan_services_are_reported(k8s_context, known_env):
-    docs = _k8s_doc({}) + [("bad.yaml", {"kind": "Secret", "metadata": {"name": SECRET_NAME}, "stringData": {"x": "y"}}),
-                           ("bad.yaml", {"kind": "Service", "metadata": {"name": "lost"},
-                                         "spec": {"selector": {"app": "none"}, "ports": [{"port": 1}]}}),
-                           ("bad.yaml", {"kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"POSTGRES_PASSWORD": "x"}})]
+    docs = _k8s_doc({}) + [
+        ("bad.yaml", {"kind": "Secret", "metadata": {"name": SECRET_NAME}, "stringData": {"x": "y"}}),
+        (
+            "bad.yaml",
+            {
+                "kind": "Service",
+                "metadata": {"name": "lost"},
+                "spec": {"selector": {"app": "none"}, "ports": [{"port": 1}]},
+            },
+        ),
+        ("bad.yaml", {"kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"POSTGRES_PASSWORD": "x"}}),
+    ]
     problems = k8s_problems(docs, **_k8s_args(k8s_context, known_env))
     assert any("secrets are created by hand, never committed" in p for p in problems)
     assert any("Service lost: its selector matches no workload" in p for p in problems)
@@ -657,13 +843,18 @@ def test_a_work_pool_template_without_the_gpu_or_the_image_is_reported(k8s_conte
     claims = {doc["metadata"]["name"] for _, doc in k8s_context["docs"] if doc["kind"] == "PersistentVolumeClaim"}
     context = _k8s_args(k8s_context, known_env) | {"claims": claims}
     gpu = json.loads((K8S / "work-pools" / "gpu.json").read_text())
-    del gpu["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    del gpu["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "nvidia.com/gpu"
+    ]
     del gpu["variables"]["properties"]["image"]
     problems = work_pool_problems(gpu, "gpu.json", gpu=True, **context)
     assert any("must request and limit nvidia.com/gpu: 1" in p for p in problems)
     assert any("no `image` variable" in p for p in problems)
     cpu = json.loads((K8S / "work-pools" / "gpu.json").read_text())
-    assert any("only the GPU pool's jobs may ask for a GPU" in p for p in work_pool_problems(cpu, "cpu.json", gpu=False, **context))
+    assert any(
+        "only the GPU pool's jobs may ask for a GPU" in p
+        for p in work_pool_problems(cpu, "cpu.json", gpu=False, **context)
+    )
 
 
 def test_kustomization_that_leaves_a_manifest_out_is_reported(k8s_context):
@@ -674,18 +865,35 @@ def test_kustomization_that_leaves_a_manifest_out_is_reported(k8s_context):
     assert any("images must name 'mnemo' once" in p for p in problems)
 
 
-@pytest.mark.parametrize(("dockerfile", "expected"), [
-    ("FROM python:3.11-slim\nWORKDIR /app\nCOPY pyproject.toml constraints.txt ./\nRUN pip install .\nENV MNEMO_WORKSPACE=/w\nUSER 10001\n",
-     "`pip install .` does not install through -c constraints.txt"),
-    ("FROM python:latest\n", "image 'python:latest' is not pinned"),
-    ("FROM python:3.12-slim\n", "mnemo needs Python 3.11"),
-    ("FROM python:3.11-slim\nRUN pip install -c constraints.txt . torch==2.0.0\n", "torch==2.0.0, but pyproject pins torch=="),
-    ("FROM python:3.11-slim\nRUN pip install -c constraints.txt . leftpad\n", "installs leftpad, which constraints.txt does not pin"),
-    ("FROM python:3.11-slim\nCOPY pyproject.toml ./\nRUN pip install -c constraints.txt .\n", "constraints.txt is never copied"),
-    ("FROM python:3.11-slim\nRUN pip install -c constraints.txt boto3\n", "mnemo itself (`pip install ... .`, pyproject.toml) is never installed"),
-    ("FROM python:3.11-slim\nUSER mnemo\nUSER root\n", "must end as a non-root USER"),
-    ("FROM python:3.11-slim\n", "no ENV MNEMO_WORKSPACE"),
-])
+@pytest.mark.parametrize(
+    ("dockerfile", "expected"),
+    [
+        (
+            "FROM python:3.11-slim\nWORKDIR /app\nCOPY pyproject.toml constraints.txt ./\nRUN pip install .\nENV MNEMO_WORKSPACE=/w\nUSER 10001\n",
+            "`pip install .` does not install through -c constraints.txt",
+        ),
+        ("FROM python:latest\n", "image 'python:latest' is not pinned"),
+        ("FROM python:3.12-slim\n", "mnemo needs Python 3.11"),
+        (
+            "FROM python:3.11-slim\nRUN pip install -c constraints.txt . torch==2.0.0\n",
+            "torch==2.0.0, but pyproject pins torch==",
+        ),
+        (
+            "FROM python:3.11-slim\nRUN pip install -c constraints.txt . leftpad\n",
+            "installs leftpad, which constraints.txt does not pin",
+        ),
+        (
+            "FROM python:3.11-slim\nCOPY pyproject.toml ./\nRUN pip install -c constraints.txt .\n",
+            "constraints.txt is never copied",
+        ),
+        (
+            "FROM python:3.11-slim\nRUN pip install -c constraints.txt boto3\n",
+            "mnemo itself (`pip install ... .`, pyproject.toml) is never installed",
+        ),
+        ("FROM python:3.11-slim\nUSER mnemo\nUSER root\n", "must end as a non-root USER"),
+        ("FROM python:3.11-slim\n", "no ENV MNEMO_WORKSPACE"),
+    ],
+)
 def test_dockerfile_rules_report_a_bad_dockerfile(dockerfile, expected):
     problems = dockerfile_problems(dockerfile)
     assert any(expected in p for p in problems), problems

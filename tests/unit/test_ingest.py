@@ -15,11 +15,14 @@ from tests.conftest import png_bytes
 
 def huge_png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height pixels, with no pixel data to speak of."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def noise_png() -> bytes:
@@ -45,7 +48,9 @@ def arrival(tmp_path: Path) -> Path:
     (root / "cat" / "truncated.png").write_bytes(good[: len(good) // 2])
     noisy = noise_png()
     mid = len(noisy) // 2
-    (root / "dog" / "corrupt.png").write_bytes(noisy[:mid] + bytes(b ^ 0x5A for b in noisy[mid : mid + 64]) + noisy[mid + 64 :])
+    (root / "dog" / "corrupt.png").write_bytes(
+        noisy[:mid] + bytes(b ^ 0x5A for b in noisy[mid : mid + 64]) + noisy[mid + 64 :]
+    )
     (root / "dog" / "notes.txt").write_text("not an image at all")
     (root / "owl" / "huge.png").write_bytes(huge_png_header(100_000, 100_000))
     (root / "owl" / "tiny.png").write_bytes(png_bytes(size=(2, 2)))
@@ -171,8 +176,10 @@ def test_a_different_seed_gives_a_different_split(arrival, tmp_path, params, ws)
 
     first = ingest_arrival(arrival, ws, params.ingest)
     reseeded = params.ingest.model_copy(update={"seed": 7})
-    others = [ingest_arrival(arrival, resolve_workspace(params, tmp_path / f"s{i}"), reseeded.model_copy(update={"seed": i}))
-              for i in range(1, 6)]
+    others = [
+        ingest_arrival(arrival, resolve_workspace(params, tmp_path / f"s{i}"), reseeded.model_copy(update={"seed": i}))
+        for i in range(1, 6)
+    ]
     assert any(o.unseen_classes != first.unseen_classes for o in others)
 
 

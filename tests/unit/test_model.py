@@ -44,11 +44,15 @@ def shapes(tmp_path, n_classes=4, per_class=4):
     return paths, labels
 
 
-@pytest.mark.parametrize("loss, miner", [("multi_similarity", "multi_similarity"), ("triplet", "batch_hard"),
-                                         ("supcon", "none"), ("proxy_anchor", "none")])
+@pytest.mark.parametrize(
+    "loss, miner",
+    [("multi_similarity", "multi_similarity"), ("triplet", "batch_hard"), ("supcon", "none"), ("proxy_anchor", "none")],
+)
 def test_training_fits_one_small_batch(params, tmp_path, loss, miner):
     paths, labels = shapes(tmp_path)
-    p = params.train.model_copy(update={"epochs": 15, "batch_size": 16, "m_per_class": 4, "lr": 0.003, "loss": loss, "miner": miner})
+    p = params.train.model_copy(
+        update={"epochs": 15, "batch_size": 16, "m_per_class": 4, "lr": 0.003, "loss": loss, "miner": miner}
+    )
     result = train_embedder(paths, labels, p, params.model)
     assert result.epoch_losses[-1] < result.epoch_losses[0] * 0.5
     assert result.device == "cpu" and result.classes == 4 and result.images == 16

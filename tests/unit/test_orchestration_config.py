@@ -22,26 +22,34 @@ def test_schedule_comes_from_params_and_a_bad_cron_is_named(repo_params):
         with_overrides(repo_params, {"schedule.inbox_interval": 0})
 
 
-@pytest.mark.parametrize("exc", [
-    ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
-    TimeoutError("read timed out"),
-    OSError(errno.EIO, "LanceError(IO): generic I/O error"),
-    MlflowException("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/get failed with exception "
-                    "HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded"),
-    MlflowException("try later", error_code=TEMPORARILY_UNAVAILABLE),
-    MlflowException("(sqlite3.OperationalError) database is locked"),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+        TimeoutError("read timed out"),
+        OSError(errno.EIO, "LanceError(IO): generic I/O error"),
+        MlflowException(
+            "API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/get failed with exception "
+            "HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded"
+        ),
+        MlflowException("try later", error_code=TEMPORARILY_UNAVAILABLE),
+        MlflowException("(sqlite3.OperationalError) database is locked"),
+    ],
+)
 def test_network_and_io_hiccups_are_retried(exc):
     assert is_transient(exc)
 
 
-@pytest.mark.parametrize("exc", [
-    FileNotFoundError(errno.ENOENT, "No such file or directory"),
-    PermissionError(errno.EACCES, "Permission denied"),
-    MlflowException("Registered Model with name=mnemo-embedder not found", error_code=RESOURCE_DOES_NOT_EXIST),
-    ValueError("arrival folder does not exist"),
-    RuntimeError("index validation failed: 3 probes did not find themselves"),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        FileNotFoundError(errno.ENOENT, "No such file or directory"),
+        PermissionError(errno.EACCES, "Permission denied"),
+        MlflowException("Registered Model with name=mnemo-embedder not found", error_code=RESOURCE_DOES_NOT_EXIST),
+        ValueError("arrival folder does not exist"),
+        RuntimeError("index validation failed: 3 probes did not find themselves"),
+    ],
+)
 def test_wrong_inputs_and_failed_checks_fail_at_once(exc):
     assert not is_transient(exc)
 
@@ -58,8 +66,14 @@ def test_deployments_take_schedules_and_concurrency_from_params(params, ws):
     assert retrain.schedules[0].schedule.cron == params.schedule.retrain_cron
     assert ingest.schedules[0].schedule.interval == timedelta(seconds=params.schedule.inbox_interval)
     assert not rollback.schedules  # triggered by people, never by the clock
-    assert retrain.concurrency_limit == 1 and retrain.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
-    assert ingest.concurrency_limit == 1 and ingest.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+    assert (
+        retrain.concurrency_limit == 1
+        and retrain.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+    )
+    assert (
+        ingest.concurrency_limit == 1
+        and ingest.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+    )
     assert retrain.parameters == {"params": params.model_dump(mode="json"), "workspace": str(ws.root)}
 
 
