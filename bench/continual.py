@@ -12,9 +12,9 @@ Two streams: the demo's rendered characters (a base arrival plus 4 more) and Omn
 Each arrival goes through mnemo's real ingest (so the unseen classes and query images are
 the pipeline's own splits) and mnemo's real continual step (components.train.train_continual,
 with the memory saved and restored between arrivals as the retrain flow does). After every
-arrival it records unseen-class Recall@1 / MAP@R (all unseen classes so far), seen-class
-Recall@1 per arrival slice (leave-one-out among that arrival's query images: the forgetting
-matrix) and the training seconds. The first arrival is trained once and shared: with no
+arrival it records unseen-class Recall@1 / MAP@R and few-shot accuracy (all unseen classes so
+far), seen-class Recall@1 per arrival slice (that arrival's query images searching every image
+stored so far, as the live table answers them: the forgetting matrix) and the training seconds. The first arrival is trained once and shared: with no
 memory and no previous model every strategy does the same thing there.
 
     python bench/continual.py            # full run (GPU when present)
@@ -43,12 +43,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from components.config import Params, load_params, resolve_workspace, with_overrides  # noqa: E402
-from components.data.class_registry import ClassRegistry, ImageRecord  # noqa: E402
+from components.data.class_registry import ClassRegistry  # noqa: E402
 from components.data.demo import discover_fonts, stream_classes, write_arrival  # noqa: E402
 from components.data.ingest import ingest_arrival  # noqa: E402
 from components.forgetting import average_forgetting, slice_forgetting  # noqa: E402
-from components.metrics import score_embedder  # noqa: E402
-from components.modeling.embedder import Embedder  # noqa: E402
+from components.metrics import few_shot_metrics, metrics_device, retrieval_metrics  # noqa: E402
+from components.modeling.embedder import Embedder, embed_files  # noqa: E402
 from components.train import ContinualResult, train_continual  # noqa: E402
 
 OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot" / "images_background_small1.zip"
@@ -122,16 +122,27 @@ def omniglot_stream(params: Params, root: Path, drawers: int = 20) -> Stream:
 
 
 def evaluate_step(model: Embedder, ws_root: Path, catalog: ClassRegistry, arrivals: list[str], params: Params) -> dict:
-    """Unseen retrieval over every unseen class so far, and seen-class Recall@1 per arrival slice."""
+    """Unseen retrieval and few-shot accuracy over every unseen class so far, and seen-class Recall@1 per
+    arrival slice: each slice's held-out queries search every image stored so far, as the live table answers."""
     classes_dir = resolve_workspace(with_overrides(params, {"paths.workspace": str(ws_root)})).classes_dir
     ks, bs = params.evaluate.recall_at, params.evaluate.batch_size
-
-    def score(records: list[ImageRecord]):
-        return score_embedder(model, [classes_dir / r.id for r in records], [r.cls for r in records], ks, bs)
-
-    unseen = score([r for r in catalog.records("unseen") if r.arrival in arrivals])
-    seen = {a: score([r for r in catalog.records("query") if r.arrival == a]).recall_at[1] for a in arrivals}
-    return {"unseen_recall_at_1": unseen.recall_at[1], "unseen_map_at_r": unseen.map_at_r, "seen_recall_at_1": seen}
+    gallery = [r for r in catalog.records() if r.arrival in arrivals]
+    x = embed_files(model, [classes_dir / r.id for r in gallery], batch_size=bs)
+    labels = [r.cls for r in gallery]
+    unseen = [i for i, r in enumerate(gallery) if r.role == "unseen"]
+    unseen_scores = retrieval_metrics(x[unseen], [labels[i] for i in unseen], ks, device=metrics_device())
+    seen = {
+        a: retrieval_metrics(
+            x, labels, ks, queries=[i for i, r in enumerate(gallery) if r.role == "query" and r.arrival == a]
+        ).recall_at[1]
+        for a in arrivals
+    }
+    return {
+        "unseen_recall_at_1": unseen_scores.recall_at[1],
+        "unseen_map_at_r": unseen_scores.map_at_r,
+        **few_shot_metrics(x[unseen], [labels[i] for i in unseen], params.evaluate, "unseen"),
+        "seen_recall_at_1": seen,
+    }
 
 
 def run_strategy(
@@ -174,7 +185,7 @@ def run_strategy(
         )
         seen = steps[-1]["seen_recall_at_1"]
         print(
-            f"    unseen R@1 {steps[-1]['unseen_recall_at_1']:.3f}, seen R@1 per slice "
+            f"    unseen R@1 {steps[-1]['unseen_recall_at_1']:.3f}, {few_shot_line(steps[-1])}seen R@1 per slice "
             f"{' '.join(f'{v:.2f}' for v in seen.values())}, {step.train.seconds:.1f} s",
             flush=True,
         )
@@ -182,12 +193,23 @@ def run_strategy(
     return {
         "final_unseen_recall_at_1": steps[-1]["unseen_recall_at_1"],
         "final_unseen_map_at_r": steps[-1]["unseen_map_at_r"],
+        **{f"final_{k}": v for k, v in steps[-1].items() if k.startswith("unseen_") and k.endswith("shot")},
         "avg_forgetting": average_forgetting(np.array(matrix)),
         "final_slice_forgetting": [None if np.isnan(v) else float(v) for v in slice_forgetting(np.array(matrix))],
         "train_seconds": sum(s["train_seconds"] for s in steps),
         "forgetting_matrix": [[None if np.isnan(v) else v for v in row] for row in matrix],
         "arrivals": steps,
     }
+
+
+def few_shot_line(step: dict) -> str:
+    """'unseen 20way_1shot 0.812, 5way_5shot 0.950, ' for the few-shot tasks this step could run."""
+    tasks = [
+        f"{k.removeprefix('unseen_')} {v:.3f}"
+        for k, v in step.items()
+        if k.startswith("unseen_") and k.endswith("shot")
+    ]
+    return f"few-shot {', '.join(tasks)}, " if tasks else ""
 
 
 def run_stream(stream: Stream, params: Params, state_root: Path) -> dict:
@@ -247,13 +269,15 @@ def markdown(report: dict) -> str:
         lines += [
             f"## {stream}",
             "",
-            "| strategy | final unseen R@1 | final unseen MAP@R | avg forgetting | train s (total) | train s per arrival |",
-            "|---|---|---|---|---|---|",
+            "| strategy | final unseen R@1 | final unseen MAP@R | final 20-way 1-shot | final 5-way 5-shot "
+            "| avg forgetting | train s (total) | train s per arrival |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, r in results.items():
             per = ", ".join(f"{a['train_seconds']:.1f}" for a in r["arrivals"])
+            shots = " | ".join(_cell(r.get(f"final_unseen_{task}")) for task in ("20way_1shot", "5way_5shot"))
             lines.append(
-                f"| {name} | {r['final_unseen_recall_at_1']:.3f} | {r['final_unseen_map_at_r']:.3f} | "
+                f"| {name} | {r['final_unseen_recall_at_1']:.3f} | {r['final_unseen_map_at_r']:.3f} | {shots} | "
                 f"{r['avg_forgetting']:.3f} | {r['train_seconds']:.1f} | {per} |"
             )
         if t["forgetting_ok"] is None:
@@ -278,6 +302,10 @@ def markdown(report: dict) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _cell(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
 
 
 def plot(stream: str, results: dict, arrivals: list[str], path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -136,10 +136,18 @@ class DistillParams(_Section):
     relational_weight: float = Field(ge=0)
 
 
+class FewShotTask(_Section):
+    way: int = Field(ge=2)  # classes per episode
+    shot: int = Field(ge=1)  # support images per class
+
+
 class EvaluateParams(_Section):
     recall_at: list[PositiveInt] = Field(min_length=1)
     batch_size: int = Field(gt=0)
     baseline_image_size: int = Field(ge=4)
+    few_shot: list[FewShotTask]  # N-way K-shot episodes on unseen classes
+    few_shot_episodes: int = Field(gt=0)
+    seed: int  # draws the few-shot episodes
 
 
 class GateParams(_Section):
@@ -147,6 +155,11 @@ class GateParams(_Section):
     min_unseen_recall_at_1: float = Field(ge=0, le=1)
     min_unseen_map_at_r: float = Field(ge=0, le=1)
     min_embedding_spread: float = Field(ge=0, le=2)  # mean cosine distance between embeddings; ~0 is collapse
+    # Unseen Recall@1 and MAP@R must each beat the raw-pixel baseline of the same run by more than this.
+    min_margin_over_pixels: float = Field(ge=-1, le=1)
+    min_unseen_few_shot: dict[
+        str, float
+    ]  # "<N>way_<K>shot" -> floor on its accuracy; each task must be in evaluate.few_shot
     # Change thresholds against the champion: skipped when there is none.
     max_unseen_recall_at_1_drop: float = Field(ge=0, le=1)
     max_slice_forgetting: float = Field(ge=0, le=1)  # seen Recall@1 lost on any arrival slice
@@ -218,6 +231,16 @@ class Params(_Section):
     index: IndexParams
     serve: ServeParams
     schedule: ScheduleParams
+
+    @model_validator(mode="after")
+    def _gated_tasks_are_measured(self) -> Params:
+        measured = {f"{t.way}way_{t.shot}shot" for t in self.evaluate.few_shot}
+        unknown = sorted(set(self.gate.min_unseen_few_shot) - measured)
+        if unknown:
+            raise ValueError(
+                f"gate.min_unseen_few_shot names {unknown}, not among evaluate.few_shot {sorted(measured)}"
+            )
+        return self
 
     def flat(self, *sections: str) -> dict[str, object]:
         """Dotted keys and values of the given sections, as MLflow params."""

@@ -7,14 +7,16 @@ and gate.py (the decision and its report); this module puts them together.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from components.config import EvaluateParams, GateParams, Workspace
 from components.data.class_registry import ClassRegistry
-from components.forgetting import ForgettingMatrix, forgetting_matrix, forgetting_metrics, seen_slices, slice_key
+from components.forgetting import ForgettingMatrix, forgetting_matrix, forgetting_metrics, seen_slice_rows, slice_key
 from components.gate import GateDecision, decide, prefixed
-from components.metrics import sanity_metrics, score_pixels, score_vectors
+from components.metrics import few_shot_metrics, pixel_vectors, sanity_metrics, score_vectors
 from components.modeling.embedder import Embedder, embed_files
 
 
@@ -28,28 +30,34 @@ def evaluate_models(
 ) -> dict[str, float]:
     """Candidate and champion on the same images: unseen classes, each seen slice, and sanity.
 
-    The champion is scored only on the slices of arrivals it was trained on. A candidate
-    with non-finite embeddings gets NaN metrics (and a sanity count) instead of an error,
-    so the gate can reject it with a reason. Slices too small to score (no class with two
-    query images) are left out.
+    Unseen classes are scored among themselves (retrieval and few-shot episodes), next to
+    raw pixels. Each seen slice (the held-out queries of one arrival's classes) searches
+    every stored image, as the live table answers it, so an old class confused with a newer
+    one counts as forgetting. The champion is scored only on the slices of arrivals it was
+    trained on. A candidate with non-finite embeddings gets NaN metrics (and a sanity count)
+    instead of an error, so the gate can reject it with a reason.
     """
     ks, bs = params.recall_at, params.batch_size
-    unseen = catalog.records("unseen")
-    paths, labels = [ws.classes_dir / r.id for r in unseen], [r.cls for r in unseen]
-    x = embed_files(candidate, paths, batch_size=bs)
-    metrics = sanity_metrics(x) | score_vectors(x, labels, ks, "unseen")
-    metrics |= score_pixels(paths, labels, ks, params.baseline_image_size).as_dict("baseline_unseen")
-    if champion is not None:
-        metrics |= score_vectors(embed_files(champion, paths, batch_size=bs), labels, ks, "champion_unseen")
+    records = catalog.records()  # the whole gallery
+    paths, labels = [ws.classes_dir / r.id for r in records], np.array([r.cls for r in records], dtype=object)
+    unseen = np.array([i for i, r in enumerate(records) if r.role == "unseen"], dtype=int)
+    slices = seen_slice_rows(catalog, records)
     champion_slices = {slice_key(a) for a in champion_arrivals}
-    for key, records in seen_slices(catalog).items():
-        labels = [r.cls for r in records]
-        if len(labels) - len(set(labels)) == 0:
-            continue  # no class has two query images: nothing to retrieve
-        paths = [ws.classes_dir / r.id for r in records]
-        metrics |= score_vectors(embed_files(candidate, paths, batch_size=bs), labels, ks, f"seen_{key}")
-        if champion is not None and key in champion_slices:
-            metrics |= score_vectors(embed_files(champion, paths, batch_size=bs), labels, ks, f"champion_seen_{key}")
+
+    def scored(x: np.ndarray, prefix: str, slice_keys: Collection[str]) -> dict[str, float]:
+        xu, lu = x[unseen], labels[unseen].tolist()
+        out = score_vectors(xu, lu, ks, f"{prefix}unseen") | few_shot_metrics(xu, lu, params, f"{prefix}unseen")
+        for key in slice_keys:
+            out |= score_vectors(x, labels.tolist(), ks, f"{prefix}seen_{key}", queries=slices[key])
+        return out
+
+    x = embed_files(candidate, paths, batch_size=bs)
+    metrics = sanity_metrics(x[unseen]) | scored(x, "", slices)
+    pixels = pixel_vectors([paths[i] for i in unseen], params.baseline_image_size)
+    metrics |= score_vectors(pixels, labels[unseen].tolist(), ks, "baseline_unseen")
+    metrics |= few_shot_metrics(pixels, labels[unseen].tolist(), params, "baseline_unseen")
+    if champion is not None:
+        metrics |= scored(embed_files(champion, paths, batch_size=bs), "champion_", slices.keys() & champion_slices)
     return metrics
 
 

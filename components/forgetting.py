@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -32,6 +33,19 @@ def seen_slices(catalog: ClassRegistry) -> dict[str, list[ImageRecord]]:
         arrival = catalog.classes.get(r.cls, {}).get("arrival", r.arrival)
         slices.setdefault(slice_key(arrival), []).append(r)
     return dict(sorted(slices.items()))
+
+
+def seen_slice_rows(catalog: ClassRegistry, gallery: Sequence[ImageRecord]) -> dict[str, list[int]]:
+    """Each seen slice's queries as rows of `gallery` (every stored image), slices whose queries have
+    no other image of their class in it left out: there is nothing for them to retrieve."""
+    row = {r.id: i for i, r in enumerate(gallery)}
+    per_class = Counter(r.cls for r in gallery)
+    out = {}
+    for key, records in seen_slices(catalog).items():
+        rows = [row[r.id] for r in records if r.id in row]
+        if any(per_class[gallery[i].cls] > 1 for i in rows):
+            out[key] = rows
+    return out
 
 
 def slice_forgetting(matrix: np.ndarray) -> np.ndarray:

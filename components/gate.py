@@ -87,6 +87,22 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
             f"{name} {value:.4f} meets the floor {floor:.4f}",
             f"{name} {value:.4f} is below the floor {floor:.4f}",
         )
+        if gate.min_margin_over_pixels > -1:  # -1: off
+            pixels, margin = _number(candidate, f"baseline_{key}"), gate.min_margin_over_pixels
+            check(
+                value - pixels > margin,
+                f"{name} {value:.4f} beats raw pixels ({pixels:.4f}) by more than {margin:.4f}",
+                f"{name} {value:.4f} does not beat raw pixels ({pixels:.4f}) by more than {margin:.4f}",
+            )
+    for task, floor in sorted(gate.min_unseen_few_shot.items()):
+        value = _number(candidate, f"unseen_{task}")
+        check(
+            value >= floor,
+            f"unseen {task} accuracy {value:.4f} meets the floor {floor:.4f}",
+            f"unseen {task} accuracy {value:.4f} is below the floor {floor:.4f}"
+            if not math.isnan(value)
+            else f"unseen {task} accuracy was not measured (too few unseen classes with enough images)",
+        )
 
     if champion is None:
         reasons.append("no champion: change thresholds skipped")

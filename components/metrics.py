@@ -53,13 +53,17 @@ def retrieval_metrics(
     labels: Sequence,
     ks: Sequence[int] = (1, 5, 10),
     *,
+    queries: Sequence[int] | np.ndarray | None = None,
     chunk: int | None = None,
     device: str | torch.device = "cpu",
 ) -> RetrievalMetrics:
     """Exact Recall@K, MAP@R and R-precision by cosine similarity.
 
-    Brute force over query blocks (`chunk` rows, by default sized to keep one block of
-    similarities near 256 MiB) so memory stays bounded for a 100k-image gallery.
+    Every row is in the gallery; `queries` (row indices, default: every row) are the images
+    that search it, each leaving itself out. Scoring one arrival's held-out queries against
+    every stored image is how the live table answers them, so a class confused with a newer
+    one counts. Brute force over query blocks (`chunk` rows, by default sized to keep one
+    block of similarities near 256 MiB) so memory stays bounded for a 100k-image gallery.
     """
     x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32, device=device)
     if x.ndim != 2 or len(x) != len(labels):
@@ -70,17 +74,17 @@ def retrieval_metrics(
     _, codes = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
     y = torch.as_tensor(codes, device=device)
     n = len(y)
+    asked = torch.arange(n, device=device) if queries is None else torch.as_tensor(np.asarray(queries), device=device)
     chunk = chunk or max(1, min(4096, BLOCK_BYTES // (4 * max(n, 1))))
-    r_of = torch.bincount(y)[y] - 1  # other images of each query's class
-    depth = min(n - 1, max(max(ks), int(r_of.max()) if n else 0))
+    r_of = torch.bincount(y)[y] - 1  # other images of each row's class in the gallery
+    depth = min(n - 1, max(max(ks), int(r_of[asked].max()) if len(asked) else 0))
     hits = {k: 0.0 for k in ks}
     ap_sum, rp_sum, counted = 0.0, 0.0, 0
     ranks = torch.arange(1, depth + 1, device=device)
-    for start in range(0, n, chunk):
-        q = slice(start, min(start + chunk, n))
+    for start in range(0, len(asked), chunk):
+        q = asked[start : start + chunk]
         sims = x[q] @ x.T
-        rows = torch.arange(sims.shape[0], device=device)
-        sims[rows, rows + start] = -torch.inf  # a query never retrieves itself
+        sims[torch.arange(len(q), device=device), q] = -torch.inf  # a query never retrieves itself
         order = sims.topk(depth, dim=1).indices
         rel = (y[order] == y[q, None]).float()
         r = r_of[q]
@@ -146,14 +150,20 @@ def sanity_metrics(embeddings: np.ndarray) -> dict[str, float]:
     return {"non_finite_embeddings": float((~finite).sum()), "embedding_spread": embedding_spread(x[finite])}
 
 
-def score_vectors(embeddings: np.ndarray, labels: Sequence[str], ks: Sequence[int], prefix: str) -> dict[str, float]:
+def score_vectors(
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    ks: Sequence[int],
+    prefix: str,
+    queries: Sequence[int] | np.ndarray | None = None,
+) -> dict[str, float]:
     """Retrieval metrics under prefix; NaN for every key when an embedding is not finite."""
     if not np.isfinite(embeddings).all():
         return {f"{prefix}_recall_at_{k}": math.nan for k in ks} | {
             f"{prefix}_map_at_r": math.nan,
             f"{prefix}_r_precision": math.nan,
         }
-    return retrieval_metrics(embeddings, labels, ks, device=metrics_device()).as_dict(prefix)
+    return retrieval_metrics(embeddings, labels, ks, queries=queries, device=metrics_device()).as_dict(prefix)
 
 
 def score_embedder(
@@ -186,6 +196,65 @@ def score_unseen(
     if champion is not None:
         metrics |= score_embedder(champion, paths, labels, ks, params.batch_size).as_dict("champion_unseen")
     return metrics
+
+
+# --- few-shot episodes ---------------------------------------------------------------------
+
+
+def few_shot_key(way: int, shot: int) -> str:
+    """The metric name of an N-way K-shot task: `20way_1shot`."""
+    return f"{way}way_{shot}shot"
+
+
+def few_shot_accuracy(
+    embeddings: np.ndarray, labels: Sequence[str], *, way: int, shot: int, episodes: int, seed: int
+) -> float | None:
+    """Mean accuracy of seeded N-way K-shot episodes (Vinyals et al. 2016; Lake et al.'s one-shot task
+    at way 20, shot 1), None when fewer than `way` classes have `shot` + 1 images.
+
+    Each episode draws `way` classes, `shot` support images of each and every other image of
+    them as queries; a query is right when the nearest class mean of the (L2-normalised)
+    support embeddings, by cosine similarity, is its own class.
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    by_class: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(str(label), []).append(i)
+    eligible = sorted(c for c, rows in by_class.items() if len(rows) > shot)
+    if len(eligible) < way or episodes < 1:
+        return None
+    rng = np.random.default_rng(seed)
+    accuracies = []
+    for _ in range(episodes):
+        classes = rng.choice(len(eligible), size=way, replace=False)
+        prototypes, query_rows, truth = [], [], []
+        for j, c in enumerate(classes):
+            rows = rng.permutation(by_class[eligible[c]])
+            prototypes.append(x[rows[:shot]].mean(axis=0))
+            query_rows += rows[shot:].tolist()
+            truth += [j] * (len(rows) - shot)
+        guess = (x[query_rows] @ np.stack(prototypes).T).argmax(axis=1)
+        accuracies.append(float((guess == np.asarray(truth)).mean()))
+    return float(np.mean(accuracies))
+
+
+def few_shot_metrics(
+    embeddings: np.ndarray, labels: Sequence[str], params: EvaluateParams, prefix: str
+) -> dict[str, float]:
+    """`<prefix>_<N>way_<K>shot` for every task in params that the classes allow (NaN embeddings: NaN)."""
+    out = {}
+    for task in params.few_shot:
+        key = f"{prefix}_{few_shot_key(task.way, task.shot)}"
+        if not np.isfinite(embeddings).all():
+            out[key] = math.nan
+            continue
+        accuracy = few_shot_accuracy(
+            embeddings, labels, way=task.way, shot=task.shot, episodes=params.few_shot_episodes, seed=params.seed
+        )
+        if accuracy is not None:
+            out[key] = accuracy
+    return out
 
 
 def json_number(v: float | None) -> float | None:

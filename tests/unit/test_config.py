@@ -76,3 +76,12 @@ def test_workspace_resolution_order(repo_params, tmp_path, monkeypatch):
     assert ws.tracking_uri == f"sqlite:///{tmp_path / 'flag' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert resolve_workspace(repo_params, tmp_path).tracking_uri == "http://127.0.0.1:5000"
+
+
+def test_a_gated_few_shot_task_must_be_measured():
+    from components.config import ConfigError, with_overrides
+
+    params = load_params(REPO / "params.yaml")
+    with pytest.raises(ConfigError, match=r"gate.min_unseen_few_shot names \['10way_1shot'\]"):
+        with_overrides(params, {"gate.min_unseen_few_shot": {"10way_1shot": 0.5}})
+    assert with_overrides(params, {"gate.min_unseen_few_shot": {"20way_1shot": 0.5}}).gate.min_unseen_few_shot

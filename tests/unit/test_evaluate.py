@@ -124,7 +124,14 @@ def test_non_finite_embeddings_are_refused():
         retrieval_metrics(x, ["a", "a", "b"])
 
 
-HEALTHY = {"unseen_recall_at_1": 0.5, "unseen_map_at_r": 0.3, "embedding_spread": 0.4, "non_finite_embeddings": 0.0}
+HEALTHY = {
+    "unseen_recall_at_1": 0.5,
+    "unseen_map_at_r": 0.3,
+    "baseline_unseen_recall_at_1": 0.2,
+    "baseline_unseen_map_at_r": 0.1,
+    "embedding_spread": 0.4,
+    "non_finite_embeddings": 0.0,
+}
 
 
 def test_gate_first_model_skips_change_thresholds(repo_params):
@@ -141,3 +148,86 @@ def test_gate_rejects_a_drop_against_the_champion_with_a_reason(repo_params):
     assert any("dropped 0.1000" in r for r in worse.failed)
     assert decide(HEALTHY | {"unseen_recall_at_1": 0.47}, {"unseen_recall_at_1": 0.50}, gate).promote
     assert not decide(HEALTHY | {"unseen_recall_at_1": math.nan}, None, gate).promote
+
+
+def test_queries_search_the_whole_gallery_so_confusion_with_newer_classes_counts():
+    # Slice 1 holds a query of class "old" at 0 degrees; its only other image is at 40 degrees.
+    # A newer class "new" sits at 5 degrees: within the slice "old" is found at once, in the whole
+    # gallery (as the live table answers) the newer class comes first.
+    x = on_circle([0, 40, 5, 50])
+    labels = ["old", "old", "new", "new"]
+    within_slice = retrieval_metrics(x[:2], labels[:2], ks=(1,))
+    whole = retrieval_metrics(x, labels, ks=(1, 2), queries=[0])
+    assert within_slice.recall_at[1] == 1.0
+    assert whole.queries == 1 and whole.recall_at[1] == 0.0 and whole.recall_at[2] == 1.0
+    # MAP@R over the whole gallery: R = 1 (the other "old" image), found at rank 2 -> AP@R 0.
+    assert whole.map_at_r == 0.0
+    # Every row asking equals the default.
+    assert retrieval_metrics(x, labels, ks=(1,), queries=range(4)) == retrieval_metrics(x, labels, ks=(1,))
+
+
+def brute_force_episodes(x, labels, way, shot, episodes, seed):
+    """The same seeded draws as few_shot_accuracy, judged query by query with plain loops."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    by_class = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    eligible = sorted(c for c, rows in by_class.items() if len(rows) > shot)
+    rng = np.random.default_rng(seed)
+    accuracies = []
+    for _ in range(episodes):
+        classes = rng.choice(len(eligible), size=way, replace=False)
+        support, queries = {}, []
+        for c in classes:
+            rows = rng.permutation(by_class[eligible[c]])
+            support[eligible[c]] = x[rows[:shot]].mean(axis=0)
+            queries += [(q, eligible[c]) for q in rows[shot:]]
+        right = 0
+        for q, truth in queries:
+            best = max(support, key=lambda c: float(x[q] @ support[c]))
+            right += best == truth
+        accuracies.append(right / len(queries))
+    return float(np.mean(accuracies))
+
+
+def test_few_shot_accuracy_matches_brute_force_and_says_when_it_cannot_run():
+    from components.metrics import few_shot_accuracy
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(8, 6))
+    labels = [f"c{i % 8}" for i in range(48)]
+    x = centres[[i % 8 for i in range(48)]] + rng.normal(scale=0.9, size=(48, 6))
+    for way, shot in ((5, 1), (3, 2), (8, 5)):
+        got = few_shot_accuracy(x, labels, way=way, shot=shot, episodes=40, seed=7)
+        assert got == pytest.approx(brute_force_episodes(x, labels, way, shot, 40, 7))
+        assert 0.0 < got < 1.0
+    # Perfectly separated classes: every episode is right.
+    assert few_shot_accuracy(centres[[i % 8 for i in range(48)]], labels, way=8, shot=1, episodes=5, seed=0) == 1.0
+    # Too few classes with shot + 1 images: not measured, rather than measured on an easier task.
+    assert few_shot_accuracy(x, labels, way=9, shot=1, episodes=5, seed=0) is None
+    assert few_shot_accuracy(x, labels, way=2, shot=6, episodes=5, seed=0) is None
+
+
+def test_gate_never_promotes_a_model_that_loses_to_raw_pixels(repo_params):
+    gate = repo_params.gate
+    worse = HEALTHY | {"baseline_unseen_recall_at_1": 0.55}
+    first = decide(worse, None, gate)  # the first model is held to it too
+    assert not first.promote
+    assert first.failed == ["unseen Recall@1 0.5000 does not beat raw pixels (0.5500) by more than 0.0000"]
+    assert not decide(HEALTHY | {"baseline_unseen_recall_at_1": 0.5}, None, gate).promote  # a tie is not a win
+    assert decide(HEALTHY, None, gate).promote
+    assert not decide(HEALTHY, None, gate.model_copy(update={"min_margin_over_pixels": 0.35})).promote
+    off = gate.model_copy(update={"min_margin_over_pixels": -1.0})
+    assert decide(worse, None, off).promote
+    assert not decide({k: v for k, v in HEALTHY.items() if not k.startswith("baseline_")}, None, gate).promote
+
+
+def test_gate_few_shot_floor(repo_params):
+    gate = repo_params.gate.model_copy(update={"min_unseen_few_shot": {"20way_1shot": 0.8}})
+    assert decide(HEALTHY | {"unseen_20way_1shot": 0.85}, None, gate).promote
+    low = decide(HEALTHY | {"unseen_20way_1shot": 0.75}, None, gate)
+    assert low.failed == ["unseen 20way_1shot accuracy 0.7500 is below the floor 0.8000"]
+    unmeasured = decide(HEALTHY, None, gate)
+    assert unmeasured.failed == [
+        "unseen 20way_1shot accuracy was not measured (too few unseen classes with enough images)"
+    ]
