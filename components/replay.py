@@ -108,10 +108,13 @@ class ReplayMemory:
         """Rank the new classes' images (id, path), then share the budget over all classes.
 
         Herding needs `featurize` (the freshly trained model); random selection does not.
-        A class already in memory is re-ranked from the images given now.
+        A class already in memory (an arrival that extends it) is re-ranked over its kept
+        exemplars and the new images together, so it never shrinks to the new images alone.
         """
-        for cls, items in sorted(images.items()):
-            items = sorted(items)  # a fixed order, so selection does not depend on file listing
+        for cls, new in sorted(images.items()):
+            kept = {(e.id, e.path) for e in self.ranked.get(cls, [])}
+            # a fixed order, so selection does not depend on file listing; an id once only
+            items = sorted(dict(sorted(kept | set(new))).items())
             if not items:
                 continue
             if self.params.selection == "herding":

@@ -16,12 +16,12 @@ def _params(budget: int, selection: str = "random") -> ReplayParams:
     return ReplayParams(budget=budget, selection=selection, batch_ratio=0.5, seed=0)
 
 
-def _arrival(tmp_path: Path, start: int, sizes: list[int]) -> dict[str, list[tuple[str, Path]]]:
+def _arrival(tmp_path: Path, start: int, sizes: list[int], first_image: int = 0) -> dict[str, list[tuple[str, Path]]]:
     out = {}
     for k, n in enumerate(sizes):
         cls = f"c{start + k:03d}"
         items = []
-        for i in range(n):
+        for i in range(first_image, first_image + n):
             path = tmp_path / cls / f"{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(png_bytes(color=(i * 7) % 256))
@@ -46,8 +46,10 @@ def test_size_is_min_of_budget_and_seen_and_balanced_after_every_arrival(tmp_pat
     for step in range(6):
         sizes = rng.integers(1, 15, size=int(rng.integers(1, 6))).tolist()
         arrival = _arrival(tmp_path, step * 10, sizes)
+        if step >= 3:  # an arrival that also extends a class that came before: c000 arrives again
+            arrival |= _arrival(tmp_path, 0, [int(rng.integers(1, 6))], first_image=100 * step)
         memory.add_classes(arrival, featurize=_features)
-        seen |= {c: len(v) for c, v in arrival.items()}
+        seen |= {c: seen.get(c, 0) + len(v) for c, v in arrival.items()}
         counts = memory.per_class()
         assert len(memory) == len(memory.exemplars()) == min(budget, sum(seen.values()))
         # Balanced within one among classes that still had images to give.
