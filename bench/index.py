@@ -12,8 +12,12 @@ Everything runs in a temporary workspace (real LanceDB and MLflow, nothing downl
   nprobes and refine_factor), exact scan first, then with the ANN index; recall@10 is
   against exact cosine neighbours computed with numpy; other nprobes on the same index
   show the recall/latency trade;
-- swap: `ModelRegistry.promote` + `LiveIndex.refresh` until readers hold the new pair
-  (cold: the new model is loaded; warm: cached), and `ModelRegistry.rollback` + refresh.
+- swap: `Promoter.promote` + `LiveIndex.refresh` until readers hold the new pair
+  (cold: the new model is loaded; warm: cached), and `Promoter.rollback` + refresh; then
+  as clients see it: `mnemo serve` in its own process, the alias moved, and the time until
+  the first HTTP answer names the new version (median and max over 10 swaps).
+
+    python bench/index.py --parts swap     # the swap part alone
 
     python bench/index.py --out bench/results/<date>-index.json
 """
@@ -49,6 +53,7 @@ from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
 from components.search import AsyncLoop, TableReader
 from components.tables import VECTOR, connect, table_schema
 
+REPO = Path(__file__).resolve().parents[1]
 DIM = 128
 TARGETS = {
     "reindex_vs_bare_ratio": 0.9,
@@ -56,6 +61,7 @@ TARGETS = {
     "p99_ms_at_1m": 10.0,
     "swap_seconds": 1.0,
     "rollback_seconds": 1.0,
+    "http_swap_max_seconds": 1.0,
 }
 
 
@@ -218,8 +224,9 @@ def bench_swap(params: Params, tmp: Path, rounds: int) -> dict:
     for seed in (1, 2):
         torch.manual_seed(seed)
         model = build_embedder(params.model).eval()
+        gated = {"gate_verdict": "promote", "index_smoke_test": "passed"}  # as the retrain flow tags what it promotes
         version = registry.log_candidate(
-            model, params={"seed": seed}, metrics={}, epoch_metrics={}, arrivals=["bench"]
+            model, params={"seed": seed}, metrics={}, epoch_metrics={}, arrivals=["bench"], tags=gated
         ).version
         registry.set_tag(version, TABLE_TAG, build_table(ws, params.index, version, model, records).table)
     registry.client.set_registered_model_alias(registry.name, CHAMPION, "1")  # the first champion
@@ -237,14 +244,85 @@ def bench_swap(params: Params, tmp: Path, rounds: int) -> dict:
         promoter.rollback(reason="bench")
         assert live.refresh().version == "1"
         rollbacks.append(time.perf_counter() - start)
+    http = bench_http_swap(params, ws, tmp, promoter, rounds=10)
     return {
         "rounds": rounds,
+        "http": http,
         "swap_cold_seconds": round(swaps[0], 3),
         "swap_warm_seconds": round(statistics.median(swaps[1:]), 3) if rounds > 1 else None,
         "rollback_seconds_all": [round(x, 3) for x in rollbacks],
         "alias_move_seconds": round(statistics.median(alias_moves), 3),
         "swap_seconds": round(swaps[0], 3),
         "rollback_seconds": round(statistics.median(rollbacks), 3),
+    }
+
+
+def bench_http_swap(params: Params, ws, tmp: Path, promoter: Promoter, rounds: int) -> dict:
+    """Swap time as clients see it: `mnemo serve` in its own process, the alias moved here, then
+    the time until the first HTTP answer names the new version (GET /live, polled every 5 ms)."""
+    import socket
+    import subprocess
+
+    import httpx
+    import yaml
+
+    params_file = tmp / "swap-params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MNEMO_", "MLFLOW_"))}
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--workspace",
+        str(ws.root),
+        "--params",
+        str(params_file),
+    ]
+    log = tmp / "serve.log"
+    server = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    url = f"http://127.0.0.1:{port}"
+
+    def serving() -> str | None:
+        try:
+            return httpx.get(f"{url}/live", timeout=5).json().get("model_version")
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def until(version: str, limit: float = 30.0) -> float:
+        start = time.perf_counter()
+        while serving() != version:
+            if server.poll() is not None:
+                raise SystemExit(f"mnemo serve exited ({server.returncode}):\n{log.read_text()[-3000:]}")
+            if time.perf_counter() - start > limit:
+                raise SystemExit(f"the service never answered with v{version} within {limit} s")
+            time.sleep(0.005)
+        return time.perf_counter() - start
+
+    try:
+        until(promoter.registry.champion().version, limit=180)  # started, answering with the champion
+        seconds = []
+        for i in range(rounds):
+            target = "2" if i % 2 == 0 else "1"
+            if target == "2":
+                promoter.promote("2", reason="bench: swap through HTTP")
+            else:
+                promoter.rollback(reason="bench: swap through HTTP")
+            seconds.append(until(target))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return {
+        "refresh_seconds": params.serve.refresh_seconds,
+        "swaps": rounds,
+        "median_seconds": round(statistics.median(seconds), 3),
+        "max_seconds": round(max(seconds), 3),
+        "all_seconds": [round(x, 3) for x in seconds],
     }
 
 
@@ -279,6 +357,7 @@ def main() -> None:
         "--sweep-nprobes", type=int, nargs="*", default=[10, 20, 80], help="other nprobes to measure per size"
     )
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--parts", nargs="+", choices=["reindex", "sizes", "swap"], default=["reindex", "sizes", "swap"])
     args = ap.parse_args()
 
     params = load_params(args.params)
@@ -290,22 +369,27 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="mnemo-bench-index-") as tmp_dir:
         tmp = Path(tmp_dir)
-        print("re-index against bare inference ...", file=sys.stderr)
-        report["reindex"] = bench_reindex(params, tmp, args.images)
-        report["reindex_vs_bare_ratio"] = report["reindex"]["ratio"]
-        report["sizes"] = {}
-        loop = AsyncLoop()
-        for n in args.sizes:
-            print(f"{n} vectors ...", file=sys.stderr)
-            report["sizes"][str(n)] = bench_size(
-                params, tmp, loop, n, args.queries, args.flat_queries, args.sweep_nprobes
-            )
-        print("swap and rollback ...", file=sys.stderr)
-        report["swap"] = bench_swap(params, tmp, args.swap_rounds)
-        report["swap_seconds"] = report["swap"]["swap_seconds"]
-        report["rollback_seconds"] = report["swap"]["rollback_seconds"]
+        if "reindex" in args.parts:
+            print("re-index against bare inference ...", file=sys.stderr)
+            report["reindex"] = bench_reindex(params, tmp, args.images)
+            report["reindex_vs_bare_ratio"] = report["reindex"]["ratio"]
+        if "sizes" in args.parts:
+            report["sizes"] = {}
+            loop = AsyncLoop()
+            for n in args.sizes:
+                print(f"{n} vectors ...", file=sys.stderr)
+                report["sizes"][str(n)] = bench_size(
+                    params, tmp, loop, n, args.queries, args.flat_queries, args.sweep_nprobes
+                )
+            report["lancedb_write_rows_per_s"] = max(r["write_rows_per_s"] for r in report["sizes"].values())
+        if "swap" in args.parts:
+            print("swap and rollback ...", file=sys.stderr)
+            report["swap"] = bench_swap(params, tmp, args.swap_rounds)
+            report["swap_seconds"] = report["swap"]["swap_seconds"]
+            report["rollback_seconds"] = report["swap"]["rollback_seconds"]
+            report["http_swap_median_seconds"] = report["swap"]["http"]["median_seconds"]
+            report["http_swap_max_seconds"] = report["swap"]["http"]["max_seconds"]
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["lancedb_write_rows_per_s"] = max(r["write_rows_per_s"] for r in report["sizes"].values())
 
     print(json.dumps(report, indent=1))
     print(markdown(report))
@@ -315,8 +399,17 @@ def main() -> None:
 
 
 def markdown(report: dict) -> str:
+    lines = []
+    if "swap" in report:
+        h = report["swap"]["http"]
+        lines.append(
+            f"\nswap through HTTP (`mnemo serve`, refresh {h['refresh_seconds']} s): median {h['median_seconds']} s, "
+            f"max {h['max_seconds']} s over {h['swaps']} swaps (target max <= {TARGETS['http_swap_max_seconds']} s)"
+        )
+    if "reindex" not in report or "sizes" not in report:
+        return "\n".join(lines)
     r = report["reindex"]
-    lines = [
+    lines += [
         f"\nre-index {max(r['reindex_images_per_s']):.1f} img/s vs bare inference {max(r['bare_images_per_s']):.1f} img/s: "
         f"ratio {report['reindex_vs_bare_ratio']:.3f}; swap {report['swap_seconds']:.3f} s (cold), "
         f"{report['swap']['swap_warm_seconds']} s (warm); rollback {report['rollback_seconds']:.3f} s\n",

@@ -7,9 +7,11 @@ lives; unknown keys and bad values are errors that name the key.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
@@ -191,6 +193,7 @@ class ServeParams(_Section):
     refresh_seconds: float = Field(gt=0)  # how often readers re-resolve the champion alias
     max_upload_bytes: int = Field(gt=0)  # a whole request body
     max_upload_pixels: int = Field(gt=0)  # width * height of one image, checked before decoding
+    max_request_pixels: int = Field(gt=0)  # width * height summed over a request's images, before decoding
     max_images: int = Field(gt=0)  # images in one request
     max_k: int = Field(gt=0)
 
@@ -292,11 +295,27 @@ def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
 
 @dataclass(frozen=True)
 class Workspace:
-    """Where one mnemo installation keeps its state; servers replace parts by URI."""
+    """Where one mnemo installation keeps its state; servers replace parts by URI.
+
+    The URIs may carry credentials (`postgresql://user:password@host/db`): whatever mnemo
+    prints, logs or returns shows them through `masked` / `redact`, never as they are.
+    """
 
     root: Path
     tracking_uri: str
     lancedb_uri: str
+
+    @property
+    def masked_tracking_uri(self) -> str:
+        return mask_uri(self.tracking_uri)
+
+    @property
+    def masked_lancedb_uri(self) -> str:
+        return mask_uri(self.lancedb_uri)
+
+    def redact(self, text: str) -> str:
+        """`text` with every secret of the workspace's URIs replaced by ***."""
+        return redact(text, self.tracking_uri, self.lancedb_uri)
 
     @property
     def inbox(self) -> Path:
@@ -322,6 +341,44 @@ class Workspace:
     def dvc_outputs(self) -> Path:
         """Where the DVC stages (python -m flows.stages <stage>) write their outputs."""
         return self.root / "dvc"
+
+
+_SECRET_QUERY_KEYS = re.compile(
+    r"(?i)^(password|passwd|pwd|secret|token|access_?key|secret_?key|sig|signature|api_?key)$"
+)
+
+
+def uri_secrets(uri: str) -> set[str]:
+    """The secrets a URI carries (raw and percent-decoded): its password, and the values of secret-like query keys."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return set()
+    found = [parts.password or ""] + [v for k, v in parse_qsl(parts.query) if _SECRET_QUERY_KEYS.match(k)]
+    return {v for f in found for v in (f, unquote(f)) if v}
+
+
+def redact(text: str, *uris: str) -> str:
+    """`text` with every secret of `uris` replaced by ***, longest first."""
+    for secret in sorted({s for uri in uris for s in uri_secrets(uri)}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def mask_uri(uri: str) -> str:
+    """The URI as it may be shown: `postgresql://user:***@host/db`, secret query values as ***."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return redact(uri, uri)
+    if not uri_secrets(uri):
+        return uri  # nothing to hide: left exactly as given (urlunsplit would drop sqlite:////'s empty host)
+    netloc = parts.netloc
+    if parts.password:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.split(':', 1)[0]}:***@{host}"
+    query = "&".join(f"{k}={'***' if _SECRET_QUERY_KEYS.match(k) else v}" for k, v in parse_qsl(parts.query))
+    return urlunsplit(parts._replace(netloc=netloc, query=query if parts.query else parts.query))
 
 
 def resolve_workspace(params: Params, override: Path | str | None = None) -> Workspace:

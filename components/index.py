@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from components.config import IndexParams, Workspace
 from components.data.class_registry import ImageRecord
 from components.data.transforms import open_rgb
+from components.failpoints import failpoint
 from components.modeling.embedder import Embedder, embed_images, pick_device
 from components.search import finds_itself, probe_records, search_table
 from components.tables import (
@@ -172,6 +173,7 @@ def _write(
         task = progress.add_task(label, total=len(records))
         for chunk in _chunks(records, params.write_rows):
             tbl.add(_rows(ws, model, chunk, params.batch_size))
+            failpoint("index-chunk-written")
             progress.advance(task, len(chunk))
 
 
@@ -347,3 +349,4 @@ def append_missing(
     """Insert rows whose id the table lacks; merge on `id`, so two racing writers never duplicate one."""
     for chunk in _chunks(records, params.write_rows):
         tbl.merge_insert("id").when_not_matched_insert_all().execute(_rows(ws, model, chunk, params.batch_size))
+        failpoint("catch-up-chunk-written")

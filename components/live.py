@@ -20,7 +20,7 @@ from PIL import Image
 
 from components.config import IndexParams, RegistryParams, Workspace
 from components.modeling.embedder import Embedder, embed_images
-from components.registry import ModelRegistry
+from components.registry import CHAMPION, ModelRegistry
 from components.search import AsyncLoop, Hit, TableReader
 
 log = logging.getLogger(__name__)
@@ -84,16 +84,22 @@ class LiveIndex:
         """The pair to answer one request with; resolved first when there is none yet."""
         pair = self._pair or self.refresh()
         if pair is None:
-            raise NoChampionError(f"no champion model in {self.ws.tracking_uri}; run `mnemo retrain` first")
+            raise NoChampionError(f"no champion model in {self.ws.masked_tracking_uri}; run `mnemo retrain` first")
         return pair
 
     def refresh(self) -> LivePair | None:
         """Resolve champion -> version -> table now; swap in a new pair when the alias moved."""
         with self._resolving:
-            champion = self._registry.champion()
+            # One cheap call while nothing moved (this runs every refresh_seconds in every replica).
+            version = self._registry.aliases().get(CHAMPION)
             current = self._pair
-            if champion is None or not champion.table:
+            if version is None:
                 return current  # an alias never removed in normal operation: keep answering
+            if current is not None and current.version == version:
+                return current  # a version's table is named after it: nothing else can have moved
+            champion = self._registry.get(version, with_metrics=False)
+            if not champion.table:
+                return current
             if current is not None and (current.version, current.table_name) == (champion.version, champion.table):
                 return current
             table = self._table(champion.table)

@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from components.config import IndexParams, RegistryParams, Workspace
 from components.data.class_registry import ClassRegistry, ImageRecord
+from components.data.inbox import inbox_lock
 from components.index import IndexBuild, IndexBuildError, append_missing, build_table, check_writable, drop_old_versions
 from components.modeling.embedder import Embedder
 from components.promotion_log import MoveKind, PromotionEntry, previous_champion
@@ -31,6 +32,7 @@ from components.registry import (
     ModelVersionInfo,
 )
 from components.tables import column, connect, is_validated, open_table, table_name, written_by
+from components.writer_lock import writer_lock
 
 
 class PromotionRefused(RuntimeError):
@@ -42,7 +44,11 @@ class UnknownVersion(PromotionRefused):
 
 
 def promotion_refusals(info: ModelVersionInfo, *, force: bool = False, table: str | None = None) -> list[str]:
-    """Why `info` may not carry `champion` by its tags (empty when it may). Only a failed gate yields to `force`.
+    """Why `info` may not carry `champion` by its tags (empty when it may): promotion fails closed.
+
+    A version needs a validated table, a passed gate and a passed smoke test. `force` yields
+    only on the gate verdict (failed or missing) and a missing smoke test, never on the table
+    or a failed smoke test.
 
     `table` is a validated table found for the version beyond its tag (one built later by
     `mnemo reindex V`); whether it exists is `table_problems`' check.
@@ -55,8 +61,14 @@ def promotion_refusals(info: ModelVersionInfo, *, force: bool = False, table: st
         problems.append(f"v{v}'s index table {info.table} failed validation")
     if info.tags.get(SMOKE_TAG) == "failed":
         problems.append(f"v{v} failed the index smoke test ({info.tags.get(SMOKE_DETAIL_TAG, 'no detail')})")
-    if info.tags.get(VERDICT_TAG) == "reject" and not force:
-        problems.append(f"v{v} failed the gate (see `mnemo status`); --force promotes it anyway")
+    if not force:
+        verdict = info.tags.get(VERDICT_TAG)
+        if verdict == "reject":
+            problems.append(f"v{v} failed the gate (see `mnemo status`); --force promotes it anyway")
+        elif verdict != "promote":
+            problems.append(f"v{v} was never gated (no gate verdict); --force promotes it anyway")
+        if info.tags.get(SMOKE_TAG) is None:
+            problems.append(f"v{v} was never smoke-tested against its table; --force promotes it anyway")
     return problems
 
 
@@ -132,29 +144,40 @@ class Promoter:
     ) -> ChampionMove:
         """Make `version` champion with its table, logged; raises PromotionRefused with every reason.
 
-        `table` is the table just built for it (the retrain flow), recorded on the version
-        when its tag says otherwise.
+        `table` is the table just built for it (the retrain flow), recorded on the version when
+        its tag says otherwise. Before the alias moves, the table is caught up with every stored
+        image (embedded by its own model) under the ingest lock, so no image ingested since the
+        table was built disappears from the answers; the log records a forced promotion as such.
         """
-        info = self.version(version)
-        table, problems = table_problems(self.ws, self.index, info, table)
-        problems += promotion_refusals(info, force=force, table=table if not problems else None)
-        if problems:
-            verb = f"roll back to v{info.version}" if kind == "rollback" else f"make v{info.version} champion"
-            raise PromotionRefused(f"cannot {verb}: " + "; ".join(problems))
-        if info.table != table:
-            self.registry.record_index(info.version, table)
-        current = self.registry.champion()
-        if current is not None and current.version == info.version:
-            return ChampionMove(info.version, table, None, kind)
-        entry = self.registry.log.record(
-            current.version if current else None,
-            info.version,
-            reason=reason,
-            actor=actor,
-            kind=kind,
-            move=lambda: self.registry.set_alias(CHAMPION, info.version),
-        )
-        return ChampionMove(info.version, table, entry, kind)
+        with writer_lock(self.ws, f"{kind} v{version}"):
+            info = self.version(version)
+            table, problems = table_problems(self.ws, self.index, info, table)
+            problems += promotion_refusals(info, force=force, table=table if not problems else None)
+            if problems:
+                verb = f"roll back to v{info.version}" if kind == "rollback" else f"make v{info.version} champion"
+                raise PromotionRefused(f"cannot {verb}: " + "; ".join(problems))
+            forced = force and bool(promotion_refusals(info, table=table))  # force overrode a check
+            if forced and not reason.strip():
+                raise PromotionRefused(
+                    f"cannot force v{info.version}: --force needs a --reason, which the promotion log records"
+                )
+            if info.table != table:
+                self.registry.record_index(info.version, table)
+            with inbox_lock(self.ws):  # no ingest between the catch-up and the move
+                self.catch_up(info.version, table)
+                current = self.registry.champion()
+                if current is not None and current.version == info.version:
+                    return ChampionMove(info.version, table, None, kind)
+                entry = self.registry.log.record(
+                    current.version if current else None,
+                    info.version,
+                    reason=reason,
+                    actor=actor,
+                    kind=kind,
+                    forced=forced,
+                    move=lambda: self.registry.set_alias(CHAMPION, info.version),
+                )
+            return ChampionMove(info.version, table, entry, kind)
 
     def rollback_target(self, to: str | None = None) -> str:
         """The version a rollback moves `champion` to: `to`, else the champion before the current one.
@@ -187,11 +210,12 @@ class Promoter:
         A version that served before may return without passing the gate again; any
         other needs a passed gate. The index checks always apply.
         """
-        target = self.version(self.rollback_target(to)).version
-        current = self.registry.champion()
-        served_before = target in {e.to_version for e in self.registry.log.entries()}
-        default = f"rollback from v{current.version}" if current else "rollback"
-        return self.promote(target, reason=reason or default, actor=actor, force=served_before, kind="rollback")
+        with writer_lock(self.ws, "rollback"):
+            target = self.version(self.rollback_target(to)).version
+            current = self.registry.champion()
+            served_before = target in {e.to_version for e in self.registry.log.entries()}
+            default = f"rollback from v{current.version}" if current else "rollback"
+            return self.promote(target, reason=reason or default, actor=actor, force=served_before, kind="rollback")
 
     def reindex(self, version: str, model: Embedder | None = None) -> IndexBuild:
         """Build and validate the table of a registered version over the whole catalog (the alias does not move).
@@ -199,42 +223,48 @@ class Promoter:
         Tables that an alias (champion, challenger) points at are protected from the clean-up;
         the model is loaded from the registry when not given, exactly as readers will load it.
         """
-        check_writable(self.ws)  # before the model is loaded: a read-only store fails in a second
-        tables = {alias: self.registry.get(v).table for alias, v in self.registry.aliases().items()}
-        keep = {table for table in tables.values() if table}
-        model = model if model is not None else self.registry.load_embedder(version)
+        with writer_lock(self.ws, f"re-index v{version}"):
+            check_writable(self.ws)  # before the model is loaded: a read-only store fails in a second
+            tables = {alias: self.registry.get(v).table for alias, v in self.registry.aliases().items()}
+            keep = {table for table in tables.values() if table}
+            model = model if model is not None else self.registry.load_embedder(version)
 
-        def catalog() -> list[ImageRecord]:
-            return ClassRegistry.load(self.ws.class_registry).records()
+            def catalog() -> list[ImageRecord]:
+                return ClassRegistry.load(self.ws.class_registry).records()
 
-        return build_table(
-            self.ws, self.index, version, model, catalog(), keep=keep, live=tables.get(CHAMPION), catch_up=catalog
-        )
+            return build_table(
+                self.ws, self.index, version, model, catalog(), keep=keep, live=tables.get(CHAMPION), catch_up=catalog
+            )
 
     def hot_add(self) -> HotAdd:
         """Embed stored images the live table lacks with the champion's model and append them.
 
         Called after every ingest, so new classes are queryable before the next retrain. It
-        appends whatever is missing, not only the last arrival's images: an image ingested while
-        a retrain was building the next table (after its catch-up, before promotion) lands in
-        the new live table at the next call.
+        appends whatever is missing, not only the last arrival's images.
         """
         start = time.perf_counter()
         champion = self.registry.champion()
         if champion is None or not champion.table:
             return HotAdd(version=None, table=None, added=0, seconds=time.perf_counter() - start)
-        tbl = open_table(connect(self.ws), self.ws, champion.table)
-        if written_by(tbl) not in (None, champion.version):
+        added = self.catch_up(champion.version, champion.table)
+        return HotAdd(version=champion.version, table=champion.table, added=added, seconds=time.perf_counter() - start)
+
+    def catch_up(self, version: str, table: str) -> int:
+        """Append every stored image `table` lacks, embedded by `version`'s own model; how many were added.
+
+        Rows are merged on their id, so two catch-ups racing on one table never duplicate a row;
+        the model is loaded only when something is missing.
+        """
+        tbl = open_table(connect(self.ws), self.ws, table)
+        if written_by(tbl) not in (None, version):
             raise IndexBuildError(
-                f"live table {champion.table} was written by model version {written_by(tbl)}, "
-                f"not by champion v{champion.version}; refusing to mix embeddings"
+                f"table {table} was written by model version {written_by(tbl)}, "
+                f"not by v{version}; refusing to mix embeddings"
             )
         known = set(column(tbl, "id"))
         missing = [r for r in ClassRegistry.load(self.ws.class_registry).records() if r.id not in known]
         if missing:
-            append_missing(tbl, self.ws, self.registry.load_embedder(champion.version), missing, self.index)
+            append_missing(tbl, self.ws, self.registry.load_embedder(version), missing, self.index)
             # Folds the new rows into the ANN index and compacts; readers mid-query keep their version's files.
             drop_old_versions(tbl, timedelta(seconds=self.index.old_versions_seconds))
-        return HotAdd(
-            version=champion.version, table=champion.table, added=len(missing), seconds=time.perf_counter() - start
-        )
+        return len(missing)

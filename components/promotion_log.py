@@ -1,9 +1,15 @@
 """The promotion log: every move of the `champion` alias (who, when, from, to, why).
 
 MLflow keeps no alias history, so each move is also recorded as one run in the
-experiment `<experiment>-promotions` (params from, to, reason, actor, kind; the run's
-start time is the time of the move). It lives in the tracking store itself, so it works
-the same against a local SQLite file and a remote MLflow server.
+experiment `<experiment>-promotions` (params from, to, reason, actor, kind, forced; the
+run's start time is the time of the move). It lives in the tracking store itself, so it
+works the same against a local SQLite file and a remote MLflow server.
+
+The entry is written ahead of the move: the run is created RUNNING with its params, then
+the alias moves, then the run is marked FINISHED. A crash between the alias move and the
+finish leaves a RUNNING entry whose target is the champion: readers count it (the move
+happened), and the next move marks it FINISHED. A RUNNING entry whose target is not the
+champion is a move that never happened: readers skip it, the next move marks it FAILED.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from typing import Literal, cast
 from mlflow import MlflowClient
 from mlflow.entities import Param, Run, RunStatus
 
+from components.failpoints import failpoint
+
 MoveKind = Literal["promote", "rollback"]
 
 
@@ -32,8 +40,9 @@ class PromotionEntry:
     reason: str
     actor: str
     kind: MoveKind
+    forced: bool = False  # promoted with --force past a failed or missing gate verdict or smoke test
 
-    def to_dict(self) -> dict[str, str | None]:
+    def to_dict(self) -> dict[str, str | bool | None]:
         return {
             "time": self.time,
             "from": self.from_version,
@@ -41,6 +50,7 @@ class PromotionEntry:
             "reason": self.reason,
             "actor": self.actor,
             "kind": self.kind,
+            "forced": self.forced,
         }
 
 
@@ -69,18 +79,28 @@ def _iso(millis: int) -> str:
 
 
 class PromotionLog:
-    """The log of one registered model, kept as finished runs of the experiment `experiment`."""
+    """The log of one registered model, kept as runs of the experiment `experiment`.
+
+    `champion` reads where the alias points now: it decides whether an unfinished entry's
+    move happened (see the module docstring).
+    """
 
     def __init__(
-        self, client: MlflowClient, model_name: str, experiment: str, experiment_id: Callable[[str], str]
+        self,
+        client: MlflowClient,
+        model_name: str,
+        experiment: str,
+        experiment_id: Callable[[str], str],
+        champion: Callable[[], str | None],
     ) -> None:
         self.client = client
         self.model_name = model_name
         self.experiment = experiment
         self._experiment_id = experiment_id  # creates the experiment on first use
+        self._champion = champion
 
     def _runs(self) -> list[Run]:
-        """The finished runs of the log for this model, oldest first."""
+        """The log's runs for this model (finished or not, with their params), oldest first."""
         found = self.client.get_experiment_by_name(self.experiment)
         if found is None:
             return []
@@ -89,32 +109,39 @@ class PromotionLog:
         while True:
             page = self.client.search_runs(
                 [found.experiment_id],
-                filter_string=f"tags.model_name = '{self.model_name}' and attributes.status = 'FINISHED'",
+                filter_string=f"tags.model_name = '{self.model_name}'",
                 order_by=["attributes.start_time ASC"],
                 max_results=1000,
                 page_token=token,
             )
-            runs += list(page)
+            runs += [r for r in page if r.info.status in ("FINISHED", "RUNNING") and "to" in r.data.params]
             token = page.token
             if not token:
                 return sorted(runs, key=lambda r: r.info.start_time)
 
+    def _counted(self, runs: list[Run]) -> list[Run]:
+        """The runs that are moves that happened: the finished ones, and the newest run if it is
+        unfinished and the alias points at its target (a crash fell between the move and the finish)."""
+        counted = [r for r in runs if r.info.status == "FINISHED"]
+        if runs and runs[-1].info.status == "RUNNING" and self._champion() == runs[-1].data.params["to"]:
+            counted.append(runs[-1])
+        return counted
+
     def entries(self) -> list[PromotionEntry]:
         """The log, oldest first."""
-        entries = []
-        for run in self._runs():
-            p = run.data.params
-            entries.append(
-                PromotionEntry(
-                    time=_iso(run.info.start_time),
-                    from_version=None if p.get("from", "none") == "none" else p["from"],
-                    to_version=p["to"],
-                    reason=p.get("reason", ""),
-                    actor=p.get("actor", "unknown"),
-                    kind=cast(MoveKind, p.get("kind", "promote")),
-                )
-            )
-        return entries
+        return [_entry(run) for run in self._counted(self._runs())]
+
+    def reconcile(self) -> list[Run]:
+        """Settle unfinished entries left by a crash (FINISHED when the move happened, else FAILED);
+        the runs that count, oldest first. Called by the writer before each move."""
+        runs = self._runs()
+        counted = self._counted(runs)
+        happened = {r.info.run_id for r in counted}
+        for run in runs:
+            if run.info.status == "RUNNING":
+                done = RunStatus.FINISHED if run.info.run_id in happened else RunStatus.FAILED
+                self.client.set_terminated(run.info.run_id, RunStatus.to_string(done), end_time=run.info.start_time)
+        return counted
 
     def record(
         self,
@@ -125,19 +152,19 @@ class PromotionLog:
         actor: str | None,
         kind: MoveKind,
         move: Callable[[], None],
+        forced: bool = False,
     ) -> PromotionEntry:
-        """Log one move around `move()` (the alias switch): a move that raises is not part of the log."""
+        """Log one move around `move()` (the alias switch), written ahead; a move that raises is not part of the log."""
         params = {
             "from": from_version or "none",
             "to": to_version,
             "reason": reason or "-",
             "actor": actor or default_actor(),
             "kind": kind,
+            "forced": str(forced).lower(),
         }
-        last = self._runs()[-1:]
-        start = max(
-            int(time.time() * 1000), last[0].info.start_time + 1 if last else 0
-        )  # the log stays strictly ordered
+        last = self.reconcile()[-1:]
+        start = max(int(time.time() * 1000), last[0].info.start_time + 1 if last else 0)  # strictly ordered
         run = self.client.create_run(
             self._experiment_id(self.experiment),
             start_time=start,
@@ -146,7 +173,9 @@ class PromotionLog:
         )
         try:
             self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+            failpoint("promotion-log-written")
             move()
+            failpoint("alias-moved")
         except Exception:
             self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))  # not part of the log
             raise
@@ -158,4 +187,18 @@ class PromotionLog:
             reason=params["reason"],
             actor=params["actor"],
             kind=kind,
+            forced=forced,
         )
+
+
+def _entry(run: Run) -> PromotionEntry:
+    p = run.data.params
+    return PromotionEntry(
+        time=_iso(run.info.start_time),
+        from_version=None if p.get("from", "none") == "none" else p["from"],
+        to_version=p["to"],
+        reason=p.get("reason", ""),
+        actor=p.get("actor", "unknown"),
+        kind=cast(MoveKind, p.get("kind", "promote")),
+        forced=p.get("forced") == "true",
+    )

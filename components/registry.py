@@ -139,7 +139,13 @@ class ModelRegistry:
         self.name = params.model_name
         self.experiment = params.experiment
         self.client = MlflowClient(tracking_uri=ws.tracking_uri, registry_uri=ws.tracking_uri)
-        self.log = PromotionLog(self.client, self.name, f"{self.experiment}-promotions", self._experiment_id)
+        self.log = PromotionLog(
+            self.client,
+            self.name,
+            f"{self.experiment}-promotions",
+            self._experiment_id,
+            champion=lambda: self.aliases().get(CHAMPION),
+        )
 
     def _experiment_id(self, name: str | None = None) -> str:
         """The id of experiment `name` (default: the retrain runs' experiment), created when missing."""
@@ -214,12 +220,13 @@ class ModelRegistry:
             }
         return tags
 
-    def get(self, version: str) -> ModelVersionInfo:
+    def get(self, version: str, *, with_metrics: bool = True) -> ModelVersionInfo:
+        """The version, its tags and (unless with_metrics is False: one call fewer) its run's metrics."""
         mv = self.client.get_model_version(self.name, str(version))
-        return self._info(mv)
+        return self._info(mv, with_metrics=with_metrics)
 
-    def _info(self, mv: ModelVersion) -> ModelVersionInfo:
-        metrics = self.client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+    def _info(self, mv: ModelVersion, *, with_metrics: bool = True) -> ModelVersionInfo:
+        metrics = self.client.get_run(mv.run_id).data.metrics if mv.run_id and with_metrics else {}
         return ModelVersionInfo(
             name=self.name, version=str(mv.version), run_id=mv.run_id or "", tags=dict(mv.tags), metrics=dict(metrics)
         )
@@ -236,11 +243,12 @@ class ModelRegistry:
     def aliases(self) -> dict[str, str]:
         """{alias: version} of the registered model (empty before its first version)."""
         try:
-            return dict(self.client.get_registered_model(self.name).aliases)
+            aliases = self.client.get_registered_model(self.name).aliases
         except MlflowException as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return {}
             raise
+        return {alias: str(version) for alias, version in aliases.items()}  # some stores answer ints
 
     def set_alias(self, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.name, alias, str(version))
@@ -253,9 +261,14 @@ class ModelRegistry:
         """The newest registered candidate, whatever its verdict."""
         return self._by_alias(CHALLENGER)
 
-    def latest(self) -> ModelVersionInfo | None:
-        """The newest registered version, promoted or not."""
-        versions = self.client.search_model_versions(f"name = '{self.name}'")
+    def latest(self, *, gated: bool = False) -> ModelVersionInfo | None:
+        """The newest registered version, promoted or not; with `gated`, the newest the gate ruled on
+        (a retrain killed between registering and its verdict leaves a version without one)."""
+        versions = [
+            mv
+            for mv in self.client.search_model_versions(f"name = '{self.name}'")
+            if not gated or VERDICT_TAG in mv.tags
+        ]
         return self._info(max(versions, key=lambda mv: int(mv.version))) if versions else None
 
     def record_index(self, version: str, table: str, *, validated: bool = True) -> None:

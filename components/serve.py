@@ -98,8 +98,8 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def _decode(data: bytes, name: str, limits: IngestParams) -> Image.Image:
-    """An uploaded image as RGB, or an HTTPException that says what is wrong with it."""
+def _pixels(data: bytes, name: str, limits: IngestParams) -> int:
+    """width x height from the header alone (0 for what is no image), or a 413 when over the per-image limit."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -115,6 +115,11 @@ def _decode(data: bytes, name: str, limits: IngestParams) -> Image.Image:
             f"{name}: {width}x{height} = {width * height} pixels, over the "
             f"{limits.max_pixels}-pixel limit (serve.max_upload_pixels)",
         )
+    return width * height
+
+
+def _decode(data: bytes, name: str, limits: IngestParams) -> Image.Image:
+    """An uploaded image as RGB, or an HTTPException that says what is wrong with it."""
     _, reason = validate_image(data, limits)  # ingest's own checks: format, mode, size, a full decode
     if reason is not None:
         raise HTTPException(400, f"{name}: {reason}")
@@ -122,6 +127,26 @@ def _decode(data: bytes, name: str, limits: IngestParams) -> Image.Image:
         return open_rgb(data)
     except Exception as exc:  # validated, yet any decoder failure is still the caller's bad input
         raise HTTPException(400, f"{name}: not a decodable image ({exc})") from None
+
+
+ERRORS = {
+    400: "an upload is not an image mnemo accepts (the detail names the file and the reason)",
+    413: "over a limit: body bytes, images per request, pixels per image or per request",
+    503: "no champion model yet: nothing to answer with",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error answers an endpoint gives: {"detail": "..."} (503 on /health: a status)."""
+    detail = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
+    health = {"type": "object", "properties": {"status": {"type": "string"}, "model_version": {"type": "null"}}}
+    return {
+        code: {
+            "description": ERRORS[code],
+            "content": {"application/json": {"schema": {"anyOf": [detail, health]} if code == 503 else detail}},
+        }
+        for code in codes
+    }
 
 
 def _live_payload(pair: LivePair) -> dict[str, Any]:
@@ -165,35 +190,41 @@ def create_app(
         except NoChampionError as exc:
             raise HTTPException(503, str(exc)) from None
 
-    @app.post("/query")
+    @app.post("/query", responses=_errors(400, 413, 503))
     def query(
-        image: Annotated[list[UploadFile], File(description="one or more image files")],
+        image: Annotated[list[UploadFile], File(min_length=1, description="one or more image files")],
         k: Annotated[int, Form(ge=1, le=serve.max_k, description="neighbours per image")] = 5,
     ) -> JSONResponse:
         """Nearest stored images for each uploaded image, from one (model, table) pair."""
         if len(image) > serve.max_images:
             raise HTTPException(413, f"{len(image)} images in one request, over the limit of {serve.max_images}")
-        decoded = [
-            _decode(upload.file.read(), upload.filename or f"image {i}", limits) for i, upload in enumerate(image)
-        ]
+        uploads = [(upload.filename or f"image {i}", upload.file.read()) for i, upload in enumerate(image)]
+        total = sum(_pixels(data, name, limits) for name, data in uploads)  # headers only: nothing decoded yet
+        if total > serve.max_request_pixels:
+            raise HTTPException(
+                413,
+                f"{total} pixels in one request, over the {serve.max_request_pixels}-pixel budget "
+                "(serve.max_request_pixels); send fewer or smaller images",
+            )
+        decoded = [_decode(data, name, limits) for name, data in uploads]
         pair = current()  # taken once: this request's model and table come from this one version
         return _answer(
             pair, {"model_version": pair.version, "table": pair.table_name, "results": pair.query(decoded, k)}
         )
 
-    @app.get("/health")
+    @app.get("/health", responses=_errors(503))
     def health() -> JSONResponse:
         pair = live.pair
         if pair is None:
             return JSONResponse({"status": "no_champion", "model_version": None}, status_code=503)
         return _answer(pair, {"status": "ok", "model_version": pair.version, "table": pair.table_name})
 
-    @app.get("/live")
+    @app.get("/live", responses=_errors(503))
     def live_pair() -> JSONResponse:
         pair = current()
         return _answer(pair, _live_payload(pair))
 
-    @app.post("/live/refresh")
+    @app.post("/live/refresh", responses=_errors(503))
     def refresh() -> JSONResponse:
         live.refresh()
         pair = current()

@@ -37,6 +37,7 @@ from components.data.class_registry import ImageRecord
 from components.data.datasets import ImageFiles
 from components.data.transforms import train_transform
 from components.distill import Distillation
+from components.failpoints import failpoint
 from components.modeling.embedder import Embedder, build_embedder, embed_files, pick_device
 from components.replay import ReplayMemory
 
@@ -400,6 +401,7 @@ def train_embedder(
                         "epoch_metrics": result.epoch_metrics,
                     },
                 )
+            failpoint("train-epoch")
             if on_epoch is not None:
                 on_epoch(epoch, epoch_metrics)
     result.seconds = time.perf_counter() - start

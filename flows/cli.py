@@ -12,19 +12,35 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console, RenderableType
 from rich.table import Table
 
-from components.config import ConfigError, Params, Workspace, load_params, resolve_workspace
+from components.config import ConfigError, Params, Workspace, load_params, redact, resolve_workspace
 
 if TYPE_CHECKING:
     from components.promotion import ChampionMove, HotAdd
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Continual learning for image embeddings.")
-err = Console(stderr=True, soft_wrap=True)  # error lines stay whole, file names unbroken
+# No locals in tracebacks: they would print the workspace's URIs, credentials and all.
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Continual learning for image embeddings.",
+)
+_URIS: list[str] = []  # the workspace's URIs once known: their secrets never reach the terminal
+
+
+class _RedactingConsole(Console):
+    """A console that masks the workspace URIs' credentials in everything it prints."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(redact(o, *_URIS) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+err = _RedactingConsole(stderr=True, soft_wrap=True)  # error lines stay whole, file names unbroken
 
 WorkspaceOpt = Annotated[
     Path | None,
@@ -54,14 +70,16 @@ def _setup(params_path: Path, workspace: Path | None) -> tuple[Params, Workspace
     except ConfigError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    return params, resolve_workspace(params, workspace)
+    ws = resolve_workspace(params, workspace)
+    _URIS[:] = [ws.tracking_uri, ws.lancedb_uri]
+    return params, ws
 
 
 def _emit(payload: dict, as_json: bool, human: RenderableType) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(payload, indent=1, default=str, ensure_ascii=False) + "\n")
+        sys.stdout.write(redact(json.dumps(payload, indent=1, default=str, ensure_ascii=False), *_URIS) + "\n")
     else:
-        Console().print(human)
+        _RedactingConsole().print(human)
 
 
 @app.command()
@@ -141,9 +159,15 @@ def _hot_add(p: Params, ws: Workspace) -> HotAdd | None:
 def retrain(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: ParamsOpt = Path("params.yaml")) -> None:
     """Run the retrain flow once: ingest, train, evaluate, gate, register, index, promote."""
     p, ws = _setup(params, workspace)
+    from components.writer_lock import WorkspaceBusy, writer_lock
     from flows.retrain import retrain as retrain_flow
 
-    summary = retrain_flow(p, str(ws.root))
+    try:
+        with writer_lock(ws, "retrain"):  # refused before Prefect starts when another writer is at work
+            summary = retrain_flow(p, str(ws.root))
+    except WorkspaceBusy as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
     _emit(summary.to_dict(), as_json, summary.message)
 
 
@@ -167,8 +191,8 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
     payload = {
         "workspace": str(ws.root),
         "model_name": p.registry.model_name,
-        "tracking_uri": ws.tracking_uri,
-        "lancedb_uri": ws.lancedb_uri,
+        "tracking_uri": ws.masked_tracking_uri,
+        "lancedb_uri": ws.masked_lancedb_uri,
         "champion": None
         if champion is None
         else {
@@ -283,10 +307,11 @@ def rollback(
 def _move(move: Callable[[], ChampionMove], as_json: bool) -> None:
     """Run a promotion or rollback; a refusal exits 1 (2 for a version that does not exist) with every reason."""
     from components.promotion import PromotionRefused, UnknownVersion
+    from components.writer_lock import WorkspaceBusy
 
     try:
         done = move()
-    except PromotionRefused as exc:
+    except (PromotionRefused, WorkspaceBusy) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2 if isinstance(exc, UnknownVersion) else 1) from None
     _emit(
@@ -307,6 +332,7 @@ def reindex(
     p, ws = _setup(params, workspace)
     from components.index import IndexBuildError
     from components.promotion import Promoter, UnknownVersion
+    from components.writer_lock import WorkspaceBusy
 
     try:
         promoter = Promoter(ws, p.registry, p.index)
@@ -314,7 +340,7 @@ def reindex(
     except UnknownVersion as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    except (IndexBuildError, FileNotFoundError) as exc:
+    except (IndexBuildError, FileNotFoundError, WorkspaceBusy) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
     _emit(asdict(built), as_json, f"v{built.version}: table {built.table} built and validated ({built.rows} rows)")
@@ -352,7 +378,9 @@ def query(
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
     if pair is None:
-        err.print(f"[red]error:[/] no champion model in {ws.tracking_uri}; run `mnemo demo` or `mnemo retrain` first")
+        err.print(
+            f"[red]error:[/] no champion model in {ws.masked_tracking_uri}; run `mnemo demo` or `mnemo retrain` first"
+        )
         raise typer.Exit(1)
     results = pair.query([open_rgb(data) for data in payloads], k)
     lines = []

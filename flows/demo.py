@@ -79,6 +79,7 @@ def run_demo(
         summary = retrain(params, str(ws.root))
         steps.append(DemoStep(step, summary, time.perf_counter() - start))
         console.print(steps_table(steps))
-    ui = ws.tracking_uri if ws.tracking_uri.startswith("http") else f"mlflow ui --backend-store-uri {ws.tracking_uri}"
+    uri = ws.masked_tracking_uri
+    ui = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
     console.print(f"workspace: {ws.root}\nMLflow: {ui}")
     return steps

@@ -21,16 +21,18 @@ from components.data.class_registry import ClassRegistry, ImageRecord
 from components.data.inbox import ingest_inbox
 from components.data.ingest import IngestReport
 from components.evaluate import Assessment, assess
+from components.failpoints import failpoint
 from components.forgetting import forgetting_heatmap
 from components.gate import GateDecision, gate_markdown, gate_report
 from components.index import IndexBuild
 from components.modeling.embedder import Embedder
 from components.planning import RetrainSummary, concluded, plan_retrain, skipped
 from components.promotion import HotAdd, Promoter
-from components.registry import VERDICT_TAG, ModelRegistry, ModelVersionInfo
+from components.registry import ModelRegistry, ModelVersionInfo
 from components.search import index_smoke_test
 from components.train import TrainResult, train_continual
 from flows.retries import TRANSIENT_RETRIES
+from flows.writers import workspace_writer
 
 CHECKPOINTS = "checkpoints"  # under the workspace: the running retrain's per-epoch checkpoints
 
@@ -45,10 +47,10 @@ def ingest_pending(ws: Workspace, params: Params) -> list[IngestReport]:
 def load_models(
     ws: Workspace, params: Params
 ) -> tuple[ModelVersionInfo | None, Embedder | None, ModelVersionInfo | None]:
-    """The champion (info and network) and the newest registered version."""
+    """The champion (info and network) and the newest version the gate ruled on (what was last tried)."""
     registry = ModelRegistry(ws, params.registry)
     champion = registry.champion()
-    return champion, (registry.load_embedder(champion.version) if champion else None), registry.latest()
+    return champion, (registry.load_embedder(champion.version) if champion else None), registry.latest(gated=True)
 
 
 @task(cache_policy=NO_CACHE)
@@ -102,7 +104,6 @@ def register(
     result: TrainResult,
     metrics: dict[str, float],
     arrivals: list[str],
-    decision: GateDecision,
     state: Path,
 ) -> ModelVersionInfo:
     info = ModelRegistry(ws, params.registry).log_candidate(
@@ -111,8 +112,7 @@ def register(
         metrics=metrics | result.metrics(),
         epoch_metrics=result.epoch_metrics,
         arrivals=arrivals,
-        tags={VERDICT_TAG: "promote" if decision.promote else "reject"},
-        state_dir=state,
+        state_dir=state,  # the verdict comes with the gate report (publish_gate), once the smoke test ran
     )
     # Registered: the checkpoints and the local copy of the state have served their purpose.
     shutil.rmtree(ws.root / CHECKPOINTS, ignore_errors=True)
@@ -181,8 +181,13 @@ def promote(ws: Workspace, params: Params, version: str, table: str) -> None:
 
 @flow(name="retrain", log_prints=True)
 def retrain(params: Params, workspace: str | None = None) -> RetrainSummary:
-    start = time.perf_counter()
     ws = resolve_workspace(params, workspace)
+    with workspace_writer(ws, "retrain"):  # one writer per workspace, whoever started it
+        return _retrain(params, ws)
+
+
+def _retrain(params: Params, ws: Workspace) -> RetrainSummary:
+    start = time.perf_counter()
     ingested = [r.arrival for r in ingest_pending(ws, params) if r.status == "ingested"]
     index_new_images(ws, params)
     catalog = ClassRegistry.load(ws.class_registry)
@@ -195,15 +200,15 @@ def retrain(params: Params, workspace: str | None = None) -> RetrainSummary:
     result, state = train(ws, params, plan.new, champion, champion_model)
     assessment = evaluate(ws, params, catalog, result.model, champion_model, champion)
     decision = assessment.decision
-    candidate = register(ws, params, result, assessment.metrics, plan.arrivals, decision, state)
+    candidate = register(ws, params, result, assessment.metrics, plan.arrivals, state)
+    failpoint("registered")
     built = None
     if decision.promote:  # register -> build index -> smoke test -> promote; a failed step promotes nothing
         built = build_index(ws, params, candidate.version, result.model)
         decision = smoke_test(ws, params, candidate.version, built.table, decision)
     publish_gate(ws, params, candidate.version, champion, assessment, decision)
     if decision.promote and built is not None:
-        promote(ws, params, candidate.version, built.table)
-        index_new_images(ws, params)  # images ingested between the build's catch-up and the promotion
+        promote(ws, params, candidate.version, built.table)  # catches the table up, then moves the alias
     summary = concluded(
         catalog,
         champion,

@@ -13,6 +13,7 @@ from prefect.states import Completed, State
 from components.config import Params, Workspace, resolve_workspace
 from components.promotion import ChampionMove, Promoter
 from flows.retries import TRANSIENT_RETRIES
+from flows.writers import workspace_writer
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)  # a repeat is safe: moving the alias to where it is changes nothing
@@ -29,7 +30,9 @@ def rollback(
     actor: str | None = "rollback-flow",
 ) -> ChampionMove:
     """Roll back, or fail saying why (nothing to go back to, the target's table missing or invalid)."""
-    done = move_champion_back(resolve_workspace(params, workspace), params, to, reason, actor)
+    ws = resolve_workspace(params, workspace)
+    with workspace_writer(ws, "rollback"):
+        done = move_champion_back(ws, params, to, reason, actor)
     get_run_logger().info(done.message)
     return finished(done)  # type: ignore[return-value]  # Prefect unwraps a returned State: callers get its data
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from components.config import Params, Workspace, load_params, resolve_workspace
+from components.writer_lock import WorkspaceBusy, writer_lock
 
 
 def ingest(params: Params, ws: Workspace) -> None:
@@ -74,7 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    STAGES[args.stage](params, resolve_workspace(params))
+    ws = resolve_workspace(params)
+    try:
+        with writer_lock(ws, f"dvc stage {args.stage}"):  # not beside a retrain or a promotion
+            STAGES[args.stage](params, ws)
+    except WorkspaceBusy as exc:
+        sys.exit(f"error: {exc}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from components.data.ingest import ingest_arrival
 from components.data.transforms import open_rgb
 from components.modeling.embedder import build_embedder, embed_images
 from components.promotion import Promoter
-from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
+from components.registry import CHAMPION, SMOKE_TAG, TABLE_TAG, VERDICT_TAG, ModelRegistry
 from components.search import Hit
 from components.tables import connect
 
@@ -49,12 +49,14 @@ def write_arrival(inbox: Path, name: str, classes: list[str], per_class: int, se
     return inbox / name
 
 
-def register_random(ws: Workspace, params: Params, seed: int) -> str:
-    """A registered version whose (untrained) model differs from every other seed's."""
+def register_random(ws: Workspace, params: Params, seed: int, *, gated: bool = True) -> str:
+    """A registered version whose (untrained) model differs from every other seed's; `gated`:
+    with the passed gate verdict and smoke test the retrain flow records on a candidate it promotes."""
     torch.manual_seed(seed)
     model = build_embedder(params.model)
+    tags = {VERDICT_TAG: "promote", SMOKE_TAG: "passed"} if gated else {}
     info = ModelRegistry(ws, params.registry).log_candidate(
-        model, params={"seed": seed}, metrics={}, epoch_metrics={}, arrivals=["a0"]
+        model, params={"seed": seed}, metrics={}, epoch_metrics={}, arrivals=["a0"], tags=tags
     )
     return info.version
 

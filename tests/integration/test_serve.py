@@ -105,6 +105,16 @@ def test_bad_uploads_get_a_clear_4xx_and_the_service_keeps_answering(live_ws, sm
         assert client.post("/query", files=upload(good)).json()["model_version"] == "1"
 
 
+def test_a_request_over_the_total_pixel_budget_is_refused_before_anything_is_decoded(live_ws, small):
+    params = with_overrides(small, {"serve.max_request_pixels": 1_500_000})
+    with TestClient(make_app(live_ws, params)) as client:
+        # Each image is under the per-image limit (1 M pixels); together they are 1.6 M.
+        r = client.post("/query", files=upload(png((1000, 800)), png((1000, 800))))
+        assert r.status_code == 413
+        assert r.json()["detail"].startswith("1600000 pixels in one request, over the 1500000-pixel budget")
+        assert client.post("/query", files=upload(png((1000, 800)))).status_code == 200  # one alone fits
+
+
 def test_no_champion_is_a_503_not_a_crash(ws, small):
     with TestClient(make_app(ws, small)) as client:
         health = client.get("/health")

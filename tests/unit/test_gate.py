@@ -176,8 +176,9 @@ def test_promotion_refusals_name_every_problem_and_force_only_skips_the_gate():
     def info(**tags):
         return ModelVersionInfo(name="m", version="4", run_id="r", tags=tags)
 
-    assert promotion_refusals(info(**{TABLE_TAG: "t_v4", INDEX_VALIDATED_TAG: "true", VERDICT_TAG: "promote"})) == []
-    rejected = info(**{TABLE_TAG: "t_v4", VERDICT_TAG: "reject"})
+    gated = {TABLE_TAG: "t_v4", INDEX_VALIDATED_TAG: "true", VERDICT_TAG: "promote", SMOKE_TAG: "passed"}
+    assert promotion_refusals(info(**gated)) == []
+    rejected = info(**{TABLE_TAG: "t_v4", VERDICT_TAG: "reject", SMOKE_TAG: "passed"})
     assert promotion_refusals(rejected) == ["v4 failed the gate (see `mnemo status`); --force promotes it anyway"]
     assert promotion_refusals(rejected, force=True) == []
     broken = info(**{TABLE_TAG: "t_v4", INDEX_VALIDATED_TAG: "false", SMOKE_TAG: "failed", VERDICT_TAG: "reject"})
@@ -186,3 +187,17 @@ def test_promotion_refusals_name_every_problem_and_force_only_skips_the_gate():
         "v4 has no validated index table (build one with `mnemo reindex 4`)"
     ]
     assert promotion_refusals(info(), force=True, table="t_v4") == []  # a table found in the index counts
+
+
+def test_promotion_fails_closed_on_a_version_never_gated_or_smoke_tested():
+    def info(**tags):
+        return ModelVersionInfo(name="m", version="4", run_id="r", tags={TABLE_TAG: "t_v4"} | tags)
+
+    assert promotion_refusals(info()) == [
+        "v4 was never gated (no gate verdict); --force promotes it anyway",
+        "v4 was never smoke-tested against its table; --force promotes it anyway",
+    ]
+    assert promotion_refusals(info(**{VERDICT_TAG: "promote"})) == [
+        "v4 was never smoke-tested against its table; --force promotes it anyway"
+    ]
+    assert promotion_refusals(info(), force=True) == []
