@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from components.config import EvaluateParams, GateParams, Workspace
-from components.data.class_registry import ClassRegistry
+from components.data.class_registry import SCORED_ROLES, ClassRegistry
 from components.forgetting import ForgettingMatrix, forgetting_matrix, forgetting_metrics, seen_slice_rows, slice_key
 from components.gate import GateDecision, decide, prefixed
 from components.metrics import few_shot_metrics, pixel_vectors, sanity_metrics, score_vectors
@@ -38,7 +38,7 @@ def evaluate_models(
     instead of an error, so the gate can reject it with a reason.
     """
     ks, bs = params.recall_at, params.batch_size
-    records = catalog.records()  # the whole gallery
+    records = catalog.records(*SCORED_ROLES)  # the whole gallery, less pending single-image classes
     paths, labels = [ws.classes_dir / r.id for r in records], np.array([r.cls for r in records], dtype=object)
     unseen = np.array([i for i, r in enumerate(records) if r.role == "unseen"], dtype=int)
     slices = seen_slice_rows(catalog, records)
