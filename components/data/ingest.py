@@ -438,7 +438,7 @@ def _matches_legacy(name: str, entries: list[_Entry], registry: ClassRegistry, w
 
 def _stored_classes_by_hash(registry: ClassRegistry) -> dict[str, str]:
     """Content hash (the 32 hex digits of an image id) -> the class it is stored under."""
-    out = {}
+    out: dict[str, str] = {}
     for image_id, meta in registry.images.items():
         out.setdefault(image_id.rsplit("/", 1)[-1].split(".", 1)[0], meta["class"])
     return out
@@ -513,11 +513,11 @@ def _ingest(
     report = IngestReport(arrival=arrival, status="ingested", folder=name, identity=identity, fingerprint=fingerprint)
     if identity == "same_content":
         report.status = "already_ingested"
-        recorded = registry.arrivals[arrival]
-        if recorded.get("complete", True) is False:
+        before = registry.arrivals[arrival]
+        if before.get("complete", True) is False:
             report.complete = False
             report.warnings.append(
-                f"{arrival_dir}: recorded as incomplete, {len(recorded.get('unreadable', []))} file(s) or folder(s) "
+                f"{arrival_dir}: recorded as incomplete, {len(before.get('unreadable', []))} file(s) or folder(s) "
                 "could not be read; fix their permissions and ingest again to store them"
             )
         return report
@@ -590,13 +590,13 @@ def _process(
             assert entry.problem is not None
             if entry.kind == "unreadable":
                 report.complete = False
-            reason = entry.problem
+            why = entry.problem
             if entry.kind == "link":
-                reason += "; not copied"
+                why += "; not copied"
                 processed.append(entry.parts)  # deleting a link leaves its target alone
             elif entry.kind == "special":
-                reason += "; left in place, not copied"
-            reject(entry, reason, None)
+                why += "; left in place, not copied"
+            reject(entry, why, None)
             continue
         if entry.parts == (MANIFEST,):
             processed.append(entry.parts)
@@ -608,10 +608,10 @@ def _process(
             reject(entry, f"changed during ingest ({exc}); left in place, ingest again once it is complete", None)
             continue
         except OSError as exc:
-            kind, reason = _read_problem(exc, "file")
+            kind, problem = _read_problem(exc, "file")
             if kind == "unreadable":
                 report.complete = False
-            reject(entry, reason, None)
+            reject(entry, problem, None)
             continue
         reason = _path_problem(entry.parts)
         fmt = None
