@@ -46,7 +46,7 @@ from components.data.class_registry import ClassRegistry
 MANIFEST = "manifest.json"
 REASONS = "reasons.json"  # in quarantine/<arrival>/
 MAX_DEPTH = 16  # folders nested deeper than this are reported, not walked
-NAME_BYTES = 200  # longer quarantine names are shortened (file systems allow 255 bytes)
+NAME_BYTES = 255  # the usual file-name limit: an escaped (longer) quarantine name is shortened
 _CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # O_NONBLOCK: a FIFO never blocks
@@ -660,14 +660,15 @@ def _record(
     """Classes, roles and the arrival into the registry (in memory); False when nothing new was stored."""
     if not stored_by_class:
         report.status = "nothing_stored"
+        if not report.complete:
+            why = "some files or folders could not be read"
+        elif report.duplicates:
+            why = f"{report.duplicates} already stored"
+        else:
+            why = "no class folder with a good image"
         report.warnings.append(
-            f"{name}: no image was stored"
-            + (
-                f" ({report.duplicates} already stored)"
-                if report.duplicates
-                else " (no class folder with a good image)"
-            )
-            + "; the arrival is not recorded, so a corrected one under the same name is ingested"
+            f"{name}: no image was stored ({why}); the arrival is not recorded, "
+            "so a corrected one under the same name is ingested"
         )
         return False
     count = Counter(meta["class"] for meta in registry.images.values())
