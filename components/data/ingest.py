@@ -72,6 +72,7 @@ class IngestReport:
     identity: str = ""  # "new" | "same_content" (a no-op) | "changed_content" (other content, name taken)
     fingerprint: str = ""
     complete: bool = True  # False: some files could not be read; they stay in place for a later ingest
+    unreadable: list[str] = field(default_factory=list)  # what could not be read (or changed while read)
     new_classes: list[str] = field(default_factory=list)
     unseen_classes: list[str] = field(default_factory=list)
     pending_classes: list[str] = field(default_factory=list)  # one image so far: kept out of training
@@ -517,8 +518,9 @@ def _ingest(
         before = registry.arrivals[arrival]
         if before.get("complete", True) is False:
             report.complete = False
+            report.unreadable = list(before.get("unreadable", []))
             report.warnings.append(
-                f"{arrival_dir}: recorded as incomplete, {len(before.get('unreadable', []))} file(s) or folder(s) "
+                f"{arrival_dir}: recorded as incomplete, {len(report.unreadable)} file(s) or folder(s) "
                 "could not be read; fix their permissions and ingest again to store them"
             )
         return report
@@ -586,11 +588,15 @@ def _process(
             processed.append(entry.parts)
         report.rejected.append(Rejected(file=entry.rel, reason=reason, quarantined_as=copy))
 
+    def left_unread(entry: _Entry) -> None:  # a later ingest, once it is readable or complete, stores it
+        report.complete = False
+        report.unreadable.append(entry.rel)
+
     for entry in entries:
         if entry.kind != "file":
             assert entry.problem is not None
             if entry.kind == "unreadable":
-                report.complete = False
+                left_unread(entry)
             why = entry.problem
             if entry.kind == "link":
                 why += "; not copied"
@@ -605,13 +611,13 @@ def _process(
         try:
             data = _read_again(root_fd, entry, params.max_file_bytes)
         except _Changed as exc:
-            report.complete = False
+            left_unread(entry)
             reject(entry, f"changed during ingest ({exc}); left in place, ingest again once it is complete", None)
             continue
         except OSError as exc:
             kind, problem = _read_problem(exc, "file")
             if kind == "unreadable":
-                report.complete = False
+                left_unread(entry)
             reject(entry, problem, None)
             continue
         reason = _path_problem(entry.parts)
@@ -707,12 +713,11 @@ def _record(
                 registry.images[image_id]["role"] = "query" if image_id in queries else "train"
             else:
                 registry.images[image_id]["role"] = split
-    unreadable = [r.file for r in report.rejected if "cannot read" in r.reason or "changed during ingest" in r.reason]
     registry.arrivals[arrival] = {
         "name": name,
         "fingerprint": fingerprint,
         "complete": report.complete,
-        "unreadable": unreadable,
+        "unreadable": report.unreadable,
         "ingested_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "classes": sorted(stored_by_class),
         "stored": report.stored,
@@ -722,7 +727,7 @@ def _record(
     }
     if not report.complete:
         report.warnings.append(
-            f"{name}: {len(unreadable)} file(s) or folder(s) could not be read and were left in place; "
+            f"{name}: {len(report.unreadable)} file(s) or folder(s) could not be read and were left in place; "
             "fix them and ingest the folder again to store them"
         )
     return True

@@ -156,7 +156,7 @@ def check_incomplete(c: Corpus) -> None:
     catalog = ClassRegistry.load(c.ws.class_registry)
     recorded = catalog.arrivals[c.report.arrival]
     assert not c.report.complete and recorded["complete"] is False
-    assert set(recorded["unreadable"]) == {"locked", "bad/secret.png", "zmid/grow.png"}
+    assert set(recorded["unreadable"]) == set(c.report.unreadable) == {"locked", "bad/secret.png", "zmid/grow.png"}
 
 
 def build(root: Path, outside: Path) -> tuple[dict[str, Kind], bytes, bytes]:
