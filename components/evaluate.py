@@ -38,7 +38,7 @@ def evaluate_models(
     instead of an error, so the gate can reject it with a reason.
     """
     ks, bs = params.recall_at, params.batch_size
-    records = catalog.records()  # the whole gallery
+    records = catalog.records()  # the whole gallery, as the live table holds it (pending classes are distractors)
     paths, labels = [ws.classes_dir / r.id for r in records], np.array([r.cls for r in records], dtype=object)
     unseen = np.array([i for i, r in enumerate(records) if r.role == "unseen"], dtype=int)
     slices = seen_slice_rows(catalog, records)

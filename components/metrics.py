@@ -29,6 +29,7 @@ from PIL import Image
 
 from components.config import EvaluateParams, Workspace
 from components.data.class_registry import ImageRecord
+from components.data.transforms import open_rgb
 from components.modeling.embedder import Embedder, embed_files
 
 BLOCK_BYTES = 256 * 2**20  # similarity rows computed at once: a 100k gallery needs ~670 query rows per block
@@ -117,8 +118,7 @@ def pixel_vectors(paths: Sequence[Path], size: int) -> np.ndarray:
     """The baseline's 'embedding': grey pixels at size x size, centred and L2-normalised."""
     rows = []
     for path in paths:
-        with Image.open(path) as img:
-            grey = img.convert("L").resize((size, size), Image.Resampling.BILINEAR)
+        grey = open_rgb(path).convert("L").resize((size, size), Image.Resampling.BILINEAR)  # upright, as embedded
         v = np.asarray(grey, dtype=np.float32).ravel()
         v -= v.mean()
         rows.append(v / (np.linalg.norm(v) + 1e-8))

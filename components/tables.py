@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from components.config import Workspace
 
-COLUMNS = ["id", "class", "arrival", "split"]  # split: the image's role, train | query | unseen
+COLUMNS = ["id", "class", "arrival", "split"]  # split: the image's role, train | query | unseen | pending
 VECTOR = "vector"
 VALIDATED = "mnemo:validated"  # vector-field metadata: when the table passed validation (UTC)
 MODEL_VERSION = "mnemo:model_version"  # vector-field metadata: the version whose model wrote the rows

@@ -6,6 +6,7 @@ Commands import torch, mlflow, lancedb and prefect when they run, not at start-u
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -114,21 +115,26 @@ def ingest(
     """Validate and store arrivals; bad files go to quarantine with a reason."""
     p, ws = _setup(params, workspace)
     from components.data.inbox import inbox_lock, ingest_inbox
-    from components.data.ingest import ingest_arrival
+    from components.data.ingest import IngestError, ingest_arrival
 
-    if directory is not None and not directory.is_dir():
-        err.print(f"[red]error:[/] {directory}: not a directory")
+    if directory is not None and (directory.is_symlink() or not directory.is_dir()):
+        what = "a symbolic link; links are not followed" if directory.is_symlink() else "not a directory"
+        err.print(f"[red]error:[/] {directory}: {what}")
         raise typer.Exit(2)
-    if directory is None:
-        reports = ingest_inbox(ws, p.ingest)
-    else:
-        with inbox_lock(ws):  # the class registry is rewritten whole: one writer at a time
-            reports = [
-                ingest_arrival(directory, ws, p.ingest, remove_source=directory.resolve().parent == ws.inbox.resolve())
-            ]
+    try:
+        if directory is None:
+            reports = ingest_inbox(ws, p.ingest)
+        else:
+            with inbox_lock(ws):  # the class registry is rewritten whole: one writer at a time
+                in_inbox = directory.resolve().parent == ws.inbox.resolve()
+                reports = [ingest_arrival(directory, ws, p.ingest, remove_source=in_inbox)]
+    except (IngestError, FileNotFoundError) as exc:  # read-only or full workspace: one line, nothing kept
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
     lines = [r.summary() for r in reports] or ["nothing to ingest"]
     for r in reports:
         lines += [f"  rejected {x.file}: {x.reason}" for x in r.rejected]
+        lines += [f"  warning: {w}" for w in r.warnings]
     added = _hot_add(p, ws) if any(r.stored for r in reports) else None
     if added is not None:
         lines.append(
@@ -141,6 +147,8 @@ def ingest(
         as_json,
         "\n".join(lines),
     )
+    if any(r.status == "nothing_stored" or not r.complete for r in reports):
+        raise typer.Exit(1)  # an unattended job must notice: an empty arrival, or files it could not read
 
 
 def _hot_add(p: Params, ws: Workspace) -> HotAdd | None:
@@ -185,7 +193,7 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
     champion = registry.champion()
     challenger = registry.challenger() or registry.latest()  # stores from before the alias existed have none
     promotions = [e.to_dict() for e in registry.log.entries()]
-    pending = [a.name for a in pending_arrivals(ws)]
+    pending = [a.name for a in pending_arrivals(ws, p.ingest)]
     gate = registry.gate_report(challenger.version) if challenger else None
     catalog = ClassRegistry.load(ws.class_registry)
     payload = {
@@ -346,6 +354,22 @@ def reindex(
     _emit(asdict(built), as_json, f"v{built.version}: table {built.table} built and validated ({built.rows} rows)")
 
 
+def _read_regular_file(path: Path, limit: int) -> bytes:
+    """A query image's bytes; a FIFO, device or folder is refused before it is opened (a FIFO would block)."""
+    import stat
+
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or folder): refused")
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:  # replaced by a FIFO meanwhile: no block
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file: refused")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"over the {limit}-byte limit (ingest.max_file_bytes)")
+    return data
+
+
 @app.command()
 def query(
     images: Annotated[list[Path], typer.Argument(help="Image files to look up.")],
@@ -363,9 +387,9 @@ def query(
     payloads = []
     for path in images:
         try:
-            payloads.append(path.read_bytes())
+            payloads.append(_read_regular_file(path, p.ingest.max_file_bytes))
         except OSError as exc:
-            err.print(f"[red]error:[/] {path}: cannot read ({exc.strerror})")
+            err.print(f"[red]error:[/] {path}: {exc.strerror}")
             raise typer.Exit(2) from None
         _, reason = validate_image(payloads[-1], p.ingest)  # the limits ingest applies
         if reason is not None:

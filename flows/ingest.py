@@ -29,6 +29,9 @@ class IngestSummary:
     def message(self) -> str:
         """One line for the run's final state: what was stored, rejected, and made queryable."""
         ingested = [r for r in self.arrivals if r.status == "ingested"]
+        unrecorded = [r for r in self.arrivals if r.status == "nothing_stored"]
+        if not ingested and unrecorded:
+            return "nothing stored: " + "; ".join(r.summary() for r in unrecorded)
         if not ingested:
             return "nothing to ingest: the inbox holds no new arrival"
         parts = ["; ".join(r.summary() for r in ingested)]
@@ -66,7 +69,11 @@ def ingest(params: Params, workspace: str | None = None) -> IngestSummary:
     summary = IngestSummary(arrivals=ingest_arrivals(ws, params))
     if any(r.stored for r in summary.arrivals):
         summary.hot_add = make_queryable(ws, params)
-    get_run_logger().info(summary.message)
+    logger = get_run_logger()
+    for report in summary.arrivals:  # rejections are in the summary; these need a person's eye
+        for warning in report.warnings:
+            logger.warning(warning)
+    logger.info(summary.message)
     return finished(summary)  # type: ignore[return-value]  # Prefect unwraps a returned State: callers get its data
 
 

@@ -18,7 +18,7 @@ def ingest(params: Params, ws: Workspace) -> None:
     """Ingest every pending inbox arrival, leaving the inbox (a stage dependency) as it is."""
     from components.data.ingest import ingest_arrival, pending_arrivals
 
-    for path in pending_arrivals(ws):
+    for path in pending_arrivals(ws, params.ingest):
         print(ingest_arrival(path, ws, params.ingest).summary())
 
 

@@ -1,6 +1,10 @@
 """The class registry: which arrivals were ingested, which classes and images they brought,
 and the fixed role of every image (train, query of a trained class, or unseen class).
 
+A class that arrived with a single image can never form a positive pair: its image is
+`pending` (stored and queryable, kept out of training and evaluation) until a later
+arrival brings a second image, when the class gets its split like a new class.
+
 Stored as one JSON file beside data/classes so DVC versions both together.
 """
 
@@ -13,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-Role = Literal["train", "query", "unseen"]
-ROLES: tuple[Role, ...] = ("train", "query", "unseen")
+Role = Literal["train", "query", "unseen", "pending"]
+ROLES: tuple[Role, ...] = ("train", "query", "unseen", "pending")
+SCORED_ROLES: tuple[Role, ...] = ("train", "query", "unseen")  # what training and evaluation may see
+Split = Literal["train", "unseen", "pending"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ class ImageRecord:
 class ClassRegistry:
     path: Path
     arrivals: dict[str, dict] = field(default_factory=dict)
-    classes: dict[str, dict] = field(default_factory=dict)  # name -> {"arrival", "split"}
+    classes: dict[str, dict] = field(default_factory=dict)  # name -> {"arrival", "split"}, split: Split
     images: dict[str, dict] = field(default_factory=dict)  # id -> {"class", "arrival", "role"}
 
     @classmethod
@@ -47,14 +53,22 @@ class ClassRegistry:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"arrivals": self.arrivals, "classes": self.classes, "images": self.images}
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".registry-", suffix=".json")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=1, sort_keys=True, ensure_ascii=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(payload, fh, indent=1, sort_keys=True, ensure_ascii=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:  # a full disk: leave no half-written temporary file behind
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def records(self, *roles: Role) -> list[ImageRecord]:
-        """Images with the given roles (all when none given), in a stable order."""
+        """Images with the given roles (all, `pending` included, when none given), in a stable order.
+
+        The index wants every stored image; training and evaluation ask for their roles by name
+        (SCORED_ROLES for a whole gallery), so a pending image reaches neither.
+        """
         wanted = set(roles or ROLES)
         return [
             ImageRecord(id=image_id, cls=meta["class"], arrival=meta["arrival"], role=meta["role"])
@@ -62,5 +76,5 @@ class ClassRegistry:
             if meta["role"] in wanted
         ]
 
-    def classes_with_split(self, split: Literal["train", "unseen"]) -> list[str]:
+    def classes_with_split(self, split: Split) -> list[str]:
         return sorted(name for name, meta in self.classes.items() if meta["split"] == split)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from components.config import IngestParams, Workspace
-from components.data.ingest import IngestReport, ingest_arrival, pending_arrivals
+from components.data.ingest import IngestError, IngestReport, ingest_arrival, pending_arrivals
 
 LOCK_FILE = ".ingest.lock"  # under the workspace root
 
@@ -21,8 +21,14 @@ LOCK_FILE = ".ingest.lock"  # under the workspace root
 @contextmanager
 def inbox_lock(ws: Workspace) -> Iterator[None]:
     """Hold the workspace's ingest lock (blocking) for the duration of the block."""
-    ws.root.mkdir(parents=True, exist_ok=True)
-    with open(ws.root / LOCK_FILE, "a") as handle:
+    try:
+        ws.root.mkdir(parents=True, exist_ok=True)
+        handle = open(ws.root / LOCK_FILE, "a")  # closed below, after the lock is released
+    except OSError as exc:
+        raise IngestError(
+            f"{ws.root / LOCK_FILE}: cannot open the ingest lock ({exc.strerror}); nothing was ingested"
+        ) from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -33,4 +39,4 @@ def inbox_lock(ws: Workspace) -> Iterator[None]:
 def ingest_inbox(ws: Workspace, params: IngestParams) -> list[IngestReport]:
     """Validate, store and record every arrival waiting in the inbox, removing each once recorded."""
     with inbox_lock(ws):  # listed under the lock too: another holder may just have taken an arrival
-        return [ingest_arrival(path, ws, params, remove_source=True) for path in pending_arrivals(ws)]
+        return [ingest_arrival(path, ws, params, remove_source=True) for path in pending_arrivals(ws, params)]

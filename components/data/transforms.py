@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 MEAN = (0.5, 0.5, 0.5)
@@ -14,16 +14,29 @@ STD = (0.5, 0.5, 0.5)
 
 
 def open_rgb(source: Path | bytes) -> Image.Image:
-    """Decode a file or encoded bytes to RGB; raises on anything that is not a whole image.
+    """Decode a file or encoded bytes to RGB, upright; raises on anything that is not a whole image.
 
-    Transparent pixels are laid on white (a plain convert would turn them black).
+    The EXIF orientation is applied (a phone photo is stored sideways with a tag that says so),
+    so ingest, training, queries, the logged model and the service all see the same upright
+    image. Transparent pixels are laid on white (a plain convert would turn them black).
     """
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
         img.load()
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-        return img.convert("RGB")
+        return _to_rgb(_upright(img))
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a malformed EXIF block: the pixels are still a whole image, used as stored
+        return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def eval_transform(image_size: int) -> v2.Compose:

@@ -39,10 +39,10 @@ def noise_png() -> bytes:
 @pytest.fixture()
 def arrival(tmp_path: Path) -> Path:
     root = tmp_path / "inbox-src" / "arrival-1"
-    for cls in ("cat", "dog", "owl", "eel"):
+    for k, cls in enumerate(("cat", "dog", "owl", "eel")):
         (root / cls).mkdir(parents=True)
-        for i in range(5):
-            (root / cls / f"{i}.png").write_bytes(png_bytes(color=10 * i + len(cls) + ord(cls[0])))
+        for i in range(5):  # distinct bytes in every class: the same bytes under two classes is a label conflict
+            (root / cls / f"{i}.png").write_bytes(png_bytes(color=20 + 40 * k + 5 * i))
     good = png_bytes(size=(40, 40), color=7)
     (root / "cat" / "zero.png").write_bytes(b"")
     (root / "cat" / "truncated.png").write_bytes(good[: len(good) // 2])
@@ -153,7 +153,10 @@ def test_oversized_file_is_quarantined_unread(arrival, ws, params):
     report = ingest_arrival(arrival, ws, params.ingest.model_copy(update={"max_file_bytes": 1000}))
     reasons = {r.file: r.reason for r in report.rejected}
     assert reasons["eel/big.png"] == f"file is {len(big)} bytes, over the 1000-byte limit"
-    assert (ws.quarantine / arrival.name / "eel" / "big.png").read_bytes() == big
+    # "quarantined unread" (params.yaml): the reason is recorded, the bytes are not copied
+    assert not (ws.quarantine / arrival.name / "eel" / "big.png").exists()
+    assert [r.quarantined_as for r in report.rejected if r.file == "eel/big.png"] == [None]
+    assert (arrival / "eel" / "big.png").read_bytes() == big
 
 
 def test_class_folder_that_is_not_utf8_is_quarantined(tmp_path, ws, params):
