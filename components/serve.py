@@ -25,8 +25,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 
 from components.config import IngestParams, ServeParams
-from components.data.ingest import validate_image
-from components.data.transforms import open_rgb
+from components.data.ingest import decode_image
 from components.live import LiveIndex, LivePair, NoChampionError
 
 log = logging.getLogger(__name__)
@@ -108,7 +107,7 @@ def _pixels(data: bytes, name: str, limits: IngestParams) -> int:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise HTTPException(413, f"{name}: image dimensions are too large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        width = height = 0  # not an image at all: validate_image below says so
+        width = height = 0  # not an image at all: decode_image says so
     if width * height > limits.max_pixels:
         raise HTTPException(
             413,
@@ -120,13 +119,10 @@ def _pixels(data: bytes, name: str, limits: IngestParams) -> int:
 
 def _decode(data: bytes, name: str, limits: IngestParams) -> Image.Image:
     """An uploaded image as RGB, or an HTTPException that says what is wrong with it."""
-    _, reason = validate_image(data, limits)  # ingest's own checks: format, mode, size, a full decode
-    if reason is not None:
+    image, reason = decode_image(data, limits)  # ingest's own checks (format, mode, size) and the one decode
+    if image is None:
         raise HTTPException(400, f"{name}: {reason}")
-    try:
-        return open_rgb(data)
-    except Exception as exc:  # validated, yet any decoder failure is still the caller's bad input
-        raise HTTPException(400, f"{name}: not a decodable image ({exc})") from None
+    return image
 
 
 ERRORS = {

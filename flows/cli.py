@@ -380,21 +380,21 @@ def query(
 ) -> None:
     """Nearest stored images for each query image, from the live (champion model, table) pair."""
     p, ws = _setup(params, workspace)
-    from components.data.ingest import validate_image
-    from components.data.transforms import open_rgb
+    from components.data.ingest import decode_image
     from components.live import LiveIndex, LivePairMismatch
 
-    payloads = []
+    decoded = []
     for path in images:
         try:
-            payloads.append(_read_regular_file(path, p.ingest.max_file_bytes))
+            payload = _read_regular_file(path, p.ingest.max_file_bytes)
         except OSError as exc:
             err.print(f"[red]error:[/] {path}: {exc.strerror}")
             raise typer.Exit(2) from None
-        _, reason = validate_image(payloads[-1], p.ingest)  # the limits ingest applies
-        if reason is not None:
+        image, reason = decode_image(payload, p.ingest)  # the limits ingest applies, and the one decode
+        if image is None:
             err.print(f"[red]error:[/] {path}: {reason}")
             raise typer.Exit(2)
+        decoded.append(image)
     live = LiveIndex(ws, p.registry, p.index, refresh_seconds=p.serve.refresh_seconds)
     try:
         pair = live.refresh()  # resolved once: model and table come from this one version
@@ -406,7 +406,7 @@ def query(
             f"[red]error:[/] no champion model in {ws.masked_tracking_uri}; run `mnemo demo` or `mnemo retrain` first"
         )
         raise typer.Exit(1)
-    results = pair.query([open_rgb(data) for data in payloads], k)
+    results = pair.query(decoded, k)
     lines = []
     for path, hits in zip(images, results):
         lines.append(f"{path}: " + ", ".join(f"{h['class']} ({h['distance']:.3f})" for h in hits))

@@ -42,6 +42,7 @@ from PIL import Image, UnidentifiedImageError
 
 from components.config import IMAGE_EXTENSIONS, IngestParams, Workspace
 from components.data.class_registry import ClassRegistry
+from components.data.transforms import as_rgb
 
 MANIFEST = "manifest.json"
 REASONS = "reasons.json"  # in quarantine/<arrival>/
@@ -91,36 +92,53 @@ class IngestReport:
 
 def validate_image(data: bytes, limits: IngestParams) -> tuple[str | None, str | None]:
     """(format, None) for a good image, (None, reason) for a bad one. Decodes the whole image."""
+    fmt, reason, _ = _checked(data, limits, keep=False)
+    return fmt, reason
+
+
+def decode_image(data: bytes, limits: IngestParams) -> tuple[Image.Image | None, str | None]:
+    """(the image upright in RGB, None) for a good image, (None, reason) for a bad one: the checks of
+    validate_image and the decode a query needs, in one pass over the pixels."""
+    _, reason, image = _checked(data, limits, keep=True)
+    return image, reason
+
+
+def _checked(data: bytes, limits: IngestParams, *, keep: bool) -> tuple[str | None, str | None, Image.Image | None]:
+    """(format, reason, image): reason None for a good image; the RGB image too when `keep`."""
+    image = None
     if not data:
-        return None, "empty file (0 bytes)"
+        return None, "empty file (0 bytes)", None
     if len(data) > limits.max_file_bytes:
-        return None, _too_big(len(data), limits.max_file_bytes)
+        return None, _too_big(len(data), limits.max_file_bytes), None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 fmt, mode, (width, height) = img.format, img.mode, img.size
                 if fmt not in limits.formats:
-                    return None, f"format {fmt} is not one of {', '.join(limits.formats)}"
+                    return None, f"format {fmt} is not one of {', '.join(limits.formats)}", None
                 if width * height > limits.max_pixels:
-                    return None, f"{width}x{height} = {width * height} pixels, over the {limits.max_pixels}-pixel limit"
+                    pixels = f"{width}x{height} = {width * height} pixels"
+                    return None, f"{pixels}, over the {limits.max_pixels}-pixel limit", None
                 if min(width, height) < limits.min_side:
-                    return None, f"{width}x{height} is smaller than {limits.min_side} pixels on a side"
+                    return None, f"{width}x{height} is smaller than {limits.min_side} pixels on a side", None
                 if mode not in limits.modes:
-                    return None, f"pixel mode {mode} is not one of {', '.join(limits.modes)}"
+                    return None, f"pixel mode {mode} is not one of {', '.join(limits.modes)}", None
                 img.load()  # full decode: truncated or corrupt data fails here
+                if keep:
+                    image = as_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return None, f"image dimensions are too large ({exc})"
+        return None, f"image dimensions are too large ({exc})", None
     except UnidentifiedImageError:
-        return None, "not an image (no decoder recognises the file)"
+        return None, "not an image (no decoder recognises the file)", None
     except (OSError, SyntaxError, ValueError) as exc:
-        return None, f"corrupt or truncated image ({exc})"
+        return None, f"corrupt or truncated image ({exc})", None
     if fmt == "PNG":
         end = data.rfind(_PNG_END)
         if end >= 0 and end + len(_PNG_END) < len(data):
             extra = len(data) - end - len(_PNG_END)
-            return None, f"{extra} bytes after the end of the PNG image (a polyglot or appended payload)"
-    return fmt, None
+            return None, f"{extra} bytes after the end of the PNG image (a polyglot or appended payload)", None
+    return fmt, None, image
 
 
 def _path_problem(parts: tuple[str, ...]) -> str | None:

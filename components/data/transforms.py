@@ -22,7 +22,12 @@ def open_rgb(source: Path | bytes) -> Image.Image:
     """
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
         img.load()
-        return _to_rgb(_upright(img))
+        return as_rgb(img)
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """A decoded image upright and in RGB (see open_rgb)."""
+    return _to_rgb(_upright(img))
 
 
 def _upright(img: Image.Image) -> Image.Image:

@@ -115,6 +115,24 @@ def test_a_request_over_the_total_pixel_budget_is_refused_before_anything_is_dec
         assert client.post("/query", files=upload(png((1000, 800)))).status_code == 200  # one alone fits
 
 
+def test_each_upload_is_decoded_once(live_ws, small, monkeypatch):
+    from PIL import Image as PILImage
+
+    decoders = []
+    real = PILImage._getdecoder  # called once per decoded tile: a PNG is one tile
+
+    def counted(*args, **kwargs):
+        decoders.append(args[0])
+        return real(*args, **kwargs)
+
+    good = (live_ws.classes_dir / stored(live_ws, 1)[0].id).read_bytes()
+    with TestClient(make_app(live_ws, small)) as client:
+        client.post("/query", files=upload(good))  # the pair is resolved and warm
+        monkeypatch.setattr(PILImage, "_getdecoder", counted)
+        assert client.post("/query", files=upload(good, good)).status_code == 200
+    assert len(decoders) == 2
+
+
 def test_no_champion_is_a_503_not_a_crash(ws, small):
     with TestClient(make_app(ws, small)) as client:
         health = client.get("/health")
