@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 
 from components.config import IngestParams, ServeParams
-from components.data.ingest import decode_image
+from components.data.validation import decode_image
 from components.live import LiveIndex, LivePair, NoChampionError
 
 log = logging.getLogger(__name__)

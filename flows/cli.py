@@ -380,7 +380,7 @@ def query(
 ) -> None:
     """Nearest stored images for each query image, from the live (champion model, table) pair."""
     p, ws = _setup(params, workspace)
-    from components.data.ingest import decode_image
+    from components.data.validation import decode_image
     from components.live import LiveIndex, LivePairMismatch
 
     decoded = []

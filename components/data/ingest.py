@@ -25,33 +25,36 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import os
 import stat
 import tempfile
-import warnings
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from components.config import IMAGE_EXTENSIONS, IngestParams, Workspace
 from components.data.class_registry import ClassRegistry
-from components.data.transforms import as_rgb
+from components.data.validation import validate_image
+from components.data.walk import (
+    DIR_FLAGS,
+    Changed,
+    Entry,
+    content_fingerprint,
+    open_file,
+    opened,
+    parent_fd,
+    printable,
+    prune,
+    read_again,
+    read_problem,
+    scan,
+)
 
 MANIFEST = "manifest.json"
 REASONS = "reasons.json"  # in quarantine/<arrival>/
-MAX_DEPTH = 16  # folders nested deeper than this are reported, not walked
 NAME_BYTES = 255  # the usual file-name limit: an escaped (longer) quarantine name is shortened
-_CHUNK = 1 << 20
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # O_NONBLOCK: a FIFO never blocks
-_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk type and its CRC: nothing of a PNG follows it
 
 
 class IngestError(RuntimeError):
@@ -90,57 +93,6 @@ class IngestReport:
         )
 
 
-def validate_image(data: bytes, limits: IngestParams) -> tuple[str | None, str | None]:
-    """(format, None) for a good image, (None, reason) for a bad one. Decodes the whole image."""
-    fmt, reason, _ = _checked(data, limits, keep=False)
-    return fmt, reason
-
-
-def decode_image(data: bytes, limits: IngestParams) -> tuple[Image.Image | None, str | None]:
-    """(the image upright in RGB, None) for a good image, (None, reason) for a bad one: the checks of
-    validate_image and the decode a query needs, in one pass over the pixels."""
-    _, reason, image = _checked(data, limits, keep=True)
-    return image, reason
-
-
-def _checked(data: bytes, limits: IngestParams, *, keep: bool) -> tuple[str | None, str | None, Image.Image | None]:
-    """(format, reason, image): reason None for a good image; the RGB image too when `keep`."""
-    image = None
-    if not data:
-        return None, "empty file (0 bytes)", None
-    if len(data) > limits.max_file_bytes:
-        return None, _too_big(len(data), limits.max_file_bytes), None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                fmt, mode, (width, height) = img.format, img.mode, img.size
-                if fmt not in limits.formats:
-                    return None, f"format {fmt} is not one of {', '.join(limits.formats)}", None
-                if width * height > limits.max_pixels:
-                    pixels = f"{width}x{height} = {width * height} pixels"
-                    return None, f"{pixels}, over the {limits.max_pixels}-pixel limit", None
-                if min(width, height) < limits.min_side:
-                    return None, f"{width}x{height} is smaller than {limits.min_side} pixels on a side", None
-                if mode not in limits.modes:
-                    return None, f"pixel mode {mode} is not one of {', '.join(limits.modes)}", None
-                img.load()  # full decode: truncated or corrupt data fails here
-                if keep:
-                    image = as_rgb(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return None, f"image dimensions are too large ({exc})", None
-    except UnidentifiedImageError:
-        return None, "not an image (no decoder recognises the file)", None
-    except (OSError, SyntaxError, ValueError) as exc:
-        return None, f"corrupt or truncated image ({exc})", None
-    if fmt == "PNG":
-        end = data.rfind(_PNG_END)
-        if end >= 0 and end + len(_PNG_END) < len(data):
-            extra = len(data) - end - len(_PNG_END)
-            return None, f"{extra} bytes after the end of the PNG image (a polyglot or appended payload)", None
-    return fmt, None, image
-
-
 def _path_problem(parts: tuple[str, ...]) -> str | None:
     """Why a file at this relative path cannot be an image of a class, or None."""
     if len(parts) < 2:
@@ -169,181 +121,6 @@ def _held_out_share(items: list[str], fraction: float, seed: int, salt: str) -> 
         return set()
     count = min(max(1, round(fraction * len(items))), len(items) - 1)
     return set(sorted(items, key=lambda item: _rank(seed, salt, item))[:count])
-
-
-def _too_big(size: int, limit: int) -> str:
-    return f"file is {size} bytes, over the {limit}-byte limit"
-
-
-# -- walking an arrival without leaving it ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One thing found in the arrival. `digest` is set for a regular file that was read."""
-
-    parts: tuple[str, ...]  # relative path, os names (undecodable bytes surrogate-escaped)
-    kind: str  # "file" | "oversized" | "link" | "special" | "unreadable" | "vanished" | "too_deep"
-    size: int = 0
-    digest: str | None = None
-    problem: str | None = None
-
-    @property
-    def rel(self) -> str:
-        return _printable(self.parts)
-
-
-class _Changed(Exception):
-    """A file differs from what the scan read (it grew, shrank or was replaced)."""
-
-
-def _open_dir(parent_fd: int, name: str) -> int:
-    return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-
-
-def _open_file(parent_fd: int, name: str) -> int:
-    return os.open(name, _FILE_FLAGS, dir_fd=parent_fd)
-
-
-@contextmanager
-def _opened(fd: int) -> Iterator[int]:
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _parent_fd(root_fd: int, parts: tuple[str, ...]) -> Iterator[int]:
-    """The folder holding parts[-1], opened component by component: no link is followed on the way."""
-    fds: list[int] = []
-    try:
-        fd = root_fd
-        for name in parts[:-1]:
-            fd = _open_dir(fd, name)
-            fds.append(fd)
-        yield fd
-    finally:
-        for opened in fds:
-            os.close(opened)
-
-
-def _kind_of(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
-
-
-def _read_problem(exc: OSError, what: str) -> tuple[str, str]:
-    """(kind, reason) for a file or folder that could not be opened or read."""
-    if exc.errno == errno.ENOENT:
-        return "vanished", f"{what} vanished during ingest"
-    if exc.errno == errno.ELOOP:
-        return "link", "symbolic link: links are never followed (nothing outside the arrival is read)"
-    return "unreadable", f"cannot read {what} ({exc.strerror or exc})"
-
-
-def _scan(root_fd: int, limit: int) -> tuple[list[_Entry], list[str]]:
-    """Every entry under the arrival (sorted, depth first) with the SHA-256 of each readable regular
-    file, and the empty folders. Links are reported, never followed; special files never opened."""
-    entries: list[_Entry] = []
-    empty: list[str] = []
-
-    def visit(dir_fd: int, prefix: tuple[str, ...]) -> None:
-        try:
-            with os.scandir(dir_fd) as it:
-                children = sorted(it, key=lambda e: e.name)
-        except OSError as exc:
-            kind, reason = _read_problem(exc, "folder")
-            entries.append(_Entry(prefix, kind, problem=reason))
-            return
-        if not children and prefix:
-            empty.append(_printable(prefix))
-        for child in children:
-            parts = (*prefix, child.name)
-            try:
-                st = child.stat(follow_symlinks=False)
-            except OSError as exc:
-                kind, reason = _read_problem(exc, "file")
-                entries.append(_Entry(parts, kind, problem=reason))
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                kind, reason = _read_problem(OSError(errno.ELOOP, "link"), "file")
-                entries.append(_Entry(parts, kind, problem=reason))
-            elif stat.S_ISDIR(st.st_mode):
-                if len(parts) > MAX_DEPTH:
-                    entries.append(_Entry(parts, "too_deep", problem=f"folder nested over {MAX_DEPTH} levels deep"))
-                    continue
-                try:
-                    sub = _open_dir(dir_fd, child.name)
-                except OSError as exc:
-                    kind, reason = _read_problem(exc, "folder")
-                    entries.append(_Entry(parts, kind, problem=reason))
-                    continue
-                with _opened(sub):
-                    visit(sub, parts)
-            elif stat.S_ISREG(st.st_mode):
-                entries.append(_hash_file(dir_fd, parts, st, limit))
-            else:
-                entries.append(
-                    _Entry(parts, "special", problem=f"{_kind_of(st.st_mode)}, not a regular file: not opened")
-                )
-
-    visit(root_fd, ())
-    return entries, empty
-
-
-def _hash_file(dir_fd: int, parts: tuple[str, ...], st: os.stat_result, limit: int) -> _Entry:
-    if st.st_size > limit:
-        return _Entry(parts, "oversized", size=st.st_size, problem=_too_big(st.st_size, limit))
-    try:
-        fd = _open_file(dir_fd, parts[-1])
-    except OSError as exc:
-        kind, reason = _read_problem(exc, "file")
-        return _Entry(parts, kind, problem=reason)
-    with _opened(fd):
-        now = os.fstat(fd)
-        if not stat.S_ISREG(now.st_mode):
-            return _Entry(parts, "special", problem=f"{_kind_of(now.st_mode)}, not a regular file: not read")
-        digest, size = hashlib.sha256(), 0
-        try:
-            while chunk := os.read(fd, _CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                if size > limit:  # it grew past the limit while being read
-                    return _Entry(parts, "oversized", size=size, problem=_too_big(size, limit))
-        except OSError as exc:
-            kind, reason = _read_problem(exc, "file")
-            return _Entry(parts, kind, problem=reason)
-    return _Entry(parts, "file", size=size, digest=digest.hexdigest())
-
-
-def _read_again(root_fd: int, entry: _Entry, limit: int) -> bytes:
-    """The file's bytes, which must be the bytes the scan hashed (else _Changed)."""
-    with _parent_fd(root_fd, entry.parts) as dir_fd, _opened(_open_file(dir_fd, entry.parts[-1])) as fd:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _Changed("replaced by something that is not a regular file")
-        chunks, size = [], 0
-        while size <= entry.size and (chunk := os.read(fd, _CHUNK)):  # a growing file is not read to its end
-            chunks.append(chunk)
-            size += len(chunk)
-    data = b"".join(chunks)
-    if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.digest:
-        now = f"{len(data)} bytes now" if len(data) <= entry.size else "more now"
-        raise _Changed(f"{entry.size} bytes when scanned, {now}")
-    return data
-
-
-def _fingerprint(entries: list[_Entry]) -> str:
-    """SHA-256 over every (relative path, content hash): unread things count by kind and size."""
-    h = hashlib.sha256()
-    for e in entries:
-        h.update(os.fsencode("/".join(e.parts)) + b"\0" + (e.digest or f"{e.kind}:{e.size}").encode() + b"\n")
-    return h.hexdigest()
 
 
 # -- writing into the workspace, all or nothing ----------------------------------------------
@@ -415,7 +192,7 @@ def _safe_name(name: str) -> str:
 
 
 def _quarantine_path(parts: tuple[str, ...]) -> str:
-    names = [_safe_name(_printable((p,))) for p in parts]
+    names = [_safe_name(printable((p,))) for p in parts]
     if names == [REASONS]:
         names = [REASONS + ".quarantined"]
     return "/".join(names)
@@ -425,7 +202,7 @@ def _quarantine_path(parts: tuple[str, ...]) -> str:
 
 
 def _identify(
-    name: str, fingerprint: str, entries: list[_Entry], registry: ClassRegistry, ws: Workspace
+    name: str, fingerprint: str, entries: list[Entry], registry: ClassRegistry, ws: Workspace
 ) -> tuple[str, str]:
     """(arrival id, identity): the recorded arrival with this content, or the id a new one gets."""
     for arrival, meta in registry.arrivals.items():
@@ -439,7 +216,7 @@ def _identify(
     return f"{name}~{fingerprint[:12]}", "changed_content"
 
 
-def _matches_legacy(name: str, entries: list[_Entry], registry: ClassRegistry, ws: Workspace) -> bool:
+def _matches_legacy(name: str, entries: list[Entry], registry: ClassRegistry, ws: Workspace) -> bool:
     """An arrival recorded before fingerprints: the same one when it brings nothing that arrival
     did not already store or quarantine (its reasons.json lists what it quarantined)."""
     stored = {image_id.rsplit(".", 1)[0] for image_id in registry.images}
@@ -489,12 +266,12 @@ def pending_arrivals(ws: Workspace, params: IngestParams | None = None) -> list[
 def _recorded_as(path: Path, ws: Workspace, registry: ClassRegistry, params: IngestParams) -> str | None:
     """The recorded arrival id with this folder's content, or None."""
     try:
-        root_fd = os.open(path, _DIR_FLAGS)
+        root_fd = os.open(path, DIR_FLAGS)
     except OSError:
         return None  # unreadable now: the ingest itself reports why
-    with _opened(root_fd):
-        entries, _ = _scan(root_fd, params.max_file_bytes)
-    fingerprint = _fingerprint(entries)
+    with opened(root_fd):
+        entries, _ = scan(root_fd, params.max_file_bytes)
+    fingerprint = content_fingerprint(entries)
     arrival, identity = _identify(path.name, fingerprint, entries, registry, ws)
     return arrival if identity == "same_content" else None
 
@@ -510,7 +287,7 @@ def ingest_arrival(
     arrival_dir = Path(arrival_dir)
     name = arrival_dir.name
     try:
-        root_fd = os.open(arrival_dir, _DIR_FLAGS)
+        root_fd = os.open(arrival_dir, DIR_FLAGS)
     except OSError as exc:
         if exc.errno == errno.ELOOP or (exc.errno == errno.ENOTDIR and arrival_dir.is_symlink()):
             raise FileNotFoundError(
@@ -519,15 +296,15 @@ def ingest_arrival(
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             raise FileNotFoundError(f"{arrival_dir}: arrival folder does not exist") from None
         raise IngestError(f"{arrival_dir}: cannot read the arrival folder ({exc.strerror})") from None
-    with _opened(root_fd):
+    with opened(root_fd):
         return _ingest(root_fd, arrival_dir, name, ws, params, remove_source)
 
 
 def _ingest(
     root_fd: int, arrival_dir: Path, name: str, ws: Workspace, params: IngestParams, remove_source: bool
 ) -> IngestReport:
-    entries, empty = _scan(root_fd, params.max_file_bytes)
-    fingerprint = _fingerprint(entries)
+    entries, empty = scan(root_fd, params.max_file_bytes)
+    fingerprint = content_fingerprint(entries)
     registry = ClassRegistry.load(ws.class_registry)
     arrival, identity = _identify(name, fingerprint, entries, registry, ws)
     report = IngestReport(arrival=arrival, status="ingested", folder=name, identity=identity, fingerprint=fingerprint)
@@ -584,7 +361,7 @@ def _ingest(
 
 def _process(
     root_fd: int,
-    entries: list[_Entry],
+    entries: list[Entry],
     ws: Workspace,
     params: IngestParams,
     registry: ClassRegistry,
@@ -598,7 +375,7 @@ def _process(
     by_hash = _stored_classes_by_hash(registry)
     first_seen: dict[str, str] = {}  # content hash -> file of this arrival that brought it
 
-    def reject(entry: _Entry, reason: str, data: bytes | None) -> None:
+    def reject(entry: Entry, reason: str, data: bytes | None) -> None:
         copy = None
         if data is not None:
             copy = _quarantine_path(entry.parts)
@@ -606,7 +383,7 @@ def _process(
             processed.append(entry.parts)
         report.rejected.append(Rejected(file=entry.rel, reason=reason, quarantined_as=copy))
 
-    def left_unread(entry: _Entry) -> None:  # a later ingest, once it is readable or complete, stores it
+    def left_unread(entry: Entry) -> None:  # a later ingest, once it is readable or complete, stores it
         report.complete = False
         report.unreadable.append(entry.rel)
 
@@ -627,13 +404,13 @@ def _process(
             processed.append(entry.parts)
             continue
         try:
-            data = _read_again(root_fd, entry, params.max_file_bytes)
-        except _Changed as exc:
+            data = read_again(root_fd, entry, params.max_file_bytes)
+        except Changed as exc:
             left_unread(entry)
             reject(entry, f"changed during ingest ({exc}); left in place, ingest again once it is complete", None)
             continue
         except OSError as exc:
-            kind, problem = _read_problem(exc, "file")
+            kind, problem = read_problem(exc, "file")
             if kind == "unreadable":
                 left_unread(entry)
             reject(entry, problem, None)
@@ -752,16 +529,16 @@ def _record(
 
 
 def _remove_processed(
-    root_fd: int, arrival_dir: Path, processed: list[tuple[str, ...]], entries: list[_Entry], report: IngestReport
+    root_fd: int, arrival_dir: Path, processed: list[tuple[str, ...]], entries: list[Entry], report: IngestReport
 ) -> None:
     """Delete what was stored or quarantined; what was not copied, or landed meanwhile, stays, with a warning."""
     for parts in processed:
         try:
-            with _parent_fd(root_fd, parts) as dir_fd:
+            with parent_fd(root_fd, parts) as dir_fd:
                 os.unlink(parts[-1], dir_fd=dir_fd)
         except OSError:
             pass  # gone already, or its folder became unreadable: it is reported below as left
-    left = _prune(root_fd, ())
+    left = prune(root_fd, ())
     scanned_left = {e.parts for e in entries if e.kind != "vanished"} - set(processed)
     kept = [p for p in left if p in scanned_left or any(p[: len(q)] == q for q in scanned_left)]
     new = [p for p in left if p not in kept]
@@ -782,51 +559,16 @@ def _remove_processed(
             pass  # something landed after the prune: it is ingested with the folder next time
 
 
-def _prune(dir_fd: int, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
-    """Remove empty folders under dir_fd (links not followed); what is left, as relative paths."""
-    try:
-        with os.scandir(dir_fd) as it:
-            children = sorted(it, key=lambda e: e.name)
-    except OSError:
-        return [prefix]
-    left: list[tuple[str, ...]] = []
-    for child in children:
-        parts = (*prefix, child.name)
-        if child.is_dir(follow_symlinks=False):
-            try:
-                sub = _open_dir(dir_fd, child.name)
-            except OSError:
-                left.append(parts)
-                continue
-            with _opened(sub):
-                inside = _prune(sub, parts)
-            if inside:
-                left += inside
-                continue
-            try:
-                os.rmdir(child.name, dir_fd=dir_fd)
-            except OSError:
-                left.append(parts)
-        else:
-            left.append(parts)
-    return left
-
-
-def _printable(parts: tuple[str, ...]) -> str:
-    """A relative path safe to write to JSON and to the disk (undecodable bytes escaped)."""
-    return os.fsencode(os.path.join(*parts)).decode("utf-8", errors="backslashreplace") if parts else "."
-
-
 def _read_manifest(root_fd: int, arrival_dir: Path, report: IngestReport) -> dict | None:
     path = arrival_dir / MANIFEST
     try:
-        fd = _open_file(root_fd, MANIFEST)
+        fd = open_file(root_fd, MANIFEST)
     except FileNotFoundError:
         return None
     except OSError as exc:
         report.warnings.append(f"{path}: manifest ignored, cannot read it ({exc.strerror})")
         return None
-    with _opened(fd):
+    with opened(fd):
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             report.warnings.append(f"{path}: manifest ignored, not a regular file")
             return None

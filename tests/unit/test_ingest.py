@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from components.data.class_registry import ClassRegistry
-from components.data.ingest import ingest_arrival, pending_arrivals, validate_image
+from components.data.ingest import ingest_arrival, pending_arrivals
+from components.data.validation import validate_image
 from tests.conftest import png_bytes
 
 

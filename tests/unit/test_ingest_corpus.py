@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 import components.data.ingest as ingest_module
+import components.data.walk as walk_module
 from components.config import Params, Workspace, resolve_workspace, with_overrides
 from components.data.class_registry import SCORED_ROLES, ClassRegistry
 from components.data.ingest import IngestError, IngestReport, ingest_arrival
@@ -319,8 +320,8 @@ def corpus(repo_params: Params, tmp_path_factory: pytest.TempPathFactory) -> Cor
     kinds, sentinel, outside_image = build(arrival, base / "outside")
 
     real_open_dir, real_open_file, real_validate = (
-        ingest_module._open_dir,
-        ingest_module._open_file,
+        walk_module.open_dir,
+        walk_module.open_file,
         ingest_module.validate_image,
     )
 
@@ -342,8 +343,8 @@ def corpus(repo_params: Params, tmp_path_factory: pytest.TempPathFactory) -> Cor
         return real_validate(data, limits)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ingest_module, "_open_dir", open_dir)
-        mp.setattr(ingest_module, "_open_file", open_file)
+        mp.setattr(walk_module, "open_dir", open_dir)
+        mp.setattr(walk_module, "open_file", open_file)
         mp.setattr(ingest_module, "validate_image", validate)
         OPENED = []
         try:
@@ -520,19 +521,19 @@ def test_unreadable_files_are_picked_up_once_readable(tmp_path, ws, params):
 
 def test_a_folder_unreadable_at_first_is_ingested_after_the_fix(tmp_path, ws, params, monkeypatch):
     root = arrival_of(tmp_path / "drop", {"x": [png(1), png(2)], "locked": [png(3), png(4)]})
-    real = ingest_module._open_dir
+    real = walk_module.open_dir
 
     def open_dir(fd: int, name: str) -> int:
         if name == "locked":
             raise PermissionError(errno.EACCES, "Permission denied")
         return real(fd, name)
 
-    monkeypatch.setattr(ingest_module, "_open_dir", open_dir)
+    monkeypatch.setattr(walk_module, "open_dir", open_dir)
     first = ingest_arrival(root, ws, params.ingest, remove_source=True)
     assert not first.complete and first.stored == 2 and (root / "locked").is_dir()
     still = ingest_arrival(root, ws, params.ingest)  # still locked: reported again, nothing stored or recorded
     assert still.status == "nothing_stored" and [r.file for r in still.rejected] == ["locked"]
-    monkeypatch.setattr(ingest_module, "_open_dir", real)  # permissions fixed
+    monkeypatch.setattr(walk_module, "open_dir", real)  # permissions fixed
     second = ingest_arrival(root, ws, params.ingest, remove_source=True)
     assert second.status == "ingested" and second.complete and second.new_classes == ["locked"]
     assert second.arrival.startswith("drop~") and not root.exists()
