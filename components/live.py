@@ -20,7 +20,7 @@ from PIL import Image
 
 from components.config import IndexParams, RegistryParams, Workspace
 from components.modeling.embedder import Embedder, embed_images
-from components.registry import CHAMPION, ModelRegistry
+from components.registry import CHALLENGER, CHAMPION, ModelRegistry
 from components.search import AsyncLoop, Hit, TableReader
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class LiveIndex:
     """Holds the current LivePair; re-resolves the champion alias on demand or every `refresh_seconds`.
 
     Loaded models and opened tables are cached per version, so swapping back (a rollback)
-    costs an alias lookup, not a model load.
+    costs an alias lookup, not a model load; the background refresh also loads the
+    challenger's model ahead of its promotion.
     """
 
     def __init__(self, ws: Workspace, registry: RegistryParams, index: IndexParams, *, refresh_seconds: float) -> None:
@@ -71,6 +72,7 @@ class LiveIndex:
         self._pair: LivePair | None = None
         self._models: OrderedDict[str, Embedder] = OrderedDict()
         self._tables: dict[str, TableReader] = {}
+        self._aliases: dict[str, str] = {}
         self._resolving = threading.Lock()  # one resolver at a time; readers never wait on it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -91,7 +93,8 @@ class LiveIndex:
         """Resolve champion -> version -> table now; swap in a new pair when the alias moved."""
         with self._resolving:
             # One cheap call while nothing moved (this runs every refresh_seconds in every replica).
-            version = self._registry.aliases().get(CHAMPION)
+            self._aliases = self._registry.aliases()
+            version = self._aliases.get(CHAMPION)
             current = self._pair
             if version is None:
                 return current  # an alias never removed in normal operation: keep answering
@@ -152,9 +155,20 @@ class LiveIndex:
             self._thread.join(timeout=max(5.0, self.refresh_seconds))
             self._thread = None
 
+    def warm(self) -> None:
+        """Load the challenger's model ahead of its promotion, so the swap to it costs no model load."""
+        challenger = self._aliases.get(CHALLENGER)
+        if challenger is None or challenger in self._models:
+            return
+        with self._resolving:
+            self._model(challenger)
+            if self._pair is not None and self._pair.version in self._models:  # the serving one stays newest
+                self._models.move_to_end(self._pair.version)
+
     def _refresh_forever(self) -> None:
         while not self._stop.wait(self.refresh_seconds):
             try:
                 self.refresh()
+                self.warm()
             except Exception:  # the registry or the store may be briefly away: keep the pair, retry
                 log.exception("live pair refresh failed; still serving v%s", getattr(self._pair, "version", None))
