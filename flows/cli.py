@@ -80,7 +80,7 @@ def _emit(payload: dict, as_json: bool, human: RenderableType) -> None:
     if as_json:
         sys.stdout.write(redact(json.dumps(payload, indent=1, default=str, ensure_ascii=False), *_URIS) + "\n")
     else:
-        _RedactingConsole().print(human)
+        _RedactingConsole(soft_wrap=True).print(human)  # long file names stay whole
 
 
 @app.command()
