@@ -86,6 +86,7 @@ class ModelParams(_Section):
     backbone: str
     embedding_dim: int = Field(gt=0)
     image_size: int = Field(ge=16)
+    stem: Literal["imagenet", "small"]  # small: 3x3 stride-1 conv, no max-pool (ResNet backbones only)
     weights: Path | None
 
     @field_validator("backbone")
@@ -106,6 +107,9 @@ class TrainParams(_Section):
     loss: Literal["triplet", "multi_similarity", "supcon", "proxy_anchor"]
     miner: Literal["batch_hard", "multi_similarity", "none"]
     epochs: int = Field(gt=0)
+    lr_schedule: Literal["constant", "cosine"]  # cosine: from lr to 0 over the run, per batch
+    augment: Literal["crop", "affine"]  # components/data/transforms.py train_transform
+    epoch_length: Literal["groups", "cover"]  # cover: every new image at least once per epoch
     batch_size: int = Field(gt=1)
     m_per_class: int = Field(ge=2)
     lr: float = Field(gt=0)
@@ -135,6 +139,7 @@ class ReplayParams(_Section):
 class DistillParams(_Section):
     embedding_weight: float = Field(ge=0)  # 0 turns the term off
     embedding_distance: Literal["cosine", "l2"]
+    embedding_on: Literal["old", "all"]  # old: only replayed images of old classes; new classes move freely
     relational_weight: float = Field(ge=0)
 
 

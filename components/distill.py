@@ -1,11 +1,13 @@
 """Distillation from the frozen previous model: keep new embeddings where the old model put them.
 
-Two terms, weights in params.yaml `distill:`, both on every image of the batch (new
-and replayed):
-- embedding-level: 1 - cos(student, teacher) per image, or the squared L2 distance;
+Two terms, weights in params.yaml `distill:`:
+- embedding-level: 1 - cos(student, teacher) per image, or the squared L2 distance; on
+  every image of the batch (`embedding_on: all`) or only on the replayed images of old
+  classes (`embedding_on: old`), so the new classes, which the teacher never learned,
+  are free to move where the metric loss puts them;
 - relational: the batch's student similarity matrix against the teacher's (mean
   squared difference), which keeps the geometry between images rather than their
-  positions (Park et al. 2019, "Relational Knowledge Distillation").
+  positions (Park et al. 2019, "Relational Knowledge Distillation"); on every image.
 """
 
 from __future__ import annotations
@@ -51,16 +53,27 @@ class Distillation(nn.Module):
         self.teacher.eval()  # the teacher's batch-norm statistics stay frozen
         return self
 
-    def forward(self, images: torch.Tensor, student: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The weighted terms for one batch, keyed by name (for per-epoch metrics)."""
+    def forward(
+        self, images: torch.Tensor, student: torch.Tensor, old: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The weighted terms for one batch, keyed by name (for per-epoch metrics).
+
+        `old` marks the images of old (replayed) classes; with `embedding_on: old` only they
+        carry the embedding term (zero when the batch has none). None counts every image old.
+        """
         with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):
             teacher = self.teacher(images).float()
         student = student.float()
         terms: dict[str, torch.Tensor] = {}
         if self.params.embedding_weight > 0:
-            terms["distill_embedding"] = self.params.embedding_weight * embedding_distillation(
-                student, teacher, self.params.embedding_distance
-            )
+            keep = old if self.params.embedding_on == "old" and old is not None else None
+            if keep is not None and not bool(keep.any()):
+                terms["distill_embedding"] = student.new_zeros(())
+            else:
+                s, t = (student[keep], teacher[keep]) if keep is not None else (student, teacher)
+                terms["distill_embedding"] = self.params.embedding_weight * embedding_distillation(
+                    s, t, self.params.embedding_distance
+                )
         if self.params.relational_weight > 0:
             terms["distill_relational"] = self.params.relational_weight * relational_distillation(student, teacher)
         return terms

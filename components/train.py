@@ -130,8 +130,16 @@ class MixedBatches(Sampler[list[int]]):
     """Batches of m images per class: `new_per_batch` from the new images, the rest from memory.
 
     Dataset indices [0, n_new) are new images, [n_new, n_new + n_memory) memory exemplars.
-    One epoch is one pass over the new images. Each epoch draws from its own seeded
-    generator, so a resumed run sees exactly the batches an uninterrupted one would.
+    One epoch is one pass over the new images, by one of two lengths (`epoch_length`):
+    - "groups": len(new) // new-per-batch batches, each class's m images drawn at random, so
+      an epoch may skip images (up to a third of an arrival's steps when classes hold
+      m + 1 images);
+    - "cover": each class's images are shuffled and cut into groups of m (the last group
+      topped up from the same class), and batches are filled with the classes that have
+      the most groups left, so every new image is drawn at least once per epoch and a
+      batch still holds m images of each of its classes.
+    Each epoch draws from its own seeded generator, so a resumed run sees exactly the
+    batches an uninterrupted one would.
     """
 
     def __init__(
@@ -143,19 +151,24 @@ class MixedBatches(Sampler[list[int]]):
         m: int,
         memory_ratio: float,
         seed: int,
+        epoch_length: str = "groups",
     ) -> None:
-        self.m, self.seed, self.epoch = m, seed, 0
+        if epoch_length not in ("groups", "cover"):
+            raise ValueError(f"unknown epoch_length {epoch_length!r}; choose from groups, cover")
+        self.m, self.seed, self.epoch, self.epoch_length = m, seed, 0, epoch_length
         self.pools = [self._by_class(new_labels, 0), self._by_class(memory_labels, len(new_labels))]
         memory_share = memory_ratio if memory_labels else 0.0
         mem = min(round(batch_size * memory_share / m) * m, m * len(self.pools[1]))
         self.per_batch = [min(batch_size - mem, m * len(self.pools[0])) // m * m, mem]
         if self.per_batch[0] == 0 and new_labels:
             self.per_batch[0] = m
-        self.batches = (
-            max(1, len(new_labels) // max(self.per_batch[0], 1))
-            if new_labels
-            else max(1, len(memory_labels) // max(mem, 1))
-        )
+        if not new_labels:
+            self.batches = max(1, len(memory_labels) // max(mem, 1))
+        elif epoch_length == "cover":
+            groups = sum(-(-len(members) // m) for members in self.pools[0].values())
+            self.batches = -(-groups // (self.per_batch[0] // m))
+        else:
+            self.batches = max(1, len(new_labels) // max(self.per_batch[0], 1))
 
     @staticmethod
     def _by_class(labels: Sequence[int], offset: int) -> dict[int, np.ndarray]:
@@ -176,14 +189,48 @@ class MixedBatches(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        streams = [self._class_stream(pool, rng) for pool in self.pools]
+        streams: list[Iterator[int | list[int]]] = [self._class_stream(pool, rng) for pool in self.pools]
+        if self.epoch_length == "cover" and self.pools[0]:
+            streams[0] = self._covering_groups(self.pools[0], self.per_batch[0] // self.m, rng)
         for _ in range(self.batches):
             batch: list[int] = []
             for pool, stream, size in zip(self.pools, streams, self.per_batch):
                 for _ in range(size // self.m):
-                    members = pool[next(stream)]
+                    group = next(stream)
+                    if isinstance(group, list):  # a covering group: m chosen images
+                        batch += group
+                        continue
+                    members = pool[group]
                     batch += rng.choice(members, size=self.m, replace=len(members) < self.m).tolist()
             yield batch
+
+    def _covering_groups(
+        self, pool: dict[int, np.ndarray], per_batch: int, rng: np.random.Generator
+    ) -> Iterator[list[int]]:
+        """Groups of m images, `per_batch` distinct classes at a time, covering every image of the pool.
+
+        Classes with the most groups left go first (ties in random order), so no class is left
+        with groups it cannot place in a batch of distinct classes; once all are placed, further
+        groups are m random images of a class, until the epoch's batches are full.
+        """
+        left: dict[int, list[list[int]]] = {}
+        for y, members in pool.items():
+            order = rng.permutation(members).tolist()
+            short = -len(order) % self.m
+            if short:  # top the last group up with other images of the class
+                order += rng.choice(order, size=short, replace=short > len(order)).tolist()
+            left[y] = [order[i : i + self.m] for i in range(0, len(order), self.m)]
+        classes = list(pool)
+        while True:
+            tie = rng.permutation(len(classes))
+            ranked = sorted(range(len(classes)), key=lambda i: (-len(left[classes[i]]), tie[i]))
+            for i in ranked[:per_batch]:
+                y = classes[i]
+                if left[y]:
+                    yield left[y].pop()
+                else:
+                    members = pool[y]
+                    yield rng.choice(members, size=self.m, replace=len(members) < self.m).tolist()
 
     @staticmethod
     def _class_stream(pool: dict[int, np.ndarray], rng: np.random.Generator) -> Iterator[int]:
@@ -299,7 +346,9 @@ def train_embedder(
     metric_loss = metric_loss.to(device)
 
     dataset = ImageFiles(
-        list(paths) + [e.path for e in exemplars], metric_loss.labels(all_names), train_transform(model.image_size)
+        list(paths) + [e.path for e in exemplars],
+        metric_loss.labels(all_names),
+        train_transform(model.image_size, params.augment),
     )
     n_new = len(new_items)
     m = min(params.m_per_class, params.batch_size // 2)
@@ -310,6 +359,7 @@ def train_embedder(
         m=m,
         memory_ratio=memory.params.batch_ratio if memory else 0.0,
         seed=params.seed,
+        epoch_length=params.epoch_length,
     )
     loader = DataLoader(
         dataset,
@@ -322,6 +372,20 @@ def train_embedder(
     if any(True for _ in metric_loss.parameters()):
         groups.append({"params": metric_loss.parameters(), "lr": params.proxy_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=params.lr, weight_decay=params.weight_decay)
+    total_steps = params.epochs * len(sampler)
+    # Cosine: every group's lr falls to 0 over the run's batches (the proxies' too).
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: (
+            1.0
+            if params.lr_schedule == "constant"
+            else 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        ),
+    )
+    # Which labels are old classes (those the memory replays): where `embedding_on: old` distils.
+    old_labels = torch.zeros(len(metric_loss.classes), dtype=torch.bool)
+    old_labels[sorted(set(dataset.labels[n_new:]))] = True
+    old_labels = old_labels.to(device)
 
     result = TrainResult(
         model=model,
@@ -339,6 +403,7 @@ def train_embedder(
             model.load_state_dict(saved["model"])
             metric_loss.load_state_dict(saved["loss"])
             optimizer.load_state_dict(saved["optimizer"])
+            schedule.load_state_dict(saved["schedule"])
             result.epoch_metrics = {k: list(v) for k, v in saved["epoch_metrics"].items()}
             first_epoch = result.resumed_from_epoch = saved["epoch"] + 1
 
@@ -371,13 +436,14 @@ def train_embedder(
                     embeddings = forward(x)
                 terms = {"metric_loss": metric_loss(embeddings.float(), y)}
                 if distill is not None:
-                    terms |= distill(x, embeddings)
+                    terms |= distill(x, embeddings, old=old_labels[y])
                 loss = sum(terms.values())
                 if not math.isfinite(loss.item()):
                     raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {batches + 1}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                schedule.step()
                 batches += 1
                 for name, value in {"train_loss": loss, **terms}.items():
                     sums[name] = sums.get(name, 0.0) + value.item()
@@ -398,6 +464,7 @@ def train_embedder(
                         "model": model.state_dict(),
                         "loss": metric_loss.state_dict(),
                         "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
                         "epoch_metrics": result.epoch_metrics,
                     },
                 )

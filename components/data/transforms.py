@@ -55,12 +55,32 @@ def eval_transform(image_size: int) -> v2.Compose:
     )
 
 
-def train_transform(image_size: int) -> v2.Compose:
-    """Light augmentation that needs no knowledge of the background colour."""
+AUGMENTS = ("crop", "affine")
+
+
+def train_transform(image_size: int, augment: str = "crop") -> v2.Compose:
+    """The training-time augmentation policy named in params (`train.augment`).
+
+    crop:   random resized crops (75-100% of the area); needs no knowledge of the background,
+            suits photos.
+    affine: small rotations, shears, shifts and scale changes of the whole image, the gaps
+            filled with white: suits dark strokes on a white page (handwriting, glyphs), where
+            a crop would cut strokes off and a black fill would draw a frame.
+    """
+    if augment == "crop":
+        geometric = [v2.RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True)]
+    elif augment == "affine":
+        # Resize first: the affine warp then costs the same whatever the stored size.
+        geometric = [
+            v2.Resize((image_size, image_size), antialias=True),
+            v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.85, 1.15), shear=10, fill=255),
+        ]
+    else:
+        raise ValueError(f"unknown augment {augment!r}; choose from {', '.join(AUGMENTS)}")
     return v2.Compose(
         [
             v2.PILToTensor(),
-            v2.RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
+            *geometric,
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(MEAN, STD),
         ]

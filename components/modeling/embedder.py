@@ -22,24 +22,51 @@ from components.data.transforms import eval_transform, open_rgb
 T = TypeVar("T")
 
 
+STEMS = ("imagenet", "small")
+
+
+def use_small_stem(net: nn.Module) -> None:
+    """Replace a ResNet-style stem (7x7 stride-2 conv + max-pool) by a 3x3 stride-1 conv, no pool.
+
+    The ImageNet stem divides the input by 4 before the first block: a 48 px character is
+    12 px there. The CIFAR-style stem keeps full resolution (and costs ~16x the FLOPs).
+    """
+    conv = getattr(net, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(net, "maxpool"):
+        raise ValueError(f"stem 'small' needs a ResNet-style backbone (conv1 + maxpool), not {type(net).__name__}")
+    net.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+
+
 class Embedder(nn.Module):
-    def __init__(self, backbone: str, embedding_dim: int, image_size: int) -> None:
+    def __init__(self, backbone: str, embedding_dim: int, image_size: int, stem: str = "imagenet") -> None:
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; choose from {', '.join(STEMS)}")
         self.backbone_name = backbone
         self.embedding_dim = embedding_dim
         self.image_size = image_size
+        self.stem = stem
         # num_classes sizes the backbone's own last layer, which is the projection head.
         self.net = torchvision.models.get_model(backbone, weights=None, num_classes=embedding_dim)
+        if stem == "small":
+            use_small_stem(self.net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.net(x).float(), dim=1)
 
     def spec(self) -> dict:
-        return {"backbone": self.backbone_name, "embedding_dim": self.embedding_dim, "image_size": self.image_size}
+        # A checkpoint saved before `stem` existed has no such key: Embedder's default rebuilds it.
+        return {
+            "backbone": self.backbone_name,
+            "embedding_dim": self.embedding_dim,
+            "image_size": self.image_size,
+            "stem": self.stem,
+        }
 
 
 def build_embedder(params: ModelParams) -> Embedder:
-    model = Embedder(params.backbone, params.embedding_dim, params.image_size)
+    model = Embedder(params.backbone, params.embedding_dim, params.image_size, params.stem)
     if params.weights is not None:
         load_backbone_weights(model, params.weights)
     return model

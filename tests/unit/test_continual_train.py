@@ -47,7 +47,8 @@ def test_distillation_terms_match_brute_force():
 def test_distillation_from_an_identical_teacher_is_zero_and_the_teacher_stays_frozen(params):
     model = build_embedder(params.model).eval()
     distill = Distillation(
-        model, DistillParams(embedding_weight=1.0, embedding_distance="cosine", relational_weight=1.0)
+        model,
+        DistillParams(embedding_weight=1.0, embedding_distance="cosine", embedding_on="all", relational_weight=1.0),
     )
     x = torch.rand(6, 3, 32, 32)
     terms = distill(x, model(x))
@@ -126,3 +127,76 @@ def test_continual_steps_carry_the_memory_and_proxies_through_saved_state(params
     assert sorted(second.memory.per_class()) == ["class0", "class1", "class2", "class3"] and len(second.memory) == 5
     assert second.train.loss_state["classes"] == ["class0", "class1", "class2", "class3"]
     assert "distill_embedding" in second.train.epoch_metrics and "distill_embedding" not in first.train.epoch_metrics
+
+
+@pytest.mark.parametrize("sizes", [(5,) * 8, (1, 2, 3, 4, 5, 6, 7, 9), (6, 6)])
+def test_covering_epochs_draw_every_new_image_and_keep_m_per_class(sizes):
+    new = [c for c, n in enumerate(sizes) for _ in range(n)]
+    memory = [100 + i // 3 for i in range(30)]
+    sampler = MixedBatches(new, memory, batch_size=16, m=4, memory_ratio=0.5, seed=0, epoch_length="cover")
+    groups = sum(-(-n // 4) for n in sizes)
+    per_batch = min(2, len(sizes))
+    assert len(sampler) == -(-groups // per_batch)
+    labels = new + memory
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        assert set().union(*map(set, batches)) >= set(range(len(new)))  # every new image, every epoch
+        for batch in batches:
+            assert sum(i >= len(new) for i in batch) == 8
+            assert set(Counter(labels[i] for i in batch).values()) == {4}
+    again = MixedBatches(new, memory, batch_size=16, m=4, memory_ratio=0.5, seed=0, epoch_length="cover")
+    again.set_epoch(2)
+    assert list(again) == batches  # per-epoch seeded: a resumed run sees the same batches
+
+
+def test_covering_an_arrival_of_small_classes_takes_more_steps_than_whole_groups():
+    new = [c for c in range(12) for _ in range(5)]  # m + 1 images per class: groups drop a third of the steps
+    groups = MixedBatches(new, [], batch_size=16, m=4, memory_ratio=0.0, seed=0)
+    cover = MixedBatches(new, [], batch_size=16, m=4, memory_ratio=0.0, seed=0, epoch_length="cover")
+    assert (len(groups), len(cover)) == (60 // 16, 6)
+
+
+def test_embedding_distillation_on_old_classes_only_ignores_the_new_images(params):
+    model = build_embedder(params.model).eval()
+    other = build_embedder(params.model).eval()
+    x = torch.rand(4, 3, 32, 32)
+    old = torch.tensor([True, False, True, False])
+    only_old = Distillation(
+        model,
+        DistillParams(embedding_weight=2.0, embedding_distance="cosine", embedding_on="old", relational_weight=0.0),
+    )
+    student = other(x)
+    with torch.no_grad():
+        teacher = model(x)
+    expected = 2.0 * embedding_distillation(student[old], teacher[old], "cosine")
+    assert only_old(x, student, old=old)["distill_embedding"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert only_old(x, student, old=torch.zeros(4, dtype=torch.bool))["distill_embedding"].item() == 0.0
+    everywhere = Distillation(model, only_old.params.model_copy(update={"embedding_on": "all"}))
+    assert everywhere(x, student, old=old)["distill_embedding"].item() == pytest.approx(
+        2.0 * embedding_distillation(student, teacher, "cosine").item(), rel=1e-5
+    )
+
+
+def test_cosine_schedule_ends_near_zero_and_resumes_exactly(params, tmp_path):
+    paths, labels = shapes(tmp_path)
+    p = params.train.model_copy(update={"epochs": 3, "batch_size": 8, "m_per_class": 2, "lr_schedule": "cosine"})
+    init = build_embedder(params.model)
+    unbroken = train_embedder(paths, labels, p, params.model, init=init)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first(epoch, _metrics):
+        if epoch == 0:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_embedder(
+            paths, labels, p, params.model, init=init, checkpoint_dir=tmp_path / "ckpt", on_epoch=crash_after_first
+        )
+    resumed = train_embedder(paths, labels, p, params.model, init=init, checkpoint_dir=tmp_path / "ckpt")
+    assert resumed.resumed_from_epoch == 1
+    for a, b in zip(resumed.model.state_dict().values(), unbroken.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)

@@ -65,3 +65,38 @@ def test_non_finite_loss_stops_training(params, tmp_path):
         model.net.fc.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match="loss became nan"):
         train_embedder(paths, labels, params.train, params.model, init=model)
+
+
+def test_small_stem_keeps_resolution_and_survives_save_and_load(params, tmp_path):
+    from components.modeling.embedder import load_embedder, save_embedder
+
+    small = build_embedder(params.model.model_copy(update={"stem": "small"})).eval()
+    assert small.net.conv1.stride == (1, 1) and small.net.conv1.kernel_size == (3, 3)
+    assert isinstance(small.net.maxpool, torch.nn.Identity)
+    save_embedder(small, tmp_path / "e.pt")
+    loaded = load_embedder(tmp_path / "e.pt")
+    assert loaded.spec() == small.spec() and loaded.spec()["stem"] == "small"
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(loaded(x), small(x), atol=1e-6)
+    # A checkpoint from before the stem option (no "stem" in its spec) loads as the ImageNet stem.
+    old = build_embedder(params.model.model_copy(update={"stem": "imagenet"}))
+    spec = {k: v for k, v in old.spec().items() if k != "stem"}
+    torch.save({"spec": spec, "state_dict": old.state_dict()}, tmp_path / "old.pt")
+    assert load_embedder(tmp_path / "old.pt").stem == "imagenet"
+
+
+def test_small_stem_needs_a_resnet_style_backbone(params):
+    with pytest.raises(ValueError, match="stem 'small' needs a ResNet-style backbone"):
+        build_embedder(params.model.model_copy(update={"backbone": "mobilenet_v3_small", "stem": "small"}))
+
+
+def test_affine_augmentation_fills_with_white_and_keeps_the_size():
+    from components.data.transforms import train_transform
+
+    torch.manual_seed(0)
+    white = Image.new("RGB", (105, 105), "white")
+    x = train_transform(28, "affine")(white)
+    assert x.shape == (3, 28, 28) and torch.allclose(x, torch.ones_like(x))  # white stays white: no black frame
+    assert train_transform(28, "crop")(white).shape == (3, 28, 28)
+    with pytest.raises(ValueError, match="unknown augment"):
+        train_transform(28, "jitter")

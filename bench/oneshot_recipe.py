@@ -1,0 +1,357 @@
+"""One-shot recipe benchmark (issue 16): mnemo's continual recipe on real handwriting, against a
+small reference net trained jointly, scored on the same few-shot episodes of never-trained classes.
+
+Omniglot (../shared/data/omniglot/images_background_small1.zip, 5 alphabets) goes through mnemo's
+real ingest, one alphabet per arrival, so the held-out (unseen) classes are the pipeline's own
+split (ingest.unseen_class_fraction of each alphabet's characters) and the training images are
+the `train` role. Each variant (params overrides on params.yaml) then learns the five arrivals
+as the retrain flow does: components.train.train_continual, the replay memory saved and restored
+between arrivals, distilling from the previous model. After every arrival the unseen classes
+are scored with components.metrics.few_shot_accuracy (20-way 1-shot and 5-way 5-shot, seeded, the
+same episodes for every model). The reference net (4 x conv3x3-BN-ReLU-maxpool, 64 channels,
+28 px, multi-similarity loss, affine augmentation, Adam 1e-3, 30 epochs) trains on all five
+arrivals' training images at once.
+
+    python bench/oneshot_recipe.py --variants committed,recipe     # named variants (VARIANTS below)
+    python bench/oneshot_recipe.py --variant 'mine:train.epochs=12,model.image_size=32'
+
+Writes bench/results/<date>-oneshot-<tag>.json and .md; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from pytorch_metric_learning import losses, miners, samplers
+from torch import nn
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import bench.continual  # noqa: E402
+from bench.continual import omniglot_stream  # noqa: E402
+from components.config import Params, load_params, with_overrides  # noqa: E402
+from components.data.class_registry import ClassRegistry  # noqa: E402
+from components.data.datasets import encode_labels  # noqa: E402
+from components.data.transforms import eval_transform, open_rgb, train_transform  # noqa: E402
+from components.metrics import few_shot_accuracy  # noqa: E402
+from components.modeling.embedder import embed_files  # noqa: E402
+from components.train import train_continual  # noqa: E402
+
+OMNIGLOT = bench.continual.OMNIGLOT
+
+# What the issue's author ran (params.yaml before issue 16), spelled out so it stays comparable.
+COMMITTED = {
+    "model.stem": "imagenet",
+    "model.image_size": 48,
+    "train.augment": "crop",
+    "train.lr_schedule": "constant",
+    "train.epochs": 8,
+    "train.epoch_length": "groups",
+    "distill.embedding_on": "all",
+}
+LEVERS = {
+    "train.augment": "affine",
+    "train.lr_schedule": "cosine",
+    "train.epoch_length": "cover",
+    "distill.embedding_on": "old",
+}
+VARIANTS: dict[str, dict] = {
+    "committed": COMMITTED,
+    "params": {},  # params.yaml as it is now
+    "imagenet48_levers": COMMITTED | LEVERS,
+    "small28_levers": COMMITTED | LEVERS | {"model.stem": "small", "model.image_size": 28},
+    "small32_levers": COMMITTED | LEVERS | {"model.stem": "small", "model.image_size": 32},
+    "small28_crop": COMMITTED | LEVERS | {"model.stem": "small", "model.image_size": 28, "train.augment": "crop"},
+    "small28_distill_all": COMMITTED
+    | LEVERS
+    | {"model.stem": "small", "model.image_size": 28, "distill.embedding_on": "all"},
+}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'name' (from VARIANTS) or 'name:key=value,key=value' (over params.yaml; values parsed as YAML)."""
+    if ":" not in text:
+        return text, VARIANTS[text]
+    name, _, spec = text.partition(":")
+    base, _, spec = spec.partition("+") if "+" in spec else ("", "", spec)
+    overrides = dict(VARIANTS[base]) if base else {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name, overrides
+
+
+def episodes(vectors: np.ndarray, labels: list[str], n: int, seed: int) -> dict[str, float]:
+    return {
+        "20w1s": few_shot_accuracy(vectors, labels, way=20, shot=1, episodes=n, seed=seed),
+        "5w5s": few_shot_accuracy(vectors, labels, way=5, shot=5, episodes=n, seed=seed),
+    }
+
+
+def run_variant(
+    name: str,
+    overrides: dict,
+    params: Params,
+    ws_root: Path,
+    arrivals: list[str],
+    unseen: tuple[list[Path], list[str]],
+    state_root: Path,
+    n_episodes: int,
+    seed: int,
+) -> dict:
+    p = with_overrides(params, overrides)
+    catalog = ClassRegistry.load(ws_root / "data" / "registry.json")
+    classes_dir = ws_root / "data" / "classes"
+    train = catalog.records("train")
+    model, state, steps = None, None, []
+    for k, arrival in enumerate(arrivals):
+        new = [r for r in train if r.arrival == arrival]
+        cpu, wall = time.process_time(), time.perf_counter()
+        step = train_continual(new, classes_dir, p.train, p.model, p.replay, p.distill, init=model, state=state)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        model = step.train.model
+        state = step.save_state(state_root / name / str(k))
+        scores = episodes(embed_files(model, unseen[0]), unseen[1], n_episodes, seed)
+        steps.append(
+            {
+                "arrival": arrival,
+                "new_images": len(new),
+                "train_seconds": step.train.seconds,
+                "cpu_seconds": cpu,
+                "step_wall_seconds": wall,
+                "images_per_epoch": step.train.images,
+                "last_loss": step.train.epoch_losses[-1],
+                **scores,
+            }
+        )
+        print(
+            f"  {name} arrival {k + 1} ({arrival}, {len(new)} images): 20w1s {scores['20w1s']:.3f} 5w5s {scores['5w5s']:.3f} "
+            f"train {step.train.seconds:.1f} s (cpu {cpu:.1f} s), loss {step.train.epoch_losses[-1]:.3f}",
+            flush=True,
+        )
+    base = steps[1]["train_seconds"] if len(steps) > 1 else steps[0]["train_seconds"]
+    base_cpu = steps[1]["cpu_seconds"] if len(steps) > 1 else steps[0]["cpu_seconds"]
+    return {
+        "overrides": overrides,
+        "final": {k: steps[-1][k] for k in ("20w1s", "5w5s")},
+        "arrivals": steps,
+        "time_ratio_max_vs_second": max(s["train_seconds"] for s in steps[1:]) / base if len(steps) > 2 else 1.0,
+        "cpu_ratio_max_vs_second": max(s["cpu_seconds"] for s in steps[1:]) / base_cpu if len(steps) > 2 else 1.0,
+        "params": p.flat("model", "train", "replay", "distill"),
+    }
+
+
+class Conv4(nn.Module):
+    """The reference: 4 x (conv3x3, 64 channels, BN, ReLU, max-pool 2); 28 px in, 64-d L2-normalised out."""
+
+    def __init__(self, channels: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(4):
+            layers += [
+                nn.Conv2d(3 if i == 0 else channels, channels, 3, padding=1),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+        self.net = nn.Sequential(*layers, nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x), dim=1)
+
+
+def run_reference(
+    paths: list[Path],
+    names: list[str],
+    unseen: tuple[list[Path], list[str]],
+    n_episodes: int,
+    seed: int,
+    epochs: int = 30,
+) -> dict:
+    torch.manual_seed(seed)
+    labels, _ = encode_labels(names)
+    images = [open_rgb(p) for p in paths]  # decoded once: the net is so small that decoding would dominate
+
+    class Memory(torch.utils.data.Dataset):
+        transform = train_transform(28, "affine")
+
+        def __len__(self) -> int:
+            return len(images)
+
+        def __getitem__(self, i: int):
+            return self.transform(images[i]), labels[i]
+
+    sampler = samplers.MPerClassSampler(labels, m=4, batch_size=64, length_before_new_iter=len(labels))
+    loader = DataLoader(Memory(), batch_size=64, sampler=sampler, drop_last=True)
+    model = Conv4()
+    loss_fn, miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        for x, y in loader:
+            e = model(x)
+            loss = loss_fn(e, y, miner(e, y))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    model.eval()
+    tf = eval_transform(28)
+    with torch.inference_mode():
+        vectors = torch.cat(
+            [
+                model(torch.stack([tf(open_rgb(p)) for p in unseen[0][i : i + 256]]))
+                for i in range(0, len(unseen[0]), 256)
+            ]
+        ).numpy()
+    scores = episodes(vectors, unseen[1], n_episodes, seed)
+    print(
+        f"  reference conv4: 20w1s {scores['20w1s']:.3f} 5w5s {scores['5w5s']:.3f} train {wall:.1f} s (cpu {cpu:.1f} s)",
+        flush=True,
+    )
+    return {"final": scores, "train_seconds": wall, "cpu_seconds": cpu, "epochs": epochs, "images": len(paths)}
+
+
+def pixel_baseline(unseen: tuple[list[Path], list[str]], n_episodes: int, seed: int) -> dict:
+    tf = eval_transform(28)
+    vectors = np.stack([tf(open_rgb(p)).flatten().numpy() for p in unseen[0]])
+    return episodes(vectors, unseen[1], n_episodes, seed)
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# One-shot recipe benchmark {report['date']} ({report['tag']})",
+        "",
+        f"{report['machine']}; Omniglot 5 alphabets as 5 arrivals; {report['unseen_classes']} unseen classes "
+        f"({report['unseen_images']} images); {report['episodes']} episodes, seed {report['seed']}.",
+        "",
+        "| variant | 20-way 1-shot | 5-way 5-shot | 20w1s per arrival | train s per arrival | cpu s per arrival | max/2nd (cpu) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in report["variants"].items():
+        a = r["arrivals"]
+        lines.append(
+            f"| {name} | {r['final']['20w1s']:.3f} | {r['final']['5w5s']:.3f} | "
+            f"{' '.join(format(s['20w1s'], '.2f') for s in a)} | {' '.join(format(s['train_seconds'], '.0f') for s in a)} | "
+            f"{' '.join(format(s['cpu_seconds'], '.0f') for s in a)} | {r['time_ratio_max_vs_second']:.2f} "
+            f"({r['cpu_ratio_max_vs_second']:.2f}) |"
+        )
+    if "reference" in report:
+        ref = report["reference"]
+        lines.append(
+            f"| reference conv4 (joint, {ref['epochs']} epochs) | {ref['final']['20w1s']:.3f} | {ref['final']['5w5s']:.3f} | "
+            f"| {ref['train_seconds']:.0f} (all 5 at once) | {ref['cpu_seconds']:.0f} | |"
+        )
+    px = report["pixels"]
+    lines += [f"| raw pixels 28 px | {px['20w1s']:.3f} | {px['5w5s']:.3f} | | | | |", ""]
+    for name, r in report["variants"].items():
+        lines.append(f"- {name}: {json.dumps(r['overrides'])}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="committed,params", help=f"comma-separated names from {', '.join(VARIANTS)}")
+    ap.add_argument("--variant", action="append", default=[], help="'name:key=value,...' or 'name:base+key=value,...'")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--reference-epochs", type=int, default=30)
+    ap.add_argument("--episodes", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="run")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads; 1 on a shared machine keeps CPU seconds honest (no threads spinning at barriers)",
+    )
+    ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    ap.add_argument(
+        "--omniglot", type=Path, default=OMNIGLOT, help="the Omniglot zip (default: ../shared/data/omniglot/...)"
+    )
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+    if not args.omniglot.is_file():
+        raise SystemExit(f"{args.omniglot} is absent")
+    bench.continual.OMNIGLOT = args.omniglot  # omniglot_stream reads the module's path
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # CPU: denormal floats late in training can slow every op many times over
+
+    variants = [parse_variant(v) for v in filter(None, args.variants.split(","))] + [
+        parse_variant(v) for v in args.variant
+    ]
+    params = with_overrides(load_params(args.params), {"train.device": "cpu"} if not torch.cuda.is_available() else {})
+    for _, overrides in variants:
+        with_overrides(params, overrides)  # fail fast on a bad key, before ingesting anything
+    report: dict = {
+        "date": date.today().isoformat(),
+        "tag": args.tag,
+        "episodes": args.episodes,
+        "seed": args.seed,
+        "machine": f"{platform.node()}: {torch.get_num_threads()} torch CPU threads",
+        "variants": {},
+    }
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mnemo-oneshot-") as tmp:
+        ws_root = Path(tmp) / "ws"
+        stream = omniglot_stream(params, ws_root)
+        catalog = ClassRegistry.load(ws_root / "data" / "registry.json")
+        classes_dir = ws_root / "data" / "classes"
+        unseen_records = catalog.records("unseen")
+        unseen = ([classes_dir / r.id for r in unseen_records], [r.cls for r in unseen_records])
+        train = catalog.records("train")
+        report |= {
+            "unseen_classes": len(set(unseen[1])),
+            "unseen_images": len(unseen[0]),
+            "train_images": len(train),
+            "train_classes": len({r.cls for r in train}),
+            "arrivals": stream.arrivals,
+        }
+        print(
+            f"omniglot: {len(train)} training images of {report['train_classes']} classes; {report['unseen_classes']} "
+            f"unseen classes ({len(unseen[0])} images); arrivals {', '.join(stream.arrivals)}",
+            flush=True,
+        )
+        report["pixels"] = pixel_baseline(unseen, args.episodes, args.seed)
+        print(f"  raw pixels: {report['pixels']}", flush=True)
+        if not args.no_reference:
+            report["reference"] = run_reference(
+                [classes_dir / r.id for r in train],
+                [r.cls for r in train],
+                unseen,
+                args.episodes,
+                args.seed,
+                args.reference_epochs,
+            )
+        for name, overrides in variants:
+            print(f"variant {name}: {overrides}", flush=True)
+            report["variants"][name] = run_variant(
+                name, overrides, params, ws_root, stream.arrivals, unseen, Path(tmp) / "state", args.episodes, args.seed
+            )
+            report["seconds"] = time.perf_counter() - started
+            args.out.mkdir(parents=True, exist_ok=True)
+            stem = args.out / f"{report['date']}-oneshot-{args.tag}"
+            stem.with_suffix(".json").write_text(
+                json.dumps(report, indent=1) + "\n"
+            )  # after each variant: partial results survive
+            stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {stem}.json and .md in {report['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
