@@ -82,12 +82,32 @@ class DemoParams(_Section):
     arrivals: int = Field(ge=0)
 
 
+def is_weights_name(weights: str) -> bool:
+    """A torchvision weights name (`DEFAULT`, `IMAGENET1K_V1`) rather than a path to a file."""
+    return re.fullmatch(r"[A-Z][A-Z0-9_]*", weights) is not None
+
+
 class ModelParams(_Section):
     backbone: str
     embedding_dim: int = Field(gt=0)
     image_size: int = Field(ge=16)
     stem: Literal["imagenet", "small"]  # small: 3x3 stride-1 conv, no max-pool (ResNet backbones only)
-    weights: Path | None
+    # A torchvision weights name of the backbone (DEFAULT, IMAGENET1K_V1, ...: from torchvision's
+    # cache under TORCH_HOME, downloaded once where the network allows) or a local state_dict file.
+    weights: str | None
+
+    @model_validator(mode="after")
+    def _known_weights(self) -> ModelParams:
+        if self.weights is None or not is_weights_name(self.weights):
+            return self  # a file: read (and its errors named) when the model is built
+        import torchvision
+
+        names = ["DEFAULT", *torchvision.models.get_model_weights(self.backbone).__members__]
+        if self.weights not in names:
+            raise ValueError(
+                f"weights {self.weights!r} is not a file name nor one of {self.backbone}'s: {', '.join(names)}"
+            )
+        return self
 
     @field_validator("backbone")
     @classmethod

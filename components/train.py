@@ -348,7 +348,7 @@ def train_embedder(
     dataset = ImageFiles(
         list(paths) + [e.path for e in exemplars],
         metric_loss.labels(all_names),
-        train_transform(model.image_size, params.augment),
+        train_transform(model.image_size, params.augment, model.mean, model.std),
     )
     n_new = len(new_items)
     m = min(params.m_per_class, params.batch_size // 2)

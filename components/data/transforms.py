@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -44,13 +45,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def eval_transform(image_size: int) -> v2.Compose:
+def eval_transform(image_size: int, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> v2.Compose:
+    """Resize and normalise, with the embedder's own mean and std (its pretrained weights', if any)."""
     return v2.Compose(
         [
             v2.PILToTensor(),
             v2.Resize((image_size, image_size), antialias=True),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(MEAN, STD),
+            v2.Normalize(mean, std),
         ]
     )
 
@@ -58,7 +60,9 @@ def eval_transform(image_size: int) -> v2.Compose:
 AUGMENTS = ("crop", "affine")
 
 
-def train_transform(image_size: int, augment: str = "crop") -> v2.Compose:
+def train_transform(
+    image_size: int, augment: str = "crop", mean: Sequence[float] = MEAN, std: Sequence[float] = STD
+) -> v2.Compose:
     """The training-time augmentation policy named in params (`train.augment`).
 
     crop:   random resized crops (75-100% of the area); needs no knowledge of the background,
@@ -82,6 +86,6 @@ def train_transform(image_size: int, augment: str = "crop") -> v2.Compose:
             v2.PILToTensor(),
             *geometric,
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(MEAN, STD),
+            v2.Normalize(mean, std),
         ]
     )

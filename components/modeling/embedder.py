@@ -1,5 +1,12 @@
 """The embedder: a torchvision backbone whose classifier becomes a projection head,
-with L2-normalised output. Weights come from a local file only: nothing is downloaded."""
+with L2-normalised output.
+
+Starting weights (`model.weights`) are a local state_dict file, or a torchvision weights
+name (`DEFAULT`, `IMAGENET1K_V1`, ...) read from torchvision's cache under TORCH_HOME:
+downloaded once where the network allows, a clear error naming the cache file where it does
+not. Pretrained weights bring their own normalisation (mean, std), which the embedder keeps
+in its spec, so training, indexing, the logged model and the service all use it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,8 @@ import pickle
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -16,8 +24,11 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from components.config import ModelParams
-from components.data.transforms import eval_transform, open_rgb
+from components.config import ModelParams, is_weights_name
+from components.data.transforms import MEAN, STD, eval_transform, open_rgb
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
 T = TypeVar("T")
 
@@ -38,8 +49,20 @@ def use_small_stem(net: nn.Module) -> None:
     net.maxpool = nn.Identity()
 
 
+class WeightsUnavailable(RuntimeError):
+    """Named pretrained weights are neither in torchvision's cache nor downloadable here."""
+
+
 class Embedder(nn.Module):
-    def __init__(self, backbone: str, embedding_dim: int, image_size: int, stem: str = "imagenet") -> None:
+    def __init__(
+        self,
+        backbone: str,
+        embedding_dim: int,
+        image_size: int,
+        stem: str = "imagenet",
+        mean: Sequence[float] = MEAN,
+        std: Sequence[float] = STD,
+    ) -> None:
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; choose from {', '.join(STEMS)}")
@@ -47,6 +70,7 @@ class Embedder(nn.Module):
         self.embedding_dim = embedding_dim
         self.image_size = image_size
         self.stem = stem
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         # num_classes sizes the backbone's own last layer, which is the projection head.
         self.net = torchvision.models.get_model(backbone, weights=None, num_classes=embedding_dim)
         if stem == "small":
@@ -62,26 +86,70 @@ class Embedder(nn.Module):
             "embedding_dim": self.embedding_dim,
             "image_size": self.image_size,
             "stem": self.stem,
+            "mean": list(self.mean),  # absent from older checkpoints: the defaults (0.5) rebuild them
+            "std": list(self.std),
         }
 
 
 def build_embedder(params: ModelParams) -> Embedder:
+    if params.weights is not None and is_weights_name(params.weights):
+        weights = torchvision_weights(params.backbone, params.weights)
+        preprocessing = weights.transforms()
+        model = Embedder(
+            params.backbone,
+            params.embedding_dim,
+            params.image_size,
+            params.stem,
+            mean=preprocessing.mean,
+            std=preprocessing.std,
+        )
+        _load_matching(
+            model, cached_state(weights, params.backbone, params.weights), f"{params.backbone} {params.weights}"
+        )
+        return model
     model = Embedder(params.backbone, params.embedding_dim, params.image_size, params.stem)
     if params.weights is not None:
-        load_backbone_weights(model, params.weights)
+        load_backbone_weights(model, Path(params.weights))
     return model
 
 
+def torchvision_weights(backbone: str, name: str) -> WeightsEnum:
+    """The backbone's weights enum member by name (`DEFAULT` is the best torchvision offers)."""
+    members = torchvision.models.get_model_weights(backbone)
+    return members.DEFAULT if name == "DEFAULT" else members[name]
+
+
+def weights_cache_file(weights: WeightsEnum) -> Path:
+    """Where torchvision keeps these weights: <TORCH_HOME>/hub/checkpoints/<file name of the URL>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
+def cached_state(weights: WeightsEnum, backbone: str, name: str) -> dict[str, torch.Tensor]:
+    """The weights' state_dict from torchvision's cache, downloaded once when missing and allowed."""
+    try:
+        return weights.get_state_dict(progress=False)  # torch.hub: the cache first, weights_only loading
+    except (OSError, ValueError) as exc:  # URLError is an OSError: no network, a proxy, a refused host
+        raise WeightsUnavailable(
+            f"{backbone} weights {name} are not in torchvision's cache ({weights_cache_file(weights)}) and could not "
+            f"be downloaded here ({exc}); put the file there (TORCH_HOME sets the cache) or name a local file in "
+            "model.weights"
+        ) from None
+
+
 def load_backbone_weights(model: Embedder, path: Path) -> None:
-    """Load a torchvision state_dict; layers whose shape differs (the classifier) keep their init."""
+    """Load a torchvision state_dict file; layers whose shape differs (the classifier) keep their init."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise ValueError(f"{path}: cannot load backbone weights ({exc})") from None
+    _load_matching(model, state, str(path))
+
+
+def _load_matching(model: Embedder, state: dict[str, torch.Tensor], source: str) -> None:
     own = model.net.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
-        raise ValueError(f"{path}: no tensor matches backbone {model.backbone_name}")
+        raise ValueError(f"{source}: no tensor matches backbone {model.backbone_name}")
     model.net.load_state_dict(usable, strict=False)
 
 
@@ -122,7 +190,7 @@ def embed_images(
     """N x D float32 L2-normalised embeddings of RGB PIL images, in order."""
     device = device or next(model.parameters()).device
     model.eval()
-    transform = eval_transform(model.image_size)
+    transform = eval_transform(model.image_size, model.mean, model.std)
     chunks: list[np.ndarray] = []
     for batch in _batches(images, batch_size):
         x = torch.stack([transform(img) for img in batch]).to(device, non_blocking=True)

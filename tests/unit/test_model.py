@@ -1,10 +1,12 @@
-"""The embedder: normalised output, local weights only, and a loop that can fit one batch."""
+"""The embedder: normalised output, starting weights (a local file or a name from torchvision's cache), and a
+loop that can fit one batch."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from components.config import ConfigError
 from components.modeling.embedder import build_embedder, embed_images, load_backbone_weights
 from components.train import NonFiniteLossError, train_embedder
 
@@ -100,3 +102,51 @@ def test_affine_augmentation_fills_with_white_and_keeps_the_size():
     assert train_transform(28, "crop")(white).shape == (3, 28, 28)
     with pytest.raises(ValueError, match="unknown augment"):
         train_transform(28, "jitter")
+
+
+def test_weights_by_name_come_from_torchvisions_cache_with_their_own_normalisation(params, tmp_path, monkeypatch):
+    import torchvision
+
+    from components.config import with_overrides
+    from components.modeling.embedder import (
+        WeightsUnavailable,
+        load_embedder,
+        save_embedder,
+        torchvision_weights,
+        weights_cache_file,
+    )
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    weights = torchvision_weights(params.model.backbone, "IMAGENET1K_V1")
+    cached = weights_cache_file(weights)
+    assert cached == tmp_path / "torch-home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    named = with_overrides(params, {"model.weights": "IMAGENET1K_V1"})
+
+    # Not cached, and no network here (the download is refused at once): an error naming the cache file.
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsUnavailable, match=f"not in torchvision's cache \\({cached}\\)"):
+        build_embedder(named.model)
+
+    # Placed in the cache (as a machine with the network would have it): loaded, nothing downloaded.
+    torch.manual_seed(1)
+    state = torchvision.models.get_model(params.model.backbone, weights=None).state_dict()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, cached)
+    model = build_embedder(named.model)
+    assert torch.equal(model.net.conv1.weight, state["conv1.weight"])
+    assert model.mean == (0.485, 0.456, 0.406) and model.std == (0.229, 0.224, 0.225)
+    # The normalisation travels with the model: saved, loaded, used by every embed.
+    save_embedder(model, tmp_path / "m.pt")
+    again = load_embedder(tmp_path / "m.pt")
+    assert (again.mean, again.std) == (model.mean, model.std)
+    image = Image.new("RGB", (40, 40), (200, 30, 90))
+    assert np.allclose(embed_images(again, [image]), embed_images(model.eval(), [image]), atol=1e-5)
+    # DEFAULT is the backbone's best weights; an unknown name is a params error naming the choices.
+    assert torchvision_weights(params.model.backbone, "DEFAULT") == weights
+    with pytest.raises(
+        ConfigError, match="IMAGENET9K_V9.*is not a file name nor one of resnet18's: DEFAULT, IMAGENET1K_V1"
+    ):
+        with_overrides(params, {"model.weights": "IMAGENET9K_V9"})
