@@ -31,21 +31,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
-from pytorch_metric_learning import losses, miners, samplers
-from torch import nn
-from torch.utils.data import DataLoader
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from oneshot import embed_reference, train_reference  # noqa: E402  # bench/: the reference net, one copy
 
 import bench.continual  # noqa: E402
 from bench.continual import omniglot_stream  # noqa: E402
 from components.config import Params, load_params, with_overrides  # noqa: E402
 from components.data.class_registry import ClassRegistry  # noqa: E402
-from components.data.datasets import encode_labels  # noqa: E402
-from components.data.transforms import eval_transform, open_rgb, train_transform  # noqa: E402
+from components.data.transforms import eval_transform, open_rgb  # noqa: E402
 from components.metrics import few_shot_accuracy  # noqa: E402
 from components.modeling.embedder import embed_files  # noqa: E402
 from components.train import train_continual  # noqa: E402
@@ -154,25 +151,6 @@ def run_variant(
     }
 
 
-class Conv4(nn.Module):
-    """The reference: 4 x (conv3x3, 64 channels, BN, ReLU, max-pool 2); 28 px in, 64-d L2-normalised out."""
-
-    def __init__(self, channels: int = 64) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        for i in range(4):
-            layers += [
-                nn.Conv2d(3 if i == 0 else channels, channels, 3, padding=1),
-                nn.BatchNorm2d(channels),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-            ]
-        self.net = nn.Sequential(*layers, nn.Flatten())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(x), dim=1)
-
-
 def run_reference(
     paths: list[Path],
     names: list[str],
@@ -181,44 +159,11 @@ def run_reference(
     seed: int,
     epochs: int = 30,
 ) -> dict:
-    torch.manual_seed(seed)
-    labels, _ = encode_labels(names)
-    images = [open_rgb(p) for p in paths]  # decoded once: the net is so small that decoding would dominate
-
-    class Memory(torch.utils.data.Dataset):
-        transform = train_transform(28, "affine")
-
-        def __len__(self) -> int:
-            return len(images)
-
-        def __getitem__(self, i: int):
-            return self.transform(images[i]), labels[i]
-
-    sampler = samplers.MPerClassSampler(labels, m=4, batch_size=64, length_before_new_iter=len(labels))
-    loader = DataLoader(Memory(), batch_size=64, sampler=sampler, drop_last=True)
-    model = Conv4()
-    loss_fn, miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    cpu, wall = time.process_time(), time.perf_counter()
-    for _ in range(epochs):
-        model.train()
-        for x, y in loader:
-            e = model(x)
-            loss = loss_fn(e, y, miner(e, y))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    model.eval()
-    tf = eval_transform(28)
-    with torch.inference_mode():
-        vectors = torch.cat(
-            [
-                model(torch.stack([tf(open_rgb(p)) for p in unseen[0][i : i + 256]]))
-                for i in range(0, len(unseen[0]), 256)
-            ]
-        ).numpy()
-    scores = episodes(vectors, unseen[1], n_episodes, seed)
+    """The reference net of bench/oneshot.py, trained on these images and scored on these episodes."""
+    wall = time.perf_counter()
+    model, cpu = train_reference(paths, names, epochs=epochs, seed=seed)
+    wall = time.perf_counter() - wall
+    scores = episodes(embed_reference(model, unseen[0]), unseen[1], n_episodes, seed)
     print(
         f"  reference conv4: 20w1s {scores['20w1s']:.3f} 5w5s {scores['5w5s']:.3f} train {wall:.1f} s (cpu {cpu:.1f} s)",
         flush=True,
