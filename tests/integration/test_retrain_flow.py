@@ -77,9 +77,12 @@ def test_retrain_flow_promotes_a_queryable_champion(params, ws, params_file):
 
     # A further arrival is learned by a new version; the live pair moves to its table.
     write_arrival(ws.inbox, 1, arrivals[1], fonts, params.demo)
-    lenient = params.model_copy(update={"gate": params.gate.model_copy(update={"max_unseen_recall_at_1_drop": 1.0})})
+    # Change thresholds off: one epoch on six images per class need not keep up with the champion, and
+    # forgetting is measured against the whole gallery, where the new classes can confuse old ones.
+    changes_off = {"max_unseen_recall_at_1_drop": 1.0, "max_slice_forgetting": 1.0}
+    lenient = params.model_copy(update={"gate": params.gate.model_copy(update=changes_off)})
     second = retrain(lenient, str(ws.root))
-    assert second.status == "promoted" and second.version == "2"
+    assert second.status == "promoted" and second.version == "2", second.reasons
     status = cli("status", "--json", *common)
     assert status["champion"]["table"] == "embeddings_v2"
     assert status["data"]["arrivals"] == ["demo-000", "demo-001"]
