@@ -205,10 +205,14 @@ class IndexParams(_Section):
     probes: int = Field(gt=0)  # stored images re-embedded after a build; each must find itself
     ann_min_rows: int = Field(ge=256)  # below this many rows, exact search: fast enough, and exact
     ann_type: Literal["IVF_PQ", "IVF_HNSW_SQ"]
-    ann_partitions: PositiveInt | None  # None: LanceDB's default (about sqrt(rows))
+    ann_partitions: PositiveInt | None  # None: LanceDB's default, from the row count (see params.yaml)
     ann_sub_vectors: PositiveInt | None  # IVF_PQ only; None: LanceDB's default
     ann_nprobes: PositiveInt
+    ann_ef: PositiveInt  # IVF_HNSW_SQ only: graph candidates per query (>= k * refine_factor)
     ann_refine_factor: PositiveInt | None  # re-rank refine_factor * k candidates exactly; None: off
+    ann_retrain_growth: float = Field(gt=1)  # hot adds this many times the rows the index was trained on: retrain it
+    ann_min_recall: float = Field(gt=0, le=1)  # ANN recall@10 against exact search below this: not promoted
+    recall_probes: PositiveInt  # stored vectors whose ANN and exact neighbours are compared after a build
     old_versions_seconds: int = Field(ge=0)  # grace before a live table's superseded Lance versions go
 
 
@@ -221,6 +225,9 @@ class ServeParams(_Section):
     max_request_pixels: int = Field(gt=0)  # width * height summed over a request's images, before decoding
     max_images: int = Field(gt=0)  # images in one request
     max_k: int = Field(gt=0)
+    batch_wait_ms: float = Field(ge=0)  # how long a forward waits for concurrent requests' images to join it
+    max_batch: int = Field(gt=0)  # images in one batched forward
+    channels_last: bool  # the model's tensors in NHWC for the forward (bench/query.py measures it)
 
 
 class ScheduleParams(_Section):

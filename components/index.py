@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import lancedb
+import numpy as np
 import pyarrow as pa
 from lancedb.index import IvfHnswSq, IvfPq
 from rich.console import Console
@@ -33,6 +34,7 @@ from components.failpoints import failpoint
 from components.modeling.embedder import Embedder, embed_images, pick_device
 from components.search import finds_itself, probe_records, search_table
 from components.tables import (
+    ANN_TRAINED_ROWS,
     MODEL_VERSION,
     VALIDATED,
     VECTOR,
@@ -40,9 +42,11 @@ from components.tables import (
     connect,
     is_validated,
     list_tables,
+    set_vector_metadata,
     table_name,
     table_schema,
     table_version,
+    vector_metadata,
     written_by,
 )
 
@@ -70,6 +74,8 @@ class IndexValidation:
     missing_classes: tuple[str, ...]
     probes: int
     probes_found: int  # probe images whose own row came back as their nearest neighbour
+    ann_recall: float | None  # recall@10 of the ANN search against exact search; None: exact search
+    min_recall: float
 
     @property
     def problems(self) -> list[str]:
@@ -83,6 +89,11 @@ class IndexValidation:
             found.append(
                 f"{self.probes - self.probes_found} of {self.probes} probe images did not find themselves "
                 "(model and stored vectors disagree)"
+            )
+        if self.ann_recall is not None and self.ann_recall < self.min_recall:
+            found.append(
+                f"ANN recall@10 {self.ann_recall:.3f} against exact search, under the floor {self.min_recall} "
+                "(index.ann_min_recall: raise ann_ef or ann_nprobes)"
             )
         return found
 
@@ -102,6 +113,7 @@ class IndexBuild:
     probes: int
     probes_found: int
     ann_index: str | None  # the ANN index type, None when the table is small enough for exact search
+    ann_recall: float | None  # its recall@10 against exact search on stored vectors
     caught_up: int  # images ingested while the build ran, appended before validation
     removed: tuple[str, ...]  # orphans and tables beyond keep_tables, dropped after the build
     reused: bool  # the version's validated table already existed and was checked, not rewritten
@@ -179,16 +191,84 @@ def _write(
 
 def ensure_ann_index(tbl: lancedb.table.Table, params: IndexParams) -> str | None:
     """Build the cosine ANN index once the table has `ann_min_rows` rows; returns its type or None."""
-    if tbl.count_rows() < params.ann_min_rows:
+    rows = tbl.count_rows()
+    if rows < params.ann_min_rows:
         return None
+    _train_ann_index(tbl, params, rows)
+    return params.ann_type
+
+
+def _train_ann_index(tbl: lancedb.table.Table, params: IndexParams, rows: int) -> None:
+    """(Re)train the index over every row; partitions follow the row count unless params fix them."""
     if params.ann_type == "IVF_PQ":
         config: IvfPq | IvfHnswSq = IvfPq(
             distance_type="cosine", num_partitions=params.ann_partitions, num_sub_vectors=params.ann_sub_vectors
         )
     else:
         config = IvfHnswSq(distance_type="cosine", num_partitions=params.ann_partitions)
-    tbl.create_index(VECTOR, config=config)
-    return params.ann_type
+    tbl.create_index(VECTOR, config=config, replace=True)
+    set_vector_metadata(tbl, ANN_TRAINED_ROWS, str(rows))
+
+
+def retune_ann_index(tbl: lancedb.table.Table, params: IndexParams) -> bool:
+    """After hot adds: train the ANN index once the table crosses `ann_min_rows`, and retrain it
+    (partitions re-chosen for the new size) once it has grown `ann_retrain_growth` times past the
+    rows it was trained on. Rows added in between are folded into the existing index by optimize.
+    Returns whether it trained; readers keep the previous Lance version until it is done."""
+    rows = tbl.count_rows()
+    if rows < params.ann_min_rows:
+        return False
+    trained = vector_metadata(tbl, ANN_TRAINED_ROWS)
+    if list(tbl.list_indices()):
+        if trained is None:  # indexed before the mark existed: count from here
+            set_vector_metadata(tbl, ANN_TRAINED_ROWS, str(rows))
+            return False
+        if rows < params.ann_retrain_growth * int(trained):
+            return False
+    _train_ann_index(tbl, params, rows)
+    return True
+
+
+def ann_recall(tbl: lancedb.table.Table, params: IndexParams, k: int = 10) -> float | None:
+    """Recall@k of the search path against exact cosine search, for `recall_probes` stored vectors
+    spread over the table; None when the table has no ANN index (its search is exact).
+
+    Exact neighbours come from one streamed pass over the vectors (numpy, bounded memory), so the
+    check costs seconds at a million rows, not one full scan per probe.
+    """
+    if not list(tbl.list_indices()):
+        return None
+    rows = tbl.count_rows()
+    count = min(params.recall_probes, rows)
+    picks = np.array(sorted({i * rows // count for i in range(count)}))
+    queries = np.concatenate([_unit(b.column(VECTOR))[_inside(picks, b.num_rows, o)] for b, o in _batches(tbl)])
+    best = np.full((len(queries), k), -np.inf, dtype=np.float32)  # cosine similarity of the top k so far
+    best_ids = np.full((len(queries), k), "", dtype=object)
+    for batch, _ in _batches(tbl):
+        batch_ids = np.asarray(batch.column("id").to_pylist(), dtype=object)
+        sims = np.concatenate([best, queries @ _unit(batch.column(VECTOR)).T], axis=1)
+        ids = np.concatenate([best_ids, np.broadcast_to(batch_ids, (len(queries), len(batch_ids)))], axis=1)
+        keep = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        best, best_ids = np.take_along_axis(sims, keep, axis=1), np.take_along_axis(ids, keep, axis=1)
+    found = search_table(tbl, queries, k, params)
+    return float(np.mean([len({h["id"] for h in hits} & set(truth)) / k for hits, truth in zip(found, best_ids)]))
+
+
+def _batches(tbl: lancedb.table.Table) -> Iterable[tuple[pa.RecordBatch, int]]:
+    """The table's ids and vectors in storage order, a batch at a time, with each batch's first row number."""
+    offset = 0
+    for batch in tbl.search().select(["id", VECTOR]).limit(None).to_batches(65536):
+        yield batch, offset
+        offset += batch.num_rows
+
+
+def _inside(picks: np.ndarray, rows: int, offset: int) -> np.ndarray:
+    return picks[(picks >= offset) & (picks < offset + rows)] - offset
+
+
+def _unit(column: pa.Array) -> np.ndarray:
+    vectors = np.asarray(column.flatten(), dtype=np.float32).reshape(len(column), -1)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def validate_table(
@@ -209,6 +289,8 @@ def validate_table(
         missing_classes=tuple(sorted({r.cls for r in records} - classes)),
         probes=len(probes),
         probes_found=sum(finds_itself(r.id, h) for r, h in zip(probes, hits)),
+        ann_recall=ann_recall(tbl, params) if rows else None,
+        min_recall=params.ann_min_recall,
     )
 
 
@@ -299,6 +381,7 @@ def build_table(
         probes=validation.probes,
         probes_found=validation.probes_found,
         ann_index=ann,
+        ann_recall=validation.ann_recall,
         caught_up=len(caught_up),
         removed=removed,
         reused=False,
@@ -336,6 +419,7 @@ def _reuse(
         probes=validation.probes,
         probes_found=validation.probes_found,
         ann_index=params.ann_type if indices else None,
+        ann_recall=validation.ann_recall,
         caught_up=len(missing),
         removed=(),
         reused=True,

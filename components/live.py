@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
+import torch
 from PIL import Image
 
 from components.config import IndexParams, RegistryParams, Workspace
@@ -43,13 +44,18 @@ class LivePair:
     model: Embedder
     table: TableReader
     since: datetime  # when this reader switched to the pair (UTC)
+    channels_last: bool = False  # the model was moved to NHWC; inputs follow
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return embed_images(self.model, images)
+        return embed_images(self.model, images, channels_last=self.channels_last)
 
     def query(self, images: Sequence[Image.Image], k: int) -> list[list[Hit]]:
         """The k nearest stored images for each RGB image, by this pair's model in this pair's table."""
         return self.table.search(self.embed(images), k)
+
+    async def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """This pair's table searched for every vector at once, awaitable from any event loop."""
+        return await self.table.search_async(vectors, k)
 
     def rows(self) -> int:
         return self.table.count_rows()
@@ -63,10 +69,19 @@ class LiveIndex:
     challenger's model ahead of its promotion.
     """
 
-    def __init__(self, ws: Workspace, registry: RegistryParams, index: IndexParams, *, refresh_seconds: float) -> None:
+    def __init__(
+        self,
+        ws: Workspace,
+        registry: RegistryParams,
+        index: IndexParams,
+        *,
+        refresh_seconds: float,
+        channels_last: bool = False,
+    ) -> None:
         self.ws = ws
         self.index = index
         self.refresh_seconds = refresh_seconds
+        self.channels_last = channels_last
         self._registry = ModelRegistry(ws, registry)
         self._loop: AsyncLoop | None = None
         self._pair: LivePair | None = None
@@ -117,6 +132,7 @@ class LiveIndex:
                 model=self._model(champion.version),
                 table=table,
                 since=datetime.now(UTC),
+                channels_last=self.channels_last,
             )
             self._pair = pair  # the swap: one assignment; in-flight readers keep the pair they hold
             log.info("live pair: v%s with table %s", pair.version, pair.table_name)
@@ -126,7 +142,10 @@ class LiveIndex:
         if version in self._models:
             self._models.move_to_end(version)
         else:
-            self._models[version] = self._registry.load_embedder(version).eval()
+            model = self._registry.load_embedder(version).eval()
+            if self.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            self._models[version] = model
             while len(self._models) > self.index.keep_tables:  # rollback targets, no more
                 self._models.popitem(last=False)
         return self._models[version]

@@ -19,7 +19,15 @@ from mlflow.exceptions import MlflowException
 from components.config import IndexParams, RegistryParams, Workspace
 from components.data.class_registry import ClassRegistry, ImageRecord
 from components.data.inbox import inbox_lock
-from components.index import IndexBuild, IndexBuildError, append_missing, build_table, check_writable, drop_old_versions
+from components.index import (
+    IndexBuild,
+    IndexBuildError,
+    append_missing,
+    build_table,
+    check_writable,
+    drop_old_versions,
+    retune_ann_index,
+)
 from components.modeling.embedder import Embedder
 from components.promotion_log import MoveKind, PromotionEntry, previous_champion
 from components.registry import (
@@ -265,6 +273,7 @@ class Promoter:
         missing = [r for r in ClassRegistry.load(self.ws.class_registry).records() if r.id not in known]
         if missing:
             append_missing(tbl, self.ws, self.registry.load_embedder(version), missing, self.index)
+            retune_ann_index(tbl, self.index)  # the index follows the table's size (params.yaml: ann_*)
             # Folds the new rows into the ANN index and compacts; readers mid-query keep their version's files.
             drop_old_versions(tbl, timedelta(seconds=self.index.old_versions_seconds))
         return len(missing)

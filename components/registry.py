@@ -37,6 +37,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"  # alias of the newest registered candidate, promoted or not
 TABLE_TAG = "index_table"  # set once the version's table is built and validated
 INDEX_VALIDATED_TAG = "index_validated"  # "true" | "false": the table build's own validation
+ANN_RECALL_TAG = "index_ann_recall"  # the table's ANN recall@10 against exact search (absent: exact search)
 SMOKE_TAG = "index_smoke_test"  # "passed" | "failed": the logged model finds its probes in its table
 SMOKE_DETAIL_TAG = "index_smoke_test_detail"
 ARRIVALS_TAG = "arrivals"
@@ -271,10 +272,14 @@ class ModelRegistry:
         ]
         return self._info(max(versions, key=lambda mv: int(mv.version))) if versions else None
 
-    def record_index(self, version: str, table: str, *, validated: bool = True) -> None:
-        """Record the version's table once built, and whether it passed the build's validation."""
+    def record_index(
+        self, version: str, table: str, *, validated: bool = True, ann_recall: float | None = None
+    ) -> None:
+        """Record the version's table once built, whether it passed the build's validation, and its ANN recall."""
         self.set_tag(version, TABLE_TAG, table)
         self.set_tag(version, INDEX_VALIDATED_TAG, str(validated).lower())
+        if ann_recall is not None:
+            self.set_tag(version, ANN_RECALL_TAG, f"{ann_recall:.4f}")
 
     def record_smoke_test(self, version: str, passed: bool, detail: str) -> None:
         """Record the index smoke test: a failed one bars the version from `champion`, --force or not."""

@@ -35,10 +35,12 @@ SELF_MATCH_TOLERANCE = 1e-4
 
 
 def _tuned(query: QueryT, k: int, params: IndexParams | None) -> QueryT:
-    """Cosine distance, params' nprobes and refine_factor (used only when an ANN index exists), k rows."""
+    """Cosine distance, params' nprobes, ef and refine_factor (used only when an ANN index exists), k rows."""
     query = query.distance_type("cosine")
     if params is not None:
         query = query.nprobes(params.ann_nprobes)
+        if params.ann_type == "IVF_HNSW_SQ":
+            query = query.ef(params.ann_ef)
         if params.ann_refine_factor:
             query = query.refine_factor(params.ann_refine_factor)
     return query.limit(k).select([*COLUMNS, "_distance"])
@@ -78,6 +80,10 @@ class AsyncLoop:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
+    async def run_async(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await `coro` on this loop from another running loop (the service's) without blocking it."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
 
@@ -115,14 +121,19 @@ class TableReader:
 
         return cls(name=name, table=loop.run(opened()), loop=loop, params=params)
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        async def searched() -> list[list[Hit]]:
-            return [
-                _hits((await _tuned(self.table.vector_search(v), k, self.params).to_arrow()).to_pylist())
-                for v in np.asarray(vectors, dtype=np.float32)
-            ]
+    async def _searched(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Every vector's search in flight at once (LanceDB runs them on its own threads), answers in order."""
 
-        return self.loop.run(searched())
+        async def one(vector: np.ndarray) -> list[Hit]:
+            return _hits((await _tuned(self.table.vector_search(vector), k, self.params).to_arrow()).to_pylist())
+
+        return list(await asyncio.gather(*(one(v) for v in np.asarray(vectors, dtype=np.float32))))
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        return self.loop.run(self._searched(vectors, k))
+
+    async def search_async(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        return await self.loop.run_async(self._searched(vectors, k))
 
     def count_rows(self) -> int:
         return self.loop.run(self.table.count_rows())

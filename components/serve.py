@@ -12,6 +12,7 @@ from the one pair the request took. Bad uploads get a 4xx that says why; the lim
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at
 # runtime, and they close over create_app's limits.
+import asyncio
 import io
 import json
 import logging
@@ -24,6 +25,7 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 
+from components.batching import ForwardBatcher
 from components.config import IngestParams, ServeParams
 from components.data.validation import decode_image
 from components.live import LiveIndex, LivePair, NoChampionError
@@ -175,9 +177,14 @@ def create_app(
         try:
             yield
         finally:
+            await batcher.close()
             live.stop()
 
+    batcher: ForwardBatcher[LivePair] = ForwardBatcher(
+        LivePair.embed, wait_ms=serve.batch_wait_ms, max_batch=serve.max_batch
+    )
     app = FastAPI(title="mnemo query service", lifespan=lifespan)
+    app.state.batcher = batcher
     app.add_middleware(BodyLimit, limit=serve.max_upload_bytes)
 
     def current() -> LivePair:
@@ -187,14 +194,18 @@ def create_app(
             raise HTTPException(503, str(exc)) from None
 
     @app.post("/query", responses=_errors(400, 413, 503))
-    def query(
+    async def query(
         image: Annotated[list[UploadFile], File(min_length=1, description="one or more image files")],
         k: Annotated[int, Form(ge=1, le=serve.max_k, description="neighbours per image")] = 5,
     ) -> JSONResponse:
-        """Nearest stored images for each uploaded image, from one (model, table) pair."""
+        """Nearest stored images for each uploaded image, from one (model, table) pair.
+
+        Decoding and the forward run off the event loop; the forward is shared with concurrent
+        requests (serve.batch_wait_ms, serve.max_batch), and all of a request's searches run at once.
+        """
         if len(image) > serve.max_images:
             raise HTTPException(413, f"{len(image)} images in one request, over the limit of {serve.max_images}")
-        uploads = [(upload.filename or f"image {i}", upload.file.read()) for i, upload in enumerate(image)]
+        uploads = [(upload.filename or f"image {i}", await upload.read()) for i, upload in enumerate(image)]
         total = sum(_pixels(data, name, limits) for name, data in uploads)  # headers only: nothing decoded yet
         if total > serve.max_request_pixels:
             raise HTTPException(
@@ -202,11 +213,13 @@ def create_app(
                 f"{total} pixels in one request, over the {serve.max_request_pixels}-pixel budget "
                 "(serve.max_request_pixels); send fewer or smaller images",
             )
-        decoded = [_decode(data, name, limits) for name, data in uploads]
-        pair = current()  # taken once: this request's model and table come from this one version
-        return _answer(
-            pair, {"model_version": pair.version, "table": pair.table_name, "results": pair.query(decoded, k)}
-        )
+        decoded = await asyncio.to_thread(lambda: [_decode(data, name, limits) for name, data in uploads])
+        # Taken once: this request's model and table come from this one version.
+        pair = live.pair
+        if pair is None:  # before the first champion: resolving it calls the registry
+            pair = await asyncio.to_thread(current)
+        results = await pair.search(await batcher.embed(pair, decoded), k)
+        return _answer(pair, {"model_version": pair.version, "table": pair.table_name, "results": results})
 
     @app.get("/health", responses=_errors(503))
     def health() -> JSONResponse:

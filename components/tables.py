@@ -19,6 +19,7 @@ COLUMNS = ["id", "class", "arrival", "split"]  # split: the image's role, train 
 VECTOR = "vector"
 VALIDATED = "mnemo:validated"  # vector-field metadata: when the table passed validation (UTC)
 MODEL_VERSION = "mnemo:model_version"  # vector-field metadata: the version whose model wrote the rows
+ANN_TRAINED_ROWS = "mnemo:ann_trained_rows"  # vector-field metadata: rows when the ANN index was last trained
 
 
 def table_name(prefix: str, version: str | int) -> str:
@@ -65,6 +66,16 @@ def written_by(tbl: lancedb.table.Table) -> str | None:
 def schema_written_by(schema: pa.Schema) -> str | None:
     value = (schema.field(VECTOR).metadata or {}).get(MODEL_VERSION.encode())
     return value.decode() if value is not None else None
+
+
+def vector_metadata(tbl: lancedb.table.Table, key: str) -> str | None:
+    value = (tbl.schema.field(VECTOR).metadata or {}).get(key.encode())
+    return value.decode() if value is not None else None
+
+
+def set_vector_metadata(tbl: lancedb.table.Table, key: str, value: str) -> None:
+    """Merged into the vector field's metadata (the other marks stay)."""
+    tbl.update_field_metadata({"path": VECTOR, "metadata": {key: value}})
 
 
 def list_tables(db: lancedb.DBConnection) -> list[str]:

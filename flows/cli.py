@@ -22,6 +22,8 @@ from rich.table import Table
 from components.config import ConfigError, Params, Workspace, load_params, redact, resolve_workspace
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from components.promotion import ChampionMove, HotAdd
 
 # No locals in tracebacks: they would print the workspace's URIs, credentials and all.
@@ -421,6 +423,9 @@ def query(
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to listen on (default: params serve.host).")] = None,
     port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default: params serve.port).")] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Worker processes; each loads the model and resolves the alias on its own.")
+    ] = 1,
     workspace: WorkspaceOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
@@ -428,11 +433,27 @@ def serve(
     p, ws = _setup(params, workspace)
     import uvicorn
 
+    # The worker processes build their app from these (service_app); one worker builds it here.
+    os.environ[SERVE_PARAMS_ENV] = str(params.resolve())
+    os.environ["MNEMO_WORKSPACE"] = str(ws.root)
+    uvicorn.run(
+        "flows.cli:service_app", factory=True, host=host or p.serve.host, port=port or p.serve.port, workers=workers
+    )
+
+
+SERVE_PARAMS_ENV = "MNEMO_SERVE_PARAMS"
+
+
+def service_app() -> FastAPI:
+    """The query service of one `mnemo serve` worker, from the params file and workspace serve() chose."""
     from components.live import LiveIndex
     from components.serve import create_app
 
-    live = LiveIndex(ws, p.registry, p.index, refresh_seconds=p.serve.refresh_seconds)
-    uvicorn.run(create_app(live, p.serve, p.ingest), host=host or p.serve.host, port=port or p.serve.port)
+    p, ws = _setup(Path(os.environ[SERVE_PARAMS_ENV]), None)
+    live = LiveIndex(
+        ws, p.registry, p.index, refresh_seconds=p.serve.refresh_seconds, channels_last=p.serve.channels_last
+    )
+    return create_app(live, p.serve, p.ingest)
 
 
 @app.command()

@@ -133,12 +133,12 @@ def index_new_images(ws: Workspace, params: Params) -> HotAdd:
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def smoke_test(ws: Workspace, params: Params, version: str, table: str, decision: GateDecision) -> GateDecision:
+def smoke_test(ws: Workspace, params: Params, version: str, built: IndexBuild, decision: GateDecision) -> GateDecision:
     """Record the new table, then query it with the model loaded back as users load it (models:/<name>/<version>)."""
     registry = ModelRegistry(ws, params.registry)
-    registry.record_index(version, table)
+    registry.record_index(version, built.table, ann_recall=built.ann_recall)
     result = index_smoke_test(
-        ws, table, registry.load_pyfunc(version), ClassRegistry.load(ws.class_registry).records(), params.index
+        ws, built.table, registry.load_pyfunc(version), ClassRegistry.load(ws.class_registry).records(), params.index
     )
     registry.record_smoke_test(version, result.passed, result.detail)
     return decision.with_check(result.passed, f"index smoke test: {result.detail}")
@@ -205,7 +205,7 @@ def _retrain(params: Params, ws: Workspace) -> RetrainSummary:
     built = None
     if decision.promote:  # register -> build index -> smoke test -> promote; a failed step promotes nothing
         built = build_index(ws, params, candidate.version, result.model)
-        decision = smoke_test(ws, params, candidate.version, built.table, decision)
+        decision = smoke_test(ws, params, candidate.version, built, decision)
     publish_gate(ws, params, candidate.version, champion, assessment, decision)
     if decision.promote and built is not None:
         promote(ws, params, candidate.version, built.table)  # catches the table up, then moves the alias

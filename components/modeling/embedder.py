@@ -186,14 +186,20 @@ def embed_images(
     batch_size: int = 256,
     device: torch.device | None = None,
     on_batch: Callable[[int], None] | None = None,
+    channels_last: bool = False,
 ) -> np.ndarray:
-    """N x D float32 L2-normalised embeddings of RGB PIL images, in order."""
+    """N x D float32 L2-normalised embeddings of RGB PIL images, in order.
+
+    channels_last: NHWC inputs, for a model already moved to that memory format (the service's option).
+    """
     device = device or next(model.parameters()).device
     model.eval()
     transform = eval_transform(model.image_size, model.mean, model.std)
     chunks: list[np.ndarray] = []
     for batch in _batches(images, batch_size):
         x = torch.stack([transform(img) for img in batch]).to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             chunks.append(model(x).float().cpu().numpy())
         if on_batch is not None:

@@ -12,13 +12,31 @@ from typer.testing import CliRunner
 
 from components.config import with_overrides
 from components.data.class_registry import ClassRegistry, ImageRecord
-from components.index import IndexValidationError, build_table, cleanup_tables, ensure_ann_index, validate_table
+from components.index import (
+    IndexValidation,
+    IndexValidationError,
+    ann_recall,
+    build_table,
+    cleanup_tables,
+    ensure_ann_index,
+    retune_ann_index,
+    validate_table,
+)
 from components.live import LiveIndex, LivePairMismatch
 from components.modeling.embedder import Embedder, build_embedder
 from components.promotion import Promoter
 from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
 from components.search import search_table
-from components.tables import connect, is_validated, list_tables, table_name, table_schema, written_by
+from components.tables import (
+    ANN_TRAINED_ROWS,
+    connect,
+    is_validated,
+    list_tables,
+    table_name,
+    table_schema,
+    vector_metadata,
+    written_by,
+)
 from flows.cli import app
 from tests.integration.live_workspace import write_arrival
 
@@ -106,43 +124,95 @@ def clustered(n: int, dim: int, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("ann_type", ["IVF_PQ", "IVF_HNSW_SQ"])
-def test_ann_index_from_the_row_threshold_keeps_recall(ws, params, ann_type):
-    index = with_overrides(
-        params,
-        {
-            "index.ann_min_rows": 2000,
-            "index.ann_type": ann_type,
-            "index.ann_partitions": 4,
-            "index.ann_sub_vectors": 4,
-            "index.ann_nprobes": 4,
-        },
-    ).index
-    vectors = clustered(2000, 16, seed=0)
-    schema = table_schema(16)
-    ids = [f"i{i}" for i in range(len(vectors))]
-    rows = pa.table(
+def vector_rows(vectors: np.ndarray, offset: int = 0) -> pa.Table:
+    dim = vectors.shape[1]
+    ids = [f"i{i}" for i in range(offset, offset + len(vectors))]
+    return pa.table(
         {
             "id": ids,
             "class": ids,
             "arrival": ids,
             "split": ids,
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 16),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
         },
-        schema=schema,
+        schema=table_schema(dim),
     )
-    tbl = connect(ws).create_table("t", rows.slice(0, 1999), schema=schema)
-    assert ensure_ann_index(tbl, index) is None  # one row short: exact search
-    tbl.add(rows.slice(1999))
-    assert ensure_ann_index(tbl, index) == ann_type and list(tbl.list_indices())
 
-    queries = clustered(20, 16, seed=1)
+
+def exact_recall(tbl, index, queries: np.ndarray, vectors: np.ndarray) -> float:
     exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
     found = search_table(tbl, queries, 10, index)
-    recall = np.mean(
-        [len({h["id"] for h in hits} & {f"i{j}" for j in truth}) / 10 for hits, truth in zip(found, exact)]
+    return float(
+        np.mean([len({h["id"] for h in hits} & {f"i{j}" for j in truth}) / 10 for hits, truth in zip(found, exact)])
     )
-    assert recall >= 0.9
+
+
+ANN = {"index.ann_min_rows": 2000, "index.ann_partitions": 4, "index.ann_sub_vectors": 4, "index.ann_nprobes": 4}
+
+
+@pytest.mark.parametrize("ann_type", ["IVF_PQ", "IVF_HNSW_SQ"])
+def test_ann_index_from_the_row_threshold_keeps_recall(ws, params, ann_type):
+    refine = 10 if ann_type == "IVF_PQ" else None  # PQ codes re-ranked exactly, as params.yaml says for IVF_PQ
+    index = with_overrides(
+        params, ANN | {"index.ann_type": ann_type, "index.recall_probes": 50, "index.ann_refine_factor": refine}
+    ).index
+    vectors = clustered(2000, 16, seed=0)
+    rows = vector_rows(vectors)
+    tbl = connect(ws).create_table("t", rows.slice(0, 1999), schema=rows.schema)
+    assert ensure_ann_index(tbl, index) is None  # one row short: exact search
+    assert ann_recall(tbl, index) is None  # nothing approximate to measure
+    tbl.add(rows.slice(1999))
+    assert ensure_ann_index(tbl, index) == ann_type and list(tbl.list_indices())
+    assert vector_metadata(tbl, ANN_TRAINED_ROWS) == "2000"
+
+    assert exact_recall(tbl, index, clustered(20, 16, seed=1), vectors) >= 0.9
+    # The build's own check, on stored vectors, agrees with brute force on the same probes.
+    probes = vectors[[i * 2000 // 50 for i in range(50)]]
+    probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+    assert ann_recall(tbl, index) == pytest.approx(exact_recall(tbl, index, probes, vectors))
+
+
+def test_an_index_under_its_recall_floor_fails_validation(ws, params):
+    """An index tuned too coarsely (one of 16 partitions searched, 2 PQ codes, no refine) answers
+    fast and wrong: the build's recall check measures it, and validation refuses the table."""
+    coarse = with_overrides(
+        params,
+        {
+            "index.ann_min_rows": 256,
+            "index.ann_type": "IVF_PQ",
+            "index.ann_partitions": 16,
+            "index.ann_sub_vectors": 2,
+            "index.ann_nprobes": 1,
+            "index.ann_refine_factor": None,
+            "index.ann_min_recall": 0.99,
+        },
+    ).index
+    vectors = clustered(3000, 32, seed=3)
+    tbl = connect(ws).create_table("coarse", vector_rows(vectors), schema=table_schema(32))
+    assert ensure_ann_index(tbl, coarse) == "IVF_PQ"
+    recall = ann_recall(tbl, coarse)
+    assert recall is not None and recall < 0.9
+
+    validation = IndexValidation("coarse", 3000, 3000, 3000, (), 1, 1, ann_recall=recall, min_recall=0.99)
+    assert not validation.ok and validation.problems == [
+        f"ANN recall@10 {recall:.3f} against exact search, under the floor 0.99 "
+        "(index.ann_min_recall: raise ann_ef or ann_nprobes)"
+    ]
+
+
+def test_hot_adds_train_the_index_past_the_threshold_and_retrain_it_as_the_table_grows(ws, params):
+    index = with_overrides(params, ANN | {"index.ann_type": "IVF_HNSW_SQ", "index.ann_retrain_growth": 2.0}).index
+    vectors = clustered(5000, 16, seed=4)
+    tbl = connect(ws).create_table("grow", vector_rows(vectors[:1500]), schema=table_schema(16))
+    assert not retune_ann_index(tbl, index) and not list(tbl.list_indices())  # small: exact search
+
+    tbl.add(vector_rows(vectors[1500:2500], offset=1500))  # crossed ann_min_rows: trained now
+    assert retune_ann_index(tbl, index) and vector_metadata(tbl, ANN_TRAINED_ROWS) == "2500"
+    tbl.add(vector_rows(vectors[2500:4000], offset=2500))  # 1.6x: optimize folds these in, no retrain
+    assert not retune_ann_index(tbl, index) and vector_metadata(tbl, ANN_TRAINED_ROWS) == "2500"
+    tbl.add(vector_rows(vectors[4000:], offset=4000))  # 2x the trained rows: retrained for the new size
+    assert retune_ann_index(tbl, index) and vector_metadata(tbl, ANN_TRAINED_ROWS) == "5000"
+    assert exact_recall(tbl, index, clustered(20, 16, seed=5), vectors) >= 0.9
 
 
 def test_hot_add_makes_a_new_class_queryable_at_once(live_ws, params, params_file):

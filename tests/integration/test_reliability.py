@@ -170,3 +170,59 @@ def test_a_read_only_lancedb_directory_fails_the_reindex_before_the_alias_moves(
     assert ModelRegistry(live_ws, params.registry).champion().version == "1"
     assert "embeddings_v2" not in list_tables(connect(live_ws))
     answers_with_v1(live_ws, params)
+
+
+def test_serve_with_two_workers_answers_from_each_and_both_follow_a_promotion(live_ws, params, tmp_path):
+    """`mnemo serve --workers 2`: two processes, each resolving the alias on its own; after a
+    promotion every answer, whichever worker gives it, comes from the new pair."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    params_file = write_params(with_overrides(params, {"serve.refresh_seconds": 0.1}), tmp_path / "params.yaml")
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MNEMO_", "MLFLOW_"))}
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--workers", "2", "--port", str(port)]
+    server = subprocess.Popen(
+        [*cmd, "--workspace", str(live_ws.root), "--params", str(params_file)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    image = (live_ws.classes_dir / ClassRegistry.load(live_ws.class_registry).records()[3].id).read_bytes()
+
+    def versions(n: int) -> set[str]:
+        seen = set()
+        for _ in range(n):
+            with httpx.Client(base_url=url, timeout=60) as client:  # a new connection: either worker may take it
+                r = client.post("/query", files=[("image", ("q.png", image, "image/png"))], data={"k": "1"})
+                assert r.status_code == 200, r.text
+                seen.add(r.json()["model_version"])
+        return seen
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "mnemo serve --workers 2 never became healthy"
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        assert versions(6) == {"1"}
+        Promoter(live_ws, params.registry, params.index).promote("2", reason="two workers")
+        deadline = time.monotonic() + 60  # each worker's refresher (0.1 s) loads v2 on its own
+        while versions(10) != {"2"}:
+            assert time.monotonic() < deadline, "a worker kept answering with v1 after the promotion"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    started = {
+        line.split("[")[1].split("]")[0] for line in log.read_text().splitlines() if "Started server process" in line
+    }
+    assert len(started) == 2, log.read_text()[-3000:]
