@@ -13,7 +13,7 @@ CJK_FONTS := fonts-ipafont fonts-morisawa-bizud-gothic fonts-morisawa-bizud-minc
   fonts-reggae fonts-motoya-l-cedar fonts-motoya-l-maruberi fonts-vlgothic fonts-wqy-zenhei \
   fonts-sawarabi-mincho fonts-umeplus fonts-mplus
 
-.PHONY: setup fonts demo test lint test-e2e bench repro clean
+.PHONY: setup fonts demo test lint test-e2e bench bench-query repro clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,11 @@ test-e2e: setup
 # present), `make bench QUICK=1` the quick one (under 15 minutes on 2 CPU cores). Results go to bench/results/.
 bench: setup
 	$(BIN)/python bench/continual.py $(if $(QUICK),--quick)
+
+# The query benchmark (bench/query.py) with its peer libraries (faiss, hnswlib).
+bench-query: setup
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
+	$(BIN)/python bench/query.py --previous-default
 
 # The same pipeline as DVC stages (dvc.yaml), with this environment's python on PATH.
 repro: setup

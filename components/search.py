@@ -122,12 +122,18 @@ class TableReader:
         return cls(name=name, table=loop.run(opened()), loop=loop, params=params)
 
     async def _searched(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        """Every vector's search in flight at once (LanceDB runs them on its own threads), answers in order."""
-
-        async def one(vector: np.ndarray) -> list[Hit]:
-            return _hits((await _tuned(self.table.vector_search(vector), k, self.params).to_arrow()).to_pylist())
-
-        return list(await asyncio.gather(*(one(v) for v in np.asarray(vectors, dtype=np.float32))))
+        """All vectors in one LanceDB query (a multi-vector search: one plan, not one per vector)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if len(vectors) <= 1:
+            return [
+                _hits((await _tuned(self.table.vector_search(v), k, self.params).to_arrow()).to_pylist())
+                for v in vectors
+            ]
+        rows = (await _tuned(self.table.vector_search(list(vectors)), k, self.params).to_arrow()).to_pylist()
+        per_query: list[list[dict[str, Any]]] = [[] for _ in vectors]
+        for row in rows:  # tagged with the position of the vector it answers
+            per_query[row["query_index"]].append(row)
+        return [_hits(sorted(found, key=lambda r: r["_distance"])) for found in per_query]
 
     def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         return self.loop.run(self._searched(vectors, k))

@@ -25,7 +25,7 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 
-from components.batching import ForwardBatcher
+from components.batching import QueryBatcher
 from components.config import IngestParams, ServeParams
 from components.data.validation import decode_image
 from components.live import LiveIndex, LivePair, NoChampionError
@@ -180,8 +180,8 @@ def create_app(
             await batcher.close()
             live.stop()
 
-    batcher: ForwardBatcher[LivePair] = ForwardBatcher(
-        LivePair.embed, wait_ms=serve.batch_wait_ms, max_batch=serve.max_batch
+    batcher: QueryBatcher[LivePair] = QueryBatcher(
+        LivePair.embed, LivePair.search, wait_ms=serve.batch_wait_ms, max_batch=serve.max_batch
     )
     app = FastAPI(title="mnemo query service", lifespan=lifespan)
     app.state.batcher = batcher
@@ -193,16 +193,8 @@ def create_app(
         except NoChampionError as exc:
             raise HTTPException(503, str(exc)) from None
 
-    @app.post("/query", responses=_errors(400, 413, 503))
-    async def query(
-        image: Annotated[list[UploadFile], File(min_length=1, description="one or more image files")],
-        k: Annotated[int, Form(ge=1, le=serve.max_k, description="neighbours per image")] = 5,
-    ) -> JSONResponse:
-        """Nearest stored images for each uploaded image, from one (model, table) pair.
-
-        Decoding and the forward run off the event loop; the forward is shared with concurrent
-        requests (serve.batch_wait_ms, serve.max_batch), and all of a request's searches run at once.
-        """
+    async def _read_and_decode(image: list[UploadFile]) -> list[Image.Image]:
+        """The uploads as RGB images, checked against every limit before any pixel is decoded."""
         if len(image) > serve.max_images:
             raise HTTPException(413, f"{len(image)} images in one request, over the limit of {serve.max_images}")
         uploads = [(upload.filename or f"image {i}", await upload.read()) for i, upload in enumerate(image)]
@@ -213,12 +205,25 @@ def create_app(
                 f"{total} pixels in one request, over the {serve.max_request_pixels}-pixel budget "
                 "(serve.max_request_pixels); send fewer or smaller images",
             )
-        decoded = await asyncio.to_thread(lambda: [_decode(data, name, limits) for name, data in uploads])
-        # Taken once: this request's model and table come from this one version.
-        pair = live.pair
-        if pair is None:  # before the first champion: resolving it calls the registry
-            pair = await asyncio.to_thread(current)
-        results = await pair.search(await batcher.embed(pair, decoded), k)
+        return await asyncio.to_thread(lambda: [_decode(data, name, limits) for name, data in uploads])
+
+    @app.post("/query", responses=_errors(400, 413, 503))
+    async def query(
+        image: Annotated[list[UploadFile], File(min_length=1, description="one or more image files")],
+        k: Annotated[int, Form(ge=1, le=serve.max_k, description="neighbours per image")] = 5,
+    ) -> JSONResponse:
+        """Nearest stored images for each uploaded image, from one (model, table) pair.
+
+        Decoding and the forward run off the event loop; the forward and the search are shared
+        with concurrent requests (serve.batch_wait_ms, serve.max_batch).
+        """
+        with batcher.coming():  # concurrent requests' batch may wait (batch_wait_ms) for this one
+            decoded = await _read_and_decode(image)
+            # Taken once: this request's model and table come from this one version.
+            pair = live.pair
+            if pair is None:  # before the first champion: resolving it calls the registry
+                pair = await asyncio.to_thread(current)
+        results = await batcher.query(pair, decoded, k)
         return _answer(pair, {"model_version": pair.version, "table": pair.table_name, "results": results})
 
     @app.get("/health", responses=_errors(503))

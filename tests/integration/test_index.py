@@ -26,7 +26,7 @@ from components.live import LiveIndex, LivePairMismatch
 from components.modeling.embedder import Embedder, build_embedder
 from components.promotion import Promoter
 from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
-from components.search import search_table
+from components.search import AsyncLoop, TableReader, search_table
 from components.tables import (
     ANN_TRAINED_ROWS,
     connect,
@@ -240,3 +240,23 @@ def test_a_champion_pointing_at_another_versions_table_is_refused(live_ws, param
     live = LiveIndex(live_ws, params.registry, params.index, refresh_seconds=60)
     with pytest.raises(LivePairMismatch, match="written by model version 1"):
         live.refresh()
+
+
+@pytest.mark.parametrize("ann", [False, True])
+def test_the_service_searches_many_vectors_in_one_query_with_the_same_answers_as_one_by_one(ws, params, ann):
+    index = with_overrides(params, ANN | {"index.ann_type": "IVF_HNSW_SQ"}).index
+    vectors = clustered(2000, 16, seed=6)
+    tbl = connect(ws).create_table("many", vector_rows(vectors), schema=table_schema(16))
+    if ann:
+        ensure_ann_index(tbl, index)
+    queries = clustered(7, 16, seed=7)
+    loop = AsyncLoop()
+    try:
+        together = TableReader.open(ws, "many", loop, index).search(queries, 5)
+    finally:
+        loop.close()
+    one_by_one = search_table(tbl, queries, 5, index)
+    assert [[h["id"] for h in hits] for hits in together] == [[h["id"] for h in hits] for hits in one_by_one]
+    assert np.allclose(
+        [[h["distance"] for h in hits] for hits in together], [[h["distance"] for h in hits] for hits in one_by_one]
+    )

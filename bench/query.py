@@ -1,0 +1,642 @@
+"""Query benchmark: the search at a million vectors and the HTTP path, side by side in one run.
+
+Search (per vector set, one table of `--rows` 128-d unit vectors, 500 single queries):
+- engines, alternated query by query so load hits them alike: raw LanceDB (async API, the
+  settings mnemo ships), mnemo's read path (`TableReader`, as the service calls it), and as
+  bench-only peers faiss `IndexHNSWFlat` and hnswlib on the same vectors; with
+  `--previous-default`, also LanceDB's IVF_PQ as mnemo shipped it before (nprobes 40, refine 10);
+- recall@10 against exact cosine neighbours (numpy), build seconds, index bytes and the
+  process's resident memory growth while building;
+- hot adds: 1% more rows appended (searched exactly beside the index until optimize folds them
+  in), queried before and after `optimize`, recall against the grown table's exact neighbours.
+Vector sets: `synthetic` (one centre per 100 rows, cosine to the centre ~0.74, as bench/index.py)
+and `calibrated` (drawn to match the intra- and inter-class cosine statistics and class sizes
+of a real champion's table: `--calibrate WORKSPACE`, e.g. the one `mnemo demo` made).
+
+HTTP (a small real workspace: 200 stored PNGs, a registered model, a validated table):
+- model forward of one image alone, search alone, and `POST /query` with one real PNG from one
+  client (p50/p99), and requests/s with 4 concurrent clients, through `mnemo serve` in its own
+  process: this code, this code with `serve.channels_last`, this code with `--workers 2`, and
+  with `--baseline REF` the service as it was at git REF (its own params.yaml), in the same run.
+
+    python bench/query.py --calibrate /tmp/demo-ws --baseline 516534b --previous-default
+
+Writes bench/results/<date>-query.json and a markdown table (.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from components.config import Params, load_params, resolve_workspace, with_overrides  # noqa: E402
+from components.index import build_table, ensure_ann_index  # noqa: E402
+from components.modeling.embedder import build_embedder, embed_images  # noqa: E402
+from components.registry import CHAMPION, TABLE_TAG, ModelRegistry  # noqa: E402
+from components.search import AsyncLoop, TableReader  # noqa: E402
+from components.tables import VECTOR, connect, open_table, table_schema  # noqa: E402
+
+DIM = 128
+K = 10
+TARGETS = {"p99_ms": 10.0, "recall_at_10": 0.97, "http_p50_over_parts": 1.2, "rps_4_clients_over_baseline": 2.0}
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(values: list[float], p: float) -> float:
+    return round(float(np.percentile(values, p)), 2)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+# --- vector sets ------------------------------------------------------------------------------
+
+
+def synthetic(n: int, seed: int, centres: np.ndarray) -> np.ndarray:
+    """bench/index.py's vectors: a random centre each, plus noise (cosine to the centre ~0.74)."""
+    rng = np.random.default_rng(seed)
+    return unit(
+        centres[rng.integers(0, len(centres), n)] + rng.standard_normal((n, DIM), np.float32) * (0.9 / DIM**0.5)
+    )
+
+
+def champion_statistics(root: Path, params: Params) -> dict:
+    """Mean cosine within a class and between classes, and the class sizes, of a champion's table."""
+    ws = resolve_workspace(params, root)
+    champion = ModelRegistry(ws, params.registry).champion()
+    if champion is None or not champion.table:
+        raise SystemExit(f"no champion with a table in {root}: run `mnemo demo` there first")
+    rows = open_table(connect(ws), ws, champion.table).search().select(["class", VECTOR]).limit(None).to_arrow()
+    vectors = unit(np.asarray(rows[VECTOR].combine_chunks().flatten(), np.float32).reshape(rows.num_rows, -1))
+    classes = np.asarray(rows["class"].to_pylist())
+    sims = vectors @ vectors.T
+    same = classes[:, None] == classes[None, :]
+    off_diagonal = ~np.eye(len(classes), dtype=bool)
+    _, sizes = np.unique(classes, return_counts=True)
+    return {
+        "workspace_version": champion.version,
+        "rows": int(rows.num_rows),
+        "dim": int(vectors.shape[1]),
+        "intra_class_cosine": round(float(sims[same & off_diagonal].mean()), 4),
+        "inter_class_cosine": round(float(sims[~same].mean()), 4),
+        "median_class_size": int(np.median(sizes)),
+    }
+
+
+def calibrated(n: int, seed: int, stats: dict, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors whose same-class cosine is about intra and other-class cosine about inter.
+
+    Centre c_j = a g + sqrt(1 - a^2) z_j (g one shared direction, z_j random unit vectors nearly
+    orthogonal in 128-d), member = b c_j + sqrt(1 - b^2) e: same-class cosine ~ b^2, other-class
+    ~ b^2 a^2, so b^2 = intra and a^2 = inter / intra.
+    """
+    rng = np.random.default_rng(seed)
+    b = np.sqrt(np.clip(stats["intra_class_cosine"], 0.01, 0.99))
+    labels = rng.integers(0, len(centres), n)
+    noise = unit(rng.standard_normal((n, DIM), np.float32))
+    return unit(b * centres[labels] + np.sqrt(1 - b**2) * noise), labels
+
+
+def calibrated_centres(classes: int, seed: int, stats: dict) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    a = np.sqrt(np.clip(stats["inter_class_cosine"] / stats["intra_class_cosine"], 0.0, 0.99))
+    shared = unit(rng.standard_normal((1, DIM), np.float32))
+    return unit(a * shared + np.sqrt(1 - a**2) * unit(rng.standard_normal((classes, DIM), np.float32)))
+
+
+def measured_cosines(vectors: np.ndarray, labels: np.ndarray, sample: int = 4000) -> dict:
+    pick = np.random.default_rng(0).choice(len(vectors), min(sample, len(vectors)), replace=False)
+    sims, same = vectors[pick] @ vectors[pick].T, labels[pick][:, None] == labels[pick][None, :]
+    return {
+        "intra_class_cosine": round(float(sims[same & ~np.eye(len(pick), dtype=bool)].mean()), 4),
+        "inter_class_cosine": round(float(sims[~same].mean()), 4),
+    }
+
+
+# --- search -----------------------------------------------------------------------------------
+
+
+def exact_top(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    out = []
+    for lo in range(0, len(queries), 100):
+        scores = queries[lo : lo + 100] @ vectors.T
+        out.append(np.argpartition(-scores, K, axis=1)[:, :K])
+    return np.concatenate(out)
+
+
+def recall(found: list[list[int]], truth: np.ndarray) -> float:
+    return round(float(np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, truth)])), 4)
+
+
+def rows_of(vectors: np.ndarray, offset: int) -> pa.Table:
+    ids = [str(i) for i in range(offset, offset + len(vectors))]
+    return pa.table(
+        {
+            "id": ids,
+            "class": ids,
+            "arrival": ["bench"] * len(ids),
+            "split": ["train"] * len(ids),
+            VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), DIM),
+        },
+        schema=table_schema(DIM),
+    )
+
+
+def lance_table(ws, name: str, vectors: np.ndarray, index_params) -> tuple[object, dict]:
+    db = connect(ws)
+    tbl = db.create_table(name, schema=table_schema(DIM))
+    for lo in range(0, len(vectors), 100_000):
+        tbl.add(rows_of(vectors[lo : lo + 100_000], lo))
+    before, start = rss_mb(), time.perf_counter()
+    ensure_ann_index(tbl, index_params.model_copy(update={"ann_min_rows": 256}))
+    stats = tbl.list_indices()[0]
+    return tbl, {
+        "build_seconds": round(time.perf_counter() - start, 1),
+        "index_mb": round(stats.size_bytes / 2**20, 1) if stats.size_bytes else None,
+        "build_rss_growth_mb": round(rss_mb() - before, 1),
+    }
+
+
+class Engine:
+    """One way to answer a query vector with the ids of its 10 nearest rows."""
+
+    def __init__(self, name: str, search, info: dict) -> None:
+        self.name, self.search, self.info = name, search, info
+        self.ms: list[float] = []
+        self.found: list[list[int]] = []
+
+
+def lancedb_engines(ws, name: str, index_params, loop: AsyncLoop, label: str) -> list[Engine]:
+    reader = TableReader.open(ws, name, loop, index_params)
+
+    async def opened():
+        import lancedb
+
+        return await (await lancedb.connect_async(ws.lancedb_uri)).open_table(name)
+
+    raw_table = loop.run(opened())
+
+    async def raw(vector: np.ndarray) -> list[int]:
+        q = raw_table.vector_search(vector).distance_type("cosine").nprobes(index_params.ann_nprobes)
+        if index_params.ann_type == "IVF_HNSW_SQ":
+            q = q.ef(index_params.ann_ef)
+        if index_params.ann_refine_factor:
+            q = q.refine_factor(index_params.ann_refine_factor)
+        return [int(i) for i in (await q.limit(K).select(["id"]).to_arrow())["id"].to_pylist()]
+
+    settings = {
+        "ann_type": index_params.ann_type,
+        "nprobes": index_params.ann_nprobes,
+        "ef": index_params.ann_ef if index_params.ann_type == "IVF_HNSW_SQ" else None,
+        "refine_factor": index_params.ann_refine_factor,
+    }
+    return [
+        Engine(f"raw LanceDB, {label}", lambda v: loop.run(raw(v)), settings),
+        Engine(
+            f"mnemo read path (TableReader), {label}",
+            lambda v: [int(h["id"]) for h in reader.search(v[None], K)[0]],
+            settings,
+        ),
+    ]
+
+
+def faiss_engine(vectors: np.ndarray) -> Engine:
+    import faiss
+
+    before, start = rss_mb(), time.perf_counter()
+    index = faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 80
+    index.add(vectors)
+    index.hnsw.efSearch = 128
+    info = {
+        "M": 32,
+        "efSearch": 128,
+        "build_seconds": round(time.perf_counter() - start, 1),
+        "build_rss_growth_mb": round(rss_mb() - before, 1),
+    }
+    return Engine("faiss IndexHNSWFlat (bench peer)", lambda v: index.search(v[None], K)[1][0].tolist(), info)
+
+
+def hnswlib_engine(vectors: np.ndarray) -> Engine:
+    import hnswlib
+
+    before, start = rss_mb(), time.perf_counter()
+    index = hnswlib.Index(space="ip", dim=DIM)
+    index.init_index(max_elements=len(vectors), M=16, ef_construction=100)
+    index.add_items(vectors, np.arange(len(vectors)))
+    index.set_ef(50)
+    info = {
+        "M": 16,
+        "ef": 50,
+        "build_seconds": round(time.perf_counter() - start, 1),
+        "build_rss_growth_mb": round(rss_mb() - before, 1),
+    }
+    return Engine("hnswlib (bench peer)", lambda v: index.knn_query(v[None], k=K)[0][0].tolist(), info)
+
+
+def run_alternating(engines: list[Engine], queries: np.ndarray) -> None:
+    for engine in engines:
+        for q in queries[:5]:  # warm caches the first queries would pay for
+            engine.search(q)
+        engine.ms, engine.found = [], []
+    for i, q in enumerate(queries):
+        for engine in engines[i % len(engines) :] + engines[: i % len(engines)]:
+            start = time.perf_counter()
+            found = engine.search(q)
+            engine.ms.append((time.perf_counter() - start) * 1000)
+            engine.found.append(found)
+
+
+def bench_vector_set(
+    label: str, vectors: np.ndarray, queries: np.ndarray, params: Params, tmp: Path, args, loop: AsyncLoop
+) -> dict:
+    ws = resolve_workspace(params, tmp / label)
+    truth = exact_top(vectors, queries)
+    tbl, built = lance_table(ws, "shipped", vectors, params.index)
+    engines = lancedb_engines(ws, "shipped", params.index, loop, f"{params.index.ann_type} as shipped")
+    builds = {"shipped": built}
+    if args.previous_default:
+        previous = params.index.model_copy(
+            update={"ann_type": "IVF_PQ", "ann_partitions": None, "ann_nprobes": 40, "ann_refine_factor": 10}
+        )
+        _, builds["previous"] = lance_table(ws, "previous", vectors, previous)
+        engines += lancedb_engines(ws, "previous", previous, loop, "IVF_PQ as shipped before")
+    if args.peers:
+        engines += [faiss_engine(vectors), hnswlib_engine(vectors)]
+    run_alternating(engines, queries)
+    table = [
+        {
+            "engine": e.name,
+            "p50_ms": pct(e.ms, 50),
+            "p99_ms": pct(e.ms, 99),
+            "recall_at_10": recall(e.found, truth),
+            **e.info,
+        }
+        for e in engines
+    ]
+    del engines
+
+    # Hot adds: 1% more rows, searched exactly beside the index until optimize folds them in.
+    extra = synthetic(len(vectors) // 100, 7, vectors[:: max(1, len(vectors) // 1000)])
+    start = time.perf_counter()
+    tbl.add(rows_of(extra, len(vectors)))
+    added = time.perf_counter() - start
+    grown_truth = exact_top(np.concatenate([vectors, extra]), queries)
+    hot = {"rows_added": len(extra), "append_seconds": round(added, 2)}
+    for stage in ("before_optimize", "after_optimize"):
+        if stage == "after_optimize":
+            start = time.perf_counter()
+            tbl.optimize()
+            hot["optimize_seconds"] = round(time.perf_counter() - start, 1)
+        [reader] = [e for e in lancedb_engines(ws, "shipped", params.index, loop, "") if "mnemo" in e.name]
+        run_alternating([reader], queries)
+        hot[stage] = {
+            "p50_ms": pct(reader.ms, 50),
+            "p99_ms": pct(reader.ms, 99),
+            "recall_at_10": recall(reader.found, grown_truth),
+        }
+    return {"rows": len(vectors), "queries": len(queries), "builds": builds, "engines": table, "hot_add": hot}
+
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_workspace(params: Params, root: Path) -> tuple[object, bytes]:
+    """200 stored PNGs, one registered model as champion with its validated table; a query PNG."""
+    from PIL import Image
+
+    ws = resolve_workspace(params, root)
+    rng = np.random.default_rng(0)
+    records = []
+    from components.data.class_registry import ImageRecord
+
+    for i in range(200):
+        cls = f"c{i // 20}"
+        (ws.classes_dir / cls).mkdir(parents=True, exist_ok=True)
+        name = f"{cls}/{i}.png"
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(ws.classes_dir / name)
+        records.append(ImageRecord(id=name, cls=cls, arrival="bench", role="train"))
+    torch.manual_seed(0)
+    model = build_embedder(params.model).eval()
+    registry = ModelRegistry(ws, params.registry)
+    tags = {"gate_verdict": "promote", "index_smoke_test": "passed"}
+    version = registry.log_candidate(
+        model, params={}, metrics={}, epoch_metrics={}, arrivals=["bench"], tags=tags
+    ).version
+    registry.set_tag(version, TABLE_TAG, build_table(ws, params.index, version, model, records).table)
+    registry.client.set_registered_model_alias(registry.name, CHAMPION, version)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return ws, buf.getvalue()
+
+
+def parts_alone(params: Params, ws, png: bytes, n: int) -> dict:
+    """The model forward of one decoded image, and one search of the champion's table, timed alone."""
+    from PIL import Image
+
+    from components.live import LiveIndex
+
+    pair = LiveIndex(ws, params.registry, params.index, refresh_seconds=3600).current()
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    vector = embed_images(pair.model, [image])
+    forward, search = [], []
+    for _ in range(n):
+        start = time.perf_counter()
+        embed_images(pair.model, [image])
+        forward.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        pair.table.search(vector, 5)
+        search.append((time.perf_counter() - start) * 1000)
+    return {"forward_p50_ms": pct(forward, 50), "search_p50_ms": pct(search, 50)}
+
+
+def serve_process(cmd: list[str], cwd: Path, env: dict, log: Path, url: str) -> subprocess.Popen:
+    server = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    import httpx
+
+    deadline = time.monotonic() + 240
+    while True:
+        if server.poll() is not None:
+            raise SystemExit(f"{' '.join(cmd)} exited:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            server.terminate()
+            raise SystemExit(f"{' '.join(cmd)} never became healthy")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+
+
+def http_load(url: str, png: bytes, n_single: int, seconds: float) -> dict:
+    import httpx
+
+    single = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(n_single + 5):
+            start = time.perf_counter()
+            r = client.post("/query", files=[("image", ("q.png", png, "image/png"))], data={"k": "5"})
+            r.raise_for_status()
+            if i >= 5:
+                single.append((time.perf_counter() - start) * 1000)
+    done = [0] * 4
+    stop = time.monotonic() + seconds
+
+    def client_loop(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            while time.monotonic() < stop:
+                client.post(
+                    "/query", files=[("image", ("q.png", png, "image/png"))], data={"k": "5"}
+                ).raise_for_status()
+                done[i] += 1
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(4)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {
+        "one_client_p50_ms": pct(single, 50),
+        "one_client_p99_ms": pct(single, 99),
+        "four_clients_rps": round(sum(done) / (time.perf_counter() - start), 1),
+    }
+
+
+def bench_http(params: Params, tmp: Path, args) -> dict:
+    ws, png = http_workspace(params, tmp / "http")
+    parts = parts_alone(params, ws, png, args.http_requests)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MNEMO_", "MLFLOW_"))}
+    variants: list[tuple[str, Path, Params | None, list[str]]] = [
+        ("mnemo serve", REPO, params, []),
+        ("mnemo serve, serve.channels_last", REPO, with_overrides(params, {"serve.channels_last": True}), []),
+        ("mnemo serve --workers 2", REPO, params, ["--workers", "2"]),
+    ]
+    if args.baseline:
+        old = tmp / "baseline"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "-f", str(old), args.baseline],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        variants.append((f"mnemo serve at {args.baseline} (before)", old, None, []))
+    rows = []
+    try:
+        for label, cwd, variant_params, extra in variants:
+            params_file = tmp / f"params-{len(rows)}.yaml"
+            if variant_params is None:  # the old code reads its own params.yaml
+                params_file.write_text((cwd / "params.yaml").read_text())
+            else:
+                params_file.write_text(yaml.safe_dump(variant_params.model_dump(mode="json")))
+            port = free_port()
+            cmd = [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--workspace",
+                str(ws.root),
+                "--params",
+                str(params_file),
+                *extra,
+            ]
+            server = serve_process(
+                cmd, cwd, env | {"PYTHONPATH": str(cwd)}, tmp / f"serve-{len(rows)}.log", f"http://127.0.0.1:{port}"
+            )
+            try:
+                rows.append(
+                    {
+                        "service": label,
+                        **http_load(f"http://127.0.0.1:{port}", png, args.http_requests, args.http_seconds),
+                    }
+                )
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+    finally:
+        if args.baseline:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "baseline")], cwd=REPO, check=False)
+    return {"parts_alone": parts, "services": rows}
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--queries", type=int, default=500)
+    ap.add_argument("--parts", default="search,http")
+    ap.add_argument("--calibrate", type=Path, help="a workspace with a champion (e.g. after `mnemo demo`)")
+    ap.add_argument("--previous-default", action="store_true", help="also IVF_PQ as mnemo shipped it before")
+    ap.add_argument("--no-peers", dest="peers", action="store_false", help="skip faiss and hnswlib")
+    ap.add_argument("--baseline", help="a git ref whose `mnemo serve` is measured beside this one")
+    ap.add_argument("--http-requests", type=int, default=200)
+    ap.add_argument("--http-seconds", type=float, default=20.0)
+    ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+    params = load_params(args.params)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    report: dict = {
+        "date": date.today().isoformat(),
+        "command": "python bench/query.py " + " ".join(sys.argv[1:]),
+        "cores": os.cpu_count(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "targets": TARGETS,
+        "index_params": params.index.model_dump(),
+        "serve_params": params.serve.model_dump(),
+    }
+    loop = AsyncLoop()
+    with tempfile.TemporaryDirectory(prefix="mnemo-bench-query-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        if "search" in args.parts:
+            rng = np.random.default_rng(0)
+            centres = unit(rng.standard_normal((max(args.rows // 100, 10), DIM), np.float32))
+            sets = {"synthetic": (synthetic(args.rows, 1, centres), synthetic(args.queries, 2, centres))}
+            if args.calibrate:
+                stats = champion_statistics(args.calibrate, params)
+                classes = max(args.rows // stats["median_class_size"], 10)
+                centres = calibrated_centres(classes, 3, stats)
+                vectors, labels = calibrated(args.rows, 4, stats, centres)
+                stats["drawn"] = measured_cosines(vectors, labels)
+                report["calibration"] = stats
+                sets["calibrated"] = (vectors, calibrated(args.queries, 5, stats, centres)[0])
+            report["search"] = {}
+            for label, (vectors, queries) in sets.items():
+                print(f"search: {label}, {len(vectors)} rows", file=sys.stderr, flush=True)
+                report["search"][label] = bench_vector_set(label, vectors, queries, params, tmp, args, loop)
+                print(json.dumps(report["search"][label]["engines"], indent=1), file=sys.stderr, flush=True)
+        if "http" in args.parts:
+            print("http", file=sys.stderr, flush=True)
+            report["http"] = bench_http(params, tmp, args)
+    loop.close()
+    report["verdict"] = verdict(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{report['date']}-query"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(json.dumps(report, indent=1))
+    print(markdown(report))
+
+
+def verdict(report: dict) -> dict:
+    out: dict = {}
+    for label, result in report.get("search", {}).items():
+        shipped = next(e for e in result["engines"] if e["engine"].startswith("mnemo read path"))
+        out[f"{label}_p99_ms"] = shipped["p99_ms"]
+        out[f"{label}_recall_at_10"] = shipped["recall_at_10"]
+        out[f"{label}_met"] = (
+            shipped["p99_ms"] < TARGETS["p99_ms"] and shipped["recall_at_10"] >= TARGETS["recall_at_10"]
+        )
+    if "http" in report:
+        parts = report["http"]["parts_alone"]
+        services = {s["service"]: s for s in report["http"]["services"]}
+        ours = services["mnemo serve"]
+        out["http_p50_over_parts"] = round(
+            ours["one_client_p50_ms"] / (parts["forward_p50_ms"] + parts["search_p50_ms"]), 2
+        )
+        before = [s for name, s in services.items() if "(before)" in name]
+        if before:
+            best = max(s["four_clients_rps"] for name, s in services.items() if "(before)" not in name)
+            out["rps_4_clients_over_baseline"] = round(best / before[0]["four_clients_rps"], 2)
+            out["rps_4_clients_over_baseline_one_worker"] = round(
+                ours["four_clients_rps"] / before[0]["four_clients_rps"], 2
+            )
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Query benchmark {report['date']}",
+        "",
+        f"`{report['command']}`; {report['cores']} cores, load at start {report['load_average_at_start']}.",
+        "",
+    ]
+    if "calibration" in report:
+        lines += [f"Calibration (champion table of the demo workspace): {json.dumps(report['calibration'])}", ""]
+    for label, result in report.get("search", {}).items():
+        lines += [
+            f"## Search, {label} vectors ({result['rows']} rows, {result['queries']} single queries, engines alternated)",
+            "",
+            "| engine | p50 ms | p99 ms | recall@10 | build s | notes |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e in result["engines"]:
+            notes = {
+                k: v for k, v in e.items() if k not in ("engine", "p50_ms", "p99_ms", "recall_at_10", "build_seconds")
+            }
+            build = e.get("build_seconds", "")
+            lines.append(
+                f"| {e['engine']} | {e['p50_ms']} | {e['p99_ms']} | {e['recall_at_10']} | {build} | {json.dumps(notes)} |"
+            )
+        lines += [
+            "",
+            f"LanceDB builds: {json.dumps(result['builds'])}",
+            "",
+            f"Hot adds: {json.dumps(result['hot_add'])}",
+            "",
+        ]
+    if "http" in report:
+        parts = report["http"]["parts_alone"]
+        lines += [
+            "## HTTP path (one 48 px PNG per request, k 5)",
+            "",
+            f"Alone: model forward p50 {parts['forward_p50_ms']} ms, search p50 {parts['search_p50_ms']} ms.",
+            "",
+            "| service | 1 client p50 ms | 1 client p99 ms | 4 clients req/s |",
+            "|---|---|---|---|",
+        ]
+        for s in report["http"]["services"]:
+            lines.append(
+                f"| {s['service']} | {s['one_client_p50_ms']} | {s['one_client_p99_ms']} | {s['four_clients_rps']} |"
+            )
+        lines.append("")
+    lines += [
+        "## Verdict",
+        "",
+        f"targets: {json.dumps(report['targets'])}",
+        "",
+        f"{json.dumps(report['verdict'], indent=1)}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
