@@ -68,6 +68,11 @@ def _setup(params_path: Path, workspace: Path | None) -> tuple[Params, Workspace
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # Prefect's ephemeral server gets 20 s to start by default; a busy 2-core machine can need more.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # No anonymous usage telemetry from mnemo's Prefect servers: without internet it only prints
+    # "Failed to send telemetry" errors (README, "Quiet logs").
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not sys.stderr.isatty():  # MLflow's per-file download bar: hundreds of \r frames in a log file
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         params = load_params(params_path)
     except ConfigError as exc:

@@ -54,6 +54,25 @@ def steps_table(steps: list[DemoStep]) -> Table:
     return table
 
 
+def beats_pixels(metrics: dict[str, float]) -> bool:
+    """Unseen Recall@1 and MAP@R both above the raw-pixel baseline on the same images."""
+    return all(metrics[f"unseen_{m}"] > metrics[f"baseline_unseen_{m}"] for m in ("recall_at_1", "map_at_r"))
+
+
+def pixel_verdict(steps: list[DemoStep]) -> str:
+    """One line: did the model beat raw pixels at every step that trained one?"""
+    scored = [s for s in steps if "unseen_recall_at_1" in s.summary.metrics]
+    behind = [s for s in scored if not beats_pixels(s.summary.metrics)]
+    if not behind:
+        return f"model vs raw pixels: ahead at every step ({len(scored)} of {len(scored)}, unseen Recall@1 and MAP@R)"
+    return "model vs raw pixels: behind at step " + ", ".join(
+        f"{s.step} (R@1 {s.summary.metrics['unseen_recall_at_1']:.3f} vs "
+        f"{s.summary.metrics['baseline_unseen_recall_at_1']:.3f}, MAP@R {s.summary.metrics['unseen_map_at_r']:.3f} "
+        f"vs {s.summary.metrics['baseline_unseen_map_at_r']:.3f})"
+        for s in behind
+    )
+
+
 def run_demo(
     params: Params, workspace: str | None = None, arrivals: int | None = None, console: Console | None = None
 ) -> list[DemoStep]:
@@ -79,6 +98,7 @@ def run_demo(
         summary = retrain(params, str(ws.root))
         steps.append(DemoStep(step, summary, time.perf_counter() - start))
         console.print(steps_table(steps))
+    console.print(pixel_verdict(steps))
     uri = ws.masked_tracking_uri
     ui = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
     console.print(f"workspace: {ws.root}\nMLflow: {ui}")
