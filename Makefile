@@ -13,7 +13,7 @@ CJK_FONTS := fonts-ipafont fonts-morisawa-bizud-gothic fonts-morisawa-bizud-minc
   fonts-reggae fonts-motoya-l-cedar fonts-motoya-l-maruberi fonts-vlgothic fonts-wqy-zenhei \
   fonts-sawarabi-mincho fonts-umeplus fonts-mplus
 
-.PHONY: setup fonts demo test lint test-e2e bench bench-query repro clean
+.PHONY: setup fonts browser demo test lint test-e2e bench bench-query repro clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
-	@$(MAKE) --no-print-directory fonts
+	@$(MAKE) --no-print-directory fonts browser
 	touch $(STAMP)
 
 # Best effort: without apt (or without root) the demo falls back to matplotlib's fonts and says so.
@@ -34,6 +34,17 @@ fonts:
 	  && echo "CJK fonts installed" \
 	  || echo "CJK fonts not installed: the demo will use matplotlib's bundled fonts"; \
 	else echo "apt-get not usable here: the demo will use matplotlib's bundled fonts"; fi
+
+# Best effort: Debian's Chromium for the web page's browser tests (Playwright drives it through
+# executable_path; Playwright's own browser download is not used). Without it those tests skip.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then echo "Chromium found: $$(command -v chromium)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+	    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; } \
+	  && echo "Chromium installed" || echo "Chromium not installed: the browser tests will skip"; \
+	else echo "apt-get not usable here: the browser tests will skip unless chromium is on PATH"; fi
 
 demo: setup
 	$(BIN)/mnemo demo

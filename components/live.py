@@ -82,6 +82,7 @@ class LiveIndex:
         self.index = index
         self.refresh_seconds = refresh_seconds
         self.channels_last = channels_last
+        self.registry_params = registry
         self._registry = ModelRegistry(ws, registry)
         self._loop: AsyncLoop | None = None
         self._pair: LivePair | None = None
@@ -91,6 +92,10 @@ class LiveIndex:
         self._resolving = threading.Lock()  # one resolver at a time; readers never wait on it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return self._registry
 
     @property
     def pair(self) -> LivePair | None:

@@ -303,6 +303,14 @@ class ModelRegistry:
         with tempfile.TemporaryDirectory() as tmp:
             return json.loads(Path(self.client.download_artifacts(run_id, GATE_REPORT, tmp)).read_text())
 
+    def gate_heatmap(self, version: str) -> bytes | None:
+        """The forgetting heatmap (PNG) logged with a version's gate report; None when it has none."""
+        run_id = self.get(version).run_id
+        if not any(f.path == GATE_HEATMAP for f in self.client.list_artifacts(run_id, GATE_HEATMAP.rsplit("/", 1)[0])):
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return Path(self.client.download_artifacts(run_id, GATE_HEATMAP, tmp)).read_bytes()
+
     def served_history(self) -> list[tuple[str, dict[str, float]]]:
         """(version, run metrics) of every version that was ever champion, oldest version first."""
         served = {e.to_version for e in self.log.entries()}

@@ -144,6 +144,24 @@ class TableReader:
     def count_rows(self) -> int:
         return self.loop.run(self.table.count_rows())
 
+    def row(self, image_id: str) -> dict[str, Any] | None:
+        """The stored row of one image id (id, class, arrival, split, vector); None when the table lacks it."""
+        quoted = image_id.replace("'", "''")  # a SQL string literal: the id can never end it
+
+        async def found() -> list[dict[str, Any]]:
+            return (await self.table.query().where(f"id = '{quoted}'").limit(1).to_arrow()).to_pylist()
+
+        rows = self.loop.run(found())
+        return rows[0] if rows and rows[0]["id"] == image_id else None
+
+    def row_at(self, offset: int) -> dict[str, Any]:
+        """The row at a position in storage order (0 <= offset < count_rows())."""
+
+        async def found() -> list[dict[str, Any]]:
+            return (await self.table.query().offset(offset).limit(1).to_arrow()).to_pylist()
+
+        return self.loop.run(found())[0]
+
     def written_by(self) -> str | None:
         return schema_written_by(self.loop.run(self.table.schema()))
 

@@ -4,6 +4,10 @@
     GET  /health        200 with the model version once a champion is live, 503 before
     GET  /live          the live pair: model version, table, rows, since when
     POST /live/refresh  re-resolve the champion alias now (e.g. right after `mnemo promote`)
+    GET  /              the web page (search, status, browse; page.py has its endpoints)
+
+With MNEMO_API_KEY set (`mnemo serve` passes it as api_key), every endpoint but /health
+needs `Authorization: Bearer <key>`.
 
 Every answer names the model version that produced it (body and X-Model-Version header),
 from the one pair the request took. Bad uploads get a 4xx that says why; the limits
@@ -13,6 +17,7 @@ from the one pair the request took. Bad uploads get a 4xx that says why; the lim
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at
 # runtime, and they close over create_app's limits.
 import asyncio
+import hmac
 import io
 import json
 import logging
@@ -29,6 +34,7 @@ from components.batching import QueryBatcher
 from components.config import IngestParams, ServeParams
 from components.data.validation import decode_image
 from components.live import LiveIndex, LivePair, NoChampionError
+from components.page import add_page
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +105,40 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+OPEN_PATHS = frozenset({"/health", "/"})  # the page itself is static HTML: it holds no data
+
+
+class ApiKey:
+    """With a key configured, every request but /health and the page's HTML needs
+    `Authorization: Bearer <key>` (compared in constant time); others get a 401 before anything runs."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self._key = key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"detail": "this service needs its API key: Authorization: Bearer <MNEMO_API_KEY>"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
 def _pixels(data: bytes, name: str, limits: IngestParams) -> int:
     """width x height from the header alone (0 for what is no image), or a 413 when over the per-image limit."""
     try:
@@ -161,9 +201,15 @@ def _answer(pair: LivePair, payload: dict[str, Any], status: int = 200) -> JSONR
 
 
 def create_app(
-    live: LiveIndex, serve: ServeParams, ingest: IngestParams, *, refresh_in_background: bool = True
+    live: LiveIndex,
+    serve: ServeParams,
+    ingest: IngestParams,
+    *,
+    refresh_in_background: bool = True,
+    api_key: str | None = None,
 ) -> FastAPI:
-    """The service over `live`; it resolves the pair at start-up and (by default) every refresh_seconds."""
+    """The service over `live` and its web page; it resolves the pair at start-up and (by default)
+    every refresh_seconds. With `api_key`, every endpoint but /health requires it."""
     limits = ingest.model_copy(update={"max_file_bytes": serve.max_upload_bytes, "max_pixels": serve.max_upload_pixels})
 
     @asynccontextmanager
@@ -186,6 +232,9 @@ def create_app(
     app = FastAPI(title="mnemo query service", lifespan=lifespan)
     app.state.batcher = batcher
     app.add_middleware(BodyLimit, limit=serve.max_upload_bytes)
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)  # added last: outermost, so a refused request is never read
+    add_page(app, live, ingest, serve.max_k)
 
     def current() -> LivePair:
         try:

@@ -190,63 +190,19 @@ def retrain(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Pa
 def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: ParamsOpt = Path("params.yaml")) -> None:
     """Where things stand: champion and challenger, the promotion log, the latest gate report, the data."""
     p, ws = _setup(params, workspace)
-    from components.data.class_registry import ClassRegistry
-    from components.data.ingest import pending_arrivals
-    from components.metrics import json_number
-    from components.registry import SMOKE_TAG, VERDICT_TAG, ModelRegistry
-    from components.search import table_rows
+    from components.status import workspace_status
 
-    registry = ModelRegistry(ws, p.registry)
-    champion = registry.champion()
-    challenger = registry.challenger() or registry.latest()  # stores from before the alias existed have none
-    promotions = [e.to_dict() for e in registry.log.entries()]
-    pending = [a.name for a in pending_arrivals(ws, p.ingest)]
-    gate = registry.gate_report(challenger.version) if challenger else None
-    catalog = ClassRegistry.load(ws.class_registry)
-    payload = {
-        "workspace": str(ws.root),
-        "model_name": p.registry.model_name,
-        "tracking_uri": ws.masked_tracking_uri,
-        "lancedb_uri": ws.masked_lancedb_uri,
-        "champion": None
-        if champion is None
-        else {
-            "version": champion.version,
-            "table": champion.table,
-            "table_rows": table_rows(ws, champion.table) if champion.table else None,
-            "arrivals": champion.arrivals,
-            "metrics": {k: json_number(v) for k, v in champion.metrics.items()},
-        },
-        "challenger": None
-        if challenger is None
-        else {
-            "version": challenger.version,
-            "table": challenger.table,
-            "verdict": challenger.tags.get(VERDICT_TAG),
-            "index_smoke_test": challenger.tags.get(SMOKE_TAG),
-            "arrivals": challenger.arrivals,
-            "metrics": {k: json_number(v) for k, v in challenger.metrics.items()},
-        },
-        "promotions": promotions,  # the promotion log, newest last
-        "gate": gate,  # the latest gate report: verdict, reasons, metrics side by side
-        "data": {
-            "arrivals": sorted(catalog.arrivals),
-            "classes": len(catalog.classes),
-            "unseen_classes": len(catalog.classes_with_split("unseen")),
-            "images": len(catalog.images),
-            "pending_arrivals": pending,
-        },
-    }
+    payload = workspace_status(ws, p.registry, p.ingest)
+    champion, challenger, gate = payload["champion"], payload["challenger"], payload["gate"]
+    promotions, data = payload["promotions"], payload["data"]
     table = Table(show_header=False, title="mnemo status")
     champ = (
         "none yet"
         if champion is None
-        else f"v{champion.version} (table {champion.table}, {_headline(champion.metrics)})"
+        else f"v{champion['version']} (table {champion['table']}, {_headline(champion['metrics'])})"
     )
     chall = (
-        "none yet"
-        if challenger is None
-        else f"v{challenger.version} (gate: {challenger.tags.get(VERDICT_TAG, 'unknown')})"
+        "none yet" if challenger is None else f"v{challenger['version']} (gate: {challenger['verdict'] or 'unknown'})"
     )
     last = promotions[-1] if promotions else None
     moved = (
@@ -261,23 +217,27 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
         ("challenger", chall),
         ("last promotion", moved),
         *([("gate", f"v{gate['candidate']} {gate['verdict']}: " + "; ".join(gate["reasons"]))] if gate else []),
-        ("arrivals", len(catalog.arrivals)),
-        ("classes", len(catalog.classes)),
-        ("images", len(catalog.images)),
-        ("pending", len(pending)),
+        ("arrivals", len(data["arrivals"])),
+        ("classes", data["classes"]),
+        ("images", data["images"]),
+        ("pending", len(data["pending_arrivals"])),
     ]:
         table.add_row(key, str(value))
     _emit(payload, as_json, table)
 
 
-def _headline(metrics: dict[str, float]) -> str:
+def _headline(metrics: dict[str, float | None]) -> str:
     """Unseen R@1 and every few-shot accuracy measured, e.g. 'unseen R@1 0.812, 20way_1shot 0.873, 5way_5shot 0.961'."""
+
+    def shown(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
     shots = [
-        f"{k.removeprefix('unseen_')} {v:.3f}"
+        f"{k.removeprefix('unseen_')} {shown(v)}"
         for k, v in sorted(metrics.items())
         if k.startswith("unseen_") and k.endswith("shot")
     ]
-    return ", ".join([f"unseen R@1 {metrics.get('unseen_recall_at_1', float('nan')):.3f}", *shots])
+    return ", ".join([f"unseen R@1 {shown(metrics.get('unseen_recall_at_1'))}", *shots])
 
 
 @app.command()
@@ -438,6 +398,13 @@ def serve(
     p, ws = _setup(params, workspace)
     import uvicorn
 
+    if os.environ.get(API_KEY_ENV):
+        err.print(f"{API_KEY_ENV} is set: every endpoint but /health needs `Authorization: Bearer <key>`")
+    else:
+        err.print(
+            f"[yellow]{API_KEY_ENV} is not set: the service and its page (stored images included) are open "
+            "to anyone who can reach this port[/]"
+        )
     # The worker processes build their app from these (service_app); one worker builds it here.
     os.environ[SERVE_PARAMS_ENV] = str(params.resolve())
     os.environ["MNEMO_WORKSPACE"] = str(ws.root)
@@ -447,6 +414,7 @@ def serve(
 
 
 SERVE_PARAMS_ENV = "MNEMO_SERVE_PARAMS"
+API_KEY_ENV = "MNEMO_API_KEY"  # never in params.yaml or logs
 
 
 def service_app() -> FastAPI:
@@ -458,7 +426,7 @@ def service_app() -> FastAPI:
     live = LiveIndex(
         ws, p.registry, p.index, refresh_seconds=p.serve.refresh_seconds, channels_last=p.serve.channels_last
     )
-    return create_app(live, p.serve, p.ingest)
+    return create_app(live, p.serve, p.ingest, api_key=os.environ.get(API_KEY_ENV) or None)
 
 
 @app.command()
