@@ -398,7 +398,7 @@ def serve(
     p, ws = _setup(params, workspace)
     import uvicorn
 
-    if os.environ.get(API_KEY_ENV):
+    if os.environ.get("MNEMO_API_KEY"):
         err.print(f"{API_KEY_ENV} is set: every endpoint but /health needs `Authorization: Bearer <key>`")
     else:
         err.print(
@@ -426,7 +426,7 @@ def service_app() -> FastAPI:
     live = LiveIndex(
         ws, p.registry, p.index, refresh_seconds=p.serve.refresh_seconds, channels_last=p.serve.channels_last
     )
-    return create_app(live, p.serve, p.ingest, api_key=os.environ.get(API_KEY_ENV) or None)
+    return create_app(live, p.serve, p.ingest, api_key=os.environ.get("MNEMO_API_KEY") or None)
 
 
 @app.command()

@@ -226,3 +226,4 @@ def test_serve_with_two_workers_answers_from_each_and_both_follow_a_promotion(li
         line.split("[")[1].split("]")[0] for line in log.read_text().splitlines() if "Started server process" in line
     }
     assert len(started) == 2, log.read_text()[-3000:]
+    assert "MNEMO_API_KEY is not set: the service and its page" in log.read_text()  # said at start
