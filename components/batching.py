@@ -72,15 +72,17 @@ class QueryBatcher(Generic[Owner]):
     async def query(self, owner: Owner, images: Sequence[Image.Image], k: int) -> list[Answer]:
         """Each image's k nearest neighbours, in order, from a forward and a search that may carry
         other requests' images too."""
-        if self._queue is None or self._worker is None or self._worker.done():
+        loop = asyncio.get_running_loop()
+        # One worker per event loop: a test client may run each request on a loop of its own.
+        if self._queue is None or self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
             self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._run(self._queue))
-        job = _Job(owner, images, k, asyncio.get_running_loop().create_future())
+            self._worker = loop.create_task(self._run(self._queue))
+        job = _Job(owner, images, k, loop.create_future())
         self._queue.put_nowait(job)
         return await job.done
 
     async def close(self) -> None:
-        if self._worker is not None:
+        if self._worker is not None and self._worker.get_loop() is asyncio.get_running_loop():
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
             self._worker = None

@@ -170,3 +170,11 @@ def test_a_batch_waits_only_for_requests_on_their_way_never_for_nobody():
     assert waited < 0.5  # a lone request: no one on the way, so no 1 s wait
     assert (first[0][0][1], second[0][0][1]) == (2, 3)
     assert model.calls == [1, 2]  # the second request, on its way, joined the first's forward
+
+
+def test_each_event_loop_gets_its_own_worker():
+    """A test client (or a server restart) may run requests on a new loop: they are still answered."""
+    model = Model(1)
+    b = batcher(wait_ms=0)
+    assert run(b.query(model, [image(1)], 1))[0][0][1] == 1
+    assert run(b.query(model, [image(2)], 1))[0][0][1] == 2  # a second asyncio.run: another loop
