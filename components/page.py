@@ -17,7 +17,7 @@ no row and get a 404).
 import io
 import random
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query
@@ -33,6 +33,27 @@ from components.status import workspace_status
 PAGE = Path(__file__).with_name("static") / "page.html"
 THUMBNAIL_PIXELS = 160  # the longer side; the page shows them at 96 px (sharp on 1.5x screens)
 SAMPLE = 12  # images shown per class
+
+
+ERRORS = {
+    400: "an upload is not an image mnemo accepts (the detail names the file and the reason)",
+    413: "over a limit: body bytes, images per request, pixels per image or per request",
+    404: "no such stored image, class or heatmap (the detail says which)",
+    503: "no champion model yet: nothing to answer with",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error answers an endpoint gives: {"detail": "..."} (503 on /health: a status)."""
+    detail = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
+    health = {"type": "object", "properties": {"status": {"type": "string"}, "model_version": {"type": "null"}}}
+    return {
+        code: {
+            "description": ERRORS[code],
+            "content": {"application/json": {"schema": {"anyOf": [detail, health]} if code == 503 else detail}},
+        }
+        for code in codes
+    }
 
 
 def add_page(app: FastAPI, live: LiveIndex, ingest: IngestParams, max_k: int) -> None:
@@ -55,7 +76,7 @@ def add_page(app: FastAPI, live: LiveIndex, ingest: IngestParams, max_k: int) ->
         gate report (verdict and reasons), the promotion log (newest last), the catalog's counts."""
         return JSONResponse(workspace_status(live.ws, live.registry_params, ingest))
 
-    @app.get("/status/heatmap.png", responses={200: {"content": {"image/png": {}}}, 404: {}})
+    @app.get("/status/heatmap.png", responses={200: {"content": {"image/png": {}}}, **error_responses(404, 503)})
     def heatmap() -> Response:
         """The champion's forgetting heatmap (seen-class Recall@1 per arrival slice over versions)."""
         pair = current()
@@ -64,7 +85,7 @@ def add_page(app: FastAPI, live: LiveIndex, ingest: IngestParams, max_k: int) ->
             raise HTTPException(404, f"v{pair.version} has no forgetting heatmap (it was not promoted by a retrain)")
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
 
-    @app.get("/images/{image_id:path}", responses={200: {"content": {"image/png": {}}}, 404: {}})
+    @app.get("/images/{image_id:path}", responses={200: {"content": {"image/png": {}}}, **error_responses(404, 503)})
     def image(image_id: str) -> Response:
         """A PNG thumbnail of a stored image, by the id queries answer with."""
         pair = current()
@@ -94,7 +115,7 @@ def add_page(app: FastAPI, live: LiveIndex, ingest: IngestParams, max_k: int) ->
             ]
         )
 
-    @app.get("/classes/{name:path}")
+    @app.get("/classes/{name:path}", responses=error_responses(404))
     def one_class(name: str) -> JSONResponse:
         """A sample of one class's stored images (evenly spread over them), with each image's role."""
         catalog = ClassRegistry.load(live.ws.class_registry)
@@ -113,7 +134,7 @@ def add_page(app: FastAPI, live: LiveIndex, ingest: IngestParams, max_k: int) ->
             }
         )
 
-    @app.get("/random")
+    @app.get("/random", responses=error_responses(404, 503))
     def random_query(k: Annotated[int, Query(ge=1, le=max_k)] = 8) -> JSONResponse:
         """A random stored image of the live table and its k nearest other images: the quickest look at quality."""
         pair = current()

@@ -34,7 +34,7 @@ from components.batching import QueryBatcher
 from components.config import IngestParams, ServeParams
 from components.data.validation import decode_image
 from components.live import LiveIndex, LivePair, NoChampionError
-from components.page import add_page
+from components.page import add_page, error_responses
 
 log = logging.getLogger(__name__)
 
@@ -167,26 +167,6 @@ def _decode(data: bytes, name: str, limits: IngestParams) -> Image.Image:
     return image
 
 
-ERRORS = {
-    400: "an upload is not an image mnemo accepts (the detail names the file and the reason)",
-    413: "over a limit: body bytes, images per request, pixels per image or per request",
-    503: "no champion model yet: nothing to answer with",
-}
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the error answers an endpoint gives: {"detail": "..."} (503 on /health: a status)."""
-    detail = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
-    health = {"type": "object", "properties": {"status": {"type": "string"}, "model_version": {"type": "null"}}}
-    return {
-        code: {
-            "description": ERRORS[code],
-            "content": {"application/json": {"schema": {"anyOf": [detail, health]} if code == 503 else detail}},
-        }
-        for code in codes
-    }
-
-
 def _live_payload(pair: LivePair) -> dict[str, Any]:
     return {
         "model_version": pair.version,
@@ -256,7 +236,7 @@ def create_app(
             )
         return await asyncio.to_thread(lambda: [_decode(data, name, limits) for name, data in uploads])
 
-    @app.post("/query", responses=_errors(400, 413, 503))
+    @app.post("/query", responses=error_responses(400, 413, 503))
     async def query(
         image: Annotated[list[UploadFile], File(min_length=1, description="one or more image files")],
         k: Annotated[int, Form(ge=1, le=serve.max_k, description="neighbours per image")] = 5,
@@ -275,19 +255,19 @@ def create_app(
         results = await batcher.query(pair, decoded, k)
         return _answer(pair, {"model_version": pair.version, "table": pair.table_name, "results": results})
 
-    @app.get("/health", responses=_errors(503))
+    @app.get("/health", responses=error_responses(503))
     def health() -> JSONResponse:
         pair = live.pair
         if pair is None:
             return JSONResponse({"status": "no_champion", "model_version": None}, status_code=503)
         return _answer(pair, {"status": "ok", "model_version": pair.version, "table": pair.table_name})
 
-    @app.get("/live", responses=_errors(503))
+    @app.get("/live", responses=error_responses(503))
     def live_pair() -> JSONResponse:
         pair = current()
         return _answer(pair, _live_payload(pair))
 
-    @app.post("/live/refresh", responses=_errors(503))
+    @app.post("/live/refresh", responses=error_responses(503))
     def refresh() -> JSONResponse:
         live.refresh()
         pair = current()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ from prefect.testing.utilities import prefect_test_harness
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
-    """One ephemeral Prefect server (with its own database) for the whole test session."""
+    """One ephemeral Prefect server (with its own database) for the whole test session; no
+    telemetry (offline it only prints errors), as `mnemo` turns it off for its own runs."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
