@@ -49,10 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from components.config import Params, load_params, resolve_workspace, with_overrides  # noqa: E402
-from components.index import build_table, ensure_ann_index  # noqa: E402
+from components.index import build_table, ensure_ann_index, tune_ef  # noqa: E402
 from components.modeling.embedder import build_embedder, embed_images  # noqa: E402
 from components.registry import CHAMPION, TABLE_TAG, ModelRegistry  # noqa: E402
-from components.search import AsyncLoop, TableReader  # noqa: E402
+from components.search import AsyncLoop, TableReader, with_table_settings  # noqa: E402
 from components.tables import VECTOR, connect, open_table, table_schema  # noqa: E402
 
 DIM = 128
@@ -175,9 +175,15 @@ def lance_table(ws, name: str, vectors: np.ndarray, index_params) -> tuple[objec
         tbl.add(rows_of(vectors[lo : lo + 100_000], lo))
     before, start = rss_mb(), time.perf_counter()
     ensure_ann_index(tbl, index_params.model_copy(update={"ann_min_rows": 256}))
+    build = time.perf_counter() - start
+    start = time.perf_counter()
+    tuned = tune_ef(tbl, index_params)  # as build_table does: the ef that meets the recall floor on stored vectors
     stats = tbl.list_indices()[0]
     return tbl, {
-        "build_seconds": round(time.perf_counter() - start, 1),
+        "build_seconds": round(build, 1),
+        "ef_tuning": None
+        if tuned is None
+        else {"ef": tuned[0], "recall_on_stored": round(tuned[1], 4), "seconds": round(time.perf_counter() - start, 1)},
         "index_mb": round(stats.size_bytes / 2**20, 1) if stats.size_bytes else None,
         "build_rss_growth_mb": round(rss_mb() - before, 1),
     }
@@ -201,6 +207,7 @@ def lancedb_engines(ws, name: str, index_params, loop: AsyncLoop, label: str) ->
         return await (await lancedb.connect_async(ws.lancedb_uri)).open_table(name)
 
     raw_table = loop.run(opened())
+    index_params = with_table_settings(loop.run(raw_table.schema()), index_params)  # the ef the build chose
 
     async def raw(vector: np.ndarray) -> list[int]:
         q = raw_table.vector_search(vector).distance_type("cosine").nprobes(index_params.ann_nprobes)
@@ -208,7 +215,7 @@ def lancedb_engines(ws, name: str, index_params, loop: AsyncLoop, label: str) ->
             q = q.ef(index_params.ann_ef)
         if index_params.ann_refine_factor:
             q = q.refine_factor(index_params.ann_refine_factor)
-        return [int(i) for i in (await q.limit(K).select(["id"]).to_arrow())["id"].to_pylist()]
+        return [int(i) for i in (await q.limit(K).select(["id", "_distance"]).to_arrow())["id"].to_pylist()]
 
     settings = {
         "ann_type": index_params.ann_type,
@@ -527,6 +534,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--parts", default="search,http")
+    ap.add_argument(
+        "--sets", default="synthetic,calibrated", help="vector sets to search (calibrated needs --calibrate)"
+    )
     ap.add_argument("--calibrate", type=Path, help="a workspace with a champion (e.g. after `mnemo demo`)")
     ap.add_argument("--previous-default", action="store_true", help="also IVF_PQ as mnemo shipped it before")
     ap.add_argument("--no-peers", dest="peers", action="store_false", help="skip faiss and hnswlib")
@@ -553,8 +563,10 @@ def main() -> None:
         if "search" in args.parts:
             rng = np.random.default_rng(0)
             centres = unit(rng.standard_normal((max(args.rows // 100, 10), DIM), np.float32))
-            sets = {"synthetic": (synthetic(args.rows, 1, centres), synthetic(args.queries, 2, centres))}
-            if args.calibrate:
+            sets = {}
+            if "synthetic" in args.sets:
+                sets["synthetic"] = (synthetic(args.rows, 1, centres), synthetic(args.queries, 2, centres))
+            if args.calibrate and "calibrated" in args.sets:
                 stats = champion_statistics(args.calibrate, params)
                 classes = max(args.rows // stats["median_class_size"], 10)
                 centres = calibrated_centres(classes, 3, stats)

@@ -208,7 +208,8 @@ class IndexParams(_Section):
     ann_partitions: PositiveInt | None  # None: LanceDB's default, from the row count (see params.yaml)
     ann_sub_vectors: PositiveInt | None  # IVF_PQ only; None: LanceDB's default
     ann_nprobes: PositiveInt
-    ann_ef: PositiveInt  # IVF_HNSW_SQ only: graph candidates per query (>= k * refine_factor)
+    ann_ef: PositiveInt  # IVF_HNSW_SQ only: graph candidates per query (>= k * refine_factor); the build's start
+    ann_max_ef: PositiveInt  # the build doubles ef up to this until recall@10 meets ann_min_recall
     ann_refine_factor: PositiveInt | None  # re-rank refine_factor * k candidates exactly; None: off
     ann_retrain_growth: float = Field(gt=1)  # hot adds this many times the rows the index was trained on: retrain it
     ann_min_recall: float = Field(gt=0, le=1)  # ANN recall@10 against exact search below this: not promoted

@@ -32,8 +32,9 @@ from components.data.class_registry import ImageRecord
 from components.data.transforms import open_rgb
 from components.failpoints import failpoint
 from components.modeling.embedder import Embedder, embed_images, pick_device
-from components.search import finds_itself, probe_records, search_table
+from components.search import finds_itself, probe_records, search_table, with_table_settings
 from components.tables import (
+    ANN_EF,
     ANN_TRAINED_ROWS,
     MODEL_VERSION,
     VALIDATED,
@@ -93,7 +94,7 @@ class IndexValidation:
         if self.ann_recall is not None and self.ann_recall < self.min_recall:
             found.append(
                 f"ANN recall@10 {self.ann_recall:.3f} against exact search, under the floor {self.min_recall} "
-                "(index.ann_min_recall: raise ann_ef or ann_nprobes)"
+                "(index.ann_min_recall; the build tried ef up to index.ann_max_ef: raise it, or ann_nprobes)"
             )
         return found
 
@@ -226,20 +227,28 @@ def retune_ann_index(tbl: lancedb.table.Table, params: IndexParams) -> bool:
         if rows < params.ann_retrain_growth * int(trained):
             return False
     _train_ann_index(tbl, params, rows)
+    tune_ef(tbl, params)
     return True
 
 
-def ann_recall(tbl: lancedb.table.Table, params: IndexParams, k: int = 10) -> float | None:
-    """Recall@k of the search path against exact cosine search, for `recall_probes` stored vectors
-    spread over the table; None when the table has no ANN index (its search is exact).
+@dataclass(frozen=True)
+class RecallProbes:
+    """Stored vectors spread over a table and their exact k nearest ids: what ANN recall is measured on."""
 
-    Exact neighbours come from one streamed pass over the vectors (numpy, bounded memory), so the
-    check costs seconds at a million rows, not one full scan per probe.
-    """
-    if not list(tbl.list_indices()):
-        return None
+    vectors: np.ndarray
+    truth: np.ndarray  # ids, one row of k per probe
+
+    def recall(self, tbl: lancedb.table.Table, params: IndexParams) -> float:
+        k = self.truth.shape[1]
+        found = search_table(tbl, self.vectors, k, params)
+        return float(np.mean([len({h["id"] for h in hits} & set(t)) / k for hits, t in zip(found, self.truth)]))
+
+
+def recall_probes(tbl: lancedb.table.Table, count: int, k: int = 10) -> RecallProbes:
+    """`count` stored vectors spread over the table, with their exact neighbours from one streamed
+    pass over the vectors (numpy, bounded memory): seconds at a million rows, not a scan per probe."""
     rows = tbl.count_rows()
-    count = min(params.recall_probes, rows)
+    count = min(count, rows)
     picks = np.array(sorted({i * rows // count for i in range(count)}))
     queries = np.concatenate([_unit(b.column(VECTOR))[_inside(picks, b.num_rows, o)] for b, o in _batches(tbl)])
     best = np.full((len(queries), k), -np.inf, dtype=np.float32)  # cosine similarity of the top k so far
@@ -250,8 +259,31 @@ def ann_recall(tbl: lancedb.table.Table, params: IndexParams, k: int = 10) -> fl
         ids = np.concatenate([best_ids, np.broadcast_to(batch_ids, (len(queries), len(batch_ids)))], axis=1)
         keep = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         best, best_ids = np.take_along_axis(sims, keep, axis=1), np.take_along_axis(ids, keep, axis=1)
-    found = search_table(tbl, queries, k, params)
-    return float(np.mean([len({h["id"] for h in hits} & set(truth)) / k for hits, truth in zip(found, best_ids)]))
+    return RecallProbes(queries, best_ids)
+
+
+def ann_recall(tbl: lancedb.table.Table, params: IndexParams, k: int = 10) -> float | None:
+    """Recall@k of the search path (with the table's own ef) against exact cosine search, for
+    `recall_probes` stored vectors; None when the table has no ANN index (its search is exact)."""
+    if not list(tbl.list_indices()):
+        return None
+    return recall_probes(tbl, params.recall_probes, k).recall(tbl, with_table_settings(tbl.schema, params))
+
+
+def tune_ef(tbl: lancedb.table.Table, params: IndexParams) -> tuple[int, float] | None:
+    """The smallest ef (ann_ef, doubled up to ann_max_ef) whose recall@10 on stored vectors meets
+    ann_min_recall, recorded on the table for its readers; the largest tried when none does (the
+    validation then refuses the table). None for an IVF_PQ index or no index: nothing to tune."""
+    if params.ann_type != "IVF_HNSW_SQ" or not list(tbl.list_indices()):
+        return None
+    probes = recall_probes(tbl, params.recall_probes)
+    ef = params.ann_ef
+    while True:
+        recall = probes.recall(tbl, params.model_copy(update={"ann_ef": ef}))
+        if recall >= params.ann_min_recall or ef >= params.ann_max_ef:
+            set_vector_metadata(tbl, ANN_EF, str(ef))
+            return ef, recall
+        ef = min(ef * 2, params.ann_max_ef)
 
 
 def _batches(tbl: lancedb.table.Table) -> Iterable[tuple[pa.RecordBatch, int]]:
@@ -280,7 +312,8 @@ def validate_table(
     rows = tbl.count_rows()
     probes = probe_records(records, params.probes)
     vectors = embed_images(model, (open_rgb(ws.classes_dir / r.id) for r in probes), batch_size=params.batch_size)
-    hits = search_table(tbl, vectors, min(5, max(rows, 1)), params) if rows else [[] for _ in probes]
+    readers = with_table_settings(tbl.schema, params)  # as readers will search it
+    hits = search_table(tbl, vectors, min(5, max(rows, 1)), readers) if rows else [[] for _ in probes]
     return IndexValidation(
         table=tbl.name,
         rows=rows,
@@ -367,6 +400,7 @@ def build_table(
             _write(tbl, ws, model, caught_up, params, f"catch up {name}")
     drop_old_versions(tbl, timedelta(0))  # compacts the chunks; nobody reads this table yet
     ann = ensure_ann_index(tbl, params)
+    tune_ef(tbl, params)  # the data decides how wide an HNSW search must be to meet the recall floor
     validation = validate_table(ws, tbl, model, [*records, *caught_up], params)
     if not validation.ok:
         raise IndexValidationError(validation)  # left unmarked: the next build removes it

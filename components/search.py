@@ -17,16 +17,18 @@ from typing import TYPE_CHECKING, Any, Protocol, TypedDict, TypeVar, cast
 
 import lancedb
 import numpy as np
+import pyarrow as pa
 from lancedb.query import AsyncVectorQuery, LanceVectorQueryBuilder
 
 from components.config import IndexParams, Workspace
 from components.data.class_registry import ImageRecord
-from components.tables import COLUMNS, VECTOR, connect, missing_table, open_table, schema_written_by
+from components.tables import ANN_EF, VECTOR, connect, missing_table, open_table, schema_written_by
 
 if TYPE_CHECKING:
     import pandas as pd
 
 Hit = TypedDict("Hit", {"class": str, "distance": float, "id": str})
+HIT_COLUMNS = ["id", "class", "_distance"]
 T = TypeVar("T")
 QueryT = TypeVar("QueryT", LanceVectorQueryBuilder, AsyncVectorQuery)  # sync or async: the same builder methods
 # An image stored twice (same bytes under two classes) ties with itself at this distance:
@@ -43,7 +45,13 @@ def _tuned(query: QueryT, k: int, params: IndexParams | None) -> QueryT:
             query = query.ef(params.ann_ef)
         if params.ann_refine_factor:
             query = query.refine_factor(params.ann_refine_factor)
-    return query.limit(k).select([*COLUMNS, "_distance"])
+    return query.limit(k).select(HIT_COLUMNS)  # only what a Hit holds: each column is read per result row
+
+
+def with_table_settings(schema: pa.Schema, params: IndexParams) -> IndexParams:
+    """params with the ef the table's build tuned (index.tune_ef), where it recorded one: what readers use."""
+    ef = (schema.field(VECTOR).metadata or {}).get(ANN_EF.encode())
+    return params if ef is None else params.model_copy(update={"ann_ef": int(ef)})
 
 
 def _hits(rows: list[dict[str, Any]]) -> list[Hit]:
@@ -119,7 +127,10 @@ class TableReader:
             except (ValueError, FileNotFoundError):
                 raise missing_table(ws, name) from None
 
-        return cls(name=name, table=loop.run(opened()), loop=loop, params=params)
+        table = loop.run(opened())
+        if params is not None:  # the ef this table's build chose
+            params = with_table_settings(loop.run(table.schema()), params)
+        return cls(name=name, table=table, loop=loop, params=params)
 
     async def _searched(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """All vectors in one LanceDB query (a multi-vector search: one plan, not one per vector)."""
@@ -169,8 +180,9 @@ class TableReader:
 def search(
     ws: Workspace, table: str, vectors: np.ndarray, k: int, params: IndexParams | None = None
 ) -> list[list[Hit]]:
-    """The k nearest rows of a table by name (see search_table)."""
-    return search_table(open_table(connect(ws), ws, table), vectors, k, params)
+    """The k nearest rows of a table by name, with the settings its build chose (see search_table)."""
+    tbl = open_table(connect(ws), ws, table)
+    return search_table(tbl, vectors, k, None if params is None else with_table_settings(tbl.schema, params))
 
 
 def table_rows(ws: Workspace, table: str) -> int | None:

@@ -20,6 +20,7 @@ VECTOR = "vector"
 VALIDATED = "mnemo:validated"  # vector-field metadata: when the table passed validation (UTC)
 MODEL_VERSION = "mnemo:model_version"  # vector-field metadata: the version whose model wrote the rows
 ANN_TRAINED_ROWS = "mnemo:ann_trained_rows"  # vector-field metadata: rows when the ANN index was last trained
+ANN_EF = "mnemo:ann_ef"  # vector-field metadata: the HNSW ef the build found to meet the recall floor
 
 
 def table_name(prefix: str, version: str | int) -> str:

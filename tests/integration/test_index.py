@@ -20,14 +20,16 @@ from components.index import (
     cleanup_tables,
     ensure_ann_index,
     retune_ann_index,
+    tune_ef,
     validate_table,
 )
 from components.live import LiveIndex, LivePairMismatch
 from components.modeling.embedder import Embedder, build_embedder
 from components.promotion import Promoter
 from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
-from components.search import AsyncLoop, TableReader, search_table
+from components.search import AsyncLoop, TableReader, search_table, with_table_settings
 from components.tables import (
+    ANN_EF,
     ANN_TRAINED_ROWS,
     connect,
     is_validated,
@@ -196,7 +198,7 @@ def test_an_index_under_its_recall_floor_fails_validation(ws, params):
     validation = IndexValidation("coarse", 3000, 3000, 3000, (), 1, 1, ann_recall=recall, min_recall=0.99)
     assert not validation.ok and validation.problems == [
         f"ANN recall@10 {recall:.3f} against exact search, under the floor 0.99 "
-        "(index.ann_min_recall: raise ann_ef or ann_nprobes)"
+        "(index.ann_min_recall; the build tried ef up to index.ann_max_ef: raise it, or ann_nprobes)"
     ]
 
 
@@ -260,3 +262,41 @@ def test_the_service_searches_many_vectors_in_one_query_with_the_same_answers_as
     assert np.allclose(
         [[h["distance"] for h in hits] for hits in together], [[h["distance"] for h in hits] for hits in one_by_one]
     )
+
+
+def test_the_build_widens_the_hnsw_search_up_to_ann_max_ef_and_readers_use_the_ef_it_chose(ws, params):
+    """tune_ef keeps the starting ef when it meets the recall floor, doubles it up to ann_max_ef when
+    not (at a million crowded rows ef decides recall: bench/query.py), and records its choice on the
+    table, where every reader takes it from. Here 8-bit scalar quantisation, not ef, caps recall on
+    uniform vectors (0.98 at any ef), so a 0.999 floor is unreachable and the largest ef is kept."""
+    index = with_overrides(
+        params,
+        ANN
+        | {
+            "index.ann_type": "IVF_HNSW_SQ",
+            "index.ann_partitions": 1,
+            "index.ann_ef": 10,
+            "index.ann_max_ef": 80,
+            "index.ann_min_recall": 0.9,
+            "index.recall_probes": 100,
+        },
+    ).index
+    rng = np.random.default_rng(8)
+    vectors = rng.standard_normal((4000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    tbl = connect(ws).create_table("crowded", vector_rows(vectors), schema=table_schema(32))
+    ensure_ann_index(tbl, index)
+
+    ef, recall = tune_ef(tbl, index)
+    assert ef == 10 and recall >= 0.9 and vector_metadata(tbl, ANN_EF) == "10"  # met at the start: kept
+
+    strict = index.model_copy(update={"ann_min_recall": 0.999})
+    ef, recall = tune_ef(tbl, strict)
+    assert ef == 80 and recall < 0.999 and vector_metadata(tbl, ANN_EF) == "80"  # 10, 20, 40, 80: the cap
+    assert ann_recall(tbl, index) == pytest.approx(recall)  # measured at the recorded ef
+    loop = AsyncLoop()
+    try:
+        assert TableReader.open(ws, "crowded", loop, index).params.ann_ef == 80  # readers search as wide
+    finally:
+        loop.close()
+    assert exact_recall(tbl, with_table_settings(tbl.schema, index), vectors[:20], vectors) >= 0.9
