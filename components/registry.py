@@ -297,19 +297,20 @@ class ModelRegistry:
 
     def gate_report(self, version: str) -> dict | None:
         """The gate report logged for a version; None when it has none."""
-        run_id = self.get(version).run_id
-        if not any(f.path == GATE_REPORT for f in self.client.list_artifacts(run_id, GATE_REPORT.rsplit("/", 1)[0])):
-            return None
-        with tempfile.TemporaryDirectory() as tmp:
-            return json.loads(Path(self.client.download_artifacts(run_id, GATE_REPORT, tmp)).read_text())
+        data = self._artifact(version, GATE_REPORT)
+        return None if data is None else json.loads(data)
 
     def gate_heatmap(self, version: str) -> bytes | None:
         """The forgetting heatmap (PNG) logged with a version's gate report; None when it has none."""
+        return self._artifact(version, GATE_HEATMAP)
+
+    def _artifact(self, version: str, path: str) -> bytes | None:
+        """One file logged on the version's run, or None when the run has no such file."""
         run_id = self.get(version).run_id
-        if not any(f.path == GATE_HEATMAP for f in self.client.list_artifacts(run_id, GATE_HEATMAP.rsplit("/", 1)[0])):
+        if not any(f.path == path for f in self.client.list_artifacts(run_id, path.rsplit("/", 1)[0])):
             return None
         with tempfile.TemporaryDirectory() as tmp:
-            return Path(self.client.download_artifacts(run_id, GATE_HEATMAP, tmp)).read_bytes()
+            return Path(self.client.download_artifacts(run_id, path, tmp)).read_bytes()
 
     def served_history(self) -> list[tuple[str, dict[str, float]]]:
         """(version, run metrics) of every version that was ever champion, oldest version first."""

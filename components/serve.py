@@ -92,17 +92,20 @@ class BodyLimit:
             await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            {"detail": f"request body is over the {self.limit}-byte limit (serve.max_upload_bytes)"}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _send_detail(send, 413, f"request body is over the {self.limit}-byte limit (serve.max_upload_bytes)")
+
+
+async def _send_detail(send: Send, status: int, detail: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """A {"detail": ...} JSON answer sent from ASGI middleware, before the app has seen the request."""
+    body = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 INLINE_DECODE_PIXELS = 512 * 512  # a request's images up to this are decoded on the event loop itself
@@ -125,19 +128,12 @@ class ApiKey:
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key):
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"detail": "this service needs its API key: Authorization: Bearer <MNEMO_API_KEY>"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
+        await _send_detail(
+            send,
+            401,
+            "this service needs its API key: Authorization: Bearer <MNEMO_API_KEY>",
+            ((b"www-authenticate", b"Bearer"),),
         )
-        await send({"type": "http.response.body", "body": body})
 
 
 def _pixels(data: bytes, name: str, limits: IngestParams) -> int:
