@@ -304,16 +304,25 @@ def _unit(column: pa.Array) -> np.ndarray:
 
 
 def validate_table(
-    ws: Workspace, tbl: lancedb.table.Table, model: Embedder, records: Sequence[ImageRecord], params: IndexParams
+    ws: Workspace,
+    tbl: lancedb.table.Table,
+    model: Embedder,
+    records: Sequence[ImageRecord],
+    params: IndexParams,
+    *,
+    measured_recall: float | None = None,
 ) -> IndexValidation:
-    """Row count equals the images stored, every class is present, and probe images, embedded
-    afresh by `model` from their files, find their own rows through the live search path."""
+    """Row count equals the images stored, every class is present, probe images, embedded afresh
+    by `model` from their files, find their own rows through the live search path, and the ANN
+    search keeps its recall floor (`measured_recall`: what tune_ef just measured, not measured again)."""
     classes = set(column(tbl, "class"))
     rows = tbl.count_rows()
     probes = probe_records(records, params.probes)
     vectors = embed_images(model, (open_rgb(ws.classes_dir / r.id) for r in probes), batch_size=params.batch_size)
     readers = with_table_settings(tbl.schema, params)  # as readers will search it
     hits = search_table(tbl, vectors, min(5, max(rows, 1)), readers) if rows else [[] for _ in probes]
+    if measured_recall is None and rows:
+        measured_recall = ann_recall(tbl, params)  # None without an index: exact search
     return IndexValidation(
         table=tbl.name,
         rows=rows,
@@ -322,7 +331,7 @@ def validate_table(
         missing_classes=tuple(sorted({r.cls for r in records} - classes)),
         probes=len(probes),
         probes_found=sum(finds_itself(r.id, h) for r, h in zip(probes, hits)),
-        ann_recall=ann_recall(tbl, params) if rows else None,
+        ann_recall=measured_recall,
         min_recall=params.ann_min_recall,
     )
 
@@ -400,8 +409,10 @@ def build_table(
             _write(tbl, ws, model, caught_up, params, f"catch up {name}")
     drop_old_versions(tbl, timedelta(0))  # compacts the chunks; nobody reads this table yet
     ann = ensure_ann_index(tbl, params)
-    tune_ef(tbl, params)  # the data decides how wide an HNSW search must be to meet the recall floor
-    validation = validate_table(ws, tbl, model, [*records, *caught_up], params)
+    tuned = tune_ef(tbl, params)  # the data decides how wide an HNSW search must be to meet the recall floor
+    validation = validate_table(
+        ws, tbl, model, [*records, *caught_up], params, measured_recall=tuned[1] if tuned else None
+    )
     if not validation.ok:
         raise IndexValidationError(validation)  # left unmarked: the next build removes it
     _mark_validated(tbl, version)
