@@ -57,8 +57,6 @@ class QueryBatcher(Generic[Owner]):
         self._queue: asyncio.Queue[_Job[Owner]] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._coming = 0  # requests read or decoded right now: a batch may wait for them
-        self.batches = 0  # forwards run, for tests and the bench
-        self.images = 0
 
     @contextmanager
     def coming(self) -> Iterator[None]:
@@ -118,8 +116,6 @@ class QueryBatcher(Generic[Owner]):
                 if not job.done.done():
                     job.done.set_exception(exc)
             return
-        self.batches += 1
-        self.images += len(images)
         start = 0
         for job in jobs:
             if not job.done.done():  # a client that went away cancelled its future

@@ -82,7 +82,6 @@ class LiveIndex:
         self.index = index
         self.refresh_seconds = refresh_seconds
         self.channels_last = channels_last
-        self.registry_params = registry
         self._registry = ModelRegistry(ws, registry)
         self._loop: AsyncLoop | None = None
         self._pair: LivePair | None = None

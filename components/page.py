@@ -16,6 +16,7 @@ no row and get a 404).
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime.
 import io
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from components.config import IngestParams
 from components.data.class_registry import ClassRegistry
 from components.data.transforms import open_rgb
-from components.live import LiveIndex, LivePair, NoChampionError
+from components.live import LiveIndex, LivePair
 from components.search import Hit
 from components.status import workspace_status
 
@@ -56,15 +57,10 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def add_page(app: FastAPI, live: LiveIndex, ingest: IngestParams, max_k: int) -> None:
-    """The page and its read-only endpoints, on the service's app."""
+def add_page(app: FastAPI, live: LiveIndex, current: Callable[[], LivePair], ingest: IngestParams, max_k: int) -> None:
+    """The page and its read-only endpoints, on the service's app; `current` is the service's own
+    "the pair to answer with, or a 503"."""
     page = PAGE.read_text()
-
-    def current() -> LivePair:
-        try:
-            return live.current()
-        except NoChampionError as exc:
-            raise HTTPException(503, str(exc)) from None
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
@@ -74,7 +70,7 @@ def add_page(app: FastAPI, live: LiveIndex, ingest: IngestParams, max_k: int) ->
     def status() -> JSONResponse:
         """Where things stand: champion and challenger (version, table, rows, metrics), the last
         gate report (verdict and reasons), the promotion log (newest last), the catalog's counts."""
-        return JSONResponse(workspace_status(live.ws, live.registry_params, ingest))
+        return JSONResponse(workspace_status(live.ws, live.registry, ingest))
 
     @app.get("/status/heatmap.png", responses={200: {"content": {"image/png": {}}}, **error_responses(404, 503)})
     def heatmap() -> Response:

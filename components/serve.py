@@ -207,17 +207,17 @@ def create_app(
         LivePair.embed, LivePair.search, wait_ms=serve.batch_wait_ms, max_batch=serve.max_batch
     )
     app = FastAPI(title="mnemo query service", lifespan=lifespan)
-    app.state.batcher = batcher
     app.add_middleware(BodyLimit, limit=serve.max_upload_bytes)
     if api_key:
         app.add_middleware(ApiKey, key=api_key)  # added last: outermost, so a refused request is never read
-    add_page(app, live, ingest, serve.max_k)
 
     def current() -> LivePair:
         try:
             return live.current()
         except NoChampionError as exc:
             raise HTTPException(503, str(exc)) from None
+
+    add_page(app, live, current, ingest, serve.max_k)
 
     async def _read_and_decode(image: list[UploadFile]) -> list[Image.Image]:
         """The uploads as RGB images, checked against every limit before any pixel is decoded."""
@@ -242,8 +242,8 @@ def create_app(
     ) -> JSONResponse:
         """Nearest stored images for each uploaded image, from one (model, table) pair.
 
-        Decoding and the forward run off the event loop; the forward and the search are shared
-        with concurrent requests (serve.batch_wait_ms, serve.max_batch).
+        The forward runs off the event loop (and so does decoding, but for small images); the forward
+        and the search are shared with concurrent requests (serve.batch_wait_ms, serve.max_batch).
         """
         with batcher.coming():  # concurrent requests' batch may wait (batch_wait_ms) for this one
             decoded = await _read_and_decode(image)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from components.config import IngestParams, RegistryParams, Workspace
+from components.config import IngestParams, Workspace
 from components.data.class_registry import ClassRegistry
 from components.data.ingest import pending_arrivals
 from components.metrics import json_number
@@ -13,16 +13,15 @@ from components.registry import SMOKE_TAG, VERDICT_TAG, ModelRegistry
 from components.search import table_rows
 
 
-def workspace_status(ws: Workspace, registry_params: RegistryParams, ingest: IngestParams) -> dict[str, Any]:
+def workspace_status(ws: Workspace, registry: ModelRegistry, ingest: IngestParams) -> dict[str, Any]:
     """Champion (version, table, rows, metrics), challenger (and its gate verdict), the promotion
     log newest last, the challenger's gate report, and the catalog's counts."""
-    registry = ModelRegistry(ws, registry_params)
     champion = registry.champion()
     challenger = registry.challenger() or registry.latest()  # stores from before the alias existed have none
     catalog = ClassRegistry.load(ws.class_registry)
     return {
         "workspace": str(ws.root),
-        "model_name": registry_params.model_name,
+        "model_name": registry.name,
         "tracking_uri": ws.masked_tracking_uri,
         "lancedb_uri": ws.masked_lancedb_uri,
         "champion": None

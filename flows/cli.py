@@ -190,9 +190,10 @@ def retrain(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Pa
 def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: ParamsOpt = Path("params.yaml")) -> None:
     """Where things stand: champion and challenger, the promotion log, the latest gate report, the data."""
     p, ws = _setup(params, workspace)
+    from components.registry import ModelRegistry
     from components.status import workspace_status
 
-    payload = workspace_status(ws, p.registry, p.ingest)
+    payload = workspace_status(ws, ModelRegistry(ws, p.registry), p.ingest)
     champion, challenger, gate = payload["champion"], payload["challenger"], payload["gate"]
     promotions, data = payload["promotions"], payload["data"]
     table = Table(show_header=False, title="mnemo status")
@@ -399,10 +400,10 @@ def serve(
     import uvicorn
 
     if os.environ.get("MNEMO_API_KEY"):
-        err.print(f"{API_KEY_ENV} is set: every endpoint but /health needs `Authorization: Bearer <key>`")
+        err.print("MNEMO_API_KEY is set: every endpoint but /health needs `Authorization: Bearer <key>`")
     else:
         err.print(
-            f"[yellow]{API_KEY_ENV} is not set: the service and its page (stored images included) are open "
+            "[yellow]MNEMO_API_KEY is not set: the service and its page (stored images included) are open "
             "to anyone who can reach this port[/]"
         )
     # The worker processes build their app from these (service_app); one worker builds it here.
@@ -414,7 +415,6 @@ def serve(
 
 
 SERVE_PARAMS_ENV = "MNEMO_SERVE_PARAMS"
-API_KEY_ENV = "MNEMO_API_KEY"  # never in params.yaml or logs
 
 
 def service_app() -> FastAPI:
@@ -426,6 +426,7 @@ def service_app() -> FastAPI:
     live = LiveIndex(
         ws, p.registry, p.index, refresh_seconds=p.serve.refresh_seconds, channels_last=p.serve.channels_last
     )
+    # The key comes from the environment only: never from params.yaml, never logged.
     return create_app(live, p.serve, p.ingest, api_key=os.environ.get("MNEMO_API_KEY") or None)
 
 
