@@ -72,24 +72,28 @@ def test_proxies_grow_with_new_classes_and_keep_the_old_ones(params):
     assert torch.equal(restored.loss.proxies[2:], torch.eye(16)[:2])
 
 
-def test_a_crashed_run_resumes_from_its_last_epoch_and_ends_where_an_unbroken_one_does(params, tmp_path):
-    paths, labels = shapes(tmp_path)
-    p = params.train.model_copy(update={"epochs": 3, "batch_size": 8, "m_per_class": 2})
+def crashed_and_resumed(params, train, paths, labels, tmp_path, *, crash_after: int):
+    """An unbroken run, and the same run crashed after epoch `crash_after` then started again on its checkpoints."""
     init = build_embedder(params.model)
-    unbroken = train_embedder(paths, labels, p, params.model, init=init)
+    unbroken = train_embedder(paths, labels, train, params.model, init=init)
 
     class Crash(Exception):
         pass
 
-    def crash_after_second(epoch, _metrics):
-        if epoch == 1:
+    def crash(epoch, _metrics):
+        if epoch == crash_after:
             raise Crash
 
     with pytest.raises(Crash):
-        train_embedder(
-            paths, labels, p, params.model, init=init, checkpoint_dir=tmp_path / "ckpt", on_epoch=crash_after_second
-        )
-    resumed = train_embedder(paths, labels, p, params.model, init=init, checkpoint_dir=tmp_path / "ckpt")
+        train_embedder(paths, labels, train, params.model, init=init, checkpoint_dir=tmp_path / "ckpt", on_epoch=crash)
+    resumed = train_embedder(paths, labels, train, params.model, init=init, checkpoint_dir=tmp_path / "ckpt")
+    return init, unbroken, resumed
+
+
+def test_a_crashed_run_resumes_from_its_last_epoch_and_ends_where_an_unbroken_one_does(params, tmp_path):
+    paths, labels = shapes(tmp_path)
+    p = params.train.model_copy(update={"epochs": 3, "batch_size": 8, "m_per_class": 2})
+    init, unbroken, resumed = crashed_and_resumed(params, p, paths, labels, tmp_path, crash_after=1)
     assert resumed.resumed_from_epoch == 2
     assert resumed.epoch_losses == pytest.approx(unbroken.epoch_losses)
     for a, b in zip(resumed.model.state_dict().values(), unbroken.model.state_dict().values()):
@@ -182,21 +186,7 @@ def test_embedding_distillation_on_old_classes_only_ignores_the_new_images(param
 def test_cosine_schedule_ends_near_zero_and_resumes_exactly(params, tmp_path):
     paths, labels = shapes(tmp_path)
     p = params.train.model_copy(update={"epochs": 3, "batch_size": 8, "m_per_class": 2, "lr_schedule": "cosine"})
-    init = build_embedder(params.model)
-    unbroken = train_embedder(paths, labels, p, params.model, init=init)
-
-    class Crash(Exception):
-        pass
-
-    def crash_after_first(epoch, _metrics):
-        if epoch == 0:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train_embedder(
-            paths, labels, p, params.model, init=init, checkpoint_dir=tmp_path / "ckpt", on_epoch=crash_after_first
-        )
-    resumed = train_embedder(paths, labels, p, params.model, init=init, checkpoint_dir=tmp_path / "ckpt")
+    _, unbroken, resumed = crashed_and_resumed(params, p, paths, labels, tmp_path, crash_after=0)
     assert resumed.resumed_from_epoch == 1
     for a, b in zip(resumed.model.state_dict().values(), unbroken.model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
