@@ -42,6 +42,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from serving import free_port, serve_command, service_env  # bench/serving.py
+
 from components.config import Params, load_params, resolve_workspace
 from components.data.class_registry import ImageRecord
 from components.data.transforms import open_rgb
@@ -260,7 +262,6 @@ def bench_swap(params: Params, tmp: Path, rounds: int) -> dict:
 def bench_http_swap(params: Params, ws, tmp: Path, promoter: Promoter, rounds: int) -> dict:
     """Swap time as clients see it: `mnemo serve` in its own process, the alias moved here, then
     the time until the first HTTP answer names the new version (GET /live, polled every 5 ms)."""
-    import socket
     import subprocess
 
     import httpx
@@ -268,22 +269,9 @@ def bench_http_swap(params: Params, ws, tmp: Path, promoter: Promoter, rounds: i
 
     params_file = tmp / "swap-params.yaml"
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MNEMO_", "MLFLOW_"))}
-    cmd = [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--workspace",
-        str(ws.root),
-        "--params",
-        str(params_file),
-    ]
+    port = free_port()
+    env = service_env()
+    cmd = serve_command(ws.root, params_file, port)
     log = tmp / "serve.log"
     server = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     url = f"http://127.0.0.1:{port}"

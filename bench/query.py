@@ -31,7 +31,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from serving import free_port, serve_command, service_env  # noqa: E402  # bench/serving.py
 
 from components.config import Params, load_params, resolve_workspace, with_overrides  # noqa: E402
 from components.index import build_table, ensure_ann_index, tune_ef  # noqa: E402
@@ -342,12 +343,6 @@ def bench_vector_set(
 # --- HTTP -------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_workspace(params: Params, root: Path) -> tuple[object, bytes]:
     """200 stored PNGs, one registered model as champion with its validated table; a query PNG."""
     from PIL import Image
@@ -470,7 +465,7 @@ def http_load(url: str, png: bytes, n_single: int, seconds: float) -> dict:
 def bench_http(params: Params, tmp: Path, args) -> dict:
     ws, png = http_workspace(params, tmp / "http")
     parts = parts_alone(params, ws, png, args.http_requests)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MNEMO_", "MLFLOW_"))}
+    env = service_env()
     variants: list[tuple[str, Path, Params | None, list[str]]] = [
         ("mnemo serve", REPO, params, []),
         ("mnemo serve, serve.channels_last", REPO, with_overrides(params, {"serve.channels_last": True}), []),
@@ -494,19 +489,7 @@ def bench_http(params: Params, tmp: Path, args) -> dict:
             else:
                 params_file.write_text(yaml.safe_dump(variant_params.model_dump(mode="json")))
             port = free_port()
-            cmd = [
-                sys.executable,
-                "-m",
-                "flows.cli",
-                "serve",
-                "--port",
-                str(port),
-                "--workspace",
-                str(ws.root),
-                "--params",
-                str(params_file),
-                *extra,
-            ]
+            cmd = serve_command(ws.root, params_file, port, *extra)
             server = serve_process(
                 cmd, cwd, env | {"PYTHONPATH": str(cwd)}, tmp / f"serve-{len(rows)}.log", f"http://127.0.0.1:{port}"
             )
