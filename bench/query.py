@@ -9,7 +9,9 @@ Search (per vector set, one table of `--rows` 128-d unit vectors, 500 single que
   process's resident memory growth while building;
 - hot adds: 1% more rows appended (searched exactly beside the index until optimize folds them
   in), queried before and after `optimize`, recall against the grown table's exact neighbours.
-The previous default and the peers run on the first (synthetic) set only: builds take minutes.
+The previous default runs on the first (synthetic) set only (its build takes minutes).
+mnemo's serving graph (serve.search: graph, components/graph.py) is built from the same table as
+a replica builds it (ef tuned to index.ann_min_recall), with build seconds and memory growth.
 Vector sets: `synthetic` (one centre per 100 rows, cosine to the centre ~0.74, as bench/index.py)
 and `calibrated` (drawn to match the intra- and inter-class cosine statistics and class sizes
 of a real champion's table: `--calibrate WORKSPACE`, e.g. the one `mnemo demo` made).
@@ -50,6 +52,7 @@ sys.path.insert(0, str(REPO))
 from serving import free_port, serve_command, service_env  # noqa: E402  # bench/serving.py
 
 from components.config import Params, load_params, resolve_workspace, with_overrides  # noqa: E402
+from components.graph import ServingGraph  # noqa: E402
 from components.index import build_table, ensure_ann_index, tune_ef  # noqa: E402
 from components.modeling.embedder import build_embedder, embed_images  # noqa: E402
 from components.registry import CHAMPION, TABLE_TAG, ModelRegistry  # noqa: E402
@@ -234,6 +237,24 @@ def lancedb_engines(ws, name: str, index_params, loop: AsyncLoop, label: str) ->
     ]
 
 
+def graph_engine(ws, name: str, params: Params) -> tuple[Engine, ServingGraph]:
+    """mnemo's serving graph (serve.search: graph), built from the table as a service replica builds it."""
+    before = rss_mb()
+    graph = ServingGraph.build(ws, name, params.serve.model_copy(update={"search": "graph"}), params.index)
+    info = {
+        "M": params.serve.graph_m,
+        "efConstruction": params.serve.graph_ef_construction,
+        "ef": graph.stats.ef,
+        "recall_on_stored": round(graph.stats.recall_at_10 or 1.0, 4),
+        "build_seconds": round(graph.stats.build_seconds, 1),
+        "build_rss_growth_mb": round(rss_mb() - before, 1),
+    }
+    engine = Engine(
+        "mnemo serving graph (ServingGraph)", lambda v: [int(h["id"]) for h in graph.search(v[None], K)[0]], info
+    )
+    return engine, graph
+
+
 def faiss_engine(vectors: np.ndarray) -> Engine:
     import faiss
 
@@ -303,6 +324,8 @@ def bench_vector_set(
         )
         _, builds["previous"] = lance_table(ws, "previous", vectors, previous)
         engines += lancedb_engines(ws, "previous", previous, loop, "IVF_PQ as shipped before")
+    served, graph = graph_engine(ws, "shipped", params)
+    engines.append(served)
     if peers:
         engines += [faiss_engine(vectors), hnswlib_engine(vectors)]
     run_alternating(engines, queries)
@@ -325,6 +348,17 @@ def bench_vector_set(
     added = time.perf_counter() - start
     grown_truth = exact_top(np.concatenate([vectors, extra]), queries)
     hot = {"rows_added": len(extra), "append_seconds": round(added, 2)}
+    start = time.perf_counter()
+    graph.catch_up()  # what each replica's refresh does
+    hot["graph_catch_up_seconds"] = round(time.perf_counter() - start, 2)
+    grown = Engine("graph", served.search, {})
+    run_alternating([grown], queries)
+    hot["graph"] = {
+        "p50_ms": pct(grown.ms, 50),
+        "p99_ms": pct(grown.ms, 99),
+        "recall_at_10": recall(grown.found, grown_truth),
+    }
+    del graph, served, grown
     for stage in ("before_optimize", "after_optimize"):
         if stage == "after_optimize":
             start = time.perf_counter()
@@ -381,7 +415,7 @@ def parts_alone(params: Params, ws, png: bytes, n: int) -> dict:
 
     from components.live import LiveIndex
 
-    pair = LiveIndex(ws, params.registry, params.index, refresh_seconds=3600).current()
+    pair = LiveIndex(ws, params.registry, params.index, refresh_seconds=3600, graph=params.serve).current()
     nhwc = copy.deepcopy(pair.model).to(memory_format=torch.channels_last)
     image = Image.open(io.BytesIO(png)).convert("RGB")
     vector = embed_images(pair.model, [image])
@@ -394,7 +428,7 @@ def parts_alone(params: Params, ws, png: bytes, n: int) -> dict:
         embed_images(nhwc, [image], channels_last=True)
         forward_nhwc.append((time.perf_counter() - start) * 1000)
         start = time.perf_counter()
-        pair.table.search(vector, 5)
+        pair.nearest(vector, 5)  # the serving graph or the table, as serve.search says
         search.append((time.perf_counter() - start) * 1000)
     batch = [image] * 4
     start = time.perf_counter()
@@ -520,7 +554,11 @@ def main() -> None:
     ap.add_argument(
         "--sets", default="synthetic,calibrated", help="vector sets to search (calibrated needs --calibrate)"
     )
-    ap.add_argument("--calibrate", type=Path, help="a workspace with a champion (e.g. after `mnemo demo`)")
+    ap.add_argument(
+        "--calibrate",
+        type=Path,
+        help="a workspace with a champion (e.g. after `mnemo demo`), or an earlier run's JSON to reuse its statistics",
+    )
     ap.add_argument("--previous-default", action="store_true", help="also IVF_PQ as mnemo shipped it before")
     ap.add_argument("--no-peers", dest="peers", action="store_false", help="skip faiss and hnswlib")
     ap.add_argument("--baseline", help="a git ref whose `mnemo serve` is measured beside this one")
@@ -550,7 +588,11 @@ def main() -> None:
             if "synthetic" in args.sets:
                 sets["synthetic"] = (synthetic(args.rows, 1, centres), synthetic(args.queries, 2, centres))
             if args.calibrate and "calibrated" in args.sets:
-                stats = champion_statistics(args.calibrate, params)
+                stats = (
+                    {k: v for k, v in json.loads(args.calibrate.read_text())["calibration"].items() if k != "drawn"}
+                    if args.calibrate.suffix == ".json"  # the statistics an earlier run measured
+                    else champion_statistics(args.calibrate, params)
+                )
                 classes = max(args.rows // stats["median_class_size"], 10)
                 centres = calibrated_centres(classes, 3, stats)
                 vectors, labels = calibrated(args.rows, 4, stats, centres)
@@ -560,7 +602,7 @@ def main() -> None:
             report["search"] = {}
             for label, (vectors, queries) in sets.items():
                 print(f"search: {label}, {len(vectors)} rows", file=sys.stderr, flush=True)
-                # The comparisons (previous default, peers) on the first set; the calibrated one checks the default.
+                # The previous default on the first set only (its build takes minutes); peers on every set.
                 first = label == "synthetic"
                 report["search"][label] = bench_vector_set(
                     label,
@@ -570,7 +612,7 @@ def main() -> None:
                     tmp,
                     loop,
                     previous_default=args.previous_default and first,
-                    peers=args.peers and first,
+                    peers=args.peers,
                 )
                 print(json.dumps(report["search"][label]["engines"], indent=1), file=sys.stderr, flush=True)
         if "http" in args.parts:
@@ -588,8 +630,9 @@ def main() -> None:
 
 def verdict(report: dict) -> dict:
     out: dict = {}
+    served = "mnemo serving graph" if report["serve_params"]["search"] == "graph" else "mnemo read path"
     for label, result in report.get("search", {}).items():
-        shipped = next(e for e in result["engines"] if e["engine"].startswith("mnemo read path"))
+        shipped = next(e for e in result["engines"] if e["engine"].startswith(served))
         out[f"{label}_p99_ms"] = shipped["p99_ms"]
         out[f"{label}_recall_at_10"] = shipped["recall_at_10"]
         out[f"{label}_met"] = (

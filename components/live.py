@@ -19,12 +19,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from components.config import IndexParams, RegistryParams, Workspace
+from components.config import IndexParams, RegistryParams, ServeParams, Workspace
+from components.graph import ServingGraph
 from components.modeling.embedder import Embedder, embed_images
 from components.registry import CHALLENGER, CHAMPION, ModelRegistry
 from components.search import AsyncLoop, Hit, TableReader
 
 log = logging.getLogger(__name__)
+
+GRAPHS_KEPT = 2  # the serving pair's graph and the one before it: ~0.8 GB per million rows each
 
 
 class NoChampionError(LookupError):
@@ -45,16 +48,24 @@ class LivePair:
     table: TableReader
     since: datetime  # when this reader switched to the pair (UTC)
     channels_last: bool = False  # the model was moved to NHWC; inputs follow
+    graph: ServingGraph | None = None  # the table's rows in memory (serve.search: graph); None: LanceDB searches
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         return embed_images(self.model, images, channels_last=self.channels_last)
 
     def query(self, images: Sequence[Image.Image], k: int) -> list[list[Hit]]:
         """The k nearest stored images for each RGB image, by this pair's model in this pair's table."""
-        return self.table.search(self.embed(images), k)
+        return self.nearest(self.embed(images), k)
+
+    def nearest(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """The k nearest stored images for each vector, in this pair's graph or table."""
+        return self.graph.search(vectors, k) if self.graph is not None else self.table.search(vectors, k)
 
     async def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        """This pair's table searched for every vector at once, awaitable from any event loop."""
+        """`nearest`, awaitable from any event loop: the graph answers in well under a millisecond,
+        on the caller's loop; the table is searched on its own loop."""
+        if self.graph is not None:
+            return self.graph.search(vectors, k)
         return await self.table.search_async(vectors, k)
 
     def rows(self) -> int:
@@ -67,6 +78,11 @@ class LiveIndex:
     Loaded models and opened tables are cached per version, so swapping back (a rollback)
     costs an alias lookup, not a model load; the background refresh also loads the
     challenger's model ahead of its promotion.
+
+    With `graph` (serve params whose `search` is graph), every pair carries a ServingGraph of
+    its table, built before the pair goes live; each refresh adds the rows hot adds appended,
+    so they are found within refresh_seconds, as LanceDB's reader finds them. The serving
+    graph and the one before it (the likely rollback target) stay in memory.
     """
 
     def __init__(
@@ -77,11 +93,14 @@ class LiveIndex:
         *,
         refresh_seconds: float,
         channels_last: bool = False,
+        graph: ServeParams | None = None,
     ) -> None:
         self.ws = ws
         self.index = index
         self.refresh_seconds = refresh_seconds
         self.channels_last = channels_last
+        self._graph_params = graph if graph is not None and graph.search == "graph" else None
+        self._graphs: OrderedDict[str, ServingGraph] = OrderedDict()
         self._registry = ModelRegistry(ws, registry)
         self._loop: AsyncLoop | None = None
         self._pair: LivePair | None = None
@@ -118,6 +137,8 @@ class LiveIndex:
             if version is None:
                 return current  # an alias never removed in normal operation: keep answering
             if current is not None and current.version == version:
+                if current.graph is not None:
+                    current.graph.catch_up()  # rows hot adds appended since the last refresh
                 return current  # a version's table is named after it: nothing else can have moved
             champion = self._registry.get(version, with_metrics=False)
             if not champion.table:
@@ -137,6 +158,7 @@ class LiveIndex:
                 table=table,
                 since=datetime.now(UTC),
                 channels_last=self.channels_last,
+                graph=self._graph(champion.table),
             )
             self._pair = pair  # the swap: one assignment; in-flight readers keep the pair they hold
             log.info("live pair: v%s with table %s", pair.version, pair.table_name)
@@ -153,6 +175,19 @@ class LiveIndex:
             while len(self._models) > self.index.keep_tables:  # rollback targets, no more
                 self._models.popitem(last=False)
         return self._models[version]
+
+    def _graph(self, table: str) -> ServingGraph | None:
+        """The table's serving graph, caught up with its rows (built on first use); None without graphs."""
+        if self._graph_params is None:
+            return None
+        if table in self._graphs:
+            self._graphs.move_to_end(table)
+            self._graphs[table].catch_up()
+        else:
+            self._graphs[table] = ServingGraph.build(self.ws, table, self._graph_params, self.index)
+            while len(self._graphs) > GRAPHS_KEPT:
+                self._graphs.popitem(last=False)
+        return self._graphs[table]
 
     def _table(self, name: str) -> TableReader:
         if name not in self._tables:
@@ -185,8 +220,15 @@ class LiveIndex:
             return
         with self._resolving:
             self._model(challenger)
-            if self._pair is not None and self._pair.version in self._models:  # the serving one stays newest
-                self._models.move_to_end(self._pair.version)
+            if self._graph_params is not None:  # its graph too, so the swap to it builds nothing
+                table = self._registry.get(challenger, with_metrics=False).table
+                if table:
+                    self._graph(table)
+            if self._pair is not None:  # the serving one stays newest
+                if self._pair.version in self._models:
+                    self._models.move_to_end(self._pair.version)
+                if self._pair.table_name in self._graphs:
+                    self._graphs.move_to_end(self._pair.table_name)
 
     def _refresh_forever(self) -> None:
         while not self._stop.wait(self.refresh_seconds):

@@ -138,7 +138,7 @@ def add_page(app: FastAPI, live: LiveIndex, current: Callable[[], LivePair], ing
         if not rows:
             raise HTTPException(404, f"the live table {pair.table_name} is empty")
         row = pair.table.row_at(random.randrange(rows))
-        [hits] = pair.table.search(np.asarray([row["vector"]], dtype=np.float32), k + 1)
+        [hits] = pair.nearest(np.asarray([row["vector"]], dtype=np.float32), k + 1)
         neighbours: list[Hit] = [h for h in hits if h["id"] != row["id"]][:k]
         return JSONResponse(
             {

@@ -424,7 +424,12 @@ def service_app() -> FastAPI:
 
     p, ws = _setup(Path(os.environ[SERVE_PARAMS_ENV]), None)
     live = LiveIndex(
-        ws, p.registry, p.index, refresh_seconds=p.serve.refresh_seconds, channels_last=p.serve.channels_last
+        ws,
+        p.registry,
+        p.index,
+        refresh_seconds=p.serve.refresh_seconds,
+        channels_last=p.serve.channels_last,
+        graph=p.serve,
     )
     # The key comes from the environment only: never from params.yaml, never logged.
     return create_app(live, p.serve, p.ingest, api_key=os.environ.get("MNEMO_API_KEY") or None)
