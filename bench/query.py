@@ -57,7 +57,7 @@ from components.index import build_table, ensure_ann_index, tune_ef  # noqa: E40
 from components.modeling.embedder import build_embedder, embed_images  # noqa: E402
 from components.registry import CHAMPION, TABLE_TAG, ModelRegistry  # noqa: E402
 from components.search import AsyncLoop, TableReader, with_table_settings  # noqa: E402
-from components.tables import VECTOR, connect, open_table, table_schema  # noqa: E402
+from components.tables import VECTOR, connect, open_table, table_schema, vector_indices  # noqa: E402
 
 DIM = 128
 K = 10
@@ -182,7 +182,7 @@ def lance_table(ws, name: str, vectors: np.ndarray, index_params) -> tuple[objec
     build = time.perf_counter() - start
     start = time.perf_counter()
     tuned = tune_ef(tbl, index_params)  # as build_table does: the ef that meets the recall floor on stored vectors
-    stats = tbl.list_indices()[0]
+    [stats] = vector_indices(tbl)
     return tbl, {
         "build_seconds": round(build, 1),
         "ef_tuning": None

@@ -364,7 +364,8 @@ class Workspace:
 
     @property
     def class_registry(self) -> Path:
-        return self.root / "data" / "registry.json"
+        """The catalog's database; its manifests (what DVC versions) are in data/arrivals/."""
+        return self.root / "data" / "catalog.sqlite"
 
     @property
     def quarantine(self) -> Path:

@@ -23,12 +23,12 @@ from pathlib import Path
 import lancedb
 import numpy as np
 import pyarrow as pa
-from lancedb.index import IvfHnswSq, IvfPq
+from lancedb.index import BTree, IvfHnswSq, IvfPq
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from components.config import IndexParams, Workspace
-from components.data.class_registry import ImageRecord
+from components.data.class_registry import ClassRegistry, ImageRecord
 from components.data.transforms import open_rgb
 from components.failpoints import failpoint
 from components.modeling.embedder import Embedder, embed_images, pick_device
@@ -36,17 +36,20 @@ from components.search import finds_itself, probe_records, search_table, with_ta
 from components.tables import (
     ANN_EF,
     ANN_TRAINED_ROWS,
+    CATALOG_SEQ,
     MODEL_VERSION,
     VALIDATED,
     VECTOR,
     column,
     connect,
+    ids_present,
     is_validated,
     list_tables,
     set_vector_metadata,
     table_name,
     table_schema,
     table_version,
+    vector_indices,
     vector_metadata,
     written_by,
 )
@@ -220,7 +223,7 @@ def retune_ann_index(tbl: lancedb.table.Table, params: IndexParams) -> bool:
     if rows < params.ann_min_rows:
         return False
     trained = vector_metadata(tbl, ANN_TRAINED_ROWS)
-    if list(tbl.list_indices()):
+    if vector_indices(tbl):
         if trained is None:  # indexed before the mark existed: count from here
             set_vector_metadata(tbl, ANN_TRAINED_ROWS, str(rows))
             return False
@@ -265,7 +268,7 @@ def recall_probes(tbl: lancedb.table.Table, count: int, k: int = 10) -> RecallPr
 def ann_recall(tbl: lancedb.table.Table, params: IndexParams, k: int = 10) -> float | None:
     """Recall@k of the search path (with the table's own ef) against exact cosine search, for
     `recall_probes` stored vectors; None when the table has no ANN index (its search is exact)."""
-    if not list(tbl.list_indices()):
+    if not vector_indices(tbl):
         return None
     return recall_probes(tbl, params.recall_probes, k).recall(tbl, with_table_settings(tbl.schema, params))
 
@@ -274,7 +277,7 @@ def tune_ef(tbl: lancedb.table.Table, params: IndexParams) -> tuple[int, float] 
     """The smallest ef (ann_ef, doubled up to ann_max_ef) whose recall@10 on stored vectors meets
     ann_min_recall, recorded on the table for its readers; the largest tried when none does (the
     validation then refuses the table). None for an IVF_PQ index or no index: nothing to tune."""
-    if params.ann_type != "IVF_HNSW_SQ" or not list(tbl.list_indices()):
+    if params.ann_type != "IVF_HNSW_SQ" or not vector_indices(tbl):
         return None
     probes = recall_probes(tbl, params.recall_probes)
     ef = params.ann_ef
@@ -334,6 +337,28 @@ def validate_table(
         ann_recall=measured_recall,
         min_recall=params.ann_min_recall,
     )
+
+
+def _mark_complete_up_to(tbl: lancedb.table.Table, records: Sequence[ImageRecord]) -> None:
+    """Record the catalog position these records (a whole catalog) reach, where they come from one."""
+    if records and all(r.seq for r in records):
+        reached = str(max(r.seq for r in records))
+        if vector_metadata(tbl, CATALOG_SEQ) != reached:  # a write is a new Lance version
+            set_vector_metadata(tbl, CATALOG_SEQ, reached)
+
+
+def missing_rows(tbl: lancedb.table.Table, catalog: ClassRegistry) -> tuple[list[ImageRecord], int]:
+    """The catalog's images the table lacks, and the catalog position the table reaches once they
+    are appended. A table marked with its position is asked only about the images recorded since
+    (what an arrival costs); an unmarked one (built before the mark) has its id column read once."""
+    last = catalog.last_seq()  # first: images recorded while this runs belong to the next call
+    mark = vector_metadata(tbl, CATALOG_SEQ)
+    if not mark:
+        known = set(column(tbl, "id"))
+        return [r for r in catalog.records() if r.id not in known and r.seq <= last], last
+    candidates = [r for r in catalog.records_since(int(mark)) if r.seq <= last]
+    present = ids_present(tbl, [r.id for r in candidates])
+    return [r for r in candidates if r.id not in present], last
 
 
 def _mark_validated(tbl: lancedb.table.Table, version: str) -> None:
@@ -408,6 +433,7 @@ def build_table(
         if caught_up:
             _write(tbl, ws, model, caught_up, params, f"catch up {name}")
     drop_old_versions(tbl, timedelta(0))  # compacts the chunks; nobody reads this table yet
+    tbl.create_index("id", config=BTree())  # hot adds ask which of an arrival's ids the table holds
     ann = ensure_ann_index(tbl, params)
     tuned = tune_ef(tbl, params)  # the data decides how wide an HNSW search must be to meet the recall floor
     validation = validate_table(
@@ -415,6 +441,7 @@ def build_table(
     )
     if not validation.ok:
         raise IndexValidationError(validation)  # left unmarked: the next build removes it
+    _mark_complete_up_to(tbl, [*records, *caught_up])
     _mark_validated(tbl, version)
     drop_old_versions(tbl, timedelta(0))  # one Lance version left: the validated one
     removed = cleanup_tables(ws, params, keep={*keep, name})
@@ -450,12 +477,13 @@ def _reuse(
     missing = [r for r in records if r.id not in known]
     if missing:  # ingested since it was built and not hot-added yet: same model, so appending is safe
         append_missing(tbl, ws, model, missing, params)
+    _mark_complete_up_to(tbl, records)
     validation = validate_table(ws, tbl, model, records, params)
     if not validation.ok:
         raise IndexValidationError(validation)
     if not is_validated(tbl):
         _mark_validated(tbl, version)
-    indices = list(tbl.list_indices())
+    indices = vector_indices(tbl)
     return IndexBuild(
         table=tbl.name,
         version=str(version),

@@ -101,9 +101,7 @@ def add_page(app: FastAPI, live: LiveIndex, current: Callable[[], LivePair], ing
     def classes() -> JSONResponse:
         """Every class: its role (trained | unseen | pending), the arrival that brought it, its image count."""
         catalog = ClassRegistry.load(live.ws.class_registry)
-        counts: dict[str, int] = {}
-        for info in catalog.images.values():
-            counts[info["class"]] = counts.get(info["class"], 0) + 1
+        counts = catalog.class_counts()
         return JSONResponse(
             [
                 {"class": name, "role": _role(info["split"]), "arrival": info["arrival"], "images": counts.get(name, 0)}
@@ -117,7 +115,7 @@ def add_page(app: FastAPI, live: LiveIndex, current: Callable[[], LivePair], ing
         catalog = ClassRegistry.load(live.ws.class_registry)
         if name not in catalog.classes:
             raise HTTPException(404, f"no class {name!r} in the catalog")
-        records = sorted((r for r in catalog.records() if r.cls == name), key=lambda r: r.id)
+        records = catalog.class_records(name)
         step = max(1, len(records) // SAMPLE)
         info = catalog.classes[name]
         return JSONResponse(

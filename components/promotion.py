@@ -26,6 +26,7 @@ from components.index import (
     build_table,
     check_writable,
     drop_old_versions,
+    missing_rows,
     retune_ann_index,
 )
 from components.modeling.embedder import Embedder
@@ -39,7 +40,16 @@ from components.registry import (
     ModelRegistry,
     ModelVersionInfo,
 )
-from components.tables import column, connect, is_validated, open_table, table_name, written_by
+from components.tables import (
+    CATALOG_SEQ,
+    connect,
+    is_validated,
+    open_table,
+    set_vector_metadata,
+    table_name,
+    vector_metadata,
+    written_by,
+)
 from components.writer_lock import writer_lock
 
 
@@ -269,11 +279,13 @@ class Promoter:
                 f"table {table} was written by model version {written_by(tbl)}, "
                 f"not by v{version}; refusing to mix embeddings"
             )
-        known = set(column(tbl, "id"))
-        missing = [r for r in ClassRegistry.load(self.ws.class_registry).records() if r.id not in known]
+        missing, reached = missing_rows(tbl, ClassRegistry.load(self.ws.class_registry))
         if missing:
             append_missing(tbl, self.ws, self.registry.load_embedder(version), missing, self.index)
             retune_ann_index(tbl, self.index)  # the index follows the table's size (params.yaml: ann_*)
-            # Folds the new rows into the ANN index and compacts; readers mid-query keep their version's files.
+        if vector_metadata(tbl, CATALOG_SEQ) != str(reached):
+            set_vector_metadata(tbl, CATALOG_SEQ, str(reached))
+        if missing:
+            # Folds the new rows into the indices and compacts; readers mid-query keep their version's files.
             drop_old_versions(tbl, timedelta(seconds=self.index.old_versions_seconds))
         return len(missing)

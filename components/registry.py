@@ -6,7 +6,6 @@ log of `champion`'s moves). Which moves are allowed is promotion.py's business.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ from mlflow.exceptions import MlflowException
 
 import components
 from components.config import RegistryParams, Workspace
+from components.data.class_registry import ClassRegistry
 from components.modeling.embedder import Embedder, save_embedder
 from components.modeling.pyfunc import ENTRY_POINT, WEIGHTS_ARTIFACT, signature
 from components.promotion_log import PromotionLog
@@ -105,14 +105,9 @@ class ModelVersionInfo:
 
 
 def data_version(ws: Workspace) -> str:
-    """Content hash of the class registry (which pins every stored image by its content-hash name).
-
-    Stands in for the DVC data version until data/ is DVC-tracked; "none" before any ingest.
-    """
-    try:
-        return "md5:" + hashlib.md5(ws.class_registry.read_bytes()).hexdigest()
-    except FileNotFoundError:
-        return "none"
+    """The catalog's content hash, chained over its arrival manifests (which pin every stored image
+    by its content-hash name): the data a model saw, without reading the catalog; "none" before any ingest."""
+    return ClassRegistry.load(ws.class_registry).version()
 
 
 def git_commit() -> tuple[str, bool] | None:

@@ -21,6 +21,9 @@ VALIDATED = "mnemo:validated"  # vector-field metadata: when the table passed va
 MODEL_VERSION = "mnemo:model_version"  # vector-field metadata: the version whose model wrote the rows
 ANN_TRAINED_ROWS = "mnemo:ann_trained_rows"  # vector-field metadata: rows when the ANN index was last trained
 ANN_EF = "mnemo:ann_ef"  # vector-field metadata: the HNSW ef the build found to meet the recall floor
+# vector-field metadata: the catalog sequence number the table is complete up to (every image recorded
+# at or before it has its row), so a hot add reads only the catalog's newer images
+CATALOG_SEQ = "mnemo:catalog_seq"
 
 
 def table_name(prefix: str, version: str | int) -> str:
@@ -77,6 +80,22 @@ def vector_metadata(tbl: lancedb.table.Table, key: str) -> str | None:
 def set_vector_metadata(tbl: lancedb.table.Table, key: str, value: str) -> None:
     """Merged into the vector field's metadata (the other marks stay)."""
     tbl.update_field_metadata({"path": VECTOR, "metadata": {key: value}})
+
+
+def vector_indices(tbl: lancedb.table.Table) -> list:
+    """The table's ANN indices on the vector column (the id column's scalar index is not one)."""
+    return [i for i in tbl.list_indices() if list(i.columns) == [VECTOR]]
+
+
+def ids_present(tbl: lancedb.table.Table, ids: list[str], chunk: int = 1000) -> set[str]:
+    """Which of `ids` the table holds: a lookup in its scalar index on id (rows appended since the
+    index was updated are scanned), not a read of the whole id column."""
+    found: set[str] = set()
+    for lo in range(0, len(ids), chunk):
+        quoted = ",".join("'" + i.replace("'", "''") + "'" for i in ids[lo : lo + chunk])
+        rows = tbl.search().where(f"id IN ({quoted})").select(["id"]).limit(None).to_arrow()
+        found.update(rows["id"].to_pylist())
+    return found
 
 
 def list_tables(db: lancedb.DBConnection) -> list[str]:

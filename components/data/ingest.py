@@ -29,7 +29,6 @@ import json
 import os
 import stat
 import tempfile
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -219,7 +218,6 @@ def _identify(
 def _matches_legacy(name: str, entries: list[Entry], registry: ClassRegistry, ws: Workspace) -> bool:
     """An arrival recorded before fingerprints: the same one when it brings nothing that arrival
     did not already store or quarantine (its reasons.json lists what it quarantined)."""
-    stored = {image_id.rsplit(".", 1)[0] for image_id in registry.images}
     try:
         listed = {r["file"] for r in json.loads((ws.quarantine / name / REASONS).read_text())}
     except (OSError, ValueError, TypeError, KeyError):
@@ -228,17 +226,13 @@ def _matches_legacy(name: str, entries: list[Entry], registry: ClassRegistry, ws
     for e in entries:
         if e.rel in listed:
             continue
-        if e.digest is None or len(e.parts) < 2 or f"{e.parts[0]}/{e.digest[:32]}" not in stored:
+        if e.digest is None or len(e.parts) < 2 or e.parts[0] not in _classes_of_hash(registry, e.digest[:32]):
             return False
     return True
 
 
-def _stored_classes_by_hash(registry: ClassRegistry) -> dict[str, str]:
-    """Content hash (the 32 hex digits of an image id) -> the class it is stored under."""
-    out: dict[str, str] = {}
-    for image_id, meta in registry.images.items():
-        out.setdefault(image_id.rsplit("/", 1)[-1].split(".", 1)[0], meta["class"])
-    return out
+def _classes_of_hash(registry: ClassRegistry, digest: str) -> set[str]:
+    return {image_id.split("/", 1)[0] for image_id in registry.images_with_hash(digest)}
 
 
 def pending_arrivals(ws: Workspace, params: IngestParams | None = None) -> list[Path]:
@@ -372,7 +366,9 @@ def _process(
     """Store or quarantine each scanned file: (image ids stored per class, paths done with)."""
     stored_by_class: dict[str, list[str]] = {}
     processed: list[tuple[str, ...]] = []  # stored, quarantined or a duplicate: safe to delete
-    by_hash = _stored_classes_by_hash(registry)
+    by_hash: dict[
+        str, str
+    ] = {}  # content hash -> class, for this arrival's images (the catalog answers for stored ones)
     first_seen: dict[str, str] = {}  # content hash -> file of this arrival that brought it
 
     def reject(entry: Entry, reason: str, data: bytes | None) -> None:
@@ -424,7 +420,7 @@ def _process(
             continue
         assert fmt is not None and entry.digest is not None  # a file without a reason was read and identified
         cls, content = entry.parts[0], entry.digest[:32]
-        other = by_hash.get(content)
+        other = by_hash.get(content) or registry.class_of_hash(content)
         if other is not None and other != cls:
             where = first_seen.get(content, f"the stored image {other}/{content}")
             reject(
@@ -473,7 +469,7 @@ def _record(
             "so a corrected one under the same name is ingested"
         )
         return False
-    count = Counter(meta["class"] for meta in registry.images.values())
+    count = registry.image_counts(sorted(stored_by_class))
     report.new_classes = sorted(c for c in stored_by_class if c not in registry.classes)
     completing = sorted(
         c
@@ -497,7 +493,7 @@ def _record(
         split = registry.classes[cls]["split"]
         pool = list(image_ids)
         if cls in was_pending:  # its queries are drawn from all its images, the earlier pending one too
-            pool += [i for i, m in registry.images.items() if m["class"] == cls]
+            pool += registry.class_images(cls)
         queries = set()
         if split == "train":
             queries = _held_out_share(sorted(pool), params.query_image_fraction, params.seed, "query")

@@ -67,7 +67,7 @@ def test_dvc_repro_runs_the_pipeline_and_reports_metrics(params, tmp_path):
 
     # The data is DVC-tracked: data/classes and the class registry are cached outputs in dvc.lock.
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["ingest"]
-    assert {o["path"] for o in lock["outs"]} == {"ws/data/classes", "ws/data/registry.json"}
+    assert {o["path"] for o in lock["outs"]} == {"ws/data/classes", "ws/data/arrivals"}
 
     # An experiment on a train param: DVC re-runs train, evaluate and report, and reports its metrics.
     git = ["git", "-c", "user.name=mnemo-test", "-c", "user.email=test@mnemo.invalid"]

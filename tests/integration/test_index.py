@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from components.config import with_overrides
 from components.data.class_registry import ClassRegistry, ImageRecord
+from components.data.inbox import ingest_inbox
 from components.index import (
     IndexValidation,
     IndexValidationError,
@@ -31,11 +32,13 @@ from components.search import AsyncLoop, TableReader, search_table, with_table_s
 from components.tables import (
     ANN_EF,
     ANN_TRAINED_ROWS,
+    CATALOG_SEQ,
     connect,
     is_validated,
     list_tables,
     table_name,
     table_schema,
+    vector_indices,
     vector_metadata,
     written_by,
 )
@@ -164,7 +167,7 @@ def test_ann_index_from_the_row_threshold_keeps_recall(ws, params, ann_type):
     assert ensure_ann_index(tbl, index) is None  # one row short: exact search
     assert ann_recall(tbl, index) is None  # nothing approximate to measure
     tbl.add(rows.slice(1999))
-    assert ensure_ann_index(tbl, index) == ann_type and list(tbl.list_indices())
+    assert ensure_ann_index(tbl, index) == ann_type and vector_indices(tbl)
     assert vector_metadata(tbl, ANN_TRAINED_ROWS) == "2000"
 
     assert exact_recall(tbl, index, clustered(20, 16, seed=1), vectors) >= 0.9
@@ -206,7 +209,7 @@ def test_hot_adds_train_the_index_past_the_threshold_and_retrain_it_as_the_table
     index = with_overrides(params, ANN | {"index.ann_type": "IVF_HNSW_SQ", "index.ann_retrain_growth": 2.0}).index
     vectors = clustered(5000, 16, seed=4)
     tbl = connect(ws).create_table("grow", vector_rows(vectors[:1500]), schema=table_schema(16))
-    assert not retune_ann_index(tbl, index) and not list(tbl.list_indices())  # small: exact search
+    assert not retune_ann_index(tbl, index) and not vector_indices(tbl)  # small: exact search
 
     tbl.add(vector_rows(vectors[1500:2500], offset=1500))  # crossed ann_min_rows: trained now
     assert retune_ann_index(tbl, index) and vector_metadata(tbl, ANN_TRAINED_ROWS) == "2500"
@@ -300,3 +303,29 @@ def test_the_build_widens_the_hnsw_search_up_to_ann_max_ef_and_readers_use_the_e
     finally:
         loop.close()
     assert exact_recall(tbl, with_table_settings(tbl.schema, index), vectors[:20], vectors) >= 0.9
+
+
+def test_a_hot_add_asks_the_catalog_only_for_images_past_the_tables_mark(live_ws, params, monkeypatch):
+    """The table records the catalog position it is complete up to; a hot add reads the images
+    recorded since (not the whole catalog, not the table's whole id column), then moves the mark.
+    A table from before the mark is compared id by id once, then marked."""
+    promoter = Promoter(live_ws, params.registry, params.index)
+    tbl = connect(live_ws).open_table("embeddings_v1")
+    catalog = ClassRegistry.load(live_ws.class_registry)
+    assert vector_metadata(tbl, CATALOG_SEQ) == str(catalog.last_seq()) == "60"
+
+    write_arrival(live_ws.inbox, "a1", ["n0"], 4, seed=9)
+    ingest_inbox(live_ws, params.ingest)
+    whole = []
+    monkeypatch.setattr(ClassRegistry, "records", lambda self, *roles: whole.append(roles) or [])
+    assert promoter.hot_add().added == 4 and not whole  # never the whole catalog
+    monkeypatch.undo()
+    tbl = connect(live_ws).open_table("embeddings_v1")
+    assert vector_metadata(tbl, CATALOG_SEQ) == "64" and tbl.count_rows() == 64
+    assert promoter.hot_add().added == 0
+
+    tbl.update_field_metadata({"path": "vector", "metadata": {CATALOG_SEQ: ""}})  # as if built before the mark
+    write_arrival(live_ws.inbox, "a2", ["n1"], 3, seed=10)
+    ingest_inbox(live_ws, params.ingest)
+    assert promoter.hot_add().added == 3
+    assert vector_metadata(connect(live_ws).open_table("embeddings_v1"), CATALOG_SEQ) == "67"

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -630,12 +631,22 @@ def test_a_registry_from_before_fingerprints_is_read_and_its_arrivals_stay_done(
     root = arrival_of(tmp_path / "old", {"x": [png(1), png(2)], "y": [png(3), png(4)]})
     write(root, "y/bad.png", b"junk")
     ingest_arrival(root, ws, params.ingest)
-    raw = json.loads(ws.class_registry.read_text())
-    for meta in raw["arrivals"].values():  # what an older mnemo wrote
+    catalog = ClassRegistry.load(ws.class_registry)
+    raw = {
+        "arrivals": catalog.arrivals,
+        "classes": dict(catalog.classes.items()),
+        "images": dict(catalog.images.items()),
+    }
+    for meta in raw["arrivals"].values():  # what an older mnemo wrote: one JSON file, no fingerprints
         for key in ("name", "fingerprint", "complete", "unreadable"):
             meta.pop(key)
-    ws.class_registry.write_text(json.dumps(raw))
+    catalog.close()
+    ws.class_registry.unlink()
+    shutil.rmtree(ws.class_registry.parent / "arrivals")
+    (ws.class_registry.parent / "registry.json").write_text(json.dumps(raw))
     assert ingest_arrival(root, ws, params.ingest).status == "already_ingested"
+    assert ClassRegistry.load(ws.class_registry).images == raw["images"]  # migrated once, nothing lost
+    assert (ws.class_registry.parent / "registry.json.migrated").exists()
     write(root, "z/0.png", png(5))
     write(root, "z/1.png", png(6))
     report = ingest_arrival(root, ws, params.ingest)

@@ -1,0 +1,97 @@
+"""The catalog's storage: one manifest per arrival (what DVC versions) and a SQLite database derived
+from them, migrated once from the one-file registry.json, rebuilt when the manifests change under
+it, and caught up after a crash between the manifest and the database commit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from components.data.class_registry import ClassRegistry
+from components.data.ingest import ingest_arrival
+from tests.unit.test_ingest_corpus import arrival_of, png
+
+
+def ingest(tmp_path, ws, params, name: str, classes: dict[str, list[int]]):
+    root = arrival_of(tmp_path / name, {c: [png(i) for i in seeds] for c, seeds in classes.items()})
+    return ingest_arrival(root, ws, params.ingest)
+
+
+def snapshot(catalog: ClassRegistry) -> dict:
+    return {
+        "arrivals": catalog.arrivals,
+        "classes": dict(catalog.classes.items()),
+        "images": dict(catalog.images.items()),
+        "seqs": [(r.id, r.seq) for r in catalog.records()],
+    }
+
+
+def test_each_arrival_writes_one_manifest_and_the_database_follows_them(tmp_path, ws, params):
+    ingest(tmp_path, ws, params, "a1", {"x": [1, 2, 3], "y": [4, 5], "z": [6]})
+    ingest(tmp_path, ws, params, "a2", {"z": [7], "w": [8, 9]})  # completes pending z
+    manifests = sorted(p.name for p in (ws.class_registry.parent / "arrivals").iterdir())
+    assert manifests == ["000001.json", "000002.json"]
+    second = json.loads((ws.class_registry.parent / "arrivals" / "000002.json").read_text())
+    assert set(second["arrivals"]) == {"a2"} and {m["class"] for m in second["images"].values()} == {"z", "w"}
+
+    catalog = ClassRegistry.load(ws.class_registry)
+    assert catalog.classes["z"]["split"] in ("train", "unseen") and len(catalog.class_images("z")) == 2
+    before, version = snapshot(catalog), catalog.version()
+    assert [r.seq for r in catalog.records_since(0)] == list(range(1, 10))
+    assert {r.arrival for r in catalog.records_since(6)} == {"a2"}
+
+    catalog.close()
+    ws.class_registry.unlink()  # a fresh `dvc checkout`: the manifests only
+    rebuilt = ClassRegistry.load(ws.class_registry)
+    assert snapshot(rebuilt) == before and rebuilt.version() == version != "none"
+
+
+def test_other_manifests_checked_out_rebuild_the_database(tmp_path, ws, params):
+    ingest(tmp_path, ws, params, "a1", {"x": [1, 2], "y": [3, 4]})
+    arrivals = ws.class_registry.parent / "arrivals"
+    kept = tmp_path / "kept"
+    shutil.copytree(arrivals, kept)
+    ingest(tmp_path, ws, params, "a2", {"w": [8, 9]})
+    assert len(ClassRegistry.load(ws.class_registry).images) == 6
+
+    shutil.rmtree(arrivals)
+    shutil.copytree(kept, arrivals)  # an older data version, as `dvc checkout` brings it
+    older = ClassRegistry.load(ws.class_registry)
+    assert sorted(older.arrivals) == ["a1"] and len(older.images) == 4
+
+
+def test_a_manifest_the_database_missed_is_applied_on_the_next_load(tmp_path, ws, params, monkeypatch):
+    """A crash after the manifest is written and before the database commits."""
+    import components.data.class_registry as catalog_module
+
+    ingest(tmp_path, ws, params, "a1", {"x": [1, 2], "y": [3, 4]})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(catalog_module, "_apply", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(tmp_path, ws, params, "a2", {"w": [8, 9]})
+    monkeypatch.undo()
+    catalog = ClassRegistry.load(ws.class_registry)
+    assert sorted(catalog.arrivals) == ["a1", "a2"] and len(catalog.images) == 6
+
+
+def test_a_one_file_registry_is_migrated_once_and_nothing_is_lost(tmp_path, ws, params):
+    images = {f"c{i % 3}/{i:032x}.png": {"class": f"c{i % 3}", "arrival": "old", "role": "train"} for i in range(9)}
+    legacy = {
+        "arrivals": {"old": {"name": "old", "stored": 9}},
+        "classes": {f"c{i}": {"arrival": "old", "split": "train"} for i in range(3)},
+        "images": images,
+    }
+    ws.class_registry.parent.mkdir(parents=True)
+    (ws.class_registry.parent / "registry.json").write_text(json.dumps(legacy))
+
+    catalog = ClassRegistry.load(ws.class_registry)
+    assert dict(catalog.images.items()) == images and catalog.arrivals == legacy["arrivals"]
+    assert not (ws.class_registry.parent / "registry.json").exists()
+    assert json.loads((ws.class_registry.parent / "registry.json.migrated").read_text()) == legacy
+    again = ClassRegistry.load(ws.class_registry)  # once: the manifest is there now
+    assert len(again.images) == 9 and len(list((ws.class_registry.parent / "arrivals").iterdir())) == 1
