@@ -215,6 +215,13 @@ class IndexParams(_Section):
     ann_min_recall: float = Field(gt=0, le=1)  # ANN recall@10 against exact search below this: not promoted
     recall_probes: PositiveInt  # stored vectors whose ANN and exact neighbours are compared after a build
     old_versions_seconds: int = Field(ge=0)  # grace before a live table's superseded Lance versions go
+    # Who embeds the rows of a new table: this process (decoding on a thread pool), or Prefect tasks
+    # on a Dask cluster, one per shard (flows/reindex.py); auto: dask when MNEMO_DASK_ADDRESS names a
+    # scheduler or the catalog holds dask_min_images, else this process.
+    engine: Literal["auto", "process", "dask"]
+    dask_workers: PositiveInt  # workers of the LocalCluster started when no scheduler address is given
+    dask_min_images: PositiveInt
+    shard_images: PositiveInt  # images per embedding task
 
 
 class ServeParams(_Section):

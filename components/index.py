@@ -11,7 +11,9 @@ to a table is promotion.py's.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -29,9 +31,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from components.config import IndexParams, Workspace
 from components.data.class_registry import ClassRegistry, ImageRecord
-from components.data.transforms import open_rgb
 from components.failpoints import failpoint
-from components.modeling.embedder import Embedder, embed_images, pick_device
+from components.modeling.embedder import Embedder, embed_files, pick_device
 from components.search import finds_itself, probe_records, search_table, with_table_settings
 from components.tables import (
     ANN_EF,
@@ -158,7 +159,7 @@ def _progress(label: str) -> Progress:
 
 
 def _rows(ws: Workspace, model: Embedder, records: Sequence[ImageRecord], batch_size: int) -> pa.Table:
-    vectors = embed_images(model, (open_rgb(ws.classes_dir / r.id) for r in records), batch_size=batch_size)
+    vectors = embed_files(model, [ws.classes_dir / r.id for r in records], batch_size=batch_size)
     return pa.table(
         {
             "id": [r.id for r in records],
@@ -191,6 +192,47 @@ def _write(
             tbl.add(_rows(ws, model, chunk, params.batch_size))
             failpoint("index-chunk-written")
             progress.advance(task, len(chunk))
+
+
+# Writes the rows of every record into a new table of that name, in one commit (index.build_table
+# calls it instead of writing itself; flows/reindex.py's Dask writer is one).
+RowWriter = Callable[[str, Embedder, Sequence[ImageRecord]], None]
+
+
+def dataset_uri(ws: Workspace, name: str) -> str:
+    """Where LanceDB keeps a table's Lance dataset (a local folder or an object-store prefix)."""
+    return f"{ws.lancedb_uri.rstrip('/')}/{name}.lance"
+
+
+def write_shard(
+    ws: Workspace, name: str, model: Embedder, records: Sequence[ImageRecord], params: IndexParams
+) -> list[str]:
+    """Embed a shard's records and write them as Lance fragments of the (not yet committed) table:
+    files nobody reads until commit_shards names them. Returns the fragments' metadata as JSON."""
+    from lance.fragment import write_fragments
+
+    fragments = []
+    for chunk in _chunks(records, params.write_rows):
+        rows = _rows(ws, model, chunk, params.batch_size)
+        fragments += write_fragments(rows, dataset_uri(ws, name), schema=rows.schema)
+        failpoint("index-chunk-written")
+    return [json.dumps(f.to_json()) for f in fragments]
+
+
+def commit_shards(ws: Workspace, name: str, dim: int, fragments: Sequence[str]) -> None:
+    """Make the shards' fragments the table `name`, all at once: one Lance commit (version 1)."""
+    import lance
+    from lance.fragment import FragmentMetadata
+
+    operation = lance.LanceOperation.Overwrite(table_schema(dim), [FragmentMetadata.from_json(f) for f in fragments])
+    lance.LanceDataset.commit(dataset_uri(ws, name), operation)
+
+
+def discard_uncommitted(ws: Workspace, name: str) -> None:
+    """Remove the fragment files of a table that was never committed (a failed sharded build)."""
+    folder = Path(dataset_uri(ws, name))
+    if "://" not in ws.lancedb_uri and folder.is_dir() and not (folder / "_versions").exists():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def ensure_ann_index(tbl: lancedb.table.Table, params: IndexParams) -> str | None:
@@ -321,7 +363,7 @@ def validate_table(
     classes = set(column(tbl, "class"))
     rows = tbl.count_rows()
     probes = probe_records(records, params.probes)
-    vectors = embed_images(model, (open_rgb(ws.classes_dir / r.id) for r in probes), batch_size=params.batch_size)
+    vectors = embed_files(model, [ws.classes_dir / r.id for r in probes], batch_size=params.batch_size)
     readers = with_table_settings(tbl.schema, params)  # as readers will search it
     hits = search_table(tbl, vectors, min(5, max(rows, 1)), readers) if rows else [[] for _ in probes]
     if measured_recall is None and rows:
@@ -402,12 +444,14 @@ def build_table(
     keep: Collection[str] = (),
     live: str | None = None,
     catch_up: Callable[[], Sequence[ImageRecord]] | None = None,
+    write: RowWriter | None = None,
 ) -> IndexBuild:
     """Write, index and validate the version's table, then mark it validated; only then may it go live.
 
     `records` is the catalog when the build starts; `catch_up`, called once the rows are
     written, returns the catalog again so images ingested meanwhile are appended before
-    validation. `keep` names tables that must survive the clean-up (the aliased ones);
+    validation. `write` writes the rows instead of this process (a Dask cluster, flows/reindex.py).
+    `keep` names tables that must survive the clean-up (the aliased ones);
     `live` is the champion's. A validated table of this version, or the live one even
     unmarked (built before marks existed), is never rewritten: it is checked and returned.
     Any other unmarked table of this name is a dead build's orphan and is replaced.
@@ -424,8 +468,12 @@ def build_table(
         db.drop_table(name)  # the orphan of a build that died: it never went live
     cleanup_tables(ws, params, keep=keep, orphans_only=True)  # other dead builds' space is needed now
 
-    tbl = db.create_table(name, schema=table_schema(model.embedding_dim))
-    _write(tbl, ws, model, records, params, f"index {name}")
+    if write is None:
+        tbl = db.create_table(name, schema=table_schema(model.embedding_dim))
+        _write(tbl, ws, model, records, params, f"index {name}")
+    else:
+        write(name, model, records)  # every row in one commit: no reader sees part of them
+        tbl = db.open_table(name)
     caught_up: list[ImageRecord] = []
     if catch_up is not None:
         known = {r.id for r in records}

@@ -22,6 +22,7 @@ from components.data.inbox import inbox_lock
 from components.index import (
     IndexBuild,
     IndexBuildError,
+    RowWriter,
     append_missing,
     build_table,
     check_writable,
@@ -235,7 +236,7 @@ class Promoter:
             default = f"rollback from v{current.version}" if current else "rollback"
             return self.promote(target, reason=reason or default, actor=actor, force=served_before, kind="rollback")
 
-    def reindex(self, version: str, model: Embedder | None = None) -> IndexBuild:
+    def reindex(self, version: str, model: Embedder | None = None, write: RowWriter | None = None) -> IndexBuild:
         """Build and validate the table of a registered version over the whole catalog (the alias does not move).
 
         Tables that an alias (champion, challenger) points at are protected from the clean-up;
@@ -251,7 +252,15 @@ class Promoter:
                 return ClassRegistry.load(self.ws.class_registry).records()
 
             return build_table(
-                self.ws, self.index, version, model, catalog(), keep=keep, live=tables.get(CHAMPION), catch_up=catalog
+                self.ws,
+                self.index,
+                version,
+                model,
+                catalog(),
+                keep=keep,
+                live=tables.get(CHAMPION),
+                catch_up=catalog,
+                write=write,
             )
 
     def hot_add(self) -> HotAdd:

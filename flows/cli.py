@@ -132,7 +132,7 @@ def ingest(
         if directory is None:
             reports = ingest_inbox(ws, p.ingest)
         else:
-            with inbox_lock(ws):  # the class registry is rewritten whole: one writer at a time
+            with inbox_lock(ws):  # one catalog writer at a time
                 in_inbox = directory.resolve().parent == ws.inbox.resolve()
                 reports = [ingest_arrival(directory, ws, p.ingest, remove_source=in_inbox)]
     except (IngestError, FileNotFoundError) as exc:  # read-only or full workspace: one line, nothing kept
@@ -311,8 +311,10 @@ def reindex(
     from components.writer_lock import WorkspaceBusy
 
     try:
+        from flows.reindex import row_writer
+
         promoter = Promoter(ws, p.registry, p.index)
-        built = promoter.reindex(promoter.version(version).version)
+        built = promoter.reindex(promoter.version(version).version, write=row_writer(ws, p.index))
     except UnknownVersion as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None

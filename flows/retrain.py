@@ -31,6 +31,7 @@ from components.promotion import HotAdd, Promoter
 from components.registry import ModelRegistry, ModelVersionInfo
 from components.search import index_smoke_test
 from components.train import TrainResult, train_continual
+from flows.reindex import row_writer
 from flows.retries import TRANSIENT_RETRIES
 from flows.writers import workspace_writer
 
@@ -123,7 +124,7 @@ def register(
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def build_index(ws: Workspace, params: Params, version: str, model: Embedder) -> IndexBuild:
     """The version's table over the whole catalog, validated; raises (and promotes nothing) when it is not right."""
-    return Promoter(ws, params.registry, params.index).reindex(version, model)
+    return Promoter(ws, params.registry, params.index).reindex(version, model, write=row_writer(ws, params.index))
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)

@@ -10,11 +10,13 @@ in its spec, so training, indexing, the logged model and the service all use it.
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
@@ -179,6 +181,20 @@ def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 @torch.inference_mode()
+def _forward(model: Embedder, tensors: list[torch.Tensor], device: torch.device, channels_last: bool) -> np.ndarray:
+    x = torch.stack(tensors).to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model(x).float().cpu().numpy()
+
+
+def _stacked(model: Embedder, chunks: list[np.ndarray]) -> np.ndarray:
+    if not chunks:
+        return np.zeros((0, model.embedding_dim), dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
 def embed_images(
     model: Embedder,
     images: Iterable[Image.Image],
@@ -197,17 +213,44 @@ def embed_images(
     transform = eval_transform(model.image_size, model.mean, model.std)
     chunks: list[np.ndarray] = []
     for batch in _batches(images, batch_size):
-        x = torch.stack([transform(img) for img in batch]).to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            chunks.append(model(x).float().cpu().numpy())
+        chunks.append(_forward(model, [transform(img) for img in batch], device, channels_last))
         if on_batch is not None:
             on_batch(len(batch))
-    if not chunks:
-        return np.zeros((0, model.embedding_dim), dtype=np.float32)
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+    return _stacked(model, chunks)
 
 
-def embed_files(model: Embedder, paths: Sequence[Path], **kwargs: Any) -> np.ndarray:
-    return embed_images(model, (open_rgb(p) for p in paths), **kwargs)
+def decode_workers() -> int:
+    """Threads that decode and resize images beside the forward: one per core, at most 8."""
+    return min(8, os.cpu_count() or 1)
+
+
+def embed_files(
+    model: Embedder,
+    paths: Sequence[Path],
+    *,
+    batch_size: int = 256,
+    workers: int | None = None,
+    device: torch.device | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """embed_images of image files, decoded and resized by a thread pool one batch ahead of the
+    forward (PIL and the resize release the GIL), so decoding is not bound to one core; memory
+    stays at two batches of model-sized tensors."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    transform = eval_transform(model.image_size, model.mean, model.std)
+
+    def load(path: Path) -> torch.Tensor:
+        return transform(open_rgb(path))
+
+    chunks: list[np.ndarray] = []
+    with ThreadPoolExecutor(workers or decode_workers(), thread_name_prefix="mnemo-decode") as pool:
+        ahead: list[Future[torch.Tensor]] | None = None
+        for batch in [*_batches(paths, batch_size), []]:
+            submitted = [pool.submit(load, p) for p in batch]
+            if ahead:
+                chunks.append(_forward(model, [f.result() for f in ahead], device, False))
+                if on_batch is not None:
+                    on_batch(len(ahead))
+            ahead = submitted
+    return _stacked(model, chunks)

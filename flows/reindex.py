@@ -1,0 +1,99 @@
+"""Re-index on a Dask cluster: a Prefect flow maps one embedding task per shard of the catalog
+over Dask workers (prefect-dask's DaskTaskRunner), each embedding its shard and writing Lance
+fragments; the driver commits them as the new table in one Lance commit, then indexes and
+validates it as any build (components/index.build_table). A shard that fails (an exception, a
+killed worker) fails the flow: nothing is committed, its fragment files are removed, and the
+table never exists, so nothing half-built is visible and the live pair keeps answering.
+
+The cluster: the Dask scheduler at MNEMO_DASK_ADDRESS (e.g. infra/'s, GPU workers on
+Kubernetes), else a LocalCluster of `index.dask_workers` processes started for the build.
+`index.engine` (params.yaml) says when this path is taken instead of the single process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect_dask import DaskTaskRunner
+
+from components.config import IndexParams, Workspace
+from components.data.class_registry import ClassRegistry, ImageRecord
+from components.failpoints import failpoint
+from components.index import RowWriter, commit_shards, discard_uncommitted, write_shard
+from components.modeling.embedder import Embedder, pick_device
+
+DASK_ADDRESS_ENV = "MNEMO_DASK_ADDRESS"
+
+
+@task(name="embed-shard", cache_policy=NO_CACHE)
+def embed_shard(
+    ws: Workspace, name: str, model: Embedder, records: Sequence[ImageRecord], params: IndexParams, shard: int
+) -> list[str]:
+    """One shard's rows as Lance fragments of table `name` (uncommitted); their metadata as JSON."""
+    failpoint(f"embed-shard-{shard}")  # tests kill the worker that runs this shard
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # one process per core: the workers are the parallelism
+    return write_shard(ws, name, model.to(pick_device("auto")), records, params)
+
+
+def shards(records: Sequence[ImageRecord], params: IndexParams, workers: int) -> list[Sequence[ImageRecord]]:
+    """At most shard_images records each, and at least one shard per worker."""
+    count = max(math.ceil(len(records) / params.shard_images), workers, 1)
+    size = math.ceil(len(records) / count) or 1
+    return [records[lo : lo + size] for lo in range(0, len(records), size)]
+
+
+def task_runner(params: IndexParams) -> DaskTaskRunner:
+    address = os.environ.get(DASK_ADDRESS_ENV)
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": params.dask_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        },
+    )
+
+
+def workers(params: IndexParams) -> int:
+    return params.dask_workers if not os.environ.get(DASK_ADDRESS_ENV) else 1
+
+
+def dask_writer(ws: Workspace, params: IndexParams) -> RowWriter:
+    """A RowWriter that embeds on the Dask cluster and commits the fragments in one Lance commit."""
+
+    def write(name: str, model: Embedder, records: Sequence[ImageRecord]) -> None:
+        model = model.cpu().eval()  # shipped to each task; a GPU worker moves it to its device
+        parts = shards(records, params, workers(params))
+
+        @flow(name="reindex-shards", task_runner=task_runner(params), log_prints=True)  # type: ignore[arg-type]  # prefect-dask's futures are PrefectFutures
+        def reindex_shards() -> list[list[str]]:
+            futures = [embed_shard.submit(ws, name, model, part, params, i) for i, part in enumerate(parts)]
+            return [future.result() for future in futures]
+
+        try:
+            fragments = [f for shard in reindex_shards() for f in shard]
+        except BaseException:
+            discard_uncommitted(ws, name)
+            raise
+        commit_shards(ws, name, model.embedding_dim, fragments)
+
+    return write
+
+
+def row_writer(ws: Workspace, params: IndexParams) -> RowWriter | None:
+    """The Dask writer when `index.engine` picks it (see params.yaml), else None (this process)."""
+    if params.engine == "process":
+        return None
+    if params.engine == "dask" or os.environ.get(DASK_ADDRESS_ENV):
+        return dask_writer(ws, params)
+    images = len(ClassRegistry.load(ws.class_registry).images)
+    return dask_writer(ws, params) if images >= params.dask_min_images else None

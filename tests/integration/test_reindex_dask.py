@@ -1,0 +1,76 @@
+"""The re-index on a real Dask LocalCluster (two worker processes) through Prefect's Dask task
+runner: the same table as the single-process build, and a killed worker fails the build with
+nothing half-visible while the live pair keeps answering."""
+
+from __future__ import annotations
+
+import dask
+import numpy as np
+import pytest
+
+from components.config import with_overrides
+from components.data.class_registry import ClassRegistry
+from components.data.transforms import open_rgb
+from components.failpoints import ENV as FAILPOINT
+from components.index import dataset_uri
+from components.live import LiveIndex
+from components.promotion import Promoter
+from components.tables import connect, is_validated, list_tables
+from flows.reindex import dask_writer, row_writer
+from tests.integration.live_workspace import register_random
+
+
+def rows_by_id(ws, table: str) -> tuple[list[str], np.ndarray]:
+    data = connect(ws).open_table(table).to_arrow().sort_by("id")
+    return data["id"].to_pylist(), np.asarray(data["vector"].to_pylist(), dtype=np.float32)
+
+
+@pytest.fixture()
+def dask_params(params):
+    # 60 images in shards of 16: four tasks over two workers
+    return with_overrides(params, {"index.engine": "dask", "index.dask_workers": 2, "index.shard_images": 16})
+
+
+def test_a_two_worker_dask_reindex_builds_the_same_table_as_one_process(live_ws, dask_params):
+    promoter = Promoter(live_ws, dask_params.registry, dask_params.index)
+    alone = register_random(live_ws, dask_params, seed=5)
+    sharded = register_random(live_ws, dask_params, seed=5)  # the same weights, another version
+    one = promoter.reindex(alone)
+    many = promoter.reindex(sharded, write=dask_writer(live_ws, dask_params.index))
+
+    assert (many.rows, many.probes_found, many.probes) == (one.rows, one.probes, one.probes) == (60, 16, 16)
+    assert is_validated(connect(live_ws).open_table(many.table))
+    ids, vectors = rows_by_id(live_ws, one.table)
+    sharded_ids, sharded_vectors = rows_by_id(live_ws, many.table)
+    assert sharded_ids == ids and np.abs(sharded_vectors - vectors).max() <= 1e-6
+
+
+def test_a_killed_worker_fails_the_build_cleanly_and_the_live_pair_keeps_answering(live_ws, dask_params, monkeypatch):
+    live = LiveIndex(live_ws, dask_params.registry, dask_params.index, refresh_seconds=60)
+    records = ClassRegistry.load(live_ws.class_registry).records()
+    image = open_rgb(live_ws.classes_dir / records[0].id)
+    assert live.current().query([image], 1)[0][0]["id"] == records[0].id
+
+    version = register_random(live_ws, dask_params, seed=6)
+    monkeypatch.setenv(FAILPOINT, "embed-shard-1")  # the worker processes inherit it: shard 1 kills its worker
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), pytest.raises(Exception, match="(?i)killed"):
+        Promoter(live_ws, dask_params.registry, dask_params.index).reindex(
+            version, write=dask_writer(live_ws, dask_params.index)
+        )
+    name = f"embeddings_v{version}"
+    assert name not in list_tables(connect(live_ws))  # nothing committed, nothing visible
+    assert not (live_ws.root / "lancedb" / f"{name}.lance").exists(), dataset_uri(live_ws, name)
+    pair = live.refresh()
+    assert pair is not None and pair.version == "1"
+    assert pair.query([image], 1)[0][0]["id"] == records[0].id
+
+
+def test_the_engine_setting_picks_the_writer(live_ws, params, monkeypatch):
+    monkeypatch.delenv("MNEMO_DASK_ADDRESS", raising=False)
+    assert row_writer(live_ws, with_overrides(params, {"index.engine": "process"}).index) is None
+    assert row_writer(live_ws, with_overrides(params, {"index.engine": "dask"}).index) is not None
+    auto = {"index.engine": "auto", "index.dask_min_images": 61}
+    assert row_writer(live_ws, with_overrides(params, auto).index) is None  # 60 images: one process
+    assert row_writer(live_ws, with_overrides(params, auto | {"index.dask_min_images": 60}).index) is not None
+    monkeypatch.setenv("MNEMO_DASK_ADDRESS", "tcp://127.0.0.1:8786")
+    assert row_writer(live_ws, with_overrides(params, auto).index) is not None
