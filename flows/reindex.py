@@ -67,11 +67,30 @@ def workers(params: IndexParams) -> int:
     return params.dask_workers if not os.environ.get(DASK_ADDRESS_ENV) else 1
 
 
+def _api_for_workers() -> None:
+    """Name this process's Prefect API in the environment the worker processes inherit. Without
+    a server (PREFECT_API_URL unset) Prefect runs a temporary one per process: start this
+    process's now, so LocalCluster workers report to it instead of each starting their own.
+    A remote cluster's workers are configured with the server's address (infra/)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        os.environ.setdefault("PREFECT_API_URL", PREFECT_API_URL.value())
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+
+
 def dask_writer(ws: Workspace, params: IndexParams) -> RowWriter:
     """A RowWriter that embeds on the Dask cluster and commits the fragments in one Lance commit."""
 
     def write(name: str, model: Embedder, records: Sequence[ImageRecord]) -> None:
         model = model.cpu().eval()  # shipped to each task; a GPU worker moves it to its device
+        if not os.environ.get(DASK_ADDRESS_ENV):
+            _api_for_workers()
         parts = shards(records, params, workers(params))
 
         @flow(name="reindex-shards", task_runner=task_runner(params), log_prints=True)  # type: ignore[arg-type]  # prefect-dask's futures are PrefectFutures
