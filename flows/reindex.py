@@ -27,7 +27,10 @@ from components.failpoints import failpoint
 from components.index import RowWriter, commit_shards, discard_uncommitted, write_shard
 from components.modeling.embedder import Embedder, pick_device
 
-DASK_ADDRESS_ENV = "MNEMO_DASK_ADDRESS"
+
+def dask_address() -> str | None:
+    """The Dask scheduler to re-index on (tcp://host:8786), from the environment; None: a LocalCluster."""
+    return os.environ.get("MNEMO_DASK_ADDRESS") or None
 
 
 @task(name="embed-shard", cache_policy=NO_CACHE)
@@ -49,8 +52,7 @@ def shards(records: Sequence[ImageRecord], params: IndexParams, workers: int) ->
 
 
 def task_runner(params: IndexParams) -> DaskTaskRunner:
-    address = os.environ.get(DASK_ADDRESS_ENV)
-    if address:
+    if address := dask_address():
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
@@ -64,7 +66,7 @@ def task_runner(params: IndexParams) -> DaskTaskRunner:
 
 
 def workers(params: IndexParams) -> int:
-    return params.dask_workers if not os.environ.get(DASK_ADDRESS_ENV) else 1
+    return params.dask_workers if not dask_address() else 1
 
 
 def _api_for_workers() -> None:
@@ -89,7 +91,7 @@ def dask_writer(ws: Workspace, params: IndexParams) -> RowWriter:
 
     def write(name: str, model: Embedder, records: Sequence[ImageRecord]) -> None:
         model = model.cpu().eval()  # shipped to each task; a GPU worker moves it to its device
-        if not os.environ.get(DASK_ADDRESS_ENV):
+        if not dask_address():
             _api_for_workers()
         parts = shards(records, params, workers(params))
 
@@ -112,7 +114,7 @@ def row_writer(ws: Workspace, params: IndexParams) -> RowWriter | None:
     """The Dask writer when `index.engine` picks it (see params.yaml), else None (this process)."""
     if params.engine == "process":
         return None
-    if params.engine == "dask" or os.environ.get(DASK_ADDRESS_ENV):
+    if params.engine == "dask" or dask_address():
         return dask_writer(ws, params)
     images = len(ClassRegistry.load(ws.class_registry).images)
     return dask_writer(ws, params) if images >= params.dask_min_images else None

@@ -155,6 +155,9 @@ def listening(command: list[str], image: str) -> tuple[set[int], bool]:
     for prefix, default in servers.items():
         if tuple(command[:2]) == prefix:
             return {int(flag("--port", str(default)))}, flag("--host") == "0.0.0.0"
+    if command[:2] == ["dask", "scheduler"]:  # its port and its dashboard's
+        dashboard = flag("--dashboard-address", ":8787") or ":8787"
+        return {int(flag("--port", "8786") or 8786), int(dashboard.rsplit(":", 1)[1])}, flag("--host") == "0.0.0.0"
     if command[:3] == ["prefect", "worker", "start"]:
         return ({8080} if "--with-healthcheck" in command else set()), True
     if image.startswith("postgres:"):
