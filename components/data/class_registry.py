@@ -168,7 +168,8 @@ class _Classes(_Rows):
 def _connect(path: Path | None) -> sqlite3.Connection:
     db = sqlite3.connect(":memory:" if path is None else path, isolation_level=None)  # transactions explicit
     if path is not None:
-        db.execute("PRAGMA journal_mode=WAL")  # readers (the service, status) never block the writer
+        # The default rollback journal, not WAL: WAL needs shared memory on one host, and the
+        # workspace may be a network volume shared by several machines (infra/).
         db.execute("PRAGMA busy_timeout=30000")
     db.executescript(SCHEMA)
     return db
