@@ -145,7 +145,7 @@ def setup(root: Path, params: Params, n: int, ann: bool) -> dict:
     tbl.create_index("id", config=BTree())
     if ann:
         ensure_ann_index(tbl, params.index)
-    set_vector_metadata(tbl, CATALOG_SEQ, str(catalog.last_seq()))
+    set_vector_metadata(tbl, CATALOG_SEQ, catalog.mark(catalog.last_seq()) or "")
     _mark_validated(tbl, version)
     registry.set_tag(version, TABLE_TAG, name)
     registry.client.set_registered_model_alias(registry.name, CHAMPION, version)

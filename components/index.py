@@ -381,26 +381,29 @@ def validate_table(
     )
 
 
-def _mark_complete_up_to(tbl: lancedb.table.Table, records: Sequence[ImageRecord]) -> None:
-    """Record the catalog position these records (a whole catalog) reach, where they come from one."""
+def _mark_complete_up_to(ws: Workspace, tbl: lancedb.table.Table, records: Sequence[ImageRecord]) -> None:
+    """Record the catalog position these records (the whole catalog when read) reach, where they come from it."""
     if records and all(r.seq for r in records):
-        reached = str(max(r.seq for r in records))
-        if vector_metadata(tbl, CATALOG_SEQ) != reached:  # a write is a new Lance version
-            set_vector_metadata(tbl, CATALOG_SEQ, reached)
+        mark = ClassRegistry.load(ws.class_registry).mark(max(r.seq for r in records))
+        if mark is not None and vector_metadata(tbl, CATALOG_SEQ) != mark:  # a write is a new Lance version
+            set_vector_metadata(tbl, CATALOG_SEQ, mark)
 
 
-def missing_rows(tbl: lancedb.table.Table, catalog: ClassRegistry) -> tuple[list[ImageRecord], int]:
-    """The catalog's images the table lacks, and the catalog position the table reaches once they
-    are appended. A table marked with its position is asked only about the images recorded since
-    (what an arrival costs); an unmarked one (built before the mark) has its id column read once."""
+def missing_rows(tbl: lancedb.table.Table, catalog: ClassRegistry) -> tuple[list[ImageRecord], str | None]:
+    """The catalog's images the table lacks, and the mark of the catalog position the table reaches
+    once they are appended. A table whose mark the catalog recognises is asked only about the images
+    recorded since (what an arrival costs); any other (built before marks, or before other data was
+    checked out) has its id column compared with the whole catalog once."""
     last = catalog.last_seq()  # first: images recorded while this runs belong to the next call
-    mark = vector_metadata(tbl, CATALOG_SEQ)
-    if not mark:
-        known = set(column(tbl, "id"))
-        return [r for r in catalog.records() if r.id not in known and r.seq <= last], last
-    candidates = [r for r in catalog.records_since(int(mark)) if r.seq <= last]
-    present = ids_present(tbl, [r.id for r in candidates])
-    return [r for r in candidates if r.id not in present], last
+    mark = vector_metadata(tbl, CATALOG_SEQ) or ""
+    seq = mark.partition(":")[0]
+    if seq.isdigit() and catalog.mark(int(seq)) == mark:
+        candidates = [r for r in catalog.records_since(int(seq)) if r.seq <= last]
+        present = ids_present(tbl, [r.id for r in candidates])
+    else:
+        candidates = [r for r in catalog.records() if r.seq <= last]
+        present = set(column(tbl, "id"))
+    return [r for r in candidates if r.id not in present], catalog.mark(last)
 
 
 def _mark_validated(tbl: lancedb.table.Table, version: str) -> None:
@@ -489,7 +492,7 @@ def build_table(
     )
     if not validation.ok:
         raise IndexValidationError(validation)  # left unmarked: the next build removes it
-    _mark_complete_up_to(tbl, [*records, *caught_up])
+    _mark_complete_up_to(ws, tbl, [*records, *caught_up])
     _mark_validated(tbl, version)
     drop_old_versions(tbl, timedelta(0))  # one Lance version left: the validated one
     removed = cleanup_tables(ws, params, keep={*keep, name})
@@ -525,7 +528,7 @@ def _reuse(
     missing = [r for r in records if r.id not in known]
     if missing:  # ingested since it was built and not hot-added yet: same model, so appending is safe
         append_missing(tbl, ws, model, missing, params)
-    _mark_complete_up_to(tbl, records)
+    _mark_complete_up_to(ws, tbl, records)
     validation = validate_table(ws, tbl, model, records, params)
     if not validation.ok:
         raise IndexValidationError(validation)

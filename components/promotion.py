@@ -292,8 +292,8 @@ class Promoter:
         if missing:
             append_missing(tbl, self.ws, self.registry.load_embedder(version), missing, self.index)
             retune_ann_index(tbl, self.index)  # the index follows the table's size (params.yaml: ann_*)
-        if vector_metadata(tbl, CATALOG_SEQ) != str(reached):
-            set_vector_metadata(tbl, CATALOG_SEQ, str(reached))
+        if reached is not None and vector_metadata(tbl, CATALOG_SEQ) != reached:
+            set_vector_metadata(tbl, CATALOG_SEQ, reached)
         if missing:
             # Folds the new rows into the indices and compacts; readers mid-query keep their version's files.
             drop_old_versions(tbl, timedelta(seconds=self.index.old_versions_seconds))

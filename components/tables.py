@@ -21,8 +21,8 @@ VALIDATED = "mnemo:validated"  # vector-field metadata: when the table passed va
 MODEL_VERSION = "mnemo:model_version"  # vector-field metadata: the version whose model wrote the rows
 ANN_TRAINED_ROWS = "mnemo:ann_trained_rows"  # vector-field metadata: rows when the ANN index was last trained
 ANN_EF = "mnemo:ann_ef"  # vector-field metadata: the HNSW ef the build found to meet the recall floor
-# vector-field metadata: the catalog sequence number the table is complete up to (every image recorded
-# at or before it has its row), so a hot add reads only the catalog's newer images
+# vector-field metadata: the catalog position the table is complete up to ("seq:hash", ClassRegistry.mark:
+# every image recorded at or before it has its row), so a hot add reads only the catalog's newer images
 CATALOG_SEQ = "mnemo:catalog_seq"
 
 

@@ -59,7 +59,9 @@ CREATE INDEX IF NOT EXISTS images_hash ON images (hash);
 CREATE TABLE IF NOT EXISTS classes (name TEXT PRIMARY KEY, arrival TEXT NOT NULL, split TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS classes_split ON classes (split);
 CREATE TABLE IF NOT EXISTS arrivals (id TEXT PRIMARY KEY, meta TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS manifests (n INTEGER PRIMARY KEY, name TEXT NOT NULL, chain TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS manifests (
+    n INTEGER PRIMARY KEY, name TEXT NOT NULL, chain TEXT NOT NULL, last_seq INTEGER NOT NULL
+);
 """
 
 
@@ -320,6 +322,13 @@ class ClassRegistry:
         row = self._db.execute("SELECT class FROM images WHERE hash = ? ORDER BY id LIMIT 1", (digest,)).fetchone()
         return None if row is None else str(row[0])
 
+    def mark(self, seq: int) -> str | None:
+        """Names the catalog's history up to image `seq`: "seq:hash" of the manifest that recorded it,
+        so a table's mark still means the same images after the database is rebuilt, and means
+        nothing once other manifests were checked out. None when no manifest ends at `seq`."""
+        row = self._db.execute("SELECT chain FROM manifests WHERE last_seq = ? ORDER BY n LIMIT 1", (seq,)).fetchone()
+        return None if row is None else f"{seq}:{row[0][:32]}"
+
     def version(self) -> str:
         """Identifies the catalog's content: a hash chained over its manifests ("none" when empty)."""
         row = self._db.execute("SELECT chain FROM manifests ORDER BY n DESC LIMIT 1").fetchone()
@@ -393,7 +402,7 @@ def _apply(db: sqlite3.Connection, n: int, name: str, text: str) -> None:
             [(k, v["class"], v["arrival"], v["role"], content_hash(k)) for k, v in sorted(delta["images"].items())],
         )
         db.execute(
-            "INSERT INTO manifests (n, name, chain) VALUES (?, ?, ?)",
+            "INSERT INTO manifests (n, name, chain, last_seq) VALUES (?, ?, ?, (SELECT COALESCE(MAX(seq), 0) FROM images))",
             (n, name, _chain(previous[0] if previous else "", text)),
         )
         db.execute("COMMIT")
