@@ -83,7 +83,7 @@ def setup(root: Path, params: Params, n: int, ann: bool) -> dict:
     from components.index import _mark_validated, ensure_ann_index
     from components.modeling.embedder import build_embedder
     from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
-    from components.tables import CATALOG_SEQ, connect, set_vector_metadata, table_name, table_schema
+    from components.tables import CATALOG_SEQ, connect, ensure_id_index, set_vector_metadata, table_name, table_schema
 
     ws = resolve_workspace(params, root)
     timings = {}
@@ -140,9 +140,7 @@ def setup(root: Path, params: Params, n: int, ann: bool) -> dict:
             )
         )
     tbl.optimize()
-    from lancedb.index import BTree
-
-    tbl.create_index("id", config=BTree())
+    ensure_id_index(tbl)
     if ann:
         ensure_ann_index(tbl, params.index)
     set_vector_metadata(tbl, CATALOG_SEQ, catalog.mark(catalog.last_seq()) or "")

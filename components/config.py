@@ -216,8 +216,8 @@ class IndexParams(_Section):
     recall_probes: PositiveInt  # stored vectors whose ANN and exact neighbours are compared after a build
     old_versions_seconds: int = Field(ge=0)  # grace before a live table's superseded Lance versions go
     # Who embeds the rows of a new table: this process (decoding on a thread pool), or Prefect tasks
-    # on a Dask cluster, one per shard (flows/reindex.py); auto: dask when MNEMO_DASK_ADDRESS names a
-    # scheduler or the catalog holds dask_min_images, else this process.
+    # on a Dask cluster, one per shard (flows/reindex.py); auto: dask once the catalog holds
+    # dask_min_images, else this process. MNEMO_DASK_ADDRESS says which cluster, not whether.
     engine: Literal["auto", "process", "dask"]
     dask_workers: PositiveInt  # workers of the LocalCluster started when no scheduler address is given
     dask_min_images: PositiveInt

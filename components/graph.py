@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["id", "class", VECTOR]
 READ_ROWS = 65536  # rows per batch while reading the table
+ADD_ROWS = 1024  # rows per insertion under the lock (tens of ms at a million rows): searches wait at most that
 
 
 @dataclass(frozen=True)
@@ -106,19 +107,25 @@ class ServingGraph:
             return 0
         if total < self.rows or not self._still_in_place(tbl):
             log.warning("rows of %s moved or went (%d -> %d): re-reading it whole", self.table, self.rows, total)
-            with self._lock:
-                self._graph, self._ids, self._classes, self._tuned_rows = None, [], [], 0
+            fresh = ServingGraph.build(self._ws, self.table, self._serve, self._index_params)
+            with self._lock:  # searches keep answering from the old graph until this swap
+                self._graph, self._ids, self._classes = fresh._graph, fresh._ids, fresh._classes
+                self._ef, self._tuned_rows, self.stats = fresh._ef, fresh._tuned_rows, fresh.stats
+            return fresh.rows
         added = 0
         query = tbl.search().select(COLUMNS).limit(None)
         for batch in (query.offset(self.rows) if self.rows else query).to_batches(READ_ROWS):
-            vectors = _unit(batch)
-            with self._lock:
-                if self._graph is None:
-                    self._graph = faiss.IndexHNSWFlat(vectors.shape[1], self._serve.graph_m, faiss.METRIC_INNER_PRODUCT)
-                    self._graph.hnsw.efConstruction = self._serve.graph_ef_construction
-                self._graph.add(vectors)
-                self._ids += batch.column("id").to_pylist()
-                self._classes += batch.column("class").to_pylist()
+            vectors, ids, classes = _unit(batch), batch.column("id").to_pylist(), batch.column("class").to_pylist()
+            for lo in range(0, len(ids), ADD_ROWS):  # the lock is let go between chunks: searches wait little
+                with self._lock:
+                    if self._graph is None:
+                        self._graph = faiss.IndexHNSWFlat(
+                            vectors.shape[1], self._serve.graph_m, faiss.METRIC_INNER_PRODUCT
+                        )
+                        self._graph.hnsw.efConstruction = self._serve.graph_ef_construction
+                    self._graph.add(vectors[lo : lo + ADD_ROWS])
+                    self._ids += ids[lo : lo + ADD_ROWS]
+                    self._classes += classes[lo : lo + ADD_ROWS]
             added += batch.num_rows
         if self.rows >= self._tuned_rows * self._index_params.ann_retrain_growth:
             self._tune()
@@ -169,7 +176,7 @@ class ServingGraph:
             if self._graph is None:  # an empty table
                 return [[] for _ in vectors]
             similarity, positions = self._search(vectors, k, self._ef)
-        ids, classes = self._ids, self._classes  # only ever appended to: positions found stay valid
+            ids, classes = self._ids, self._classes  # the lists this graph's positions index
         return [
             [{"class": classes[p], "distance": float(1.0 - s), "id": ids[p]} for s, p in zip(sims, found) if p >= 0]
             for sims, found in zip(similarity, positions)

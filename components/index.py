@@ -25,7 +25,7 @@ from pathlib import Path
 import lancedb
 import numpy as np
 import pyarrow as pa
-from lancedb.index import BTree, IvfHnswSq, IvfPq
+from lancedb.index import IvfHnswSq, IvfPq
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -43,6 +43,7 @@ from components.tables import (
     VECTOR,
     column,
     connect,
+    ensure_id_index,
     ids_present,
     is_validated,
     list_tables,
@@ -484,7 +485,7 @@ def build_table(
         if caught_up:
             _write(tbl, ws, model, caught_up, params, f"catch up {name}")
     drop_old_versions(tbl, timedelta(0))  # compacts the chunks; nobody reads this table yet
-    tbl.create_index("id", config=BTree())  # hot adds ask which of an arrival's ids the table holds
+    ensure_id_index(tbl)  # hot adds ask which of an arrival's ids the table holds
     ann = ensure_ann_index(tbl, params)
     tuned = tune_ef(tbl, params)  # the data decides how wide an HNSW search must be to meet the recall floor
     validation = validate_table(

@@ -80,9 +80,10 @@ class LiveIndex:
     challenger's model ahead of its promotion.
 
     With `graph` (serve params whose `search` is graph), every pair carries a ServingGraph of
-    its table, built before the pair goes live; each refresh adds the rows hot adds appended,
-    so they are found within refresh_seconds, as LanceDB's reader finds them. The serving
-    graph and the one before it (the likely rollback target) stay in memory.
+    its table, built before the pair goes live (the previous pair answers meanwhile); each
+    refresh adds the rows hot adds appended, so they are found within refresh_seconds, as
+    LanceDB's reader finds them. The serving graph and the one before it (the likely rollback
+    target) stay in memory; a challenger's graph is not built ahead (memory: one more graph).
     """
 
     def __init__(
@@ -220,15 +221,8 @@ class LiveIndex:
             return
         with self._resolving:
             self._model(challenger)
-            if self._graph_params is not None:  # its graph too, so the swap to it builds nothing
-                table = self._registry.get(challenger, with_metrics=False).table
-                if table:
-                    self._graph(table)
-            if self._pair is not None:  # the serving one stays newest
-                if self._pair.version in self._models:
-                    self._models.move_to_end(self._pair.version)
-                if self._pair.table_name in self._graphs:
-                    self._graphs.move_to_end(self._pair.table_name)
+            if self._pair is not None and self._pair.version in self._models:  # the serving one stays newest
+                self._models.move_to_end(self._pair.version)
 
     def _refresh_forever(self) -> None:
         while not self._stop.wait(self.refresh_seconds):

@@ -44,6 +44,7 @@ from components.registry import (
 from components.tables import (
     CATALOG_SEQ,
     connect,
+    ensure_id_index,
     is_validated,
     open_table,
     set_vector_metadata,
@@ -288,6 +289,7 @@ class Promoter:
                 f"table {table} was written by model version {written_by(tbl)}, "
                 f"not by v{version}; refusing to mix embeddings"
             )
+        ensure_id_index(tbl)  # tables built before it had none: built once, then every hot add uses it
         missing, reached = missing_rows(tbl, ClassRegistry.load(self.ws.class_registry))
         if missing:
             append_missing(tbl, self.ws, self.registry.load_embedder(version), missing, self.index)

@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import lancedb
 import pyarrow as pa
+from lancedb.index import BTree
 
 from components.config import Workspace
 
@@ -85,6 +86,12 @@ def set_vector_metadata(tbl: lancedb.table.Table, key: str, value: str) -> None:
 def vector_indices(tbl: lancedb.table.Table) -> list:
     """The table's ANN indices on the vector column (the id column's scalar index is not one)."""
     return [i for i in tbl.list_indices() if list(i.columns) == [VECTOR]]
+
+
+def ensure_id_index(tbl: lancedb.table.Table) -> None:
+    """A BTree index on the id column (what ids_present looks up), built once per table."""
+    if not any(list(i.columns) == ["id"] for i in tbl.list_indices()):
+        tbl.create_index("id", config=BTree())
 
 
 def ids_present(tbl: lancedb.table.Table, ids: list[str], chunk: int = 1000) -> set[str]:

@@ -12,9 +12,10 @@ Kubernetes), else a LocalCluster of `index.dask_workers` processes started for t
 
 from __future__ import annotations
 
+import copy
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from prefect import flow, task
@@ -35,12 +36,18 @@ def dask_address() -> str | None:
 
 @task(name="embed-shard", cache_policy=NO_CACHE)
 def embed_shard(
-    ws: Workspace, name: str, model: Embedder, records: Sequence[ImageRecord], params: IndexParams, shard: int
+    ws: Workspace,
+    name: str,
+    model: Embedder,
+    records: Sequence[ImageRecord],
+    params: IndexParams,
+    shard: int,
+    one_thread: bool,
 ) -> list[str]:
     """One shard's rows as Lance fragments of table `name` (uncommitted); their metadata as JSON."""
     failpoint(f"embed-shard-{shard}")  # tests kill the worker that runs this shard
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)  # one process per core: the workers are the parallelism
+    if one_thread and not torch.cuda.is_available():
+        torch.set_num_threads(1)  # a LocalCluster: one worker process per core, the workers are the parallelism
     return write_shard(ws, name, model.to(pick_device("auto")), records, params)
 
 
@@ -69,35 +76,45 @@ def workers(params: IndexParams) -> int:
     return params.dask_workers if not dask_address() else 1
 
 
-def _api_for_workers() -> None:
-    """Name this process's Prefect API in the environment the worker processes inherit. Without
-    a server (PREFECT_API_URL unset) Prefect runs a temporary one per process: start this
-    process's now, so LocalCluster workers report to it instead of each starting their own.
-    A remote cluster's workers are configured with the server's address (infra/)."""
+def _api_for_workers() -> Callable[[], None]:
+    """Name this process's Prefect API in the environment the LocalCluster's worker processes
+    inherit; returns what puts the environment back. Without a server (PREFECT_API_URL unset)
+    Prefect runs a temporary one per process: this process's is started now, so the workers
+    report to it instead of each starting their own. A remote cluster's workers are configured
+    with the server's address (infra/)."""
     from prefect.settings import PREFECT_API_URL
 
-    if PREFECT_API_URL.value():
-        os.environ.setdefault("PREFECT_API_URL", PREFECT_API_URL.value())
-        return
-    from prefect.server.api.server import SubprocessASGIServer
+    before = os.environ.get("PREFECT_API_URL")
+    url = PREFECT_API_URL.value()
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
+        server = SubprocessASGIServer()
+        server.start()
+        url = server.api_url
+    os.environ["PREFECT_API_URL"] = url
+
+    def restore() -> None:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
+
+    return restore
 
 
 def dask_writer(ws: Workspace, params: IndexParams) -> RowWriter:
     """A RowWriter that embeds on the Dask cluster and commits the fragments in one Lance commit."""
 
     def write(name: str, model: Embedder, records: Sequence[ImageRecord]) -> None:
-        model = model.cpu().eval()  # shipped to each task; a GPU worker moves it to its device
-        if not dask_address():
-            _api_for_workers()
+        model = copy.deepcopy(model).cpu().eval()  # shipped to each task; a GPU worker moves it to its device
+        local = not dask_address()
+        restore = _api_for_workers() if local else None
         parts = shards(records, params, workers(params))
 
         @flow(name="reindex-shards", task_runner=task_runner(params), log_prints=True)  # type: ignore[arg-type]  # prefect-dask's futures are PrefectFutures
         def reindex_shards() -> list[list[str]]:
-            futures = [embed_shard.submit(ws, name, model, part, params, i) for i, part in enumerate(parts)]
+            futures = [embed_shard.submit(ws, name, model, part, params, i, local) for i, part in enumerate(parts)]
             return [future.result() for future in futures]
 
         try:
@@ -105,16 +122,21 @@ def dask_writer(ws: Workspace, params: IndexParams) -> RowWriter:
         except BaseException:
             discard_uncommitted(ws, name)
             raise
+        finally:
+            if restore is not None:
+                restore()
         commit_shards(ws, name, model.embedding_dim, fragments)
 
     return write
 
 
 def row_writer(ws: Workspace, params: IndexParams) -> RowWriter | None:
-    """The Dask writer when `index.engine` picks it (see params.yaml), else None (this process)."""
+    """The Dask writer when `index.engine` picks it (see params.yaml), else None (this process):
+    auto takes Dask from dask_min_images stored images, on the scheduler in MNEMO_DASK_ADDRESS or
+    a LocalCluster; a small catalog is embedded faster than a cluster starts."""
     if params.engine == "process":
         return None
-    if params.engine == "dask" or dask_address():
+    if params.engine == "dask":
         return dask_writer(ws, params)
     images = len(ClassRegistry.load(ws.class_registry).images)
     return dask_writer(ws, params) if images >= params.dask_min_images else None

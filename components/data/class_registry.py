@@ -32,6 +32,7 @@ import sqlite3
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -60,7 +61,7 @@ CREATE TABLE IF NOT EXISTS classes (name TEXT PRIMARY KEY, arrival TEXT NOT NULL
 CREATE INDEX IF NOT EXISTS classes_split ON classes (split);
 CREATE TABLE IF NOT EXISTS arrivals (id TEXT PRIMARY KEY, meta TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS manifests (
-    n INTEGER PRIMARY KEY, name TEXT NOT NULL, chain TEXT NOT NULL, last_seq INTEGER NOT NULL
+    n INTEGER PRIMARY KEY, name TEXT NOT NULL, chain TEXT NOT NULL, last_seq INTEGER NOT NULL, bytes INTEGER NOT NULL
 );
 """
 
@@ -89,7 +90,16 @@ class _Rows(MutableMapping[str, dict]):
 
     def __init__(self, db: sqlite3.Connection, select: str, keys: str, count: str, decode) -> None:
         self._db, self._select, self._keys, self._count, self._decode = db, select, keys, count, decode
-        self.changed: dict[str, dict] = {}
+        self.changed: dict[str, dict] = {}  # rows read or assigned since the last save
+        self._as_read: dict[str, dict] = {}  # what the rows read looked like then
+
+    def delta(self) -> dict[str, dict]:
+        """The rows assigned, or read and changed in place, since the last save."""
+        return {k: v for k, v in self.changed.items() if v != self._as_read.get(k)}
+
+    def saved(self) -> None:
+        self.changed.clear()
+        self._as_read.clear()
 
     def _read(self, key: str) -> dict | None:
         row = self._db.execute(self._select, (key,)).fetchone()
@@ -100,7 +110,8 @@ class _Rows(MutableMapping[str, dict]):
             row = self._read(key)
             if row is None:
                 raise KeyError(key)
-            self.changed[key] = row  # a caller may change it in place
+            self.changed[key] = row  # a caller may change it in place: delta() compares
+            self._as_read[key] = dict(row)
         return self.changed[key]
 
     def __setitem__(self, key: str, value: dict) -> None:
@@ -190,6 +201,11 @@ def _write_new(path: Path, text: str) -> None:
         os.link(tmp, path)  # FileExistsError when taken
     finally:
         Path(tmp).unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the new name survives a power cut too
+    finally:
+        os.close(folder)
 
 
 class ClassRegistry:
@@ -225,10 +241,11 @@ class ClassRegistry:
         path = Path(path)
         manifests = path.parent / MANIFESTS
         legacy = path.parent / LEGACY
-        if not path.exists() and not manifests.is_dir():
-            if legacy.exists():
+        if not _manifest_files(manifests):
+            if legacy.exists():  # (a database without manifests is a migration that died: it starts over)
                 return cls._migrate(path, legacy)
-            return cls(path)  # nothing ingested yet: nothing is written until save()
+            if not path.exists():
+                return cls(path)  # nothing ingested yet: nothing is written until save()
         db = _connect(path)
         try:
             _sync(db, manifests)
@@ -258,7 +275,7 @@ class ClassRegistry:
         (SCORED_ROLES for a whole gallery), so a pending image reaches neither.
         """
         wanted = list(roles or ROLES)
-        if self.images.changed:  # unsaved rows: the merged view
+        if self.images.delta():  # unsaved rows: the merged view
             seqs = dict(self._db.execute("SELECT id, seq FROM images"))
             return [
                 ImageRecord(id=i, cls=m["class"], arrival=m["arrival"], role=m["role"], seq=seqs.get(i, 0))
@@ -281,7 +298,7 @@ class ClassRegistry:
         return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM images").fetchone()[0])
 
     def classes_with_split(self, split: Split) -> list[str]:
-        if self.classes.changed:
+        if self.classes.delta():
             return sorted(name for name, meta in self.classes.items() if meta["split"] == split)
         return [n for (n,) in self._db.execute("SELECT name FROM classes WHERE split = ? ORDER BY name", (split,))]
 
@@ -338,34 +355,35 @@ class ClassRegistry:
 
     def _delta(self) -> dict[str, dict]:
         arrivals = {k: v for k, v in self.arrivals.items() if json.dumps(v, sort_keys=True) != self._saved(k)}
-        return {"arrivals": arrivals, "classes": dict(self.classes.changed), "images": dict(self.images.changed)}
+        return {"arrivals": arrivals, "classes": self.classes.delta(), "images": self.images.delta()}
 
     def _saved(self, arrival: str) -> str | None:
         row = self._db.execute("SELECT meta FROM arrivals WHERE id = ?", (arrival,)).fetchone()
         return None if row is None else json.dumps(json.loads(row[0]), sort_keys=True)
 
     def save(self) -> None:
-        """Record what changed since load: one new manifest, then one database transaction.
+        """Record what changed since load: a new manifest and its rows, inside one database write
+        transaction (so the number is taken once, after any manifest another writer added).
 
-        A crash between the two leaves a manifest the database lacks; the next load applies it.
+        The manifest is written before the transaction commits: a crash in between leaves a
+        manifest the database lacks, which the next load applies. Nothing is written when
+        nothing changed.
         """
         delta = self._delta()
         if not any(delta.values()):
             return
+        text = json.dumps(delta, indent=1, sort_keys=True, ensure_ascii=False)
         if self._db.execute("PRAGMA database_list").fetchone()[2] == "":  # in memory until the first save
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            disk = _connect(self.path)
-            _sync(disk, self.manifests)
             self._db.close()
-            self._db = disk
-            self.classes._db = self.images._db = disk
-        n = len(_manifest_files(self.manifests)) + 1
-        name = f"{n:06d}.json"
-        text = json.dumps(delta, indent=1, sort_keys=True, ensure_ascii=False)
-        _write_new(self.manifests / name, text)
-        _apply(self._db, n, name, text)
-        self.classes.changed.clear()
-        self.images.changed.clear()
+            self._db = self.classes._db = self.images._db = _connect(self.path)
+        with _writing(self._db):
+            n = _sync_locked(self._db, self.manifests) + 1
+            name = f"{n:06d}.json"
+            _write_new(self.manifests / name, text)
+            _apply(self._db, n, name, text)
+        self.classes.saved()
+        self.images.saved()
 
     def close(self) -> None:
         self._db.close()
@@ -381,39 +399,64 @@ def _chain(previous: str, text: str) -> str:
     return hashlib.sha256((previous + hashlib.sha256(text.encode()).hexdigest()).encode()).hexdigest()
 
 
-def _apply(db: sqlite3.Connection, n: int, name: str, text: str) -> None:
-    """One manifest into the database, in one transaction (its rows and its place in the chain)."""
-    delta: dict[str, Any] = json.loads(text)
-    previous = db.execute("SELECT chain FROM manifests WHERE n = ?", (n - 1,)).fetchone()
+@contextmanager
+def _writing(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: other writers (and readers bringing the database up to date) wait."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.executemany(
-            "INSERT INTO arrivals (id, meta) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET meta = excluded.meta",
-            [(k, json.dumps(v, sort_keys=True)) for k, v in delta["arrivals"].items()],
-        )
-        db.executemany(
-            "INSERT INTO classes (name, arrival, split) VALUES (?, ?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET arrival = excluded.arrival, split = excluded.split",
-            [(k, v["arrival"], v["split"]) for k, v in delta["classes"].items()],
-        )
-        db.executemany(  # an existing id keeps its sequence number: only its role or class changes
-            "INSERT INTO images (id, class, arrival, role, hash) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (id) DO UPDATE SET class = excluded.class, arrival = excluded.arrival, role = excluded.role",
-            [(k, v["class"], v["arrival"], v["role"], content_hash(k)) for k, v in sorted(delta["images"].items())],
-        )
-        db.execute(
-            "INSERT INTO manifests (n, name, chain, last_seq) VALUES (?, ?, ?, (SELECT COALESCE(MAX(seq), 0) FROM images))",
-            (n, name, _chain(previous[0] if previous else "", text)),
-        )
-        db.execute("COMMIT")
+        yield
     except BaseException:
         db.execute("ROLLBACK")
         raise
+    db.execute("COMMIT")
+
+
+def _apply(db: sqlite3.Connection, n: int, name: str, text: str) -> None:
+    """One manifest's rows and its place in the chain, inside the caller's transaction."""
+    delta: dict[str, Any] = json.loads(text)
+    previous = db.execute("SELECT chain FROM manifests WHERE n = ?", (n - 1,)).fetchone()
+    db.executemany(
+        "INSERT INTO arrivals (id, meta) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET meta = excluded.meta",
+        [(k, json.dumps(v, sort_keys=True)) for k, v in delta["arrivals"].items()],
+    )
+    db.executemany(
+        "INSERT INTO classes (name, arrival, split) VALUES (?, ?, ?) "
+        "ON CONFLICT (name) DO UPDATE SET arrival = excluded.arrival, split = excluded.split",
+        [(k, v["arrival"], v["split"]) for k, v in delta["classes"].items()],
+    )
+    db.executemany(  # an existing id keeps its sequence number: only its role or class changes
+        "INSERT INTO images (id, class, arrival, role, hash) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET class = excluded.class, arrival = excluded.arrival, role = excluded.role",
+        [(k, v["class"], v["arrival"], v["role"], content_hash(k)) for k, v in sorted(delta["images"].items())],
+    )
+    db.execute(
+        "INSERT INTO manifests (n, name, chain, bytes, last_seq) "
+        "VALUES (?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) FROM images))",
+        (n, name, _chain(previous[0] if previous else "", text), len(text.encode())),
+    )
+
+
+def _in_step(db: sqlite3.Connection, manifests: Path) -> bool:
+    """Whether the database holds exactly the manifests on disk, judged by their count and the last
+    one's name and size (a read, no lock, no hashing: the last manifest may be a migrated history)."""
+    files = _manifest_files(manifests)
+    last = db.execute("SELECT n, name, bytes FROM manifests ORDER BY n DESC LIMIT 1").fetchone()
+    if last is None or not files:
+        return last is None and not files
+    return (last[0], last[1], last[2]) == (len(files), files[-1], (manifests / files[-1]).stat().st_size)
 
 
 def _sync(db: sqlite3.Connection, manifests: Path) -> None:
-    """Bring the database up to the manifests on disk: apply the ones it lacks; rebuild it when
-    they are not the ones it was built from (another data version was checked out)."""
+    """Bring the database up to the manifests on disk (see _sync_locked); nothing to do is one read."""
+    if not _in_step(db, manifests):
+        with _writing(db):
+            _sync_locked(db, manifests)
+
+
+def _sync_locked(db: sqlite3.Connection, manifests: Path) -> int:
+    """Inside a write transaction: apply the manifests the database lacks; rebuild it from all of
+    them when it was built from others (another data version was checked out); the rebuild is
+    one transaction, so no reader sees it half done. Returns how many manifests it holds."""
     files = _manifest_files(manifests)
     applied = db.execute("SELECT n, name, chain FROM manifests ORDER BY n").fetchall()
     consistent = len(applied) <= len(files) and all(name == files[n - 1] for n, name, _ in applied)
@@ -422,11 +465,10 @@ def _sync(db: sqlite3.Connection, manifests: Path) -> None:
         previous = applied[-2][2] if len(applied) > 1 else ""
         consistent = _chain(previous, (manifests / name).read_text()) == chain
     if not consistent:
-        db.execute("BEGIN IMMEDIATE")
         for table in ("images", "classes", "arrivals", "manifests"):
             db.execute(f"DELETE FROM {table}")
         db.execute("DELETE FROM sqlite_sequence WHERE name = 'images'")
-        db.execute("COMMIT")
         applied = []
     for n in range(len(applied) + 1, len(files) + 1):
         _apply(db, n, files[n - 1], (manifests / files[n - 1]).read_text())
+    return len(files)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import components.index as index_module
 from components.config import with_overrides
 from components.data.class_registry import ClassRegistry, ImageRecord
 from components.data.inbox import ingest_inbox
@@ -318,7 +319,8 @@ def test_a_hot_add_asks_the_catalog_only_for_images_past_the_tables_mark(live_ws
     ingest_inbox(live_ws, params.ingest)
     whole = []
     monkeypatch.setattr(ClassRegistry, "records", lambda self, *roles: whole.append(roles) or [])
-    assert promoter.hot_add().added == 4 and not whole  # never the whole catalog
+    monkeypatch.setattr(index_module, "column", lambda tbl, name: whole.append(name) or [])
+    assert promoter.hot_add().added == 4 and not whole  # never the whole catalog, nor the id column
     monkeypatch.undo()
     tbl = connect(live_ws).open_table("embeddings_v1")
     assert vector_metadata(tbl, CATALOG_SEQ).startswith("64:") and tbl.count_rows() == 64

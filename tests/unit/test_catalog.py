@@ -95,3 +95,31 @@ def test_a_one_file_registry_is_migrated_once_and_nothing_is_lost(tmp_path, ws, 
     assert json.loads((ws.class_registry.parent / "registry.json.migrated").read_text()) == legacy
     again = ClassRegistry.load(ws.class_registry)  # once: the manifest is there now
     assert len(again.images) == 9 and len(list((ws.class_registry.parent / "arrivals").iterdir())) == 1
+
+
+def test_reading_rows_records_nothing_and_two_writers_each_get_their_own_manifest(tmp_path, ws, params):
+    ingest(tmp_path, ws, params, "a1", {"x": [1, 2], "y": [3, 4]})
+    arrivals = ws.class_registry.parent / "arrivals"
+    reader = ClassRegistry.load(ws.class_registry)
+    assert reader.classes["x"]["split"] and reader.images[reader.class_images("y")[0]]["class"] == "y"
+    reader.save()  # read, not changed: no manifest
+    assert len(list(arrivals.iterdir())) == 1
+
+    first, second = ClassRegistry.load(ws.class_registry), ClassRegistry.load(ws.class_registry)
+    first.arrivals["b1"] = {"name": "b1"}
+    first.save()
+    second.arrivals["b2"] = {"name": "b2"}  # loaded before first saved
+    second.save()
+    assert sorted(p.name for p in arrivals.iterdir()) == ["000001.json", "000002.json", "000003.json"]
+    assert sorted(ClassRegistry.load(ws.class_registry).arrivals) == ["a1", "b1", "b2"]
+
+
+def test_a_migration_that_died_before_its_manifest_starts_over(tmp_path, ws, params):
+    from components.data.class_registry import _connect
+
+    legacy = {"arrivals": {"old": {}}, "classes": {"c": {"arrival": "old", "split": "train"}}, "images": {}}
+    legacy["images"] = {f"c/{i:032x}.png": {"class": "c", "arrival": "old", "role": "train"} for i in range(3)}
+    ws.class_registry.parent.mkdir(parents=True)
+    (ws.class_registry.parent / "registry.json").write_text(json.dumps(legacy))
+    _connect(ws.class_registry).close()  # the database was created, then the process died
+    assert dict(ClassRegistry.load(ws.class_registry).images.items()) == legacy["images"]
