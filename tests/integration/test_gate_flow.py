@@ -46,7 +46,7 @@ def test_retrain_publishes_the_gate_report_everywhere(params, ws, params_file):
 
     client = MlflowClient(ws.tracking_uri)
     run = client.get_run(client.get_model_version("mnemo-embedder", "1").run_id)
-    assert run.data.tags[DATA_VERSION_TAG].startswith("md5:") and len(run.data.tags[GIT_COMMIT_TAG]) == 40
+    assert run.data.tags[DATA_VERSION_TAG].startswith("sha256:") and len(run.data.tags[GIT_COMMIT_TAG]) == 40
     logged = {f.path for f in client.list_artifacts(run.info.run_id, "gate")}
     assert logged == {GATE_REPORT, GATE_MARKDOWN, GATE_HEATMAP}
 
