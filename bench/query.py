@@ -172,11 +172,13 @@ def rows_of(vectors: np.ndarray, offset: int) -> pa.Table:
     )
 
 
-def lance_table(ws, name: str, vectors: np.ndarray, index_params) -> tuple[object, dict]:
+def lance_table(ws, name: str, vectors: np.ndarray, index_params, ann: bool = True):
     db = connect(ws)
     tbl = db.create_table(name, schema=table_schema(DIM))
     for lo in range(0, len(vectors), 100_000):
         tbl.add(rows_of(vectors[lo : lo + 100_000], lo))
+    if not ann:
+        return tbl
     before, start = rss_mb(), time.perf_counter()
     ensure_ann_index(tbl, index_params.model_copy(update={"ann_min_rows": 256}))
     build = time.perf_counter() - start
@@ -312,11 +314,16 @@ def bench_vector_set(
     *,
     previous_default: bool,
     peers: bool,
+    lance: bool = True,
 ) -> dict:
     ws = resolve_workspace(params, tmp / label)
     truth = exact_top(vectors, queries)
-    tbl, built = lance_table(ws, "shipped", vectors, params.index)
-    engines = lancedb_engines(ws, "shipped", params.index, loop, f"{params.index.ann_type} as shipped")
+    if lance:
+        tbl, built = lance_table(ws, "shipped", vectors, params.index)
+        engines = lancedb_engines(ws, "shipped", params.index, loop, f"{params.index.ann_type} as shipped")
+    else:  # the table the serving graph reads, without LanceDB's own index (its build takes minutes)
+        tbl, built = lance_table(ws, "shipped", vectors, params.index, ann=False), None
+        engines = []
     builds = {"shipped": built}
     if previous_default:
         previous = params.index.model_copy(
@@ -359,7 +366,7 @@ def bench_vector_set(
         "recall_at_10": recall(grown.found, grown_truth),
     }
     del graph, served, grown
-    for stage in ("before_optimize", "after_optimize"):
+    for stage in ("before_optimize", "after_optimize") if lance else ():
         if stage == "after_optimize":
             start = time.perf_counter()
             tbl.optimize()
@@ -561,6 +568,9 @@ def main() -> None:
     )
     ap.add_argument("--previous-default", action="store_true", help="also IVF_PQ as mnemo shipped it before")
     ap.add_argument("--no-peers", dest="peers", action="store_false", help="skip faiss and hnswlib")
+    ap.add_argument(
+        "--no-lance", dest="lance", action="store_false", help="skip LanceDB's own index and engines (minutes to build)"
+    )
     ap.add_argument("--baseline", help="a git ref whose `mnemo serve` is measured beside this one")
     ap.add_argument("--http-requests", type=int, default=200)
     ap.add_argument("--http-seconds", type=float, default=20.0)
@@ -613,6 +623,7 @@ def main() -> None:
                     loop,
                     previous_default=args.previous_default and first,
                     peers=args.peers,
+                    lance=args.lance,
                 )
                 print(json.dumps(report["search"][label]["engines"], indent=1), file=sys.stderr, flush=True)
         if "http" in args.parts:
