@@ -178,6 +178,7 @@ def measure(root: Path, params_file: Path) -> dict:
     cpu = time.process_time()
     [report] = ingest_inbox(ws, params.ingest)
     ingested = time.perf_counter()
+    ingest_peak = peak_rss_mb() - rss_before
     added = Promoter(ws, params.registry, params.index).hot_add()
     done = time.perf_counter()
     assert report.stored == ARRIVAL_CLASSES * ARRIVAL_PER_CLASS and added.added == report.stored, (report, added)
@@ -187,6 +188,7 @@ def measure(root: Path, params_file: Path) -> dict:
         "total_seconds": round(done - start, 3),
         "cpu_seconds": round(time.process_time() - cpu, 3),
         "peak_rss_growth_mb": round(peak_rss_mb() - rss_before, 1),
+        "ingest_peak_rss_growth_mb": round(ingest_peak, 1),
         "rss_before_mb": round(rss_before, 1),
     }
 
