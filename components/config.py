@@ -215,6 +215,9 @@ class IndexParams(_Section):
     ann_min_recall: float = Field(gt=0, le=1)  # ANN recall@10 against exact search below this: not promoted
     recall_probes: PositiveInt  # stored vectors whose ANN and exact neighbours are compared after a build
     old_versions_seconds: int = Field(ge=0)  # grace before a live table's superseded Lance versions go
+    optimize_fraction: float = Field(
+        ge=0, le=1
+    )  # hot-added rows no index covers yet, as a share of the table, before optimize
     # Who embeds the rows of a new table: this process (decoding on a thread pool), or Prefect tasks
     # on a Dask cluster, one per shard (flows/reindex.py); auto: dask once the catalog holds
     # dask_min_images, else this process. MNEMO_DASK_ADDRESS says which cluster, not whether.

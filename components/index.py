@@ -422,6 +422,25 @@ def drop_old_versions(tbl: lancedb.table.Table, older_than: timedelta) -> None:
         tbl.optimize(cleanup_older_than=older_than)
 
 
+def settle_appends(tbl: lancedb.table.Table, params: IndexParams) -> bool:
+    """After a hot add: compact and fold the new rows into the indices (drop_old_versions, which
+    rewrites the table's last fragment and its indices: time and memory that grow with the table)
+    only once the rows no index covers yet reach `optimize_fraction` of the table, so the rewrite
+    is paid once per that much growth, not per arrival. Until then readers scan those few rows
+    exactly beside the indices, and only superseded versions past the grace are removed.
+    Returns whether it optimized."""
+    grace = timedelta(seconds=params.old_versions_seconds)
+    unindexed = max(
+        ((stats.num_unindexed_rows if (stats := tbl.index_stats(i.name)) else 0) for i in tbl.list_indices()),
+        default=0,
+    )
+    if unindexed >= params.optimize_fraction * tbl.count_rows():
+        drop_old_versions(tbl, grace)
+        return True
+    tbl.cleanup_old_versions(grace)
+    return False
+
+
 def cleanup_tables(
     ws: Workspace, params: IndexParams, *, keep: Collection[str], orphans_only: bool = False
 ) -> tuple[str, ...]:

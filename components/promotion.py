@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 
 from mlflow.exceptions import MlflowException
 
@@ -26,9 +25,9 @@ from components.index import (
     append_missing,
     build_table,
     check_writable,
-    drop_old_versions,
     missing_rows,
     retune_ann_index,
+    settle_appends,
 )
 from components.modeling.embedder import Embedder
 from components.promotion_log import MoveKind, PromotionEntry, previous_champion
@@ -296,7 +295,6 @@ class Promoter:
             retune_ann_index(tbl, self.index)  # the index follows the table's size (params.yaml: ann_*)
         if reached is not None and vector_metadata(tbl, CATALOG_SEQ) != reached:
             set_vector_metadata(tbl, CATALOG_SEQ, reached)
-        if missing:
-            # Folds the new rows into the indices and compacts; readers mid-query keep their version's files.
-            drop_old_versions(tbl, timedelta(seconds=self.index.old_versions_seconds))
+        if missing:  # readers mid-query keep their version's files
+            settle_appends(tbl, self.index)
         return len(missing)
