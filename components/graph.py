@@ -63,6 +63,7 @@ class ServingGraph:
         self._serve = serve
         self._index_params = index
         self._lock = threading.Lock()
+        self._tbl: lancedb.table.Table | None = None
         self._graph: faiss.IndexHNSWFlat | None = None
         self._ids: list[str] = []
         self._classes: list[str] = []
@@ -97,7 +98,11 @@ class ServingGraph:
         return len(self._ids)
 
     def _open(self) -> lancedb.table.Table:
-        return open_table(connect(self._ws), self._ws, self.table)
+        """The table, opened once: every refresh asks it for its row count, and a connection that
+        checks the latest version on each read sees other processes' appends without reopening."""
+        if self._tbl is None:
+            self._tbl = open_table(connect(self._ws, refresh_seconds=0), self._ws, self.table)
+        return self._tbl
 
     def catch_up(self) -> int:
         """Add the rows appended to the table since the last call; how many were added."""
