@@ -238,7 +238,7 @@ class ServeParams(_Section):
     max_k: int = Field(gt=0)
     batch_wait_ms: float = Field(ge=0)  # how long a forward waits for concurrent requests' images to join it
     max_batch: int = Field(gt=0)  # images in one batched forward
-    channels_last: bool  # the model's tensors in NHWC for the forward (bench/query.py measures it)
+    runtime: Literal["onnxruntime", "torch_channels_last", "torch"]  # what runs the forward (modeling/runtime.py)
     search: Literal["graph", "table"]  # graph: each replica's in-memory HNSW graph (graph.py); table: LanceDB's index
     graph_m: int = Field(ge=4)  # links per node of the serving graph
     graph_ef_construction: int = Field(ge=8)  # candidates while inserting a node

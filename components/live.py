@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
-import torch
 from PIL import Image
 
 from components.config import IndexParams, RegistryParams, ServeParams, Workspace
 from components.graph import ServingGraph
-from components.modeling.embedder import Embedder, embed_images
+from components.modeling.embedder import Embedder
+from components.modeling.runtime import Forward, Runtime, make_forward
 from components.registry import CHALLENGER, CHAMPION, ModelRegistry
 from components.search import AsyncLoop, Hit, TableReader
 
@@ -47,11 +47,11 @@ class LivePair:
     model: Embedder
     table: TableReader
     since: datetime  # when this reader switched to the pair (UTC)
-    channels_last: bool = False  # the model was moved to NHWC; inputs follow
+    forward: Forward  # the model's forward as serve.runtime runs it (ONNX Runtime or PyTorch)
     graph: ServingGraph | None = None  # the table's rows in memory (serve.search: graph); None: LanceDB searches
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return embed_images(self.model, images, channels_last=self.channels_last)
+        return self.forward(images)
 
     def query(self, images: Sequence[Image.Image], k: int) -> list[list[Hit]]:
         """The k nearest stored images for each RGB image, by this pair's model in this pair's table."""
@@ -93,19 +93,19 @@ class LiveIndex:
         index: IndexParams,
         *,
         refresh_seconds: float,
-        channels_last: bool = False,
+        runtime: Runtime = "torch",
         graph: ServeParams | None = None,
     ) -> None:
         self.ws = ws
         self.index = index
         self.refresh_seconds = refresh_seconds
-        self.channels_last = channels_last
+        self.runtime = runtime
         self._graph_params = graph if graph is not None and graph.search == "graph" else None
         self._graphs: OrderedDict[str, ServingGraph] = OrderedDict()
         self._registry = ModelRegistry(ws, registry)
         self._loop: AsyncLoop | None = None
         self._pair: LivePair | None = None
-        self._models: OrderedDict[str, Embedder] = OrderedDict()
+        self._models: OrderedDict[str, Forward] = OrderedDict()
         self._tables: dict[str, TableReader] = {}
         self._aliases: dict[str, str] = {}
         self._resolving = threading.Lock()  # one resolver at a time; readers never wait on it
@@ -152,27 +152,27 @@ class LiveIndex:
                     f"champion v{champion.version} points at table {champion.table}, "
                     f"written by model version {table.written_by()}"
                 )
+            forward = self._model(champion.version)
             pair = LivePair(
                 version=champion.version,
                 table_name=champion.table,
-                model=self._model(champion.version),
+                model=forward.model,
                 table=table,
                 since=datetime.now(UTC),
-                channels_last=self.channels_last,
+                forward=forward,
                 graph=self._graph(champion.table),
             )
             self._pair = pair  # the swap: one assignment; in-flight readers keep the pair they hold
             log.info("live pair: v%s with table %s", pair.version, pair.table_name)
             return pair
 
-    def _model(self, version: str) -> Embedder:
+    def _model(self, version: str) -> Forward:
+        """The version's model, loaded once and ready to run as serve.runtime says."""
         if version in self._models:
             self._models.move_to_end(version)
         else:
             model = self._registry.load_embedder(version).eval()
-            if self.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            self._models[version] = model
+            self._models[version] = make_forward(model, self.runtime, version=version)
             while len(self._models) > self.index.keep_tables:  # rollback targets, no more
                 self._models.popitem(last=False)
         return self._models[version]

@@ -430,7 +430,7 @@ def service_app() -> FastAPI:
         p.registry,
         p.index,
         refresh_seconds=p.serve.refresh_seconds,
-        channels_last=p.serve.channels_last,
+        runtime=p.serve.runtime,
         graph=p.serve,
     )
     # The key comes from the environment only: never from params.yaml, never logged.

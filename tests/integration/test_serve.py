@@ -33,7 +33,9 @@ def small(params):
 
 
 def make_app(ws, params):
-    live = LiveIndex(ws, params.registry, params.index, refresh_seconds=params.serve.refresh_seconds)
+    live = LiveIndex(
+        ws, params.registry, params.index, refresh_seconds=params.serve.refresh_seconds, runtime=params.serve.runtime
+    )
     return create_app(live, params.serve, params.ingest)
 
 
