@@ -205,7 +205,7 @@ def run(params_file: Path, root: Path) -> dict:
                 flush=True,
             )
 
-    catalog = ClassRegistry.load(ws / "data" / "registry.json")
+    catalog = ClassRegistry.load(resolve_workspace(load_params(params_file), ws).class_registry)
     classes_dir = ws / "data" / "classes"
     unseen = catalog.records("unseen")
     unseen_paths, unseen_labels = [classes_dir / r.id for r in unseen], [r.cls for r in unseen]

@@ -40,7 +40,7 @@ from oneshot import embed_reference, train_reference  # noqa: E402  # bench/: th
 
 import bench.continual  # noqa: E402
 from bench.continual import omniglot_stream  # noqa: E402
-from components.config import Params, load_params, with_overrides  # noqa: E402
+from components.config import Params, load_params, resolve_workspace, with_overrides  # noqa: E402
 from components.data.class_registry import ClassRegistry  # noqa: E402
 from components.data.transforms import eval_transform, open_rgb  # noqa: E402
 from components.metrics import few_shot_accuracy  # noqa: E402
@@ -110,7 +110,7 @@ def run_variant(
     seed: int,
 ) -> dict:
     p = with_overrides(params, overrides)
-    catalog = ClassRegistry.load(ws_root / "data" / "registry.json")
+    catalog = ClassRegistry.load(resolve_workspace(params, ws_root).class_registry)
     classes_dir = ws_root / "data" / "classes"
     train = catalog.records("train")
     model, state, steps = None, None, []
@@ -254,7 +254,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mnemo-oneshot-") as tmp:
         ws_root = Path(tmp) / "ws"
         stream = omniglot_stream(params, ws_root)
-        catalog = ClassRegistry.load(ws_root / "data" / "registry.json")
+        catalog = ClassRegistry.load(resolve_workspace(params, ws_root).class_registry)
         classes_dir = ws_root / "data" / "classes"
         unseen_records = catalog.records("unseen")
         unseen = ([classes_dir / r.id for r in unseen_records], [r.cls for r in unseen_records])
