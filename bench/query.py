@@ -60,6 +60,7 @@ from components.search import AsyncLoop, TableReader, with_table_settings  # noq
 from components.tables import VECTOR, connect, open_table, table_schema, vector_indices  # noqa: E402
 
 DIM = 128
+RUNTIMES = ("onnxruntime", "torch_channels_last", "torch")
 K = 10
 TARGETS = {"p99_ms": 10.0, "recall_at_10": 0.97, "http_p50_over_parts": 1.2, "rps_4_clients_over_baseline": 2.0}
 
@@ -415,8 +416,8 @@ def http_workspace(params: Params, root: Path) -> tuple[object, bytes]:
 
 def parts_alone(params: Params, ws, png: bytes, n: int) -> dict:
     """The model forward of one decoded image in each serve.runtime (PyTorch as trained, PyTorch in
-    NHWC, ONNX Runtime), alternated call by call, 4 images in one forward, and one search of the
-    champion's table (the serving graph or LanceDB, as serve.search says)."""
+    NHWC, ONNX Runtime), taking turns in blocks of calls, 4 images in one forward, and one search
+    of the champion's table (the serving graph or LanceDB, as serve.search says)."""
     import copy
 
     from PIL import Image
@@ -425,10 +426,9 @@ def parts_alone(params: Params, ws, png: bytes, n: int) -> dict:
     from components.modeling.runtime import make_forward
 
     pair = LiveIndex(ws, params.registry, params.index, refresh_seconds=3600, graph=params.serve).current()
-    forwards = {
-        runtime: make_forward(copy.deepcopy(pair.model), runtime)
-        for runtime in ("torch", "torch_channels_last", "onnxruntime")
-    }
+    forwards = {runtime: make_forward(copy.deepcopy(pair.model), runtime) for runtime in RUNTIMES}
+    for runtime, forward in forwards.items():  # a refused export would time PyTorch under ONNX Runtime's name
+        assert forward.runtime == runtime, f"{runtime} fell back to {forward.runtime} (see the log)"
     image = Image.open(io.BytesIO(png)).convert("RGB")
     vector = embed_images(pair.model, [image])
     times: dict[str, list[float]] = {name: [] for name in [*forwards, "search"]}
@@ -514,10 +514,7 @@ def bench_http(params: Params, tmp: Path, args) -> dict:
     env = service_env()
     variants: list[tuple[str, Path, Params | None, list[str]]] = [
         (f"mnemo serve ({runtime})", REPO, with_overrides(params, {"serve.runtime": runtime}), [])
-        for runtime in (
-            params.serve.runtime,
-            *({"onnxruntime", "torch_channels_last", "torch"} - {params.serve.runtime}),
-        )
+        for runtime in (params.serve.runtime, *(r for r in RUNTIMES if r != params.serve.runtime))
     ]
     variants.append((f"mnemo serve ({params.serve.runtime}) --workers 2", REPO, params, ["--workers", "2"]))
     if args.baseline:

@@ -2,7 +2,7 @@
 
     POST /query         multipart: one or more `image` files, form field `k` -> neighbours per image
     GET  /health        200 with the model version once a champion is live, 503 before
-    GET  /live          the live pair: model version, table, rows, since when
+    GET  /live          the live pair: model version, table, rows, since when, what runs the model
     POST /live/refresh  re-resolve the champion alias now (e.g. right after `mnemo promote`)
     GET  /              the web page (search, status, browse; page.py has its endpoints)
 
@@ -170,6 +170,7 @@ def _live_payload(pair: LivePair) -> dict[str, Any]:
         "table": pair.table_name,
         "rows": pair.rows(),
         "since": pair.since.isoformat(timespec="seconds"),
+        "runtime": pair.forward.runtime,  # what runs the model (serve.runtime; PyTorch where an export was refused)
     }
 
 

@@ -10,7 +10,11 @@ An exported model must give the module's vectors: before it serves, both embed a
 batch and the export is refused when any coordinate differs by more than EXPORT_TOLERANCE
 (an operator the exporter does not translate faithfully). A refused or failed export serves
 that version with PyTorch and says why in the log, so a query never gets a vector the
-table's model would not give it.
+table's model would not give it. ONNX Runtime runs here on the CPU only: a model the registry
+loaded onto a GPU stays in PyTorch there.
+
+Memory: a session holds its own copy of the weights beside the module (resnet18: about 45 MB
+per cached version).
 
 Preprocessing (resize, the embedder's mean and std) is the one eval_transform that training,
 indexing and the logged model use, whatever the runtime.
@@ -33,6 +37,12 @@ from components.data.transforms import eval_transform
 from components.modeling.embedder import Embedder, embed_images
 
 log = logging.getLogger(__name__)
+# The TorchScript exporter announces its deprecation on every export, i.e. on every model a
+# replica loads; filters set once here, not around each export (warning filters are process-wide).
+warnings.filterwarnings(
+    "ignore", message="You are using the legacy TorchScript-based ONNX export", category=DeprecationWarning
+)
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
 
 Runtime = Literal["onnxruntime", "torch_channels_last", "torch"]
 EXPORT_TOLERANCE = 1e-4  # unit vectors: a coordinate this far off moves a cosine distance by about as much
@@ -75,7 +85,7 @@ class OnnxForward:
         options.intra_op_num_threads = threads or torch.get_num_threads()  # as many as PyTorch would use
         options.inter_op_num_threads = 1
         # Idle threads sleep instead of spinning: the event loop, the graph search and the other
-        # requests share these cores (4 clients: 170-178 req/s against 148-160 spinning; bench/query.py).
+        # requests share these cores (bench/results/README.md: more requests/s with 4 clients).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: its optimiser's notes are not the operator's business
         self.session = ort.InferenceSession(export_onnx(model), options, providers=["CPUExecutionProvider"])
@@ -95,8 +105,7 @@ def export_onnx(model: Embedder) -> bytes:
     """The eval-mode module as an ONNX graph with a variable batch size."""
     model = model.eval()
     example = torch.zeros(1, 3, model.image_size, model.image_size)
-    with tempfile.TemporaryDirectory(prefix="mnemo-onnx-") as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # "legacy exporter" notices, on every model loaded
+    with tempfile.TemporaryDirectory(prefix="mnemo-onnx-") as tmp:
         path = Path(tmp) / "embedder.onnx"
         torch.onnx.export(
             model,
@@ -105,7 +114,9 @@ def export_onnx(model: Embedder) -> bytes:
             input_names=[INPUT],
             output_names=[OUTPUT],
             dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-            dynamo=False,  # the TorchScript exporter: needs no onnxscript
+            # The TorchScript exporter: needs no onnxscript. Should a torch release drop it, the export
+            # fails, every version is served by PyTorch and the log says why (tests/unit/test_runtime.py fails).
+            dynamo=False,
         )
         return path.read_bytes()
 
@@ -120,7 +131,11 @@ def export_error(model: Embedder, forward: OnnxForward, seed: int = 0) -> float:
 
 
 def make_forward(model: Embedder, runtime: Runtime, *, version: str = "?") -> Forward:
-    """The forward `runtime` names for a loaded model; PyTorch where the ONNX export fails or differs."""
+    """The forward `runtime` names for a loaded model; PyTorch where the ONNX export fails or differs,
+    and for a model on a GPU."""
+    if runtime == "onnxruntime" and next(model.parameters()).device.type != "cpu":
+        log.info("model v%s is on %s: served by PyTorch there", version, next(model.parameters()).device)
+        return TorchForward(model, channels_last=True)
     if runtime == "onnxruntime":
         try:
             forward = OnnxForward(model)

@@ -76,6 +76,7 @@ def test_every_answer_names_the_model_version_that_produced_it(live_ws, small):
         live = client.get("/live").json()
         assert (live["model_version"], live["table"], live["rows"]) == ("1", "embeddings_v1", 60)
         assert datetime.fromisoformat(live["since"]).tzinfo is not None
+        assert live["runtime"] == small.serve.runtime == "onnxruntime"  # the shipped runtime, not a fallback
 
 
 def test_bad_uploads_get_a_clear_4xx_and_the_service_keeps_answering(live_ws, small):
