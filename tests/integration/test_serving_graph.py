@@ -37,7 +37,9 @@ def unit_rows(n: int, dim: int, seed: int, offset: int = 0) -> tuple[np.ndarray,
 
 
 def graph_live(ws, params) -> LiveIndex:
-    return LiveIndex(ws, params.registry, params.index, refresh_seconds=60, graph=params.serve)
+    return LiveIndex(
+        ws, params.registry, params.index, refresh_seconds=60, runtime=params.serve.runtime, graph=params.serve
+    )
 
 
 def test_the_graph_answers_like_the_exact_table_search(ws, params):
