@@ -3,11 +3,12 @@
 Draws `--rows` vectors calibrated to a real champion's table as bench/query.py does (class
 centres plus isotropic noise, matching the intra- and inter-class cosines of an earlier run's
 JSON), builds faiss IndexHNSWFlat graphs of each `--graphs` density (M x efConstruction) on one
-thread, and measures recall@10 against exact search and single-query p50 latency for efSearch
+thread (`--build-threads` for the build), and measures recall@10 against exact search and single-query p50 latency for efSearch
 128 ... 2048 on 300 queries drawn the same way. With `--ivf`, faiss IndexIVFFlat (1024 lists) too.
 
     python bench/graph_density.py --rows 100000 --graphs 32x80,32x200,64x200 --ivf
     python bench/graph_density.py --rows 300000 --graphs 32x80,64x200
+    python bench/graph_density.py --rows 1000000 --graphs 64x200 --build-threads 2
 
 Prints one JSON line per (graph, ef); writes bench/results/<date>-graph-density-<rows>.json.
 """
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--graphs", default="32x80,64x200", help="M x efConstruction, comma-separated")
     ap.add_argument("--ivf", action="store_true", help="also faiss IndexIVFFlat, 1024 lists")
+    ap.add_argument("--build-threads", type=int, default=1, help="faiss threads while building (searches use one)")
     ap.add_argument("--calibration", type=Path, default=q.REPO / "bench" / "results" / "2026-11-30-query.json")
     ap.add_argument("--out", type=Path, default=q.REPO / "bench" / "results")
     args = ap.parse_args()
@@ -58,13 +60,16 @@ def main() -> None:
     for m, ef_construction in (tuple(map(int, g.split("x"))) for g in args.graphs.split(",")):
         index = faiss.IndexHNSWFlat(q.DIM, m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
-        start = time.process_time()
+        faiss.omp_set_num_threads(args.build_threads)
+        start, wall = time.process_time(), time.perf_counter()
         index.add(vectors)
-        build = round(time.process_time() - start, 1)
+        build, build_wall = round(time.process_time() - start, 1), round(time.perf_counter() - wall, 1)
+        faiss.omp_set_num_threads(1)
         for ef in EFS:
             index.hnsw.efSearch = ef
             rows.append(
-                {"M": m, "efC": ef_construction, "ef": ef, "build_cpu_s": build} | timed_search(index, queries, truth)
+                {"M": m, "efC": ef_construction, "ef": ef, "build_cpu_s": build, "build_wall_s": build_wall}
+                | timed_search(index, queries, truth)
             )
             print(json.dumps(rows[-1]), flush=True)
     if args.ivf:
@@ -83,7 +88,7 @@ def main() -> None:
         "rows": args.rows,
         "queries": QUERIES,
         "calibration": stats,
-        "threads": 1,
+        "threads": {"build": args.build_threads, "search": 1},
         "results": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
