@@ -40,6 +40,7 @@ import threading
 import time
 from datetime import date
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pyarrow as pa
@@ -51,7 +52,7 @@ sys.path.insert(0, str(REPO))
 
 from serving import free_port, serve_command, service_env  # noqa: E402  # bench/serving.py
 
-from components.config import Params, load_params, resolve_workspace, with_overrides  # noqa: E402
+from components.config import Params, Runtime, load_params, resolve_workspace, with_overrides  # noqa: E402
 from components.graph import ServingGraph  # noqa: E402
 from components.index import build_table, ensure_ann_index, tune_ef  # noqa: E402
 from components.modeling.embedder import build_embedder, embed_images  # noqa: E402
@@ -60,7 +61,7 @@ from components.search import AsyncLoop, TableReader, with_table_settings  # noq
 from components.tables import VECTOR, connect, open_table, table_schema, vector_indices  # noqa: E402
 
 DIM = 128
-RUNTIMES = ("onnxruntime", "torch_channels_last", "torch")
+RUNTIMES = get_args(Runtime)  # every serve.runtime
 K = 10
 TARGETS = {"p99_ms": 10.0, "recall_at_10": 0.97, "http_p50_over_parts": 1.2, "rps_4_clients_over_baseline": 2.0}
 

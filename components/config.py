@@ -227,6 +227,10 @@ class IndexParams(_Section):
     shard_images: PositiveInt  # images per embedding task
 
 
+# What runs the service's forward (components/modeling/runtime.py).
+Runtime = Literal["onnxruntime", "torch_channels_last", "torch"]
+
+
 class ServeParams(_Section):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
@@ -238,7 +242,7 @@ class ServeParams(_Section):
     max_k: int = Field(gt=0)
     batch_wait_ms: float = Field(ge=0)  # how long a forward waits for concurrent requests' images to join it
     max_batch: int = Field(gt=0)  # images in one batched forward
-    runtime: Literal["onnxruntime", "torch_channels_last", "torch"]  # what runs the forward (modeling/runtime.py)
+    runtime: Runtime
     search: Literal["graph", "table"]  # graph: each replica's in-memory HNSW graph (graph.py); table: LanceDB's index
     graph_m: int = Field(ge=4)  # links per node of the serving graph
     graph_ef_construction: int = Field(ge=8)  # candidates while inserting a node

@@ -18,10 +18,10 @@ from datetime import UTC, datetime
 import numpy as np
 from PIL import Image
 
-from components.config import IndexParams, RegistryParams, ServeParams, Workspace
+from components.config import IndexParams, RegistryParams, Runtime, ServeParams, Workspace
 from components.graph import ServingGraph
 from components.modeling.embedder import Embedder
-from components.modeling.runtime import Forward, Runtime, make_forward
+from components.modeling.runtime import Forward, make_forward
 from components.registry import CHALLENGER, CHAMPION, ModelRegistry
 from components.search import AsyncLoop, Hit, TableReader
 

@@ -461,7 +461,7 @@ def _sync_locked(db: sqlite3.Connection, manifests: Path) -> int:
     applied = db.execute("SELECT n, name, bytes FROM manifests ORDER BY n").fetchall()
     consistent = len(applied) <= len(files) and all(name == files[n - 1] for n, name, _ in applied)
     if consistent and applied:  # the last one applied is still the file it was (its size: no re-reading history)
-        n, name, size = applied[-1]
+        _, name, size = applied[-1]
         consistent = (manifests / name).stat().st_size == size
     if not consistent:
         for table in ("images", "classes", "arrivals", "manifests"):

@@ -27,12 +27,13 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
+from components.config import Runtime
 from components.data.transforms import eval_transform
 from components.modeling.embedder import Embedder, embed_images
 
@@ -44,7 +45,6 @@ warnings.filterwarnings(
 )
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
 
-Runtime = Literal["onnxruntime", "torch_channels_last", "torch"]
 EXPORT_TOLERANCE = 1e-4  # unit vectors: a coordinate this far off moves a cosine distance by about as much
 INPUT, OUTPUT = "images", "embeddings"
 
@@ -75,14 +75,13 @@ class OnnxForward:
 
     runtime = "onnxruntime"
 
-    def __init__(self, model: Embedder, *, threads: int | None = None) -> None:
+    def __init__(self, model: Embedder) -> None:
         import onnxruntime as ort
 
         self.model = model
         self.transform = eval_transform(model.image_size, model.mean, model.std)
-        self.dim = model.embedding_dim
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()  # as many as PyTorch would use
+        options.intra_op_num_threads = torch.get_num_threads()  # as many as PyTorch would use
         options.inter_op_num_threads = 1
         # Idle threads sleep instead of spinning: the event loop, the graph search and the other
         # requests share these cores (bench/results/README.md: more requests/s with 4 clients).
@@ -92,7 +91,7 @@ class OnnxForward:
 
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return np.zeros((0, self.model.embedding_dim), dtype=np.float32)
         batch = torch.stack([self.transform(image) for image in images]).numpy()
         return self.run(batch)
 
@@ -133,23 +132,24 @@ def export_error(model: Embedder, forward: OnnxForward, seed: int = 0) -> float:
 def make_forward(model: Embedder, runtime: Runtime, *, version: str = "?") -> Forward:
     """The forward `runtime` names for a loaded model; PyTorch where the ONNX export fails or differs,
     and for a model on a GPU."""
-    if runtime == "onnxruntime" and next(model.parameters()).device.type != "cpu":
-        log.info("model v%s is on %s: served by PyTorch there", version, next(model.parameters()).device)
+    if runtime != "onnxruntime":
+        return TorchForward(model, channels_last=runtime == "torch_channels_last")
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        log.info("model v%s is on %s: served by PyTorch there", version, device)
         return TorchForward(model, channels_last=True)
-    if runtime == "onnxruntime":
-        try:
-            forward = OnnxForward(model)
-            error = export_error(model, forward)
-        except Exception as exc:  # an operator without an ONNX translation, a runtime that cannot load it
-            log.warning("model v%s: ONNX export failed (%s); serving it with PyTorch", version, exc)
-        else:
-            if error <= EXPORT_TOLERANCE:
-                return forward
-            log.warning(
-                "model v%s: the ONNX export differs from the module by %.2g (over %g); serving it with PyTorch",
-                version,
-                error,
-                EXPORT_TOLERANCE,
-            )
+    try:
+        forward = OnnxForward(model)
+        error = export_error(model, forward)
+    except Exception as exc:  # an operator without an ONNX translation, a runtime that cannot load it
+        log.warning("model v%s: ONNX export failed (%s); serving it with PyTorch", version, exc)
         return TorchForward(model, channels_last=True)
-    return TorchForward(model, channels_last=runtime == "torch_channels_last")
+    if error > EXPORT_TOLERANCE:
+        log.warning(
+            "model v%s: the ONNX export differs from the module by %.2g (over %g); serving it with PyTorch",
+            version,
+            error,
+            EXPORT_TOLERANCE,
+        )
+        return TorchForward(model, channels_last=True)
+    return forward
