@@ -21,7 +21,9 @@ memory and no previous model every strategy does the same thing there.
     python bench/continual.py --quick    # under 15 minutes on 2 CPU cores
     python bench/continual.py --streams demo --strategies joint   # replay_distill and joint only
 
-Writes bench/results/<date>-continual[-quick].json, a markdown table (.md) and one PNG per stream.
+Strategies run in the order asked, replay_distill first. Writes bench/results/<date>-continual[-quick].json,
+a markdown table (.md) and one PNG per stream, after every strategy: a run stopped part-way keeps what
+it finished (marked partial).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -221,7 +224,10 @@ def few_shot_line(step: dict) -> str:
     return f"few-shot {', '.join(tasks)}, " if tasks else ""
 
 
-def run_stream(stream: Stream, params: Params, state_root: Path, strategies: tuple[str, ...] = STRATEGIES) -> dict:
+def run_stream(
+    stream: Stream, params: Params, state_root: Path, strategies: tuple[str, ...]
+) -> Iterator[tuple[str, dict]]:
+    """(strategy, its results), one strategy at a time, after the shared first arrival."""
     catalog = ClassRegistry.load(resolve_workspace(params, stream.ws_root).class_registry)
     first_records = [r for r in catalog.records("train") if r.arrival == stream.arrivals[0]]
     print(
@@ -234,7 +240,8 @@ def run_stream(stream: Stream, params: Params, state_root: Path, strategies: tup
         first_records, stream.ws_root / "data" / "classes", params.train, params.model, params.replay, params.distill
     )
     cpu = time.process_time() - cpu
-    return {s: run_strategy(s, stream, params, first, cpu, state_root) for s in strategies}
+    for s in strategies:
+        yield s, run_strategy(s, stream, params, first, cpu, state_root)
 
 
 def targets(results: dict) -> dict:
@@ -266,7 +273,8 @@ def targets(results: dict) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [
-        f"# Continual benchmark {report['date']}{' (quick)' if report['quick'] else ''}",
+        f"# Continual benchmark {report['date']}{' (quick)' if report['quick'] else ''}"
+        f"{'' if report['complete'] else ' (partial: stopped before every strategy ran)'}",
         "",
         f"{report['machine']}; backbone {report['params']['model.backbone']}, image {report['params']['model.image_size']} px, "
         f"{report['params']['train.epochs']} epochs, replay budget {report['params']['replay.budget']} "
@@ -369,6 +377,14 @@ def plot(stream: str, results: dict, arrivals: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def write_report(report: dict, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    for name, results in report["results"].items():
+        plot(name, results, report["arrival_ids"][name], Path(f"{stem}-{name}.png"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -393,12 +409,11 @@ def main() -> None:
     if args.workers is not None:
         overrides = overrides | {"train.num_workers": args.workers}
     params = with_overrides(load_params(args.params), overrides)
-    asked = set(args.strategies.split(","))
-    if asked - set(STRATEGIES):
-        raise SystemExit(
-            f"unknown strategies {', '.join(sorted(asked - set(STRATEGIES)))}: choose from {', '.join(STRATEGIES)}"
-        )
-    strategies = tuple(s for s in STRATEGIES if s in asked | {"replay_distill"})
+    asked = args.strategies.split(",")
+    if unknown := set(asked) - set(STRATEGIES):
+        raise SystemExit(f"unknown strategies {', '.join(sorted(unknown))}: choose from {', '.join(STRATEGIES)}")
+    # replay_distill first (the targets are about it), then the others in the order asked
+    strategies = ("replay_distill", *dict.fromkeys(s for s in asked if s != "replay_distill"))
     started = time.perf_counter()
     report: dict = {
         "date": date.today().isoformat(),
@@ -410,9 +425,15 @@ def main() -> None:
         "results": {},
         "targets": {},
         "arrival_ids": {},
+        "complete": False,
     }
+    # a run of some streams or strategies never overwrites a full run of the same day
+    streams = args.streams.split(",")
+    subset = "" if set(streams) == {"demo", "omniglot"} else "-" + "-".join(streams)
+    subset += "" if set(strategies) == set(STRATEGIES) else "-" + "-".join(s for s in STRATEGIES if s in strategies)
+    stem = args.out / f"{report['date']}-continual{'-quick' if args.quick else ''}{subset}"
     with tempfile.TemporaryDirectory(prefix="mnemo-continual-") as tmp:
-        for name in args.streams.split(","):
+        for name in streams:
             root = Path(tmp) / name
             if name == "demo":
                 stream = demo_stream(params, root / "ws", args.demo_arrivals)
@@ -423,18 +444,15 @@ def main() -> None:
                 stream = omniglot_stream(params, root / "ws", QUICK_DRAWERS if args.quick else 20)
             else:
                 raise SystemExit(f"unknown stream {name!r}: choose from demo, omniglot")
-            results = run_stream(stream, params, root / "state", strategies)
-            report["results"][name], report["targets"][name] = results, targets(results)
             report["arrival_ids"][name] = stream.arrivals
-    report["seconds"] = time.perf_counter() - started
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    subset = "" if strategies == STRATEGIES else "-" + "-".join(strategies)  # never overwrites a full run
-    stem = args.out / f"{report['date']}-continual{'-quick' if args.quick else ''}{subset}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    for name, results in report["results"].items():
-        plot(name, results, report["arrival_ids"][name], Path(f"{stem}-{name}.png"))
+            results = report["results"].setdefault(name, {})
+            for strategy, result in run_stream(stream, params, root / "state", strategies):
+                results[strategy] = result
+                report["targets"][name] = targets(results)
+                report["seconds"] = time.perf_counter() - started
+                write_report(report, stem)
+    report["complete"], report["seconds"] = True, time.perf_counter() - started
+    write_report(report, stem)
     print(json.dumps({s: report["targets"][s] for s in report["targets"]}, indent=1))
     print(markdown(report))
     print(f"wrote {stem}.json, .md and PNGs in {report['seconds']:.0f} s")
