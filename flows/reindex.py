@@ -72,6 +72,21 @@ def task_runner(params: IndexParams) -> DaskTaskRunner:
     )
 
 
+def wait_for_a_worker(address: str, seconds: float) -> None:
+    """Fail now, naming the scheduler, when it does not answer or has no worker within `seconds`:
+    the build's tasks would otherwise wait for a worker forever."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=seconds) as client:
+            client.wait_for_workers(1, timeout=seconds)
+    except (OSError, TimeoutError) as e:
+        raise RuntimeError(
+            f"no Dask worker at the scheduler {address} (MNEMO_DASK_ADDRESS) within {seconds:g} s "
+            f"(index.dask_wait_seconds): {type(e).__name__}: {e}"
+        ) from e
+
+
 def workers(params: IndexParams) -> int:
     return params.dask_workers if not dask_address() else 1
 
@@ -107,8 +122,10 @@ def dask_writer(ws: Workspace, params: IndexParams) -> RowWriter:
     """A RowWriter that embeds on the Dask cluster and commits the fragments in one Lance commit."""
 
     def write(name: str, model: Embedder, records: Sequence[ImageRecord]) -> None:
+        if address := dask_address():
+            wait_for_a_worker(address, params.dask_wait_seconds)
         model = copy.deepcopy(model).cpu().eval()  # shipped to each task; a GPU worker moves it to its device
-        local = not dask_address()
+        local = not address
         restore = _api_for_workers() if local else None
         parts = shards(records, params, workers(params))
 

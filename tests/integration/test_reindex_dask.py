@@ -74,3 +74,19 @@ def test_the_engine_setting_picks_the_writer(live_ws, params, monkeypatch):
     assert row_writer(live_ws, with_overrides(params, auto | {"index.dask_min_images": 60}).index) is not None
     monkeypatch.setenv("MNEMO_DASK_ADDRESS", "tcp://127.0.0.1:8786")  # where, not whether
     assert row_writer(live_ws, with_overrides(params, auto).index) is None
+
+
+@pytest.mark.parametrize("scheduler", ["without-workers", "absent"])
+def test_a_remote_cluster_without_a_worker_fails_the_build_naming_the_scheduler(
+    live_ws, dask_params, monkeypatch, scheduler
+):
+    from distributed import LocalCluster
+
+    version = register_random(live_ws, dask_params, seed=7)
+    index = with_overrides(dask_params, {"index.dask_wait_seconds": 2}).index
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        address = cluster.scheduler_address if scheduler == "without-workers" else "tcp://127.0.0.1:9"  # nothing on 9
+        monkeypatch.setenv("MNEMO_DASK_ADDRESS", address)
+        with pytest.raises(RuntimeError, match=f"no Dask worker at the scheduler {address} .* within 2 s"):
+            Promoter(live_ws, dask_params.registry, index).reindex(version, write=dask_writer(live_ws, index))
+    assert f"embeddings_v{version}" not in list_tables(connect(live_ws))
