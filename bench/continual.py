@@ -191,6 +191,7 @@ def run_strategy(
                 "arrival": arrival,
                 "train_seconds": step.train.seconds,
                 "cpu_seconds": cpu,
+                "new_images": len(new),
                 "memory": len(step.memory),
                 **evaluate_step(model, stream.ws_root, catalog, stream.arrivals[: k + 1], p),
             }
@@ -249,8 +250,12 @@ def targets(results: dict) -> dict:
     naive, joint = results.get("naive"), results.get("joint")
     rd = results["replay_distill"]
 
-    def time_ratio(r: dict, key: str = "train_seconds") -> float:
-        return r["arrivals"][-1][key] / r["arrivals"][1][key]
+    def time_ratio(r: dict, key: str = "cpu_seconds", per_image: bool = False) -> float:
+        """The costliest arrival after the first over the second: 'every arrival after the first at
+        most 1.3x the second'. Per image: each arrival's cost over its new training images, which
+        tells a cost that grows with what is stored from one that follows the arrival's own size."""
+        cost = [a[key] / (a["new_images"] if per_image else 1) for a in r["arrivals"][1:]]
+        return max(cost[1:], default=cost[0]) / cost[0]
 
     # When naive fine-tuning forgot nothing (an under-trained model keeps improving on old slices),
     # the ratio means nothing and the target is not shown either way: None, not "missed".
@@ -262,12 +267,12 @@ def targets(results: dict) -> dict:
         "forgetting_ok": bool(forgetting_ratio <= 1 / 3) if forgetting_ratio is not None else None,
         "unseen_r1_gap_to_joint": gap,
         "unseen_ok": None if gap is None else bool(gap <= 0.03),
-        "replay_distill_time_ratio_last_vs_second": time_ratio(rd),
-        "time_flat_ok": bool(time_ratio(rd) <= 1.3),
-        "joint_time_ratio_last_vs_second": None if joint is None else time_ratio(joint),
         # Process CPU seconds: unlike wall time, barely moved by other processes on the machine.
-        "replay_distill_cpu_ratio_last_vs_second": time_ratio(rd, "cpu_seconds"),
-        "joint_cpu_ratio_last_vs_second": None if joint is None else time_ratio(joint, "cpu_seconds"),
+        "replay_distill_cpu_ratio_max_vs_second": time_ratio(rd),
+        "time_flat_ok": bool(time_ratio(rd) <= 1.3),
+        "replay_distill_cpu_per_image_ratio_max_vs_second": time_ratio(rd, per_image=True),
+        "replay_distill_wall_ratio_max_vs_second": time_ratio(rd, "train_seconds"),
+        "joint_cpu_ratio_max_vs_second": None if joint is None else time_ratio(joint),
     }
 
 
@@ -333,10 +338,10 @@ def markdown(report: dict) -> str:
             "",
             forgetting,
             gap,
-            f"- train time, last arrival / second: replay_distill {t['replay_distill_time_ratio_last_vs_second']:.2f} "
-            f"(target <= 1.3: {'met' if t['time_flat_ok'] else 'missed'}), joint {_cell(t['joint_time_ratio_last_vs_second'])}; "
-            f"in process CPU seconds: replay_distill {t['replay_distill_cpu_ratio_last_vs_second']:.2f}, "
-            f"joint {_cell(t['joint_cpu_ratio_last_vs_second'])}",
+            f"- CPU seconds, costliest arrival after the first / second: replay_distill "
+            f"{t['replay_distill_cpu_ratio_max_vs_second']:.2f} (target <= 1.3: {'met' if t['time_flat_ok'] else 'missed'}; "
+            f"per new training image {t['replay_distill_cpu_per_image_ratio_max_vs_second']:.2f}, "
+            f"wall seconds {t['replay_distill_wall_ratio_max_vs_second']:.2f}), joint {_cell(t['joint_cpu_ratio_max_vs_second'])}",
             "",
         ]
     return "\n".join(lines)
