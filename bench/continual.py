@@ -357,16 +357,20 @@ def plot(stream: str, results: dict, arrivals: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9), layout="constrained")
     x = range(len(arrivals))
     for name, r in results.items():
         axes[0, 0].plot(x, [a["unseen_recall_at_1"] for a in r["arrivals"]], marker="o", label=name)
         axes[0, 1].plot(
             x, [np.nanmean([v for v in row if v is not None]) for row in r["forgetting_matrix"]], marker="o", label=name
         )
-    axes[0, 0].set(title="unseen classes: Recall@1", xlabel="arrival", ylabel="Recall@1")
-    axes[0, 1].set(title="seen classes: mean Recall@1 over arrival slices", xlabel="arrival")
+    pixels = [a.get("pixels_unseen_recall_at_1") for a in next(iter(results.values()))["arrivals"]]
+    if None not in pixels:  # results from before the bench scored pixels lack them
+        axes[0, 0].plot(x, pixels, "k--", marker=".", label="raw pixels")
+    axes[0, 0].set(title="unseen classes: Recall@1", xlabel="after arrival", ylabel="Recall@1")
+    axes[0, 1].set(title="seen classes: mean Recall@1 over arrival slices", xlabel="after arrival")
     for ax in axes[0]:
+        ax.set_xticks(list(x), arrivals, rotation=20, fontsize=8)
         ax.legend()
         ax.grid(alpha=0.3)
     for ax, name in zip(axes[1], [n for n in ("naive", "replay_distill") if n in results]):
