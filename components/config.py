@@ -225,9 +225,8 @@ class IndexParams(_Section):
     dask_workers: PositiveInt  # workers of the LocalCluster started when no scheduler address is given
     dask_min_images: PositiveInt
     shard_images: PositiveInt  # images per embedding task
-    dask_wait_seconds: float = Field(
-        gt=0
-    )  # for MNEMO_DASK_ADDRESS's scheduler to answer with a worker, else the build fails
+    # for MNEMO_DASK_ADDRESS's scheduler to answer with a worker, else the build fails
+    dask_wait_seconds: float = Field(gt=0)
 
 
 # What runs the service's forward (components/modeling/runtime.py).
