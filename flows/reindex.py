@@ -58,8 +58,9 @@ def shards(records: Sequence[ImageRecord], params: IndexParams, workers: int) ->
     return [records[lo : lo + size] for lo in range(0, len(records), size)]
 
 
-def task_runner(params: IndexParams) -> DaskTaskRunner:
-    if address := dask_address():
+def task_runner(params: IndexParams, address: str | None) -> DaskTaskRunner:
+    """The scheduler at `address`, else a LocalCluster of params.dask_workers processes."""
+    if address:
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
@@ -85,10 +86,6 @@ def wait_for_a_worker(address: str, seconds: float) -> None:
             f"no Dask worker at the scheduler {address} (MNEMO_DASK_ADDRESS) within {seconds:g} s "
             f"(index.dask_wait_seconds): {type(e).__name__}: {e}"
         ) from e
-
-
-def workers(params: IndexParams) -> int:
-    return params.dask_workers if not dask_address() else 1
 
 
 def _api_for_workers() -> Callable[[], None]:
@@ -127,9 +124,9 @@ def dask_writer(ws: Workspace, params: IndexParams) -> RowWriter:
         model = copy.deepcopy(model).cpu().eval()  # shipped to each task; a GPU worker moves it to its device
         local = not address
         restore = _api_for_workers() if local else None
-        parts = shards(records, params, workers(params))
+        parts = shards(records, params, params.dask_workers if local else 1)
 
-        @flow(name="reindex-shards", task_runner=task_runner(params), log_prints=True)  # type: ignore[arg-type]  # prefect-dask's futures are PrefectFutures
+        @flow(name="reindex-shards", task_runner=task_runner(params, address), log_prints=True)  # type: ignore[arg-type]  # prefect-dask's futures are PrefectFutures
         def reindex_shards() -> list[list[str]]:
             futures = [embed_shard.submit(ws, name, model, part, params, i, local) for i, part in enumerate(parts)]
             return [future.result() for future in futures]
