@@ -10,7 +10,7 @@ Two streams: the demo's rendered characters (a base arrival plus 4 more) and Omn
 (../shared/data/omniglot/images_background_small1.zip, one alphabet per arrival).
 
 Each arrival goes through mnemo's real ingest (so the unseen classes and query images are
-the pipeline's own splits) and mnemo's real continual step (components.train.train_continual,
+the pipeline's own splits) and mnemo's real continual step (components.training.loop.train_continual,
 with the memory saved and restored between arrivals as the retrain flow does). After every
 arrival it records unseen-class Recall@1 / MAP@R and few-shot accuracy (all unseen classes so
 far) next to raw pixels' on the same images, seen-class Recall@1 per arrival slice (that arrival's query images searching every image
@@ -46,14 +46,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components.config import Params, load_params, resolve_workspace, with_overrides  # noqa: E402
-from components.data.class_registry import ClassRegistry  # noqa: E402
+from components.config import Params, load_params, with_overrides  # noqa: E402
+from components.data.catalog import Catalog  # noqa: E402
 from components.data.demo import discover_fonts, stream_classes, write_arrival  # noqa: E402
 from components.data.ingest import ingest_arrival  # noqa: E402
-from components.forgetting import average_forgetting, slice_forgetting  # noqa: E402
-from components.metrics import few_shot_metrics, metrics_device, retrieval_metrics, score_pixels  # noqa: E402
+from components.evaluation.forgetting import average_forgetting, slice_forgetting  # noqa: E402
+from components.evaluation.metrics import few_shot_metrics, metrics_device, retrieval_metrics, score_pixels  # noqa: E402
 from components.modeling.embedder import Embedder, embed_files  # noqa: E402
-from components.train import ContinualResult, train_continual  # noqa: E402
+from components.training.loop import ContinualResult, train_continual  # noqa: E402
+from components.workspace import resolve_workspace  # noqa: E402
 
 OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot" / "images_background_small1.zip"
 STRATEGIES = ("naive", "replay", "replay_distill", "joint")
@@ -125,7 +126,7 @@ def omniglot_stream(params: Params, root: Path, drawers: int = 20) -> Stream:
     return Stream("omniglot", root, alphabets)
 
 
-def evaluate_step(model: Embedder, ws_root: Path, catalog: ClassRegistry, arrivals: list[str], params: Params) -> dict:
+def evaluate_step(model: Embedder, ws_root: Path, catalog: Catalog, arrivals: list[str], params: Params) -> dict:
     """Unseen retrieval and few-shot accuracy over every unseen class so far, and seen-class Recall@1 per
     arrival slice: each slice's held-out queries search every image stored so far, as the live table answers."""
     classes_dir = resolve_workspace(with_overrides(params, {"paths.workspace": str(ws_root)})).classes_dir
@@ -162,7 +163,7 @@ def run_strategy(
 ) -> dict:
     """The stream's arrivals under one strategy, the memory saved and restored between arrivals."""
     p = with_overrides(params, OVERRIDES[strategy])
-    catalog = ClassRegistry.load(resolve_workspace(params, stream.ws_root).class_registry)
+    catalog = Catalog.load(resolve_workspace(params, stream.ws_root).catalog)
     classes_dir = stream.ws_root / "data" / "classes"
     train = catalog.records("train")
     model, state = first.train.model, None
@@ -229,7 +230,7 @@ def run_stream(
     stream: Stream, params: Params, state_root: Path, strategies: tuple[str, ...]
 ) -> Iterator[tuple[str, dict]]:
     """(strategy, its results), one strategy at a time, after the shared first arrival."""
-    catalog = ClassRegistry.load(resolve_workspace(params, stream.ws_root).class_registry)
+    catalog = Catalog.load(resolve_workspace(params, stream.ws_root).catalog)
     first_records = [r for r in catalog.records("train") if r.arrival == stream.arrivals[0]]
     print(
         f"{stream.name}: {len(stream.arrivals)} arrivals, {len(catalog.classes)} classes; "

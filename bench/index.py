@@ -46,16 +46,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serving import free_port, serve_command, service_env  # bench/serving.py
 
-from components.config import Params, load_params, resolve_workspace
-from components.data.class_registry import ImageRecord
+from components.config import Params, load_params
+from components.data.catalog import ImageRecord
 from components.data.transforms import open_rgb
-from components.index import build_table, ensure_ann_index
-from components.live import LiveIndex
 from components.modeling.embedder import Embedder, build_embedder, embed_files, embed_images
-from components.promotion import Promoter
-from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
-from components.search import AsyncLoop, TableReader
-from components.tables import VECTOR, connect, table_schema
+from components.registry.mlflow_registry import CHAMPION, TABLE_TAG, ModelRegistry
+from components.registry.promotion import Promoter
+from components.serving.live import LiveIndex
+from components.vectors.build import build_table, ensure_ann_index
+from components.vectors.search import AsyncLoop, TableReader
+from components.vectors.tables import VECTOR, connect, table_schema
+from components.workspace import resolve_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 128

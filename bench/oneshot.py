@@ -45,9 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from components.config import load_params, resolve_workspace  # noqa: E402
-from components.data.class_registry import ClassRegistry  # noqa: E402
+from components.data.catalog import Catalog  # noqa: E402
 from components.data.transforms import open_rgb  # noqa: E402
-from components.metrics import few_shot_accuracy, retrieval_metrics  # noqa: E402
+from components.evaluation.metrics import few_shot_accuracy, retrieval_metrics  # noqa: E402
 
 OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot" / "images_background_small1.zip"
 TASKS = ((20, 1), (5, 5))
@@ -205,7 +205,7 @@ def run(params_file: Path, root: Path) -> dict:
                 flush=True,
             )
 
-    catalog = ClassRegistry.load(resolve_workspace(load_params(params_file), ws).class_registry)
+    catalog = Catalog.load(resolve_workspace(load_params(params_file), ws).catalog)
     classes_dir = ws / "data" / "classes"
     unseen = catalog.records("unseen")
     unseen_paths, unseen_labels = [classes_dir / r.id for r in unseen], [r.cls for r in unseen]

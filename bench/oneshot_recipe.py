@@ -5,9 +5,9 @@ Omniglot (../shared/data/omniglot/images_background_small1.zip, 5 alphabets) goe
 real ingest, one alphabet per arrival, so the held-out (unseen) classes are the pipeline's own
 split (ingest.unseen_class_fraction of each alphabet's characters) and the training images are
 the `train` role. Each variant (params overrides on params.yaml) then learns the five arrivals
-as the retrain flow does: components.train.train_continual, the replay memory saved and restored
+as the retrain flow does: components.training.loop.train_continual, the replay memory saved and restored
 between arrivals, distilling from the previous model. After every arrival the unseen classes
-are scored with components.metrics.few_shot_accuracy (20-way 1-shot and 5-way 5-shot, seeded, the
+are scored with components.evaluation.metrics.few_shot_accuracy (20-way 1-shot and 5-way 5-shot, seeded, the
 same episodes for every model). The reference net (4 x conv3x3-BN-ReLU-maxpool, 64 channels,
 28 px, multi-similarity loss, affine augmentation, Adam 1e-3, 30 epochs) trains on all five
 arrivals' training images at once.
@@ -40,12 +40,13 @@ from oneshot import embed_reference, train_reference  # noqa: E402  # bench/: th
 
 import bench.continual  # noqa: E402
 from bench.continual import omniglot_stream  # noqa: E402
-from components.config import Params, load_params, resolve_workspace, with_overrides  # noqa: E402
-from components.data.class_registry import ClassRegistry  # noqa: E402
+from components.config import Params, load_params, with_overrides  # noqa: E402
+from components.data.catalog import Catalog  # noqa: E402
 from components.data.transforms import eval_transform, open_rgb  # noqa: E402
-from components.metrics import few_shot_accuracy  # noqa: E402
+from components.evaluation.metrics import few_shot_accuracy  # noqa: E402
 from components.modeling.embedder import embed_files  # noqa: E402
-from components.train import train_continual  # noqa: E402
+from components.training.loop import train_continual  # noqa: E402
+from components.workspace import resolve_workspace  # noqa: E402
 
 OMNIGLOT = bench.continual.OMNIGLOT
 
@@ -110,7 +111,7 @@ def run_variant(
     seed: int,
 ) -> dict:
     p = with_overrides(params, overrides)
-    catalog = ClassRegistry.load(resolve_workspace(params, ws_root).class_registry)
+    catalog = Catalog.load(resolve_workspace(params, ws_root).catalog)
     classes_dir = ws_root / "data" / "classes"
     train = catalog.records("train")
     model, state, steps = None, None, []
@@ -254,7 +255,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mnemo-oneshot-") as tmp:
         ws_root = Path(tmp) / "ws"
         stream = omniglot_stream(params, ws_root)
-        catalog = ClassRegistry.load(resolve_workspace(params, ws_root).class_registry)
+        catalog = Catalog.load(resolve_workspace(params, ws_root).catalog)
         classes_dir = ws_root / "data" / "classes"
         unseen_records = catalog.records("unseen")
         unseen = ([classes_dir / r.id for r in unseen_records], [r.cls for r in unseen_records])

@@ -10,7 +10,7 @@ Search (per vector set, one table of `--rows` 128-d unit vectors, 500 single que
 - hot adds: 1% more rows appended (searched exactly beside the index until optimize folds them
   in), queried before and after `optimize`, recall against the grown table's exact neighbours.
 The previous default runs on the first (synthetic) set only (its build takes minutes).
-mnemo's serving graph (serve.search: graph, components/graph.py) is built from the same table as
+mnemo's serving graph (serve.search: graph, components/vectors/graph.py) is built from the same table as
 a replica builds it (ef tuned to index.ann_min_recall), with build seconds and memory growth.
 Vector sets: `synthetic` (one centre per 100 rows, cosine to the centre ~0.74, as bench/index.py)
 and `calibrated` (drawn to match the intra- and inter-class cosine statistics and class sizes
@@ -52,13 +52,14 @@ sys.path.insert(0, str(REPO))
 
 from serving import free_port, serve_command, service_env  # noqa: E402  # bench/serving.py
 
-from components.config import Params, Runtime, load_params, resolve_workspace, with_overrides  # noqa: E402
-from components.graph import ServingGraph  # noqa: E402
-from components.index import build_table, ensure_ann_index, tune_ef  # noqa: E402
+from components.config import Params, Runtime, load_params, with_overrides  # noqa: E402
 from components.modeling.embedder import build_embedder, embed_images  # noqa: E402
-from components.registry import CHAMPION, TABLE_TAG, ModelRegistry  # noqa: E402
-from components.search import AsyncLoop, TableReader, with_table_settings  # noqa: E402
-from components.tables import VECTOR, connect, open_table, table_schema, vector_indices  # noqa: E402
+from components.registry.mlflow_registry import CHAMPION, TABLE_TAG, ModelRegistry  # noqa: E402
+from components.vectors.build import build_table, ensure_ann_index, tune_ef  # noqa: E402
+from components.vectors.graph import ServingGraph  # noqa: E402
+from components.vectors.search import AsyncLoop, TableReader, with_table_settings  # noqa: E402
+from components.vectors.tables import VECTOR, connect, open_table, table_schema, vector_indices  # noqa: E402
+from components.workspace import resolve_workspace  # noqa: E402
 
 DIM = 128
 RUNTIMES = get_args(Runtime)  # every serve.runtime
@@ -393,7 +394,7 @@ def http_workspace(params: Params, root: Path) -> tuple[object, bytes]:
     ws = resolve_workspace(params, root)
     rng = np.random.default_rng(0)
     records = []
-    from components.data.class_registry import ImageRecord
+    from components.data.catalog import ImageRecord
 
     for i in range(200):
         cls = f"c{i // 20}"
@@ -423,8 +424,8 @@ def parts_alone(params: Params, ws, png: bytes, n: int) -> dict:
 
     from PIL import Image
 
-    from components.live import LiveIndex
     from components.modeling.runtime import make_forward
+    from components.serving.live import LiveIndex
 
     pair = LiveIndex(ws, params.registry, params.index, refresh_seconds=3600, graph=params.serve).current()
     forwards = {runtime: make_forward(copy.deepcopy(pair.model), runtime) for runtime in RUNTIMES}

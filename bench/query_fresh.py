@@ -24,11 +24,12 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.config import load_params, resolve_workspace
-from components.data.class_registry import ClassRegistry
+from components.config import load_params
+from components.data.catalog import Catalog
 from components.data.demo import class_char, discover_fonts, sample_image
-from components.registry import ModelRegistry
-from components.search import search
+from components.registry.mlflow_registry import ModelRegistry
+from components.vectors.search import search
+from components.workspace import resolve_workspace
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
     champion = registry.champion()
     if champion is None or not champion.table:
         sys.exit(f"no champion in {ws.tracking_uri}: run `mnemo demo` first")
-    catalog = ClassRegistry.load(ws.class_registry)
+    catalog = Catalog.load(ws.catalog)
     fonts = discover_fonts()
 
     report: dict = {

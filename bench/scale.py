@@ -9,7 +9,7 @@ How the existing N images are made (their files are never read by ingest or a ho
 only the arrivals' images are real files); each size gets --repeats arrivals, each in a fresh
 process, and the table keeps the medians:
 - catalog: N records in classes of 14 ("s<k>/<32 hex>.png"; per class 10 train, 2 query,
-  or 14 unseen for one class in four), recorded as one arrival through ClassRegistry.save(),
+  or 14 unseen for one class in four), recorded as one arrival through Catalog.save(),
   i.e. one manifest and the SQLite database, as a migration from registry.json would;
 - table: N rows of random unit 128-d vectors with those ids, the id index and the marks a
   build leaves (validated, model version, catalog position), champion of a registered
@@ -45,7 +45,8 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components.config import Params, load_params, resolve_workspace, with_overrides  # noqa: E402
+from components.config import Params, load_params, with_overrides  # noqa: E402
+from components.workspace import resolve_workspace  # noqa: E402
 
 PER_CLASS = 14
 ARRIVAL_CLASSES, ARRIVAL_PER_CLASS = 20, 10
@@ -87,19 +88,26 @@ def setup(root: Path, params: Params, n: int, ann: bool) -> dict:
     """A workspace whose catalog and live table hold n synthetic images."""
     import torch
 
-    from components.data.class_registry import ClassRegistry
-    from components.index import _mark_validated, ensure_ann_index
+    from components.data.catalog import Catalog
     from components.modeling.embedder import build_embedder
-    from components.registry import CHAMPION, TABLE_TAG, ModelRegistry
-    from components.tables import CATALOG_SEQ, connect, ensure_id_index, set_vector_metadata, table_name, table_schema
+    from components.registry.mlflow_registry import CHAMPION, TABLE_TAG, ModelRegistry
+    from components.vectors.build import _mark_validated, ensure_ann_index
+    from components.vectors.tables import (
+        CATALOG_SEQ,
+        connect,
+        ensure_id_index,
+        set_vector_metadata,
+        table_name,
+        table_schema,
+    )
 
     ws = resolve_workspace(params, root)
     timings = {}
     start = time.perf_counter()
     arrivals, classes, images = synthetic_catalog(n)
-    catalog = ClassRegistry(ws.class_registry, arrivals=arrivals, classes=classes, images=images)
+    catalog = Catalog(ws.catalog, arrivals=arrivals, classes=classes, images=images)
     catalog.save()
-    catalog = ClassRegistry.load(ws.class_registry)
+    catalog = Catalog.load(ws.catalog)
     timings["catalog_seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -170,7 +178,7 @@ def noise_png(rng: np.random.Generator) -> bytes:
 def measure(root: Path, params_file: Path, attempt: int) -> dict:
     """One arrival ingested and hot-added, as `mnemo ingest` does it; run in its own process."""
     from components.data.inbox import ingest_inbox
-    from components.promotion import Promoter
+    from components.registry.promotion import Promoter
 
     params = with_overrides(load_params(params_file), {"paths.workspace": str(root)})
     ws = resolve_workspace(params, root)

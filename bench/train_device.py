@@ -21,12 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.config import load_params, resolve_workspace, with_overrides
-from components.data.class_registry import ClassRegistry
+from components.config import load_params, with_overrides
+from components.data.catalog import Catalog
 from components.data.demo import discover_fonts, stream_classes, write_arrival
 from components.data.ingest import ingest_arrival
-from components.metrics import score_unseen
-from components.train import train_embedder
+from components.evaluation.metrics import score_unseen
+from components.training.loop import train_embedder
+from components.workspace import resolve_workspace
 
 
 def main() -> None:
@@ -55,7 +56,7 @@ def main() -> None:
         fonts = discover_fonts()
         [chars] = stream_classes(fonts, params.demo)
         ingest_arrival(write_arrival(ws.inbox, 0, chars, fonts, params.demo), ws, params.ingest)
-        catalog = ClassRegistry.load(ws.class_registry)
+        catalog = Catalog.load(ws.catalog)
         train, unseen = catalog.records("train"), catalog.records("unseen")
         result = train_embedder(
             [ws.classes_dir / r.id for r in train], [r.cls for r in train], params.train, params.model

@@ -4,7 +4,7 @@ On one rendered demo arrival (after a first arrival has given a previous model a
 replay memory), in one process, side by side:
   bare              DataLoader(shuffle) -> model -> multi-similarity loss -> AdamW; bf16 autocast
                     and channels_last on CUDA, exactly as mnemo's loop sets them
-  mnemo naive       components.train.train_continual without memory or distillation
+  mnemo naive       components.training.loop.train_continual without memory or distillation
   mnemo replay      ... with the replay memory mixed into every batch
   mnemo replay_distill  ... plus distillation from the previous model (one extra forward per batch)
   (--compile) mnemo replay_distill with torch.compile
@@ -33,14 +33,15 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components.config import Params, load_params, resolve_workspace, with_overrides  # noqa: E402
-from components.data.class_registry import ClassRegistry  # noqa: E402
+from components.config import Params, load_params, with_overrides  # noqa: E402
+from components.data.catalog import Catalog  # noqa: E402
 from components.data.datasets import ImageFiles, encode_labels  # noqa: E402
 from components.data.demo import discover_fonts, stream_classes, write_arrival  # noqa: E402
 from components.data.ingest import ingest_arrival  # noqa: E402
 from components.data.transforms import train_transform  # noqa: E402
 from components.modeling.embedder import Embedder, pick_device  # noqa: E402
-from components.train import train_continual  # noqa: E402
+from components.training.loop import train_continual  # noqa: E402
+from components.workspace import resolve_workspace  # noqa: E402
 
 NO_REPLAY = {"replay.budget": 0}
 NO_DISTILL = {"distill.embedding_weight": 0.0, "distill.relational_weight": 0.0}
@@ -111,7 +112,7 @@ def main() -> None:
         fonts = discover_fonts()
         for step, chars in enumerate(stream_classes(fonts, params.demo)):
             ingest_arrival(write_arrival(ws.inbox, step, chars, fonts, params.demo), ws, params.ingest)
-        train = ClassRegistry.load(ws.class_registry).records("train")
+        train = Catalog.load(ws.catalog).records("train")
         first = [r for r in train if r.arrival == "demo-000"]
         second = [r for r in train if r.arrival == "demo-001"]
         one_epoch = with_overrides(params, {"train.epochs": 1})

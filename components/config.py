@@ -6,12 +6,9 @@ lives; unknown keys and bad values are errors that name the key.
 
 from __future__ import annotations
 
-import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
@@ -344,106 +341,3 @@ def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
             raise ConfigError(f"override: {dotted}: no such key")
         node[leaf] = value
     return parse_params(raw, "override")
-
-
-@dataclass(frozen=True)
-class Workspace:
-    """Where one mnemo installation keeps its state; servers replace parts by URI.
-
-    The URIs may carry credentials (`postgresql://user:password@host/db`): whatever mnemo
-    prints, logs or returns shows them through `masked` / `redact`, never as they are.
-    """
-
-    root: Path
-    tracking_uri: str
-    lancedb_uri: str
-
-    @property
-    def masked_tracking_uri(self) -> str:
-        return mask_uri(self.tracking_uri)
-
-    @property
-    def masked_lancedb_uri(self) -> str:
-        return mask_uri(self.lancedb_uri)
-
-    def redact(self, text: str) -> str:
-        """`text` with every secret of the workspace's URIs replaced by ***."""
-        return redact(text, self.tracking_uri, self.lancedb_uri)
-
-    @property
-    def inbox(self) -> Path:
-        return self.root / "inbox"
-
-    @property
-    def classes_dir(self) -> Path:
-        return self.root / "data" / "classes"
-
-    @property
-    def class_registry(self) -> Path:
-        """The catalog's database; its manifests (what DVC versions) are in data/arrivals/."""
-        return self.root / "data" / "catalog.sqlite"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.root / "quarantine"
-
-    @property
-    def artifact_root(self) -> Path:
-        return self.root / "mlartifacts"
-
-    @property
-    def dvc_outputs(self) -> Path:
-        """Where the DVC stages (python -m flows.stages <stage>) write their outputs."""
-        return self.root / "dvc"
-
-
-_SECRET_QUERY_KEYS = re.compile(
-    r"(?i)^(password|passwd|pwd|secret|token|access_?key|secret_?key|sig|signature|api_?key)$"
-)
-
-
-def uri_secrets(uri: str) -> set[str]:
-    """The secrets a URI carries (raw and percent-decoded): its password, and the values of secret-like query keys."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return set()
-    found = [parts.password or ""] + [v for k, v in parse_qsl(parts.query) if _SECRET_QUERY_KEYS.match(k)]
-    return {v for f in found for v in (f, unquote(f)) if v}
-
-
-def redact(text: str, *uris: str) -> str:
-    """`text` with every secret of `uris` replaced by ***, longest first."""
-    for secret in sorted({s for uri in uris for s in uri_secrets(uri)}, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
-
-
-def mask_uri(uri: str) -> str:
-    """The URI as it may be shown: `postgresql://user:***@host/db`, secret query values as ***."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return redact(uri, uri)
-    if not uri_secrets(uri):
-        return uri  # nothing to hide: left exactly as given (urlunsplit would drop sqlite:////'s empty host)
-    netloc = parts.netloc
-    if parts.password:
-        user, _, host = netloc.rpartition("@")
-        netloc = f"{user.split(':', 1)[0]}:***@{host}"
-    query = "&".join(f"{k}={'***' if _SECRET_QUERY_KEYS.match(k) else v}" for k, v in parse_qsl(parts.query))
-    return urlunsplit(parts._replace(netloc=netloc, query=query if parts.query else parts.query))
-
-
-def resolve_workspace(params: Params, override: Path | str | None = None) -> Workspace:
-    """Workspace from (in order) the explicit override, MNEMO_WORKSPACE, params.paths.workspace.
-
-    MLFLOW_TRACKING_URI and MNEMO_LANCEDB_URI point the same code at servers; an `s3://bucket/prefix`
-    LanceDB URI takes its endpoint, region and credentials from the standard AWS_* variables,
-    which LanceDB reads itself (README, "Object storage (S3)").
-    """
-    root = Path(override or os.environ.get("MNEMO_WORKSPACE") or params.paths.workspace)
-    root = root.expanduser().resolve()
-    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-    lance = os.environ.get("MNEMO_LANCEDB_URI") or str(root / "lancedb")
-    return Workspace(root=root, tracking_uri=tracking, lancedb_uri=lance)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from components.config import IngestParams, Workspace
-from components.data.class_registry import ClassRegistry
+from components.config import IngestParams
+from components.data.catalog import Catalog
 from components.data.ingest import pending_arrivals
-from components.metrics import json_number
-from components.registry import SMOKE_TAG, VERDICT_TAG, ModelRegistry
-from components.search import table_rows
+from components.evaluation.metrics import json_number
+from components.registry.mlflow_registry import SMOKE_TAG, VERDICT_TAG, ModelRegistry
+from components.vectors.search import table_rows
+from components.workspace import Workspace
 
 
 def workspace_status(ws: Workspace, registry: ModelRegistry, ingest: IngestParams) -> dict[str, Any]:
@@ -18,7 +19,7 @@ def workspace_status(ws: Workspace, registry: ModelRegistry, ingest: IngestParam
     log newest last, the challenger's gate report, and the catalog's counts."""
     champion = registry.champion()
     challenger = registry.challenger() or registry.latest()  # stores from before the alias existed have none
-    catalog = ClassRegistry.load(ws.class_registry)
+    catalog = Catalog.load(ws.catalog)
     return {
         "workspace": str(ws.root),
         "model_name": registry.name,

@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from components.config import load_params, resolve_workspace  # noqa: E402
-from components.data.class_registry import ClassRegistry  # noqa: E402
-from components.live import LiveIndex  # noqa: E402
-from components.serve import create_app  # noqa: E402
+from components.data.catalog import Catalog  # noqa: E402
+from components.serving.app import create_app  # noqa: E402
+from components.serving.live import LiveIndex  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     while not server.started:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    catalog = ClassRegistry.load(ws.class_registry)
+    catalog = Catalog.load(ws.catalog)
     query = next(iter(catalog.records("unseen")), None) or catalog.records()[0]
     args.out.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:

@@ -19,12 +19,13 @@ import typer
 from rich.console import Console, RenderableType
 from rich.table import Table
 
-from components.config import ConfigError, Params, Workspace, load_params, redact, resolve_workspace
+from components.config import ConfigError, Params, load_params
+from components.workspace import Workspace, redact, resolve_workspace
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from components.promotion import ChampionMove, HotAdd
+    from components.registry.promotion import ChampionMove, HotAdd
 
 # No locals in tracebacks: they would print the workspace's URIs, credentials and all.
 app = typer.Typer(
@@ -160,8 +161,8 @@ def ingest(
 
 def _hot_add(p: Params, ws: Workspace) -> HotAdd | None:
     """New images into the live table, embedded by the champion: queryable before the next retrain."""
-    from components.index import IndexBuildError
-    from components.promotion import Promoter
+    from components.registry.promotion import Promoter
+    from components.vectors.build import IndexBuildError
 
     try:
         return Promoter(ws, p.registry, p.index).hot_add()
@@ -174,7 +175,7 @@ def _hot_add(p: Params, ws: Workspace) -> HotAdd | None:
 def retrain(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: ParamsOpt = Path("params.yaml")) -> None:
     """Run the retrain flow once: ingest, train, evaluate, gate, register, index, promote."""
     p, ws = _setup(params, workspace)
-    from components.writer_lock import WorkspaceBusy, writer_lock
+    from components.ops.writer_lock import WorkspaceBusy, writer_lock
     from flows.retrain import retrain as retrain_flow
 
     try:
@@ -190,7 +191,7 @@ def retrain(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Pa
 def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: ParamsOpt = Path("params.yaml")) -> None:
     """Where things stand: champion and challenger, the promotion log, the latest gate report, the data."""
     p, ws = _setup(params, workspace)
-    from components.registry import ModelRegistry
+    from components.registry.mlflow_registry import ModelRegistry
     from components.status import workspace_status
 
     payload = workspace_status(ws, ModelRegistry(ws, p.registry), p.ingest)
@@ -256,7 +257,7 @@ def promote(
 ) -> None:
     """Make VERSION the champion: its table goes live at once; the move is logged."""
     p, ws = _setup(params, workspace)
-    from components.promotion import Promoter
+    from components.registry.promotion import Promoter
 
     _move(lambda: Promoter(ws, p.registry, p.index).promote(version, reason=reason, actor=actor, force=force), as_json)
 
@@ -275,15 +276,15 @@ def rollback(
 ) -> None:
     """Move the champion back to the previous one (or --to VERSION), with its table; the move is logged."""
     p, ws = _setup(params, workspace)
-    from components.promotion import Promoter
+    from components.registry.promotion import Promoter
 
     _move(lambda: Promoter(ws, p.registry, p.index).rollback(to, reason=reason, actor=actor), as_json)
 
 
 def _move(move: Callable[[], ChampionMove], as_json: bool) -> None:
     """Run a promotion or rollback; a refusal exits 1 (2 for a version that does not exist) with every reason."""
-    from components.promotion import PromotionRefused, UnknownVersion
-    from components.writer_lock import WorkspaceBusy
+    from components.ops.writer_lock import WorkspaceBusy
+    from components.registry.promotion import PromotionRefused, UnknownVersion
 
     try:
         done = move()
@@ -306,9 +307,9 @@ def reindex(
 ) -> None:
     """Build and validate VERSION's table over every stored image; the champion alias does not move."""
     p, ws = _setup(params, workspace)
-    from components.index import IndexBuildError
-    from components.promotion import Promoter, UnknownVersion
-    from components.writer_lock import WorkspaceBusy
+    from components.ops.writer_lock import WorkspaceBusy
+    from components.registry.promotion import Promoter, UnknownVersion
+    from components.vectors.build import IndexBuildError
 
     try:
         from flows.reindex import row_writer
@@ -351,7 +352,7 @@ def query(
     """Nearest stored images for each query image, from the live (champion model, table) pair."""
     p, ws = _setup(params, workspace)
     from components.data.validation import decode_image
-    from components.live import LiveIndex, LivePairMismatch
+    from components.serving.live import LiveIndex, LivePairMismatch
 
     decoded = []
     for path in images:
@@ -421,8 +422,8 @@ SERVE_PARAMS_ENV = "MNEMO_SERVE_PARAMS"
 
 def service_app() -> FastAPI:
     """The query service of one `mnemo serve` worker, from the params file and workspace serve() chose."""
-    from components.live import LiveIndex
-    from components.serve import create_app
+    from components.serving.app import create_app
+    from components.serving.live import LiveIndex
 
     p, ws = _setup(Path(os.environ[SERVE_PARAMS_ENV]), None)
     live = LiveIndex(

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from components.config import Params, resolve_workspace
-from components.data.class_registry import ClassRegistry
+from components.config import Params
+from components.data.catalog import Catalog
 from components.data.demo import arrival_id, discover_fonts, stream_classes, write_arrival
-from components.planning import RetrainSummary
+from components.training.planning import RetrainSummary
+from components.workspace import resolve_workspace
 from flows.retrain import retrain
 
 
@@ -90,7 +91,7 @@ def run_demo(
     steps: list[DemoStep] = []
     for step, chars in enumerate(stream_classes(fonts, params.demo)):
         start = time.perf_counter()
-        if arrival_id(step) in ClassRegistry.load(ws.class_registry).arrivals:
+        if arrival_id(step) in Catalog.load(ws.catalog).arrivals:
             console.print(f"[bold]step {step}:[/] arrival {arrival_id(step)} already ingested in {ws.root}")
         else:
             write_arrival(ws.inbox, step, chars, fonts, params.demo)

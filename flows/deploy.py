@@ -29,7 +29,8 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 from prefect.types.entrypoint import EntrypointType
 
-from components.config import Params, Workspace
+from components.config import Params
+from components.workspace import Workspace
 from flows.ingest import ingest
 from flows.retrain import retrain
 from flows.rollback import rollback

@@ -13,10 +13,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
-from components.config import Params, Workspace, resolve_workspace
+from components.config import Params
 from components.data.inbox import ingest_inbox
 from components.data.ingest import IngestReport
-from components.promotion import HotAdd, Promoter
+from components.registry.promotion import HotAdd, Promoter
+from components.workspace import Workspace, resolve_workspace
 from flows.retries import TRANSIENT_RETRIES
 
 

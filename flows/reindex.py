@@ -22,11 +22,12 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
 
-from components.config import IndexParams, Workspace
-from components.data.class_registry import ClassRegistry, ImageRecord
-from components.failpoints import failpoint
-from components.index import RowWriter, commit_shards, discard_uncommitted, write_shard
+from components.config import IndexParams
+from components.data.catalog import Catalog, ImageRecord
 from components.modeling.embedder import Embedder, pick_device
+from components.ops.failpoints import failpoint
+from components.vectors.build import RowWriter, commit_shards, discard_uncommitted, write_shard
+from components.workspace import Workspace
 
 
 def dask_address() -> str | None:
@@ -152,5 +153,5 @@ def row_writer(ws: Workspace, params: IndexParams) -> RowWriter | None:
         return None
     if params.engine == "dask":
         return dask_writer(ws, params)
-    images = len(ClassRegistry.load(ws.class_registry).images)
+    images = len(Catalog.load(ws.catalog).images)
     return dask_writer(ws, params) if images >= params.dask_min_images else None

@@ -16,21 +16,22 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
-from components.config import Params, Workspace, resolve_workspace
-from components.data.class_registry import ClassRegistry, ImageRecord
+from components.config import Params
+from components.data.catalog import Catalog, ImageRecord
 from components.data.inbox import ingest_inbox
 from components.data.ingest import IngestReport
-from components.evaluate import Assessment, assess
-from components.failpoints import failpoint
-from components.forgetting import forgetting_heatmap
-from components.gate import GateDecision, gate_markdown, gate_report
-from components.index import IndexBuild
+from components.evaluation.assessment import Assessment, assess
+from components.evaluation.forgetting import forgetting_heatmap
+from components.evaluation.gate import GateDecision, gate_markdown, gate_report
 from components.modeling.embedder import Embedder
-from components.planning import RetrainSummary, concluded, plan_retrain, skipped
-from components.promotion import HotAdd, Promoter
-from components.registry import ModelRegistry, ModelVersionInfo
-from components.search import index_smoke_test
-from components.train import TrainResult, train_continual
+from components.ops.failpoints import failpoint
+from components.registry.mlflow_registry import ModelRegistry, ModelVersionInfo
+from components.registry.promotion import HotAdd, Promoter
+from components.training.loop import TrainResult, train_continual
+from components.training.planning import RetrainSummary, concluded, plan_retrain, skipped
+from components.vectors.build import IndexBuild
+from components.vectors.search import index_smoke_test
+from components.workspace import Workspace, resolve_workspace
 from flows.reindex import row_writer
 from flows.retries import TRANSIENT_RETRIES
 from flows.writers import workspace_writer
@@ -79,7 +80,7 @@ def train(
 def evaluate(
     ws: Workspace,
     params: Params,
-    catalog: ClassRegistry,
+    catalog: Catalog,
     candidate: Embedder,
     champion_model: Embedder | None,
     champion: ModelVersionInfo | None,
@@ -139,7 +140,7 @@ def smoke_test(ws: Workspace, params: Params, version: str, built: IndexBuild, d
     registry = ModelRegistry(ws, params.registry)
     registry.record_index(version, built.table, ann_recall=built.ann_recall)
     result = index_smoke_test(
-        ws, built.table, registry.load_pyfunc(version), ClassRegistry.load(ws.class_registry).records(), params.index
+        ws, built.table, registry.load_pyfunc(version), Catalog.load(ws.catalog).records(), params.index
     )
     registry.record_smoke_test(version, result.passed, result.detail)
     return decision.with_check(result.passed, f"index smoke test: {result.detail}")
@@ -191,7 +192,7 @@ def _retrain(params: Params, ws: Workspace) -> RetrainSummary:
     start = time.perf_counter()
     ingested = [r.arrival for r in ingest_pending(ws, params) if r.status == "ingested"]
     index_new_images(ws, params)
-    catalog = ClassRegistry.load(ws.class_registry)
+    catalog = Catalog.load(ws.catalog)
     champion, champion_model, latest = load_models(ws, params)
     plan = plan_retrain(catalog, champion, latest)
     nothing_to_do = skipped(plan, catalog, champion, ingested)

@@ -10,8 +10,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
-from components.config import Params, Workspace, resolve_workspace
-from components.promotion import ChampionMove, Promoter
+from components.config import Params
+from components.registry.promotion import ChampionMove, Promoter
+from components.workspace import Workspace, resolve_workspace
 from flows.retries import TRANSIENT_RETRIES
 from flows.writers import workspace_writer
 

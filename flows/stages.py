@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 
-from components.config import Params, Workspace, load_params, resolve_workspace
-from components.writer_lock import WorkspaceBusy, writer_lock
+from components.config import Params, load_params
+from components.ops.writer_lock import WorkspaceBusy, writer_lock
+from components.workspace import Workspace, resolve_workspace
 
 
 def ingest(params: Params, ws: Workspace) -> None:
@@ -24,11 +25,11 @@ def ingest(params: Params, ws: Workspace) -> None:
 
 def train(params: Params, ws: Workspace) -> None:
     """Train an embedder from scratch on every trained class's training images."""
-    from components.data.class_registry import ClassRegistry
+    from components.data.catalog import Catalog
     from components.modeling.embedder import save_embedder
-    from components.train import train_embedder
+    from components.training.loop import train_embedder
 
-    records = ClassRegistry.load(ws.class_registry).records("train")
+    records = Catalog.load(ws.catalog).records("train")
     result = train_embedder(
         [ws.classes_dir / r.id for r in records], [r.cls for r in records], params.train, params.model
     )
@@ -46,12 +47,12 @@ def train(params: Params, ws: Workspace) -> None:
 
 def evaluate(params: Params, ws: Workspace) -> None:
     """Score the trained embedder and the pixel baseline on unseen classes and seen slices."""
-    from components.data.class_registry import ClassRegistry
-    from components.evaluate import evaluate_models
-    from components.metrics import json_number
+    from components.data.catalog import Catalog
+    from components.evaluation.assessment import evaluate_models
+    from components.evaluation.metrics import json_number
     from components.modeling.embedder import load_embedder
 
-    catalog = ClassRegistry.load(ws.class_registry)
+    catalog = Catalog.load(ws.catalog)
     metrics = evaluate_models(ws, catalog, params.evaluate, load_embedder(ws.dvc_outputs / "embedder.pt"))
     rounded = {k: json_number(v) for k, v in metrics.items()}
     (ws.dvc_outputs / "metrics.json").write_text(json.dumps(rounded, indent=1) + "\n")
@@ -60,7 +61,7 @@ def evaluate(params: Params, ws: Workspace) -> None:
 
 def report(params: Params, ws: Workspace) -> None:
     """Plots and a markdown report from the evaluate stage's metrics.json."""
-    from components.report import PLOTS, write_report
+    from components.evaluation.report import PLOTS, write_report
 
     metrics = json.loads((ws.dvc_outputs / "metrics.json").read_text())
     write_report(metrics, params.evaluate.recall_at, ws.dvc_outputs / PLOTS)

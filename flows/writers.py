@@ -1,7 +1,7 @@
 """The writer's hold on a workspace, as the flows take it.
 
 Every flow that writes (retrain, rollback) holds the workspace's writer lock
-(components/writer_lock.py), a file lock that covers one machine. Where several machines
+(components/ops/writer_lock.py), a file lock that covers one machine. Where several machines
 share a workspace (MLflow and LanceDB on servers), set MNEMO_WRITER_LIMIT to the name of a
 Prefect global concurrency limit of 1 (`prefect gcl create mnemo-writer --limit 1`): the
 flows then also hold a slot of it, so writers on different machines take turns too.
@@ -15,8 +15,8 @@ from contextlib import contextmanager
 
 from prefect.concurrency.sync import concurrency
 
-from components.config import Workspace
-from components.writer_lock import writer_lock
+from components.ops.writer_lock import writer_lock
+from components.workspace import Workspace
 
 LIMIT_ENV = "MNEMO_WRITER_LIMIT"
 

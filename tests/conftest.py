@@ -14,7 +14,8 @@ from PIL import Image
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="mnemo-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from components.config import Params, load_params, resolve_workspace, with_overrides
+from components.config import Params, load_params, with_overrides
+from components.workspace import resolve_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS_FILE = REPO / "params.yaml"
@@ -34,7 +35,7 @@ TINY = {
     "train.device": "cpu",
     "evaluate.batch_size": 32,
     # One epoch on six images per class need not beat raw pixels: these tests are about the pipeline;
-    # the pixel check has its own (tests/unit/test_evaluate.py, test_gate_never_promotes_a_model_that_loses_to_raw_pixels).
+    # the pixel check has its own (tests/unit/evaluation/test_evaluate.py, test_gate_never_promotes_a_model_that_loses_to_raw_pixels).
     "gate.min_margin_over_pixels": -1.0,
 }
 

@@ -12,8 +12,9 @@ import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from components.config import IngestParams, Workspace
+from components.config import IngestParams
 from components.data.ingest import IngestError, IngestReport, ingest_arrival, pending_arrivals
+from components.workspace import Workspace
 
 LOCK_FILE = ".ingest.lock"  # under the workspace root
 

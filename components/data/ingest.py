@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from components.config import IMAGE_EXTENSIONS, IngestParams, Workspace
-from components.data.class_registry import ClassRegistry
+from components.config import IMAGE_EXTENSIONS, IngestParams
+from components.data.catalog import Catalog
 from components.data.validation import validate_image
 from components.data.walk import (
     DIR_FLAGS,
@@ -50,6 +50,7 @@ from components.data.walk import (
     read_problem,
     scan,
 )
+from components.workspace import Workspace
 
 MANIFEST = "manifest.json"
 REASONS = "reasons.json"  # in quarantine/<arrival>/
@@ -200,9 +201,7 @@ def _quarantine_path(parts: tuple[str, ...]) -> str:
 # -- identity ----------------------------------------------------------------------------------
 
 
-def _identify(
-    name: str, fingerprint: str, entries: list[Entry], registry: ClassRegistry, ws: Workspace
-) -> tuple[str, str]:
+def _identify(name: str, fingerprint: str, entries: list[Entry], registry: Catalog, ws: Workspace) -> tuple[str, str]:
     """(arrival id, identity): the recorded arrival with this content, or the id a new one gets."""
     for arrival, meta in registry.arrivals.items():
         if meta.get("fingerprint") == fingerprint and meta.get("name", arrival) == name:
@@ -215,7 +214,7 @@ def _identify(
     return f"{name}~{fingerprint[:12]}", "changed_content"
 
 
-def _matches_legacy(name: str, entries: list[Entry], registry: ClassRegistry, ws: Workspace) -> bool:
+def _matches_legacy(name: str, entries: list[Entry], registry: Catalog, ws: Workspace) -> bool:
     """An arrival recorded before fingerprints: the same one when it brings nothing that arrival
     did not already store or quarantine (its reasons.json lists what it quarantined)."""
     try:
@@ -231,7 +230,7 @@ def _matches_legacy(name: str, entries: list[Entry], registry: ClassRegistry, ws
     return True
 
 
-def _classes_of_hash(registry: ClassRegistry, digest: str) -> set[str]:
+def _classes_of_hash(registry: Catalog, digest: str) -> set[str]:
     return {image_id.split("/", 1)[0] for image_id in registry.images_with_hash(digest)}
 
 
@@ -245,7 +244,7 @@ def pending_arrivals(ws: Workspace, params: IngestParams | None = None) -> list[
     """
     if not ws.inbox.is_dir():
         return []
-    registry = ClassRegistry.load(ws.class_registry)
+    registry = Catalog.load(ws.catalog)
     names = {meta.get("name", arrival) for arrival, meta in registry.arrivals.items()}
     out = []
     for path in sorted(ws.inbox.iterdir()):
@@ -257,7 +256,7 @@ def pending_arrivals(ws: Workspace, params: IngestParams | None = None) -> list[
     return out
 
 
-def _recorded_as(path: Path, ws: Workspace, registry: ClassRegistry, params: IngestParams) -> str | None:
+def _recorded_as(path: Path, ws: Workspace, registry: Catalog, params: IngestParams) -> str | None:
     """The recorded arrival id with this folder's content, or None."""
     try:
         root_fd = os.open(path, DIR_FLAGS)
@@ -299,7 +298,7 @@ def _ingest(
 ) -> IngestReport:
     entries, empty = scan(root_fd, params.max_file_bytes)
     fingerprint = content_fingerprint(entries)
-    registry = ClassRegistry.load(ws.class_registry)
+    registry = Catalog.load(ws.catalog)
     arrival, identity = _identify(name, fingerprint, entries, registry, ws)
     report = IngestReport(arrival=arrival, status="ingested", folder=name, identity=identity, fingerprint=fingerprint)
     if identity == "same_content":
@@ -358,7 +357,7 @@ def _process(
     entries: list[Entry],
     ws: Workspace,
     params: IngestParams,
-    registry: ClassRegistry,
+    registry: Catalog,
     report: IngestReport,
     quarantine: Path,
     writes: _Writes,
@@ -451,7 +450,7 @@ def _record(
     fingerprint: str,
     manifest: dict | None,
     stored_by_class: dict[str, list[str]],
-    registry: ClassRegistry,
+    registry: Catalog,
     report: IngestReport,
     params: IngestParams,
 ) -> bool:

@@ -114,7 +114,7 @@ def export_onnx(model: Embedder) -> bytes:
             output_names=[OUTPUT],
             dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
             # The TorchScript exporter: needs no onnxscript. Should a torch release drop it, the export
-            # fails, every version is served by PyTorch and the log says why (tests/unit/test_runtime.py fails).
+            # fails, every version is served by PyTorch and the log says why (tests/unit/modeling/test_runtime.py fails).
             dynamo=False,
         )
         return path.read_bytes()

@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from components.data.class_registry import ClassRegistry
-from components.live import LiveIndex
-from components.promotion import Promoter
-from components.serve import create_app
+from components.data.catalog import Catalog
+from components.registry.promotion import Promoter
+from components.serving.app import create_app
+from components.serving.live import LiveIndex
 from tests.integration.live_workspace import serving
 
 pytestmark = pytest.mark.browser
@@ -62,7 +62,7 @@ def app_for(ws, params, api_key=None):
 
 def test_search_status_and_browse_in_chromium(live_ws, params, browser, tmp_path):
     Promoter(live_ws, params.registry, params.index).promote("2", reason="browser test: promote v2")
-    record = ClassRegistry.load(live_ws.class_registry).records()[5]
+    record = Catalog.load(live_ws.catalog).records()[5]
     bad = tmp_path / "not-an-image.png"
     bad.write_text("this is text, not a PNG")
     with serving(app_for(live_ws, params)) as url:
@@ -107,7 +107,7 @@ def test_search_status_and_browse_in_chromium(live_ws, params, browser, tmp_path
 
 def test_with_an_api_key_the_page_asks_once_and_keeps_it_for_the_tab(live_ws, params, browser, tmp_path):
     key = "browser-key-123"
-    record = ClassRegistry.load(live_ws.class_registry).records()[0]
+    record = Catalog.load(live_ws.catalog).records()[0]
     with serving(app_for(live_ws, params, api_key=key)) as url:
         assert httpx.get(f"{url}/live").status_code == 401
         page = browser.new_page()

@@ -10,9 +10,10 @@ from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
-from components.config import resolve_workspace, with_overrides
+from components.config import with_overrides
 from components.data.demo import discover_fonts, stream_classes, write_arrival
-from components.registry import CHAMPION, ModelRegistry
+from components.registry.mlflow_registry import CHAMPION, ModelRegistry
+from components.workspace import resolve_workspace
 from flows.cli import app
 from flows.retrain import retrain
 from flows.rollback import rollback

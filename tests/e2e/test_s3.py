@@ -25,13 +25,14 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from components.config import Params, resolve_workspace, with_overrides
-from components.data.class_registry import ClassRegistry
+from components.config import Params, with_overrides
+from components.data.catalog import Catalog
 from components.data.demo import discover_fonts, stream_classes, write_arrival
 from components.data.transforms import open_rgb
-from components.live import LiveIndex
-from components.promotion import Promoter
-from components.tables import connect, list_tables, table_schema
+from components.registry.promotion import Promoter
+from components.serving.live import LiveIndex
+from components.vectors.tables import connect, list_tables, table_schema
+from components.workspace import resolve_workspace
 from tests.e2e.conftest import BIN, clean_env, mlflow_server, s3_client, s3_env, s3_server
 from tests.integration.live_workspace import assert_one_version, build_template, reference
 
@@ -114,7 +115,7 @@ def test_ingest_retrain_query_and_rollback_keep_every_table_and_artifact_on_s3(s
         "reasons"
     ]
 
-    catalog = ClassRegistry.load(root / "data" / "registry.json")
+    catalog = Catalog.load(root / "data" / "registry.json")
     image = catalog.records("query")[0]
 
     def query(version: str) -> None:
@@ -161,7 +162,7 @@ def test_readers_see_no_errors_while_the_champion_moves_between_tables_on_s3(sta
     build_template(ws, p)  # 60 noise images; v1 and v2 with validated tables on S3; champion v1
     assert sorted(list_tables(connect(ws))) == ["embeddings_v1", "embeddings_v2"]
 
-    records = ClassRegistry.load(ws.class_registry).records()[::6]
+    records = Catalog.load(ws.catalog).records()[::6]
     images = [(ws.classes_dir / r.id).read_bytes() for r in records]
     expected = {v: reference(ws, p, v, images) for v in ("1", "2")}
     promoter = Promoter(ws, p.registry, p.index)

@@ -29,7 +29,8 @@ def params_file(params, tmp_path: Path) -> Path:
 def live_template(repo_params, tmp_path_factory) -> Path:
     """A workspace with 60 stored images, v1 and v2 registered with validated tables, champion v1
     (tests/integration/live_workspace.py); built once, copied by `live_ws`."""
-    from components.config import resolve_workspace, with_overrides
+    from components.config import with_overrides
+    from components.workspace import resolve_workspace
     from tests.conftest import TINY
     from tests.integration.live_workspace import build_template
 

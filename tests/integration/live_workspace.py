@@ -20,14 +20,15 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
-from components.config import Params, Workspace
+from components.config import Params
 from components.data.ingest import ingest_arrival
 from components.data.transforms import open_rgb
 from components.modeling.embedder import build_embedder, embed_images
-from components.promotion import Promoter
-from components.registry import CHAMPION, SMOKE_TAG, TABLE_TAG, VERDICT_TAG, ModelRegistry
-from components.search import Hit
-from components.tables import connect
+from components.registry.mlflow_registry import CHAMPION, SMOKE_TAG, TABLE_TAG, VERDICT_TAG, ModelRegistry
+from components.registry.promotion import Promoter
+from components.vectors.search import Hit
+from components.vectors.tables import connect
+from components.workspace import Workspace
 
 CLASSES = [f"c{i}" for i in range(6)]
 PER_CLASS = 10

@@ -24,13 +24,14 @@ import yaml
 from prefect.settings import get_current_settings
 from typer.testing import CliRunner
 
-from components.config import resolve_workspace, with_overrides
-from components.data.class_registry import ClassRegistry
+from components.config import with_overrides
+from components.data.catalog import Catalog
 from components.data.transforms import open_rgb
-from components.failpoints import ENV as FAILPOINT
-from components.live import LiveIndex
-from components.registry import ModelRegistry
-from components.search import table_rows
+from components.ops.failpoints import ENV as FAILPOINT
+from components.registry.mlflow_registry import ModelRegistry
+from components.serving.live import LiveIndex
+from components.vectors.search import table_rows
+from components.workspace import resolve_workspace
 from flows.cli import app
 from flows.retrain import retrain
 from tests.conftest import REPO
@@ -140,7 +141,7 @@ def test_every_crash_is_recovered(crash_params, tmp_path):
 
     def every_image_found() -> None:
         pair = LiveIndex(ws, params.registry, params.index, refresh_seconds=60).current()
-        records = ClassRegistry.load(ws.class_registry).records()
+        records = Catalog.load(ws.catalog).records()
         assert pair.rows() == len(records), f"v{pair.version}: {pair.rows()} rows for {len(records)} images"
         hits = pair.query([open_rgb(ws.classes_dir / r.id) for r in records], 1)
         lost = [r.id for r, h in zip(records, hits) if h[0]["id"] != r.id]
@@ -153,7 +154,7 @@ def test_every_crash_is_recovered(crash_params, tmp_path):
     arrive()
     arrive()
     assert retrain_once() == "promoted"  # the first champion
-    first = ClassRegistry.load(ws.class_registry).records()[0]
+    first = Catalog.load(ws.catalog).records()[0]
 
     with Reader(ws, params, ws.classes_dir / first.id) as reader:
         for point in ("train-epoch", "registered", "index-chunk-written", "alias-moved"):

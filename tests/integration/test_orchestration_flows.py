@@ -3,9 +3,9 @@ server with real MLflow and LanceDB stores in tmp_path."""
 
 from __future__ import annotations
 
-from components.promotion import Promoter
-from components.registry import ModelRegistry
-from components.search import table_rows
+from components.registry.mlflow_registry import ModelRegistry
+from components.registry.promotion import Promoter
+from components.vectors.search import table_rows
 from flows.ingest import ingest
 from flows.retrain import retrain
 from flows.rollback import rollback

@@ -18,20 +18,20 @@ import pytest
 import yaml
 
 from components.config import with_overrides
-from components.data.class_registry import ClassRegistry
+from components.data.catalog import Catalog
 from components.data.transforms import open_rgb
-from components.live import LiveIndex
-from components.promotion import Promoter
-from components.registry import ModelRegistry
-from components.serve import create_app
-from components.tables import connect, is_validated, list_tables
+from components.registry.mlflow_registry import ModelRegistry
+from components.registry.promotion import Promoter
+from components.serving.app import create_app
+from components.serving.live import LiveIndex
+from components.vectors.tables import connect, is_validated, list_tables
 from tests.integration.live_workspace import assert_one_version, reference, serving
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # tests/integration/<file>
 
 
 def test_queries_stay_consistent_while_the_champion_is_promoted_and_rolled_back(live_ws, params):
-    records = ClassRegistry.load(live_ws.class_registry).records()[::6]
+    records = Catalog.load(live_ws.catalog).records()[::6]
     images = [(live_ws.classes_dir / r.id).read_bytes() for r in records]
     expected = {v: reference(live_ws, params, v, images) for v in ("1", "2")}
     promoter = Promoter(live_ws, params.registry, params.index)
@@ -102,7 +102,7 @@ def write_params(params, path: Path) -> Path:
 
 
 def answers_with_v1(ws, params) -> None:
-    record = ClassRegistry.load(ws.class_registry).records()[7]
+    record = Catalog.load(ws.catalog).records()[7]
     pair = LiveIndex(ws, params.registry, params.index, refresh_seconds=60).current()
     [hits] = pair.query([open_rgb(ws.classes_dir / record.id)], 1)
     assert (pair.version, pair.table_name, hits[0]["id"]) == ("1", "embeddings_v1", record.id)
@@ -192,7 +192,7 @@ def test_serve_with_two_workers_answers_from_each_and_both_follow_a_promotion(li
         stderr=log.open("w"),
     )
     url = f"http://127.0.0.1:{port}"
-    image = (live_ws.classes_dir / ClassRegistry.load(live_ws.class_registry).records()[3].id).read_bytes()
+    image = (live_ws.classes_dir / Catalog.load(live_ws.catalog).records()[3].id).read_bytes()
 
     def versions(n: int) -> set[str]:
         seen = set()

@@ -11,7 +11,7 @@ import pandas as pd
 from PIL import Image
 from typer.testing import CliRunner
 
-from components.data.class_registry import ClassRegistry
+from components.data.catalog import Catalog
 from components.data.demo import discover_fonts, stream_classes, write_arrival
 from flows.cli import app
 from flows.retrain import retrain
@@ -40,7 +40,7 @@ def test_retrain_flow_promotes_a_queryable_champion(params, ws, params_file):
     # The logged model stands on its own: encoded bytes in, L2-normalised float32 embeddings out.
     mlflow.set_tracking_uri(ws.tracking_uri)
     model = mlflow.pyfunc.load_model("models:/mnemo-embedder@champion")
-    catalog = ClassRegistry.load(ws.class_registry)
+    catalog = Catalog.load(ws.catalog)
     held_out = catalog.records("query")[0]
     jpeg = io.BytesIO()
     Image.open(ws.classes_dir / held_out.id).convert("RGB").save(jpeg, format="JPEG")

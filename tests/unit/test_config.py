@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import ConfigError, load_params, parse_params, resolve_workspace, with_overrides
+from components.config import ConfigError, load_params, parse_params, with_overrides
+from components.workspace import resolve_workspace
 from tests.conftest import PARAMS_FILE, REPO
 
 

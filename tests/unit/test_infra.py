@@ -91,9 +91,9 @@ def engine_reads(name: str) -> bool:
 
 
 def routes() -> set[tuple[str, str]]:
-    """(METHOD, path) of every route components/serve.py declares on the FastAPI app."""
+    """(METHOD, path) of every route components/serving/app.py declares on the FastAPI app."""
     found = set()
-    for node in ast.walk(ast.parse((REPO / "components/serve.py").read_text())):
+    for node in ast.walk(ast.parse((REPO / "components/serving/app.py").read_text())):
         if (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)

@@ -9,7 +9,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
 from components.config import ConfigError, with_overrides
-from components.transient import is_transient
+from components.ops.transient import is_transient
 
 
 def test_schedule_comes_from_params_and_a_bad_cron_is_named(repo_params):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from components.planning import RetrainSummary
+from components.training.planning import RetrainSummary
 from flows.cli import _setup
 from flows.demo import DemoStep, pixel_verdict
 from tests.conftest import REPO

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval and few-shot metrics, forgetting, the gate and its report."""

@@ -1,0 +1,101 @@
+"""Evaluation: the candidate and the champion scored on the same images (unseen classes,
+each seen slice, sanity), forgetting against every served version, and the gate's decision.
+
+The pieces live in metrics.py (retrieval, pixels, sanity), forgetting.py (slices, matrix)
+and gate.py (the decision and its report); this module puts them together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from components.config import EvaluateParams, GateParams
+from components.data.catalog import Catalog
+from components.evaluation.forgetting import (
+    ForgettingMatrix,
+    forgetting_matrix,
+    forgetting_metrics,
+    seen_slice_rows,
+    slice_key,
+)
+from components.evaluation.gate import GateDecision, decide, prefixed
+from components.evaluation.metrics import few_shot_metrics, pixel_vectors, sanity_metrics, score_vectors
+from components.modeling.embedder import Embedder, embed_files
+from components.workspace import Workspace
+
+
+def evaluate_models(
+    ws: Workspace,
+    catalog: Catalog,
+    params: EvaluateParams,
+    candidate: Embedder,
+    champion: Embedder | None = None,
+    champion_arrivals: Sequence[str] = (),
+) -> dict[str, float]:
+    """Candidate and champion on the same images: unseen classes, each seen slice, and sanity.
+
+    Unseen classes are scored among themselves (retrieval and few-shot episodes), next to
+    raw pixels. Each seen slice (the held-out queries of one arrival's classes) searches
+    every stored image, as the live table answers it, so an old class confused with a newer
+    one counts as forgetting. The champion is scored only on the slices of arrivals it was
+    trained on. A candidate with non-finite embeddings gets NaN metrics (and a sanity count)
+    instead of an error, so the gate can reject it with a reason.
+    """
+    ks, bs = params.recall_at, params.batch_size
+    records = catalog.records()  # the whole gallery, as the live table holds it (pending classes are distractors)
+    paths, labels = [ws.classes_dir / r.id for r in records], np.array([r.cls for r in records], dtype=object)
+    unseen = np.array([i for i, r in enumerate(records) if r.role == "unseen"], dtype=int)
+    slices = seen_slice_rows(catalog, records)
+    champion_slices = {slice_key(a) for a in champion_arrivals}
+
+    def scored(x: np.ndarray, prefix: str, slice_keys: Collection[str]) -> dict[str, float]:
+        xu, lu = x[unseen], labels[unseen].tolist()
+        out = score_vectors(xu, lu, ks, f"{prefix}unseen") | few_shot_metrics(xu, lu, params, f"{prefix}unseen")
+        for key in slice_keys:
+            out |= score_vectors(x, labels.tolist(), ks, f"{prefix}seen_{key}", queries=slices[key])
+        return out
+
+    x = embed_files(candidate, paths, batch_size=bs)
+    metrics = sanity_metrics(x[unseen]) | scored(x, "", slices)
+    pixels = pixel_vectors([paths[i] for i in unseen], params.baseline_image_size)
+    metrics |= score_vectors(pixels, labels[unseen].tolist(), ks, "baseline_unseen")
+    metrics |= few_shot_metrics(pixels, labels[unseen].tolist(), params, "baseline_unseen")
+    if champion is not None:
+        metrics |= scored(embed_files(champion, paths, batch_size=bs), "champion_", slices.keys() & champion_slices)
+    return metrics
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """Everything the gate saw and said about one candidate."""
+
+    metrics: dict[str, float]
+    matrix: ForgettingMatrix
+    decision: GateDecision
+
+
+def assess(
+    ws: Workspace,
+    catalog: Catalog,
+    params: EvaluateParams,
+    gate: GateParams,
+    candidate: Embedder,
+    *,
+    champion: Embedder | None = None,
+    champion_version: str | None = None,
+    champion_arrivals: Sequence[str] = (),
+    served: Sequence[tuple[str, Mapping[str, float]]] = (),
+) -> Assessment:
+    """Score candidate and champion on the same images, add forgetting against the served versions, decide.
+
+    `served` holds the logged metrics of every version that was ever champion (from the
+    registry), so forgetting is measured against what users actually got.
+    """
+    metrics = evaluate_models(ws, catalog, params, candidate, champion, champion_arrivals)
+    matrix = forgetting_matrix(served, metrics, champion=champion_version if champion is not None else None)
+    metrics |= forgetting_metrics(matrix)
+    decision = decide(metrics, prefixed(metrics, "champion_") if champion is not None else None, gate)
+    return Assessment(metrics=metrics, matrix=matrix, decision=decision)

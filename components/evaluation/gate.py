@@ -1,0 +1,207 @@
+"""The gate (TFX-style blessing): a pure decision with every reason, and its report.
+
+Value thresholds (floors, sanity) apply to every candidate; change thresholds compare it
+with the champion and are skipped when there is none. MLflow calls live in registry.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from components.config import GateParams
+from components.evaluation.forgetting import ForgettingMatrix
+from components.evaluation.metrics import json_number
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)  # every check, passed or not, in order
+    failed: list[str] = field(default_factory=list)  # the reasons that reject
+
+    @property
+    def verdict(self) -> str:
+        return "promote" if self.promote else "reject"
+
+    def with_check(self, passed: bool, reason: str) -> GateDecision:
+        """The decision with one more check (e.g. the index smoke test, run after registration)."""
+        return replace(
+            self,
+            promote=self.promote and passed,
+            reasons=[*self.reasons, reason],
+            failed=self.failed if passed else [*self.failed, reason],
+        )
+
+
+def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float] | None:
+    """The metrics whose keys start with prefix, prefix removed; None when there are none."""
+    found = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+    return found or None
+
+
+def _number(metrics: Mapping[str, float], key: str) -> float:
+    value = metrics.get(key, math.nan)
+    return float(value) if value is not None else math.nan
+
+
+def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate: GateParams) -> GateDecision:
+    """Promote or reject, with every reason (passed checks included).
+
+    Value thresholds (floors and sanity) always apply; change thresholds against the
+    champion (unseen Recall@1 drop, forgetting per slice) are skipped without one. A
+    metric that is missing or not a number fails its check: a model is never promoted
+    on something that was not measured.
+    """
+    reasons: list[str] = []
+    failed: list[str] = []
+
+    def check(passed: bool, yes: str, no: str) -> None:
+        reasons.append(yes if passed else no)
+        if not passed:
+            failed.append(no)
+
+    bad_rows = _number(candidate, "non_finite_embeddings")
+    check(
+        bad_rows == 0,
+        "embeddings are finite",
+        "embeddings were not checked for NaN/inf"
+        if math.isnan(bad_rows)
+        else f"{bad_rows:.0f} embeddings contain NaN or infinite values",
+    )
+    spread = _number(candidate, "embedding_spread")
+    check(
+        spread >= gate.min_embedding_spread,
+        f"embedding spread {spread:.4f} meets the floor {gate.min_embedding_spread:.4f}",
+        f"embeddings collapsed: spread {spread:.4f} is below the floor {gate.min_embedding_spread:.4f}",
+    )
+    for key, name, floor in (
+        ("unseen_recall_at_1", "unseen Recall@1", gate.min_unseen_recall_at_1),
+        ("unseen_map_at_r", "unseen MAP@R", gate.min_unseen_map_at_r),
+    ):
+        value = _number(candidate, key)
+        check(
+            value >= floor,
+            f"{name} {value:.4f} meets the floor {floor:.4f}",
+            f"{name} {value:.4f} is below the floor {floor:.4f}",
+        )
+        if gate.min_margin_over_pixels > -1:  # -1: off
+            pixels, margin = _number(candidate, f"baseline_{key}"), gate.min_margin_over_pixels
+            check(
+                value - pixels > margin,
+                f"{name} {value:.4f} beats raw pixels ({pixels:.4f}) by more than {margin:.4f}",
+                f"{name} {value:.4f} does not beat raw pixels ({pixels:.4f}) by more than {margin:.4f}",
+            )
+    for task, floor in sorted(gate.min_unseen_few_shot.items()):
+        value = _number(candidate, f"unseen_{task}")
+        check(
+            value >= floor,
+            f"unseen {task} accuracy {value:.4f} meets the floor {floor:.4f}",
+            f"unseen {task} accuracy {value:.4f} is below the floor {floor:.4f}"
+            if not math.isnan(value)
+            else f"unseen {task} accuracy was not measured (too few unseen classes with enough images)",
+        )
+
+    if champion is None:
+        reasons.append("no champion: change thresholds skipped")
+        return GateDecision(promote=not failed, reasons=reasons, failed=failed)
+    r1, before = _number(candidate, "unseen_recall_at_1"), _number(champion, "unseen_recall_at_1")
+    if math.isnan(before):
+        reasons.append("the champion's unseen Recall@1 is unknown: drop not checked")
+    else:
+        drop, allowed = before - r1, gate.max_unseen_recall_at_1_drop
+        check(
+            drop <= allowed,
+            f"unseen Recall@1 changed {-drop:+.4f} against the champion (allowed drop {allowed:.4f})",
+            f"unseen Recall@1 dropped {drop:.4f} against the champion, more than {allowed:.4f}"
+            if not math.isnan(drop)
+            else "unseen Recall@1 is not a number: drop against the champion unknown",
+        )
+    forgetting = {
+        k[len("forgetting_") :]: float(v) for k, v in sorted(candidate.items()) if k.startswith("forgetting_")
+    }
+    allowed = gate.max_slice_forgetting
+    over = {s: f for s, f in forgetting.items() if not f <= allowed}  # NaN counts as over: unknown is not fine
+    for s, f in over.items():
+        check(False, "", f"forgot {f:.4f} of seen Recall@1 on slice {s}, more than {allowed:.4f}")
+    if not forgetting:
+        reasons.append("no seen-class slice scored by an earlier champion: forgetting not checked")
+    elif not over:
+        s, f = max(forgetting.items(), key=lambda kv: kv[1])
+        reasons.append(f"largest forgetting {f:+.4f} (slice {s}) is within {allowed:.4f}")
+    return GateDecision(promote=not failed, reasons=reasons, failed=failed)
+
+
+# --- the gate report ------------------------------------------------------------------------
+
+
+def gate_report(
+    candidate_version: str,
+    champion_version: str | None,
+    metrics: Mapping[str, float],
+    decision: GateDecision,
+    gate: GateParams,
+    matrix: ForgettingMatrix,
+) -> dict:
+    """The gate's verdict as plain JSON: metrics side by side, deltas, thresholds, forgetting, reasons."""
+    side_by_side = {}
+    for key in sorted(k for k in metrics if k.startswith(("unseen_", "seen_"))):
+        mine, theirs = metrics[key], metrics.get(f"champion_{key}")
+        side_by_side[key] = {
+            "candidate": json_number(mine),
+            "champion": json_number(theirs),
+            "delta": json_number(mine - theirs) if theirs is not None else None,
+        }
+    for key in ("embedding_spread", "non_finite_embeddings", "average_forgetting"):
+        if key in metrics:
+            side_by_side[key] = {"candidate": json_number(metrics[key]), "champion": None, "delta": None}
+    return {
+        "candidate": str(candidate_version),
+        "champion": champion_version,
+        "verdict": decision.verdict,
+        "reasons": list(decision.reasons),
+        "thresholds": gate.model_dump(mode="json"),
+        "metrics": side_by_side,
+        "baseline": {k: json_number(v) for k, v in sorted(metrics.items()) if k.startswith("baseline_")},
+        "forgetting": {
+            k[len("forgetting_") :]: json_number(v) for k, v in sorted(metrics.items()) if k.startswith("forgetting_")
+        },
+        "forgetting_matrix": matrix.labelled(str(candidate_version)).as_dict(),
+    }
+
+
+def _cell(v: float | None) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
+def gate_markdown(report: Mapping) -> str:
+    """The report for people: verdict, reasons, the side-by-side table, forgetting per slice."""
+    champion = f"v{report['champion']}" if report["champion"] else "none"
+    lines = [
+        f"# Gate: v{report['candidate']} — **{report['verdict'].upper()}**",
+        "",
+        f"Candidate v{report['candidate']} against champion {champion}.",
+        "",
+        "## Reasons",
+        "",
+    ]
+    lines += [f"- {r}" for r in report["reasons"]]
+    lines += ["", "## Metrics", "", "| metric | candidate | champion | delta |", "|---|---:|---:|---:|"]
+    for key, row in report["metrics"].items():
+        delta = "–" if row["delta"] is None else f"{row['delta']:+.4f}"
+        lines.append(f"| {key} | {_cell(row['candidate'])} | {_cell(row['champion'])} | {delta} |")
+    if report["baseline"]:
+        lines += ["", "Pixel baseline: " + ", ".join(f"{k} {_cell(v)}" for k, v in report["baseline"].items())]
+    if report["forgetting"]:
+        lines += [
+            "",
+            "## Forgetting (best served seen Recall@1 minus the candidate's)",
+            "",
+            "| slice | forgetting |",
+            "|---|---:|",
+        ]
+        lines += [f"| {s} | {_cell(v)} |" for s, v in report["forgetting"].items()]
+    lines += ["", "## Thresholds", "", "```json", json.dumps(report["thresholds"], indent=1), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,263 @@
+"""Retrieval metrics (exact, leave-one-out), the raw-pixel baseline, and sanity checks.
+
+Every image of the evaluated set queries all the others: Recall@K is the share of queries
+with a same-class image among their K nearest neighbours; R-precision is the share of
+same-class images among the first R neighbours and MAP@R the mean average precision over
+them, R being the number of other images of the query's class (Musgrave et al., "A Metric
+Learning Reality Check"). Queries without any other image of their class are left out, as
+pytorch-metric-learning does.
+
+Metric keys (what is logged to MLflow and what the gate reads):
+  unseen_*                      the candidate on the unseen classes (never trained on)
+  seen_<slice>_*                the candidate on the held-out queries of the classes an arrival brought
+  champion_unseen_*, champion_seen_<slice>_*   the champion on the same images
+  baseline_unseen_*             raw pixels on the unseen classes: what a model has to beat
+  forgetting_<slice>            best seen Recall@1 a served version had on the slice minus the candidate's
+  non_finite_embeddings, embedding_spread      sanity of the candidate's unseen-class embeddings
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from components.config import EvaluateParams
+from components.data.catalog import ImageRecord
+from components.data.transforms import open_rgb
+from components.modeling.embedder import Embedder, embed_files
+from components.workspace import Workspace
+
+BLOCK_BYTES = 256 * 2**20  # similarity rows computed at once: a 100k gallery needs ~670 query rows per block
+
+
+@dataclass(frozen=True)
+class RetrievalMetrics:
+    recall_at: dict[int, float]
+    map_at_r: float
+    r_precision: float
+    queries: int
+
+    def as_dict(self, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}_recall_at_{k}": v for k, v in self.recall_at.items()}
+        out[f"{prefix}_map_at_r"] = self.map_at_r
+        out[f"{prefix}_r_precision"] = self.r_precision
+        return out
+
+
+def retrieval_metrics(
+    embeddings: np.ndarray | torch.Tensor,
+    labels: Sequence,
+    ks: Sequence[int] = (1, 5, 10),
+    *,
+    queries: Sequence[int] | np.ndarray | None = None,
+    chunk: int | None = None,
+    device: str | torch.device = "cpu",
+) -> RetrievalMetrics:
+    """Exact Recall@K, MAP@R and R-precision by cosine similarity.
+
+    Every row is in the gallery; `queries` (row indices, default: every row) are the images
+    that search it, each leaving itself out. Scoring one arrival's held-out queries against
+    every stored image is how the live table answers them, so a class confused with a newer
+    one counts. Brute force over query blocks (`chunk` rows, by default sized to keep one
+    block of similarities near 256 MiB) so memory stays bounded for a 100k-image gallery.
+    """
+    x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32, device=device)
+    if x.ndim != 2 or len(x) != len(labels):
+        raise ValueError(f"need N x D embeddings for {len(labels)} labels, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("embeddings contain NaN or infinite values")
+    x = torch.nn.functional.normalize(x, dim=1)
+    _, codes = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+    y = torch.as_tensor(codes, device=device)
+    n = len(y)
+    asked = torch.arange(n, device=device) if queries is None else torch.as_tensor(np.asarray(queries), device=device)
+    chunk = chunk or max(1, min(4096, BLOCK_BYTES // (4 * max(n, 1))))
+    r_of = torch.bincount(y)[y] - 1  # other images of each row's class in the gallery
+    depth = min(n - 1, max(max(ks), int(r_of[asked].max()) if len(asked) else 0))
+    hits = {k: 0.0 for k in ks}
+    ap_sum, rp_sum, counted = 0.0, 0.0, 0
+    ranks = torch.arange(1, depth + 1, device=device)
+    for start in range(0, len(asked), chunk):
+        q = asked[start : start + chunk]
+        sims = x[q] @ x.T
+        sims[torch.arange(len(q), device=device), q] = -torch.inf  # a query never retrieves itself
+        order = sims.topk(depth, dim=1).indices
+        rel = (y[order] == y[q, None]).float()
+        r = r_of[q]
+        valid = r > 0
+        for k in ks:
+            hits[k] += rel[valid, :k].amax(dim=1).sum().item()
+        within_r = (ranks[None, :] <= r[:, None]).float()
+        precision = rel.cumsum(dim=1) / ranks
+        ap = (precision * rel * within_r).sum(dim=1) / r.clamp(min=1)
+        rp = (rel * within_r).sum(dim=1) / r.clamp(min=1)
+        ap_sum += ap[valid].sum().item()
+        rp_sum += rp[valid].sum().item()
+        counted += int(valid.sum())
+    if counted == 0:
+        raise ValueError("no query has another image of its class; cannot score retrieval")
+    return RetrievalMetrics(
+        recall_at={k: hits[k] / counted for k in ks},
+        map_at_r=ap_sum / counted,
+        r_precision=rp_sum / counted,
+        queries=counted,
+    )
+
+
+def metrics_device() -> str:
+    """Where brute-force scoring runs: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pixel_vectors(paths: Sequence[Path], size: int) -> np.ndarray:
+    """The baseline's 'embedding': grey pixels at size x size, centred and L2-normalised."""
+    rows = []
+    for path in paths:
+        grey = open_rgb(path).convert("L").resize((size, size), Image.Resampling.BILINEAR)  # upright, as embedded
+        v = np.asarray(grey, dtype=np.float32).ravel()
+        v -= v.mean()
+        rows.append(v / (np.linalg.norm(v) + 1e-8))
+    return np.stack(rows)
+
+
+# --- sanity -------------------------------------------------------------------------------
+
+
+def embedding_spread(embeddings: np.ndarray) -> float:
+    """Mean cosine distance between distinct embeddings: ~0 when a model maps everything to one point.
+
+    For unit vectors the mean of x_i . x_j over all ordered pairs is |mean x|^2, so this
+    is exact in O(N D) rather than O(N^2 D).
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    n = len(x)
+    if n < 2:
+        return math.nan
+    m = x.mean(axis=0)
+    return float(n / (n - 1) * (1.0 - m @ m))
+
+
+def sanity_metrics(embeddings: np.ndarray) -> dict[str, float]:
+    """Rows with a NaN or infinite value, and the spread of the finite rows."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    finite = np.isfinite(x).all(axis=1)
+    return {"non_finite_embeddings": float((~finite).sum()), "embedding_spread": embedding_spread(x[finite])}
+
+
+def score_vectors(
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    ks: Sequence[int],
+    prefix: str,
+    queries: Sequence[int] | np.ndarray | None = None,
+) -> dict[str, float]:
+    """Retrieval metrics under prefix; NaN for every key when an embedding is not finite."""
+    if not np.isfinite(embeddings).all():
+        return {f"{prefix}_recall_at_{k}": math.nan for k in ks} | {
+            f"{prefix}_map_at_r": math.nan,
+            f"{prefix}_r_precision": math.nan,
+        }
+    return retrieval_metrics(embeddings, labels, ks, queries=queries, device=metrics_device()).as_dict(prefix)
+
+
+def score_embedder(
+    model: Embedder, paths: Sequence[Path], labels: Sequence[str], ks: Sequence[int], batch_size: int
+) -> RetrievalMetrics:
+    """Embed the images with `model` and score leave-one-out retrieval among them."""
+    return retrieval_metrics(embed_files(model, paths, batch_size=batch_size), labels, ks, device=metrics_device())
+
+
+def score_pixels(paths: Sequence[Path], labels: Sequence[str], ks: Sequence[int], size: int) -> RetrievalMetrics:
+    """The same retrieval scored on raw pixels: what a model has to beat."""
+    return retrieval_metrics(pixel_vectors(paths, size), labels, ks)
+
+
+def score_unseen(
+    ws: Workspace,
+    unseen: Sequence[ImageRecord],
+    params: EvaluateParams,
+    candidate: Embedder,
+    champion: Embedder | None = None,
+) -> dict[str, float]:
+    """Candidate, champion (when there is one) and the pixel baseline, on the same unseen-class images.
+
+    Keys: unseen_*, champion_unseen_*, baseline_unseen_* (recall_at_K for each K, map_at_r, r_precision).
+    """
+    paths, labels = [ws.classes_dir / r.id for r in unseen], [r.cls for r in unseen]
+    ks = params.recall_at
+    metrics = score_embedder(candidate, paths, labels, ks, params.batch_size).as_dict("unseen")
+    metrics |= score_pixels(paths, labels, ks, params.baseline_image_size).as_dict("baseline_unseen")
+    if champion is not None:
+        metrics |= score_embedder(champion, paths, labels, ks, params.batch_size).as_dict("champion_unseen")
+    return metrics
+
+
+# --- few-shot episodes ---------------------------------------------------------------------
+
+
+def few_shot_key(way: int, shot: int) -> str:
+    """The metric name of an N-way K-shot task: `20way_1shot`."""
+    return f"{way}way_{shot}shot"
+
+
+def few_shot_accuracy(
+    embeddings: np.ndarray, labels: Sequence[str], *, way: int, shot: int, episodes: int, seed: int
+) -> float | None:
+    """Mean accuracy of seeded N-way K-shot episodes (Vinyals et al. 2016; Lake et al.'s one-shot task
+    at way 20, shot 1), None when fewer than `way` classes have `shot` + 1 images.
+
+    Each episode draws `way` classes, `shot` support images of each and every other image of
+    them as queries; a query is right when the nearest class mean of the (L2-normalised)
+    support embeddings, by cosine similarity, is its own class.
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    by_class: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(str(label), []).append(i)
+    eligible = sorted(c for c, rows in by_class.items() if len(rows) > shot)
+    if len(eligible) < way or episodes < 1:
+        return None
+    rng = np.random.default_rng(seed)
+    accuracies = []
+    for _ in range(episodes):
+        classes = rng.choice(len(eligible), size=way, replace=False)
+        prototypes, query_rows, truth = [], [], []
+        for j, c in enumerate(classes):
+            rows = rng.permutation(by_class[eligible[c]])
+            prototypes.append(x[rows[:shot]].mean(axis=0))
+            query_rows += rows[shot:].tolist()
+            truth += [j] * (len(rows) - shot)
+        guess = (x[query_rows] @ np.stack(prototypes).T).argmax(axis=1)
+        accuracies.append(float((guess == np.asarray(truth)).mean()))
+    return float(np.mean(accuracies))
+
+
+def few_shot_metrics(
+    embeddings: np.ndarray, labels: Sequence[str], params: EvaluateParams, prefix: str
+) -> dict[str, float]:
+    """`<prefix>_<N>way_<K>shot` for every task in params that the classes allow (NaN embeddings: NaN)."""
+    out = {}
+    for task in params.few_shot:
+        key = f"{prefix}_{few_shot_key(task.way, task.shot)}"
+        if not np.isfinite(embeddings).all():
+            out[key] = math.nan
+            continue
+        accuracy = few_shot_accuracy(
+            embeddings, labels, way=task.way, shot=task.shot, episodes=params.few_shot_episodes, seed=params.seed
+        )
+        if accuracy is not None:
+            out[key] = accuracy
+    return out
+
+
+def json_number(v: float | None) -> float | None:
+    """A metric for JSON: NaN and infinities (a model that produced NaN) become null."""
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)

@@ -1,0 +1,1 @@
+"""MLflow: runs, versions and aliases, the promotion log, and promotion (the one place the pair moves)."""

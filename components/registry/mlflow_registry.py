@@ -1,0 +1,338 @@
+"""MLflow: one run per retrain, the model logged as a standalone pyfunc and registered,
+the `champion` alias as the serving pointer, `challenger` on the newest candidate, gate
+artifacts, and model loading. All MLflow calls live here and in promotion_log.py (the
+log of `champion`'s moves). Which moves are allowed is promotion.py's business.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+import components
+from components.config import RegistryParams
+from components.data.catalog import Catalog
+from components.modeling.embedder import Embedder, save_embedder
+from components.modeling.pyfunc import ENTRY_POINT, WEIGHTS_ARTIFACT, signature
+from components.registry.promotion_log import PromotionLog
+from components.workspace import Workspace
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from mlflow.pyfunc import PyFuncModel
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"  # alias of the newest registered candidate, promoted or not
+TABLE_TAG = "index_table"  # set once the version's table is built and validated
+INDEX_VALIDATED_TAG = "index_validated"  # "true" | "false": the table build's own validation
+ANN_RECALL_TAG = "index_ann_recall"  # the table's ANN recall@10 against exact search (absent: exact search)
+SMOKE_TAG = "index_smoke_test"  # "passed" | "failed": the logged model finds its probes in its table
+SMOKE_DETAIL_TAG = "index_smoke_test_detail"
+ARRIVALS_TAG = "arrivals"
+VERDICT_TAG = "gate_verdict"  # "promote" | "reject"
+DATA_VERSION_TAG = "data_version"
+GIT_COMMIT_TAG = "git_commit"
+GATE_REPORT = "gate/report.json"  # run artifacts: the gate report (JSON, markdown) and the forgetting heatmap
+GATE_MARKDOWN = "gate/report.md"
+GATE_HEATMAP = "gate/forgetting.png"
+STATE_ARTIFACT = "continual"  # the run artifact folder holding the continual-learning state
+
+# What the logged model needs to run on its own (the versions mnemo is tested with).
+MODEL_REQUIREMENTS = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "mlflow==3.17.2",
+    "numpy==2.4.6",
+    "pandas==3.1.1",
+    "pillow==13.0.0",
+    "pydantic==2.14.3",
+    "PyYAML==6.0.3",
+]
+
+
+@contextmanager
+def _fluent_uris(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at `uri` for one call only.
+
+    mlflow.set_tracking_uri is process-wide and exports MLFLOW_TRACKING_URI to the
+    environment; left in place it would silently redirect every later workspace.
+    """
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        # None puts MLflow back on its default; its stubs only name str.
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # type: ignore[arg-type]  # None resets
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]  # None resets
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    name: str
+    version: str
+    run_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def table(self) -> str | None:
+        return self.tags.get(TABLE_TAG)
+
+    @property
+    def arrivals(self) -> list[str]:
+        return sorted(json.loads(self.tags.get(ARRIVALS_TAG, "[]")))
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def data_version(ws: Workspace) -> str:
+    """The catalog's content hash, chained over its arrival manifests (which pin every stored image
+    by its content-hash name): the data a model saw, without reading the catalog; "none" before any ingest."""
+    return Catalog.load(ws.catalog).version()
+
+
+def git_commit() -> tuple[str, bool] | None:
+    """(commit, dirty) of the git checkout holding this code; None outside one."""
+    root = Path(components.__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha.stdout.strip(), bool(dirty.stdout.strip())
+
+
+class ModelRegistry:
+    def __init__(self, ws: Workspace, params: RegistryParams) -> None:
+        self.ws = ws
+        self.name = params.model_name
+        self.experiment = params.experiment
+        self.client = MlflowClient(tracking_uri=ws.tracking_uri, registry_uri=ws.tracking_uri)
+        self.log = PromotionLog(
+            self.client,
+            self.name,
+            f"{self.experiment}-promotions",
+            self._experiment_id,
+            champion=lambda: self.aliases().get(CHAMPION),
+        )
+
+    def _experiment_id(self, name: str | None = None) -> str:
+        """The id of experiment `name` (default: the retrain runs' experiment), created when missing."""
+        name = name or self.experiment
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        # A local store keeps artifacts in the workspace; a server decides for itself.
+        local = self.ws.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.ws.tracking_uri
+        location = self.ws.artifact_root.as_uri() if local else None
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def log_candidate(
+        self,
+        model: Embedder,
+        *,
+        params: dict[str, object],
+        metrics: dict[str, float],
+        epoch_metrics: dict[str, list[float]],
+        arrivals: list[str],
+        tags: dict[str, str] | None = None,
+        run_name: str | None = None,
+        state_dir: Path | None = None,
+    ) -> ModelVersionInfo:
+        """One MLflow run: params, metrics, the standalone pyfunc model, registered as a new version.
+
+        `state_dir` (the continual-learning state: replay memory, loss proxies) is logged
+        as the run's `continual/` artifacts, for the next retrain to restore.
+        """
+        with (
+            _fluent_uris(self.ws.tracking_uri),
+            mlflow.start_run(experiment_id=self._experiment_id(), run_name=run_name),
+        ):
+            mlflow.log_params(params)
+            mlflow.set_tags(self._lineage_tags())
+            if state_dir is not None:
+                mlflow.log_artifacts(str(state_dir), artifact_path=STATE_ARTIFACT)
+            for key, values in epoch_metrics.items():
+                for step, value in enumerate(values):
+                    mlflow.log_metric(key, value, step=step)
+            mlflow.log_metrics(metrics)
+            with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+                # The signature is explicit; MLflow's nudge towards an input example is noise here.
+                warnings.filterwarnings("ignore", message=".*An input example was not provided")
+                weights = Path(tmp) / "embedder.pt"
+                save_embedder(model, weights)
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(ENTRY_POINT),
+                    artifacts={WEIGHTS_ARTIFACT: str(weights)},
+                    code_paths=[str(Path(components.__file__).parent)],
+                    signature=signature(model.embedding_dim),
+                    pip_requirements=MODEL_REQUIREMENTS,
+                    registered_model_name=self.name,
+                )
+        version = str(info.registered_model_version)
+        version_tags = {ARRIVALS_TAG: json.dumps(sorted(arrivals), ensure_ascii=False), **(tags or {})}
+        for key, tag in version_tags.items():
+            self.client.set_model_version_tag(self.name, version, key, tag)
+        self.set_alias(CHALLENGER, version)
+        return self.get(version)
+
+    def _lineage_tags(self) -> dict[str, str]:
+        """What a run was made from: the data version and the code's git commit."""
+        tags = {DATA_VERSION_TAG: data_version(self.ws)}
+        commit = git_commit()
+        if commit is not None:
+            tags |= {
+                GIT_COMMIT_TAG: commit[0],
+                "git_dirty": str(commit[1]).lower(),
+                "mlflow.source.git.commit": commit[0],
+            }
+        return tags
+
+    def get(self, version: str, *, with_metrics: bool = True) -> ModelVersionInfo:
+        """The version, its tags and (unless with_metrics is False: one call fewer) its run's metrics."""
+        mv = self.client.get_model_version(self.name, str(version))
+        return self._info(mv, with_metrics=with_metrics)
+
+    def _info(self, mv: ModelVersion, *, with_metrics: bool = True) -> ModelVersionInfo:
+        metrics = self.client.get_run(mv.run_id).data.metrics if mv.run_id and with_metrics else {}
+        return ModelVersionInfo(
+            name=self.name, version=str(mv.version), run_id=mv.run_id or "", tags=dict(mv.tags), metrics=dict(metrics)
+        )
+
+    def set_tag(self, version: str, key: str, value: str) -> None:
+        self.client.set_model_version_tag(self.name, str(version), key, value)
+
+    def _by_alias(self, alias: str) -> ModelVersionInfo | None:
+        # Read from the registered model: a missing alias is then None on every store, where
+        # get_model_version_by_alias raises with store-dependent error codes.
+        version = self.aliases().get(alias)
+        return self.get(version) if version is not None else None
+
+    def aliases(self) -> dict[str, str]:
+        """{alias: version} of the registered model (empty before its first version)."""
+        try:
+            aliases = self.client.get_registered_model(self.name).aliases
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return {}
+            raise
+        return {alias: str(version) for alias, version in aliases.items()}  # some stores answer ints
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, alias, str(version))
+
+    def champion(self) -> ModelVersionInfo | None:
+        """The serving version."""
+        return self._by_alias(CHAMPION)
+
+    def challenger(self) -> ModelVersionInfo | None:
+        """The newest registered candidate, whatever its verdict."""
+        return self._by_alias(CHALLENGER)
+
+    def latest(self, *, gated: bool = False) -> ModelVersionInfo | None:
+        """The newest registered version, promoted or not; with `gated`, the newest the gate ruled on
+        (a retrain killed between registering and its verdict leaves a version without one)."""
+        versions = [
+            mv
+            for mv in self.client.search_model_versions(f"name = '{self.name}'")
+            if not gated or VERDICT_TAG in mv.tags
+        ]
+        return self._info(max(versions, key=lambda mv: int(mv.version))) if versions else None
+
+    def record_index(
+        self, version: str, table: str, *, validated: bool = True, ann_recall: float | None = None
+    ) -> None:
+        """Record the version's table once built, whether it passed the build's validation, and its ANN recall."""
+        self.set_tag(version, TABLE_TAG, table)
+        self.set_tag(version, INDEX_VALIDATED_TAG, str(validated).lower())
+        if ann_recall is not None:
+            self.set_tag(version, ANN_RECALL_TAG, f"{ann_recall:.4f}")
+
+    def record_smoke_test(self, version: str, passed: bool, detail: str) -> None:
+        """Record the index smoke test: a failed one bars the version from `champion`, --force or not."""
+        self.set_tag(version, SMOKE_TAG, "passed" if passed else "failed")
+        self.set_tag(version, SMOKE_DETAIL_TAG, detail[:5000])
+
+    def log_gate(self, version: str, report: dict, markdown: str, heatmap: Figure | None = None) -> None:
+        """The gate report (JSON + markdown) and the forgetting heatmap on the version's run; the verdict as a tag."""
+        run_id = self.get(version).run_id
+        self.client.log_dict(run_id, report, GATE_REPORT)
+        self.client.log_text(run_id, markdown, GATE_MARKDOWN)
+        if heatmap is not None:
+            self.client.log_figure(run_id, heatmap, GATE_HEATMAP, save_kwargs={"dpi": 120})
+        self.set_tag(version, VERDICT_TAG, report["verdict"])
+
+    def gate_report(self, version: str) -> dict | None:
+        """The gate report logged for a version; None when it has none."""
+        data = self._artifact(version, GATE_REPORT)
+        return None if data is None else json.loads(data)
+
+    def gate_heatmap(self, version: str) -> bytes | None:
+        """The forgetting heatmap (PNG) logged with a version's gate report; None when it has none."""
+        return self._artifact(version, GATE_HEATMAP)
+
+    def _artifact(self, version: str, path: str) -> bytes | None:
+        """One file logged on the version's run, or None when the run has no such file."""
+        run_id = self.get(version).run_id
+        if not any(f.path == path for f in self.client.list_artifacts(run_id, path.rsplit("/", 1)[0])):
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return Path(self.client.download_artifacts(run_id, path, tmp)).read_bytes()
+
+    def served_history(self) -> list[tuple[str, dict[str, float]]]:
+        """(version, run metrics) of every version that was ever champion, oldest version first."""
+        served = {e.to_version for e in self.log.entries()}
+        champion = self.champion()
+        if champion is not None:
+            served.add(champion.version)
+        rows = []
+        for version in sorted(served, key=int):
+            try:
+                rows.append((version, self.get(version).metrics))
+            except MlflowException:  # a version deleted from the registry since
+                continue
+        return rows
+
+    def load_embedder(self, version: str) -> Embedder:
+        return self.load_pyfunc(version).unwrap_python_model().embedder
+
+    def download_state(self, version: str, dst: Path) -> Path | None:
+        """The version's continual-learning state, downloaded into dst; None when it has none."""
+        run_id = self.get(version).run_id
+        if not any(f.path == STATE_ARTIFACT for f in self.client.list_artifacts(run_id)):
+            return None
+        return Path(self.client.download_artifacts(run_id, STATE_ARTIFACT, str(dst)))
+
+    def load_pyfunc(self, version: str) -> PyFuncModel:
+        """The logged model exactly as an outside user would load it."""
+        with _fluent_uris(self.ws.tracking_uri):
+            return mlflow.pyfunc.load_model(f"models:/{self.name}/{version}")

@@ -1,0 +1,234 @@
+"""The live pair: the champion's model and its table, resolved together and swapped as one.
+
+Readers call `LiveIndex.current()` once per request and use that pair throughout, so a
+promotion or rollback landing mid-request never mixes one version's model with another's
+table. A swap replaces the pair in one assignment; whoever still holds the previous pair
+finishes on it (its table is among the retained ones, see index.cleanup_tables).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+from PIL import Image
+
+from components.config import IndexParams, RegistryParams, Runtime, ServeParams
+from components.modeling.embedder import Embedder
+from components.modeling.runtime import Forward, make_forward
+from components.registry.mlflow_registry import CHALLENGER, CHAMPION, ModelRegistry
+from components.vectors.graph import ServingGraph
+from components.vectors.search import AsyncLoop, Hit, TableReader
+from components.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+GRAPHS_KEPT = 2  # the serving pair's graph and the one before it: ~0.8 GB per million rows each
+
+
+class NoChampionError(LookupError):
+    """No version carries the champion alias yet: there is nothing to answer with."""
+
+
+class LivePairMismatch(RuntimeError):
+    """The champion's table was written by another version's model; serving it would mix embeddings."""
+
+
+@dataclass(frozen=True)
+class LivePair:
+    """One champion version, its model and its opened table: everything a query needs, immutable."""
+
+    version: str
+    table_name: str
+    model: Embedder
+    table: TableReader
+    since: datetime  # when this reader switched to the pair (UTC)
+    forward: Forward  # the model's forward as serve.runtime runs it (ONNX Runtime or PyTorch)
+    graph: ServingGraph | None = None  # the table's rows in memory (serve.search: graph); None: LanceDB searches
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.forward(images)
+
+    def query(self, images: Sequence[Image.Image], k: int) -> list[list[Hit]]:
+        """The k nearest stored images for each RGB image, by this pair's model in this pair's table."""
+        return self.nearest(self.embed(images), k)
+
+    def nearest(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """The k nearest stored images for each vector, in this pair's graph or table."""
+        return self.graph.search(vectors, k) if self.graph is not None else self.table.search(vectors, k)
+
+    async def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """`nearest`, awaitable from any event loop: the graph answers in well under a millisecond,
+        on the caller's loop; the table is searched on its own loop."""
+        if self.graph is not None:
+            return self.graph.search(vectors, k)
+        return await self.table.search_async(vectors, k)
+
+    def rows(self) -> int:
+        return self.table.count_rows()
+
+
+class LiveIndex:
+    """Holds the current LivePair; re-resolves the champion alias on demand or every `refresh_seconds`.
+
+    Loaded models and opened tables are cached per version, so swapping back (a rollback)
+    costs an alias lookup, not a model load; the background refresh also loads the
+    challenger's model ahead of its promotion.
+
+    With `graph` (serve params whose `search` is graph), every pair carries a ServingGraph of
+    its table, built before the pair goes live (the previous pair answers meanwhile); each
+    refresh adds the rows hot adds appended, so they are found within refresh_seconds, as
+    LanceDB's reader finds them. The serving graph and the one before it (the likely rollback
+    target) stay in memory; a challenger's graph is not built ahead (memory: one more graph).
+    """
+
+    def __init__(
+        self,
+        ws: Workspace,
+        registry: RegistryParams,
+        index: IndexParams,
+        *,
+        refresh_seconds: float,
+        runtime: Runtime = "torch",
+        graph: ServeParams | None = None,
+    ) -> None:
+        self.ws = ws
+        self.index = index
+        self.refresh_seconds = refresh_seconds
+        self.runtime = runtime
+        self._graph_params = graph if graph is not None and graph.search == "graph" else None
+        self._graphs: OrderedDict[str, ServingGraph] = OrderedDict()
+        self._registry = ModelRegistry(ws, registry)
+        self._loop: AsyncLoop | None = None
+        self._pair: LivePair | None = None
+        self._models: OrderedDict[str, Forward] = OrderedDict()
+        self._tables: dict[str, TableReader] = {}
+        self._aliases: dict[str, str] = {}
+        self._resolving = threading.Lock()  # one resolver at a time; readers never wait on it
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return self._registry
+
+    @property
+    def pair(self) -> LivePair | None:
+        """The pair readers get now, without resolving anything (None before the first champion)."""
+        return self._pair
+
+    def current(self) -> LivePair:
+        """The pair to answer one request with; resolved first when there is none yet."""
+        pair = self._pair or self.refresh()
+        if pair is None:
+            raise NoChampionError(f"no champion model in {self.ws.masked_tracking_uri}; run `mnemo retrain` first")
+        return pair
+
+    def refresh(self) -> LivePair | None:
+        """Resolve champion -> version -> table now; swap in a new pair when the alias moved."""
+        with self._resolving:
+            # One cheap call while nothing moved (this runs every refresh_seconds in every replica).
+            self._aliases = self._registry.aliases()
+            version = self._aliases.get(CHAMPION)
+            current = self._pair
+            if version is None:
+                return current  # an alias never removed in normal operation: keep answering
+            if current is not None and current.version == version:
+                if current.graph is not None:
+                    current.graph.catch_up()  # rows hot adds appended since the last refresh
+                return current  # a version's table is named after it: nothing else can have moved
+            champion = self._registry.get(version, with_metrics=False)
+            if not champion.table:
+                return current
+            if current is not None and (current.version, current.table_name) == (champion.version, champion.table):
+                return current
+            table = self._table(champion.table)
+            if table.written_by() not in (None, champion.version):
+                raise LivePairMismatch(
+                    f"champion v{champion.version} points at table {champion.table}, "
+                    f"written by model version {table.written_by()}"
+                )
+            forward = self._model(champion.version)
+            pair = LivePair(
+                version=champion.version,
+                table_name=champion.table,
+                model=forward.model,
+                table=table,
+                since=datetime.now(UTC),
+                forward=forward,
+                graph=self._graph(champion.table),
+            )
+            self._pair = pair  # the swap: one assignment; in-flight readers keep the pair they hold
+            log.info("live pair: v%s with table %s", pair.version, pair.table_name)
+            return pair
+
+    def _model(self, version: str) -> Forward:
+        """The version's model, loaded once and ready to run as serve.runtime says."""
+        if version in self._models:
+            self._models.move_to_end(version)
+        else:
+            model = self._registry.load_embedder(version).eval()
+            self._models[version] = make_forward(model, self.runtime, version=version)
+            while len(self._models) > self.index.keep_tables:  # rollback targets, no more
+                self._models.popitem(last=False)
+        return self._models[version]
+
+    def _graph(self, table: str) -> ServingGraph | None:
+        """The table's serving graph, caught up with its rows (built on first use); None without graphs."""
+        if self._graph_params is None:
+            return None
+        if table in self._graphs:
+            self._graphs.move_to_end(table)
+            self._graphs[table].catch_up()
+        else:
+            self._graphs[table] = ServingGraph.build(self.ws, table, self._graph_params, self.index)
+            while len(self._graphs) > GRAPHS_KEPT:
+                self._graphs.popitem(last=False)
+        return self._graphs[table]
+
+    def _table(self, name: str) -> TableReader:
+        if name not in self._tables:
+            if self._loop is None:
+                self._loop = AsyncLoop()
+            # hot adds by other processes become visible within refresh_seconds
+            self._tables[name] = TableReader.open(
+                self.ws, name, self._loop, self.index, refresh_seconds=self.refresh_seconds
+            )
+        return self._tables[name]
+
+    def start(self) -> None:
+        """Refresh in a background thread every refresh_seconds until stop()."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._refresh_forever, name="mnemo-live-refresh", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, self.refresh_seconds))
+            self._thread = None
+
+    def warm(self) -> None:
+        """Load the challenger's model ahead of its promotion, so the swap to it costs no model load."""
+        challenger = self._aliases.get(CHALLENGER)
+        if challenger is None or challenger in self._models:
+            return
+        with self._resolving:
+            self._model(challenger)
+            if self._pair is not None and self._pair.version in self._models:  # the serving one stays newest
+                self._models.move_to_end(self._pair.version)
+
+    def _refresh_forever(self) -> None:
+        while not self._stop.wait(self.refresh_seconds):
+            try:
+                self.refresh()
+                self.warm()
+            except Exception:  # the registry or the store may be briefly away: keep the pair, retry
+                log.exception("live pair refresh failed; still serving v%s", getattr(self._pair, "version", None))

@@ -1,0 +1,154 @@
+"""The service's web page: what the model sees, for people. Read-only; same process, same live pair.
+
+    GET /                    the page (static HTML + a little JavaScript, no data in it)
+    GET /status              champion and challenger, the last gate verdict, the promotion log
+    GET /status/heatmap.png  the forgetting heatmap of the champion's gate report
+    GET /images/{id}         a thumbnail of a stored image: only ids present in the live table
+    GET /classes             every class with its role (trained | unseen), arrival and image count
+    GET /classes/{name}      a sample of one class's stored images
+    GET /random              a random stored image of the live table and its nearest neighbours
+
+A thumbnail is looked up by id in the live table first and read from the workspace's class
+folder only then, so nothing a client sends ever becomes a path (../ and absolute ids find
+no row and get a 404).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime.
+import io
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from components.config import IngestParams
+from components.data.catalog import Catalog
+from components.data.transforms import open_rgb
+from components.serving.live import LiveIndex, LivePair
+from components.status import workspace_status
+from components.vectors.search import Hit
+
+PAGE = Path(__file__).with_name("static") / "page.html"
+THUMBNAIL_PIXELS = 160  # the longer side; the page shows them at 96 px (sharp on 1.5x screens)
+SAMPLE = 12  # images shown per class
+
+
+ERRORS = {
+    400: "an upload is not an image mnemo accepts (the detail names the file and the reason)",
+    413: "over a limit: body bytes, images per request, pixels per image or per request",
+    404: "no such stored image, class or heatmap (the detail says which)",
+    503: "no champion model yet: nothing to answer with",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error answers an endpoint gives: {"detail": "..."} (503 on /health: a status)."""
+    detail = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
+    health = {"type": "object", "properties": {"status": {"type": "string"}, "model_version": {"type": "null"}}}
+    return {
+        code: {
+            "description": ERRORS[code],
+            "content": {"application/json": {"schema": {"anyOf": [detail, health]} if code == 503 else detail}},
+        }
+        for code in codes
+    }
+
+
+def add_page(app: FastAPI, live: LiveIndex, current: Callable[[], LivePair], ingest: IngestParams, max_k: int) -> None:
+    """The page and its read-only endpoints, on the service's app; `current` is the service's own
+    "the pair to answer with, or a 503"."""
+    page = PAGE.read_text()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    @app.get("/status")
+    def status() -> JSONResponse:
+        """Where things stand: champion and challenger (version, table, rows, metrics), the last
+        gate report (verdict and reasons), the promotion log (newest last), the catalog's counts."""
+        return JSONResponse(workspace_status(live.ws, live.registry, ingest))
+
+    @app.get("/status/heatmap.png", responses={200: {"content": {"image/png": {}}}, **error_responses(404, 503)})
+    def heatmap() -> Response:
+        """The champion's forgetting heatmap (seen-class Recall@1 per arrival slice over versions)."""
+        pair = current()
+        png = live.registry.gate_heatmap(pair.version)
+        if png is None:
+            raise HTTPException(404, f"v{pair.version} has no forgetting heatmap (it was not promoted by a retrain)")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+
+    @app.get("/images/{image_id:path}", responses={200: {"content": {"image/png": {}}}, **error_responses(404, 503)})
+    def image(image_id: str) -> Response:
+        """A PNG thumbnail of a stored image, by the id queries answer with."""
+        pair = current()
+        row = pair.table.row(image_id)
+        root = live.ws.classes_dir.resolve()
+        path = (root / row["id"]) if row else None
+        # The id came from the table; still, only a regular file inside the class folder is read.
+        if path is None or path.is_symlink() or not path.resolve().is_relative_to(root) or not path.is_file():
+            raise HTTPException(404, f"no stored image {image_id!r} in the live table {pair.table_name}")
+        thumb = open_rgb(path)
+        thumb.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+        buf = io.BytesIO()
+        thumb.save(buf, format="PNG")
+        return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/classes")
+    def classes() -> JSONResponse:
+        """Every class: its role (trained | unseen | pending), the arrival that brought it, its image count."""
+        catalog = Catalog.load(live.ws.catalog)
+        counts = catalog.class_counts()
+        return JSONResponse(
+            [
+                {"class": name, "role": _role(info["split"]), "arrival": info["arrival"], "images": counts.get(name, 0)}
+                for name, info in sorted(catalog.classes.items())
+            ]
+        )
+
+    @app.get("/classes/{name:path}", responses=error_responses(404))
+    def one_class(name: str) -> JSONResponse:
+        """A sample of one class's stored images (evenly spread over them), with each image's role."""
+        catalog = Catalog.load(live.ws.catalog)
+        if name not in catalog.classes:
+            raise HTTPException(404, f"no class {name!r} in the catalog")
+        records = catalog.class_records(name)
+        step = max(1, len(records) // SAMPLE)
+        info = catalog.classes[name]
+        return JSONResponse(
+            {
+                "class": name,
+                "role": _role(info["split"]),
+                "arrival": info["arrival"],
+                "images": len(records),
+                "sample": [{"id": r.id, "role": r.role} for r in records[::step][:SAMPLE]],
+            }
+        )
+
+    @app.get("/random", responses=error_responses(404, 503))
+    def random_query(k: Annotated[int, Query(ge=1, le=max_k)] = 8) -> JSONResponse:
+        """A random stored image of the live table and its k nearest other images: the quickest look at quality."""
+        pair = current()
+        rows = pair.table.count_rows()
+        if not rows:
+            raise HTTPException(404, f"the live table {pair.table_name} is empty")
+        row = pair.table.row_at(random.randrange(rows))
+        [hits] = pair.nearest(np.asarray([row["vector"]], dtype=np.float32), k + 1)
+        neighbours: list[Hit] = [h for h in hits if h["id"] != row["id"]][:k]
+        return JSONResponse(
+            {
+                "model_version": pair.version,
+                "table": pair.table_name,
+                "query": {"id": row["id"], "class": row["class"]},
+                "results": neighbours,
+            },
+            headers={"X-Model-Version": pair.version},
+        )
+
+
+def _role(split: str) -> str:
+    """A class's role as people read it: trained on, held out as unseen, or waiting for a second image."""
+    return {"train": "trained"}.get(split, split)

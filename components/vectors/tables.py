@@ -1,0 +1,121 @@
+"""LanceDB tables: one per model version, holding every stored image's embedding.
+
+What the build (index.py) and the read path (search.py) share: the table's name and
+schema, the connection, and the marks a validated table carries in its vector field's
+metadata (when it passed validation, and which model version wrote its rows).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import lancedb
+import pyarrow as pa
+from lancedb.index import BTree
+
+from components.workspace import Workspace
+
+COLUMNS = ["id", "class", "arrival", "split"]  # split: the image's role, train | query | unseen | pending
+VECTOR = "vector"
+VALIDATED = "mnemo:validated"  # vector-field metadata: when the table passed validation (UTC)
+MODEL_VERSION = "mnemo:model_version"  # vector-field metadata: the version whose model wrote the rows
+ANN_TRAINED_ROWS = "mnemo:ann_trained_rows"  # vector-field metadata: rows when the ANN index was last trained
+ANN_EF = "mnemo:ann_ef"  # vector-field metadata: the HNSW ef the build found to meet the recall floor
+# vector-field metadata: the catalog position the table is complete up to ("seq:hash", Catalog.mark:
+# every image recorded at or before it has its row), so a hot add reads only the catalog's newer images
+CATALOG_SEQ = "mnemo:catalog_seq"
+
+
+def table_name(prefix: str, version: str | int) -> str:
+    return f"{prefix}_v{version}"
+
+
+def table_version(prefix: str, name: str) -> int | None:
+    """The model version a table name belongs to, None for a table that is not one of ours."""
+    match = re.fullmatch(rf"{re.escape(prefix)}_v(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def table_schema(dim: int) -> pa.Schema:
+    """The columns of every version table: image id, class, arrival, split, and the embedding."""
+    return pa.schema([*(pa.field(c, pa.string()) for c in COLUMNS), pa.field(VECTOR, pa.list_(pa.float32(), dim))])
+
+
+def connect(ws: Workspace, *, refresh_seconds: float | None = None) -> lancedb.DBConnection:
+    """The workspace's LanceDB; with refresh_seconds, open tables pick up other writers' versions that often."""
+    interval = None if refresh_seconds is None else timedelta(seconds=refresh_seconds)
+    return lancedb.connect(ws.lancedb_uri, read_consistency_interval=interval)
+
+
+def open_table(db: lancedb.DBConnection, ws: Workspace, table: str) -> lancedb.table.Table:
+    try:
+        return db.open_table(table)
+    except (ValueError, FileNotFoundError):  # lancedb says ValueError for a missing table
+        raise missing_table(ws, table) from None
+
+
+def missing_table(ws: Workspace, table: str) -> FileNotFoundError:
+    return FileNotFoundError(f"index table {table} is missing from {ws.lancedb_uri}")
+
+
+def is_validated(tbl: lancedb.table.Table) -> bool:
+    return VALIDATED.encode() in (tbl.schema.field(VECTOR).metadata or {})
+
+
+def written_by(tbl: lancedb.table.Table) -> str | None:
+    """The model version recorded on a validated table (None for a table built before marks existed)."""
+    return schema_written_by(tbl.schema)
+
+
+def schema_written_by(schema: pa.Schema) -> str | None:
+    value = (schema.field(VECTOR).metadata or {}).get(MODEL_VERSION.encode())
+    return value.decode() if value is not None else None
+
+
+def vector_metadata(tbl: lancedb.table.Table, key: str) -> str | None:
+    value = (tbl.schema.field(VECTOR).metadata or {}).get(key.encode())
+    return value.decode() if value is not None else None
+
+
+def set_vector_metadata(tbl: lancedb.table.Table, key: str, value: str) -> None:
+    """Merged into the vector field's metadata (the other marks stay)."""
+    tbl.update_field_metadata({"path": VECTOR, "metadata": {key: value}})
+
+
+def vector_indices(tbl: lancedb.table.Table) -> list:
+    """The table's ANN indices on the vector column (the id column's scalar index is not one)."""
+    return [i for i in tbl.list_indices() if list(i.columns) == [VECTOR]]
+
+
+def ensure_id_index(tbl: lancedb.table.Table) -> None:
+    """A BTree index on the id column (what ids_present looks up), built once per table."""
+    if not any(list(i.columns) == ["id"] for i in tbl.list_indices()):
+        tbl.create_index("id", config=BTree())
+
+
+def ids_present(tbl: lancedb.table.Table, ids: list[str], chunk: int = 1000) -> set[str]:
+    """Which of `ids` the table holds: a lookup in its scalar index on id (rows appended since the
+    index was updated are scanned), not a read of the whole id column."""
+    found: set[str] = set()
+    for lo in range(0, len(ids), chunk):
+        quoted = ",".join("'" + i.replace("'", "''") + "'" for i in ids[lo : lo + chunk])
+        rows = tbl.search().where(f"id IN ({quoted})").select(["id"]).limit(None).to_arrow()
+        found.update(rows["id"].to_pylist())
+    return found
+
+
+def list_tables(db: lancedb.DBConnection) -> list[str]:
+    names: list[str] = []
+    token = None
+    while True:
+        page = db.list_tables(page_token=token)
+        names += page.tables
+        token = page.page_token
+        if not token:
+            return names
+
+
+def column(tbl: lancedb.table.Table, name: str) -> list[str]:
+    """Every value of one string column (ids, classes), in storage order."""
+    return tbl.search().select([name]).limit(None).to_arrow()[name].to_pylist()
