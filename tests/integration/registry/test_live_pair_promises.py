@@ -89,7 +89,8 @@ def test_a_second_writer_is_refused_naming_the_first(live_ws, params, params_fil
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from components.config import load_params, resolve_workspace\n"
+            "from components.config import load_params\n"
+            "from components.workspace import resolve_workspace\n"
             "from components.ops.writer_lock import writer_lock\n"
             "ws = resolve_workspace(load_params(sys.argv[1]), sys.argv[2])\n"
             "with writer_lock(ws, 'a test holding the workspace'):\n"
