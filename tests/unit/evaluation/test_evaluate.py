@@ -209,16 +209,20 @@ def test_few_shot_accuracy_matches_brute_force_and_says_when_it_cannot_run():
 
 
 def test_gate_never_promotes_a_model_that_loses_to_raw_pixels(repo_params):
-    gate = repo_params.gate
+    gate = repo_params.gate.model_copy(update={"min_margin_over_pixels": 0.0})
     worse = HEALTHY | {"baseline_unseen_recall_at_1": 0.55}
     first = decide(worse, None, gate)  # the first model is held to it too
     assert not first.promote
     assert first.failed == ["unseen Recall@1 0.5000 does not beat raw pixels (0.5500) by more than 0.0000"]
     assert not decide(HEALTHY | {"baseline_unseen_recall_at_1": 0.5}, None, gate).promote  # a tie is not a win
     assert decide(HEALTHY, None, gate).promote
-    assert not decide(HEALTHY, None, gate.model_copy(update={"min_margin_over_pixels": 0.35})).promote
-    off = gate.model_copy(update={"min_margin_over_pixels": -1.0})
-    assert decide(worse, None, off).promote
+    # The margin is the gate's own setting: a wider one refuses the same model, a negative one lets a loser through.
+    margin = gate.model_copy(update={"min_margin_over_pixels": 0.35})
+    assert decide(HEALTHY, None, margin).failed == [
+        "unseen Recall@1 0.5000 does not beat raw pixels (0.2000) by more than 0.3500",
+        "unseen MAP@R 0.3000 does not beat raw pixels (0.1000) by more than 0.3500",
+    ]
+    assert decide(worse, None, gate.model_copy(update={"min_margin_over_pixels": -1.0})).promote
     assert not decide({k: v for k, v in HEALTHY.items() if not k.startswith("baseline_")}, None, gate).promote
 
 

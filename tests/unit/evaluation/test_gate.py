@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from components.evaluation.forgetting import (
     ForgettingMatrix,
@@ -150,12 +151,23 @@ def test_report_puts_metrics_side_by_side_with_deltas(gate):
     assert all(f"- {r}" in md for r in decision.reasons)
 
 
-def test_heatmap_renders_a_png():
+def test_heatmap_shows_every_version_and_slice_with_its_value():
     matrix = ForgettingMatrix(["1", "2", "candidate"], ["a", "b"], np.array([[0.9, np.nan], [0.8, 0.7], [0.85, 0.75]]))
-    for m in (matrix, ForgettingMatrix(["candidate"], [], np.zeros((1, 0)))):
-        buf = io.BytesIO()
-        forgetting_heatmap(m).savefig(buf, format="png")
-        assert buf.getvalue().startswith(b"\x89PNG")
+    fig = forgetting_heatmap(matrix)
+    ax = fig.axes[0]
+    drawn = ax.images[0].get_array()
+    assert drawn.shape == (3, 2) and drawn.mask[0, 1]  # a slice a version never saw is blank, not 0
+    np.testing.assert_allclose(drawn.filled(np.nan), matrix.values)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["v1", "v2", "candidate"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+    assert sorted(t.get_text() for t in ax.texts) == ["0.70", "0.75", "0.80", "0.85", "0.90"]
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    with Image.open(buf) as png:  # a real image of the figure's size, not an empty canvas
+        assert png.size == tuple(int(x) for x in fig.get_size_inches() * fig.dpi)
+        assert len(png.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 20
+    empty = forgetting_heatmap(ForgettingMatrix(["candidate"], [], np.zeros((1, 0))))
+    assert [t.get_text() for t in empty.axes[0].texts] == ["no seen-class slice scored yet"]
 
 
 def entry(kind, frm, to):
