@@ -64,7 +64,7 @@ lint: setup
 # Real servers (tests/e2e): prefect server on SQLite and on PostgreSQL, mlflow server on PostgreSQL,
 # and LanceDB + MLflow artifacts on S3 (moto's S3 server on 127.0.0.1, from the dev extra). Needs
 # PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth; the PostgreSQL and S3 tests skip without
-# it). 17-22 minutes on a busy 2-core machine, so CI's `make test` leaves them out.
+# it; under CI they fail instead). .ci/run runs them after `make test`.
 test-e2e: setup
 	$(BIN)/python -m pytest -m e2e tests/e2e
 

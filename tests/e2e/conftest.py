@@ -102,7 +102,10 @@ def postgres_database() -> Iterator[str]:
     try:
         psql(f"CREATE DATABASE {name}")
     except psycopg2.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {PG_HOST}:{PG_PORT} (user {PG_USER}, trust auth): {exc}".strip())
+        missing = f"no PostgreSQL at {PG_HOST}:{PG_PORT} (user {PG_USER}, trust auth): {exc}".strip()
+        if os.environ.get("CI"):  # CI's machines all run PostgreSQL: a skip there would hide a rotting suite
+            pytest.fail(missing)
+        pytest.skip(missing)
     try:
         yield name
     finally:
