@@ -1,14 +1,17 @@
 """The workspace: where one mnemo installation keeps its state, the URIs that point parts of it
-at servers, and the masking of the secrets those URIs carry."""
+at servers, the masking of the secrets those URIs carry, and mnemo's environment settings
+(`Settings`, the one reader of the MNEMO_* variables)."""
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
     from components.config import Params
@@ -65,6 +68,31 @@ class Workspace:
         return self.root / "dvc"
 
 
+class Settings(BaseSettings):
+    """What the environment says, read when asked (never at import), in one place.
+
+    Secrets (the API key) stay `SecretStr`: printing the settings shows `**********`. An empty
+    variable counts as unset.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MNEMO_", env_ignore_empty=True, extra="ignore", frozen=True)
+
+    workspace: Path | None = None  # the state directory (else params paths.workspace)
+    lancedb_uri: str | None = None  # a LanceDB URI (s3://...) instead of <workspace>/lancedb
+    tracking_uri: str | None = Field(default=None, validation_alias="MLFLOW_TRACKING_URI")
+    actor: str | None = None  # who acts, for the promotion log (else the login name)
+    api_key: SecretStr | None = None  # the service's bearer key; never in params.yaml
+    dask_address: str | None = None  # a Dask scheduler for re-index (else a LocalCluster)
+    writer_limit: str | None = None  # a Prefect global concurrency limit every writer also holds
+    failpoint: str | None = None  # tests only: the failpoint at which the process kills itself
+    serve_params: Path | None = None  # set by `mnemo serve` for its worker processes
+
+
+def settings() -> Settings:
+    """The environment's settings as they are now."""
+    return Settings()
+
+
 _SECRET_QUERY_KEYS = re.compile(
     r"(?i)^(password|passwd|pwd|secret|token|access_?key|secret_?key|sig|signature|api_?key)$"
 )
@@ -110,8 +138,9 @@ def resolve_workspace(params: Params, override: Path | str | None = None) -> Wor
     LanceDB URI takes its endpoint, region and credentials from the standard AWS_* variables,
     which LanceDB reads itself (README, "Object storage (S3)").
     """
-    root = Path(override or os.environ.get("MNEMO_WORKSPACE") or params.paths.workspace)
+    env = settings()
+    root = Path(override or env.workspace or params.paths.workspace)
     root = root.expanduser().resolve()
-    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-    lance = os.environ.get("MNEMO_LANCEDB_URI") or str(root / "lancedb")
+    tracking = env.tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+    lance = env.lancedb_uri or str(root / "lancedb")
     return Workspace(root=root, tracking_uri=tracking, lancedb_uri=lance)

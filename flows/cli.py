@@ -20,7 +20,7 @@ from rich.console import Console, RenderableType
 from rich.table import Table
 
 from components.config import ConfigError, Params, load_params
-from components.workspace import Workspace, redact, resolve_workspace
+from components.workspace import Workspace, redact, resolve_workspace, settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -51,15 +51,14 @@ WorkspaceOpt = Annotated[
     typer.Option(
         "--workspace",
         "-w",
-        envvar="MNEMO_WORKSPACE",
-        help="State directory (default: params paths.workspace, ./workspace).",
+        help="State directory (default: $MNEMO_WORKSPACE, else params paths.workspace, ./workspace).",
     ),
 ]
 ParamsOpt = Annotated[Path, typer.Option("--params", envvar="MNEMO_PARAMS", help="The params.yaml to use.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 ActorOpt = Annotated[
     str | None,
-    typer.Option("--actor", envvar="MNEMO_ACTOR", help="Who acts, for the promotion log (default: your login name)."),
+    typer.Option("--actor", help="Who acts, for the promotion log (default: $MNEMO_ACTOR, else your login name)."),
 ]
 ReasonOpt = Annotated[str, typer.Option("--reason", help="Why, for the promotion log.")]
 
@@ -402,7 +401,7 @@ def serve(
     p, ws = _setup(params, workspace)
     import uvicorn
 
-    if os.environ.get("MNEMO_API_KEY"):
+    if settings().api_key:
         err.print("MNEMO_API_KEY is set: every endpoint but /health needs `Authorization: Bearer <key>`")
     else:
         err.print(
@@ -425,7 +424,10 @@ def service_app() -> FastAPI:
     from components.serving.app import create_app
     from components.serving.live import LiveIndex
 
-    p, ws = _setup(Path(os.environ[SERVE_PARAMS_ENV]), None)
+    env = settings()
+    if env.serve_params is None:
+        raise RuntimeError(f"{SERVE_PARAMS_ENV} is not set: service_app is started by `mnemo serve`")
+    p, ws = _setup(env.serve_params, None)
     live = LiveIndex(
         ws,
         p.registry,
@@ -435,7 +437,8 @@ def service_app() -> FastAPI:
         graph=p.serve,
     )
     # The key comes from the environment only: never from params.yaml, never logged.
-    return create_app(live, p.serve, p.ingest, api_key=os.environ.get("MNEMO_API_KEY") or None)
+    key = env.api_key.get_secret_value() if env.api_key else None
+    return create_app(live, p.serve, p.ingest, api_key=key)
 
 
 @app.command()

@@ -27,12 +27,12 @@ from components.data.catalog import Catalog, ImageRecord
 from components.modeling.embedder import Embedder, pick_device
 from components.ops.failpoints import failpoint
 from components.vectors.build import RowWriter, commit_shards, discard_uncommitted, write_shard
-from components.workspace import Workspace
+from components.workspace import Workspace, settings
 
 
 def dask_address() -> str | None:
     """The Dask scheduler to re-index on (tcp://host:8786), from the environment; None: a LocalCluster."""
-    return os.environ.get("MNEMO_DASK_ADDRESS") or None
+    return settings().dask_address
 
 
 @task(name="embed-shard", cache_policy=NO_CACHE)

@@ -9,23 +9,20 @@ flows then also hold a slot of it, so writers on different machines take turns t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prefect.concurrency.sync import concurrency
 
 from components.ops.writer_lock import writer_lock
-from components.workspace import Workspace
-
-LIMIT_ENV = "MNEMO_WRITER_LIMIT"
+from components.workspace import Workspace, settings
 
 
 @contextmanager
 def workspace_writer(ws: Workspace, what: str) -> Iterator[None]:
     """Hold the workspace for one writer: the file lock, and the global concurrency limit when one is named."""
     with writer_lock(ws, what):
-        name = os.environ.get(LIMIT_ENV)
+        name = settings().writer_limit
         if not name:
             yield
             return

@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import signal
 
-ENV = "MNEMO_FAILPOINT"
+from components.workspace import settings
+
+ENV = "MNEMO_FAILPOINT"  # what tests set (Settings.failpoint)
 
 
 def failpoint(name: str) -> None:
     """Die here, at once and without clean-up, when MNEMO_FAILPOINT is `name`; otherwise nothing."""
-    if os.environ.get(ENV) == name:
+    if settings().failpoint == name:
         os.kill(os.getpid(), signal.SIGKILL)

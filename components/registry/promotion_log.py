@@ -15,7 +15,6 @@ champion is a move that never happened: readers skip it, the next move marks it 
 from __future__ import annotations
 
 import getpass
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param, Run, RunStatus
 
 from components.ops.failpoints import failpoint
+from components.workspace import settings
 
 MoveKind = Literal["promote", "rollback"]
 
@@ -57,7 +57,7 @@ class PromotionEntry:
 def default_actor() -> str:
     """Who is moving the alias: $MNEMO_ACTOR, else the login name."""
     try:
-        return os.environ.get("MNEMO_ACTOR") or getpass.getuser()
+        return settings().actor or getpass.getuser()
     except (OSError, KeyError):  # no login name in some containers
         return "unknown"
 

@@ -86,3 +86,18 @@ def test_a_gated_few_shot_task_must_be_measured():
     with pytest.raises(ConfigError, match=r"gate.min_unseen_few_shot names \['10way_1shot'\]"):
         with_overrides(params, {"gate.min_unseen_few_shot": {"10way_1shot": 0.5}})
     assert with_overrides(params, {"gate.min_unseen_few_shot": {"20way_1shot": 0.5}}).gate.min_unseen_few_shot
+
+
+def test_the_environment_is_read_in_one_place_and_its_key_never_shown(repo_params, tmp_path, monkeypatch):
+    from components.workspace import resolve_workspace, settings
+
+    monkeypatch.setenv("MNEMO_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setenv("MNEMO_API_KEY", "s3cr3t-key")
+    monkeypatch.setenv("MNEMO_DASK_ADDRESS", "")  # empty counts as unset
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://u:pw@db/mlflow")
+    env = settings()
+    assert env.dask_address is None and env.api_key is not None
+    assert "s3cr3t-key" not in repr(env) and "s3cr3t-key" not in str(env.model_dump())
+    ws = resolve_workspace(repo_params)
+    assert ws.root == (tmp_path / "ws").resolve() and ws.tracking_uri == "postgresql://u:pw@db/mlflow"
+    assert resolve_workspace(repo_params, tmp_path / "other").root == (tmp_path / "other").resolve()  # --workspace wins

@@ -69,6 +69,12 @@ def project_env_names() -> set[str]:
     pattern = re.compile(r"""(?:environ\.get\(|environ\[|getenv\(|envvar=)\s*["']([A-Z][A-Z0-9_]+)["']""")
     for path in [*REPO.glob("components/**/*.py"), *REPO.glob("flows/**/*.py")]:
         names |= set(pattern.findall(path.read_text()))
+    from components.workspace import Settings  # the one reader of MNEMO_* (pydantic-settings)
+
+    prefix = Settings.model_config.get("env_prefix", "")
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names.add(alias.upper() if isinstance(alias, str) else (prefix + name).upper())
     return names
 
 
