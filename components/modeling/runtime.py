@@ -38,12 +38,6 @@ from components.data.transforms import eval_transform
 from components.modeling.embedder import Embedder, embed_images
 
 log = logging.getLogger(__name__)
-# The TorchScript exporter announces its deprecation on every export, i.e. on every model a
-# replica loads; filters set once here, not around each export (warning filters are process-wide).
-warnings.filterwarnings(
-    "ignore", message="You are using the legacy TorchScript-based ONNX export", category=DeprecationWarning
-)
-warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
 
 EXPORT_TOLERANCE = 1e-4  # unit vectors: a coordinate this far off moves a cosine distance by about as much
 INPUT, OUTPUT = "images", "embeddings"
@@ -104,7 +98,13 @@ def export_onnx(model: Embedder) -> bytes:
     """The eval-mode module as an ONNX graph with a variable batch size."""
     model = model.eval()
     example = torch.zeros(1, 3, model.image_size, model.image_size)
-    with tempfile.TemporaryDirectory(prefix="mnemo-onnx-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mnemo-onnx-") as tmp, warnings.catch_warnings():
+        # The TorchScript exporter announces its deprecation on every export, i.e. on every model a
+        # replica loads. Silenced for the export only: importing this module changes no filter.
+        # (Filters are process-wide in 3.11; a warning another thread raises meanwhile from
+        # torch.onnx is the only other one this hides.)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript", category=DeprecationWarning)
         path = Path(tmp) / "embedder.onnx"
         torch.onnx.export(
             model,
