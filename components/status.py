@@ -7,7 +7,7 @@ from typing import Any
 
 from components.config import IngestParams
 from components.data.catalog import Catalog
-from components.data.ingest import pending_arrivals
+from components.data.identity import pending_arrivals
 from components.evaluation.metrics import json_number
 from components.registry.mlflow_registry import SMOKE_TAG, VERDICT_TAG, ModelRegistry
 from components.vectors.search import table_rows
@@ -52,6 +52,7 @@ def workspace_status(ws: Workspace, registry: ModelRegistry, ingest: IngestParam
             "classes": len(catalog.classes),
             "unseen_classes": len(catalog.classes_with_split("unseen")),
             "images": len(catalog.images),
-            "pending_arrivals": [a.name for a in pending_arrivals(ws, ingest)],
+            # cached: an inbox folder is fingerprinted again only once something in it changed
+            "pending_arrivals": [a.name for a in pending_arrivals(ws, ingest, cached=True)],
         },
     }

@@ -1,1 +1,2 @@
-"""Arrivals, validation, the class registry, datasets, transforms and demo data."""
+"""Arrivals (inbox, walk, validation, identity, roles, quarantine, store), the catalog and its
+manifests, datasets, transforms and demo data."""

@@ -1,23 +1,20 @@
-"""The class registry (the catalog): which arrivals were ingested, which classes and images they
-brought, and the fixed role of every image (train, query of a trained class, or unseen class).
+"""The catalog: which arrivals were ingested, which classes and images they brought, and the
+fixed role of every image (components/data/roles.py decides them).
 
-A class that arrived with a single image can never form a positive pair: its image is
-`pending` (stored and queryable, kept out of training and evaluation) until a later
-arrival brings a second image, when the class gets its split like a new class.
+A class's split is the role its images take: `train` (a share of a train class's images are
+`query` instead), `unseen` (held out from every model) or `pending` (a single image so far:
+stored and queryable, kept out of training and evaluation until a later arrival brings a
+second one, when the class gets its split like a new class).
 
 Storage, so that an arrival costs what it brings, not what came before it:
 - data/catalog.sqlite, the queryable catalog: one row per image (indexed by id, class, role,
   content hash and an insertion sequence number), class and arrival. Ingest reads the rows it
   needs and writes the rows it changes in one transaction; a hot add asks for the images past
   the sequence number the live table is complete up to.
-- data/arrivals/NNNNNN.json, one manifest per recorded arrival: the rows that arrival added or
-  changed. Written once, never rewritten; DVC versions these with data/classes (dvc.yaml), so
-  each arrival adds one small file to DVC's cache. The SQLite file is derived from them: a
-  checkout that brings other manifests (dvc checkout, a copied workspace) has it rebuilt, and a
-  crash between the manifest and the database commit has the missing manifest applied on the
-  next open.
-- data/registry.json, the one-file catalog of earlier versions, is imported on first use as
-  manifest 000001 and kept as registry.json.migrated: nothing is lost, and it happens once.
+- data/arrivals/NNNNNN.json, the manifest chain (components/data/manifests.py), one manifest
+  per recorded arrival. The SQLite file is derived from them: a checkout that brings other
+  manifests (dvc checkout, a copied workspace) has it rebuilt, and a crash between the
+  manifest and the database commit has the missing manifest applied on the next open.
 
 `Catalog(path)` without files (or `path` that does not exist yet) is an empty in-memory
 catalog; nothing is written before `save()`.
@@ -25,25 +22,28 @@ catalog; nothing is written before `save()`.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
 import sqlite3
-import tempfile
 from collections import Counter
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
+
+from components.data.catalog_rows import ClassRows, ImageRows
+from components.data.manifests import MANIFESTS, chain, manifest_files, manifest_name, read_manifest, write_manifest
 
 Role = Literal["train", "query", "unseen", "pending"]
 ROLES: tuple[Role, ...] = ("train", "query", "unseen", "pending")
 SCORED_ROLES: tuple[Role, ...] = ("train", "query", "unseen")  # what training and evaluation may see
-Split = Literal["train", "unseen", "pending"]
+Split = Literal["train", "unseen", "pending"]  # a class's split: the role its images take (see above)
 
-MANIFESTS = "arrivals"  # beside the database: data/arrivals/
-LEGACY = "registry.json"  # the one-file catalog of earlier versions, beside the database
+log = logging.getLogger(__name__)
+DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)  # "malformed", "not a database": not a lock or I/O error
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -80,132 +80,18 @@ def content_hash(image_id: str) -> str:
     return image_id.rsplit("/", 1)[-1].split(".", 1)[0]
 
 
-class _Rows(MutableMapping[str, dict]):
-    """One table of the catalog as a mapping (key -> row dict), read from SQLite on demand.
-
-    Rows read or assigned are kept in an overlay until `Catalog.save()`, so changing a
-    row in place (`images[i]["role"] = "query"`) is recorded like an assignment. Whole scans
-    (iteration, len) cost the whole table: the per-arrival paths use Catalog's queries.
-    """
-
-    def __init__(self, db: sqlite3.Connection, select: str, keys: str, count: str, decode) -> None:
-        self._db, self._select, self._keys, self._count, self._decode = db, select, keys, count, decode
-        self.changed: dict[str, dict] = {}  # rows read or assigned since the last save
-        self._as_read: dict[str, dict] = {}  # what the rows read looked like then
-
-    def delta(self) -> dict[str, dict]:
-        """The rows assigned, or read and changed in place, since the last save."""
-        return {k: v for k, v in self.changed.items() if v != self._as_read.get(k)}
-
-    def saved(self) -> None:
-        self.changed.clear()
-        self._as_read.clear()
-
-    def _read(self, key: str) -> dict | None:
-        row = self._db.execute(self._select, (key,)).fetchone()
-        return None if row is None else self._decode(row)
-
-    def __getitem__(self, key: str) -> dict:
-        if key not in self.changed:
-            row = self._read(key)
-            if row is None:
-                raise KeyError(key)
-            self.changed[key] = row  # a caller may change it in place: delta() compares
-            self._as_read[key] = dict(row)
-        return self.changed[key]
-
-    def __setitem__(self, key: str, value: dict) -> None:
-        self.changed[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        raise TypeError("catalog rows are never deleted")
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and (key in self.changed or self._read(key) is not None)
-
-    def __iter__(self) -> Iterator[str]:
-        seen = set()
-        for (key,) in self._db.execute(self._keys):
-            seen.add(key)
-            yield key
-        yield from (key for key in list(self.changed) if key not in seen)
-
-    def __len__(self) -> int:
-        stored = self._db.execute(self._count).fetchone()[0]
-        return int(stored) + sum(1 for key in self.changed if self._read(key) is None)
-
-    def items(self):  # one query, not one per key
-        for key, row in self._scan():
-            yield key, self.changed.get(key, row)
-        for key, row in list(self.changed.items()):
-            if self._read(key) is None:  # not saved yet
-                yield key, row
-
-    def values(self):
-        return (row for _, row in self.items())
-
-    def _scan(self) -> Iterator[tuple[str, dict]]:
-        raise NotImplementedError
-
-
-class _Images(_Rows):
-    def __init__(self, db: sqlite3.Connection) -> None:
-        super().__init__(
-            db,
-            "SELECT class, arrival, role FROM images WHERE id = ?",
-            "SELECT id FROM images ORDER BY id",
-            "SELECT COUNT(*) FROM images",
-            lambda r: {"class": r[0], "arrival": r[1], "role": r[2]},
-        )
-
-    def _scan(self) -> Iterator[tuple[str, dict]]:
-        for image_id, cls, arrival, role in self._db.execute("SELECT id, class, arrival, role FROM images ORDER BY id"):
-            yield image_id, {"class": cls, "arrival": arrival, "role": role}
-
-
-class _Classes(_Rows):
-    def __init__(self, db: sqlite3.Connection) -> None:
-        super().__init__(
-            db,
-            "SELECT arrival, split FROM classes WHERE name = ?",
-            "SELECT name FROM classes ORDER BY name",
-            "SELECT COUNT(*) FROM classes",
-            lambda r: {"arrival": r[0], "split": r[1]},
-        )
-
-    def _scan(self) -> Iterator[tuple[str, dict]]:
-        for name, arrival, split in self._db.execute("SELECT name, arrival, split FROM classes ORDER BY name"):
-            yield name, {"arrival": arrival, "split": split}
-
-
 def _connect(path: Path | None) -> sqlite3.Connection:
     db = sqlite3.connect(":memory:" if path is None else path, isolation_level=None)  # transactions explicit
     if path is not None:
         # The default rollback journal, not WAL: WAL needs shared memory on one host, and the
         # workspace may be a network volume shared by several machines (infra/).
         db.execute("PRAGMA busy_timeout=30000")
-    db.executescript(SCHEMA)
+    try:
+        db.executescript(SCHEMA)  # the first read of an existing file: a damaged one fails here
+    except BaseException:
+        db.close()
+        raise
     return db
-
-
-def _write_new(path: Path, text: str) -> None:
-    """Create `path` whole or not at all (never half a file), failing if it exists: a manifest is
-    written once; two writers racing for one number cannot overwrite each other."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.link(tmp, path)  # FileExistsError when taken
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the new name survives a power cut too
-    finally:
-        os.close(folder)
 
 
 class Catalog:
@@ -225,8 +111,8 @@ class Catalog:
         self.arrivals: dict[str, dict] = {
             k: json.loads(v) for k, v in self._db.execute("SELECT id, meta FROM arrivals")
         }
-        self.classes = _Classes(self._db)
-        self.images = _Images(self._db)
+        self.classes = ClassRows(self._db)
+        self.images = ImageRows(self._db)
         self.arrivals.update(arrivals or {})
         self.classes.changed.update(classes or {})
         self.images.changed.update(images or {})
@@ -237,34 +123,34 @@ class Catalog:
 
     @classmethod
     def load(cls, path: Path) -> Catalog:
-        """The catalog at `path`, brought up to its manifests (and migrated from registry.json once)."""
+        """The catalog at `path`, brought up to its manifests. A database that is not one (damaged,
+        truncated) is set aside and rebuilt from the manifests; a manifest missing from the chain
+        or damaged raises ManifestDamaged (components/data/manifests.py)."""
         path = Path(path)
         manifests = path.parent / MANIFESTS
-        legacy = path.parent / LEGACY
-        if not _manifest_files(manifests):
-            if legacy.exists():  # (a database without manifests is a migration that died: it starts over)
-                return cls._migrate(path, legacy)
-            if not path.exists():
-                return cls(path)  # nothing ingested yet: nothing is written until save()
+        if not path.exists() and not manifest_files(manifests):
+            return cls(path)  # nothing ingested yet: nothing is written until save()
+        try:
+            found = os.stat(path).st_ino
+        except FileNotFoundError:
+            found = None
+        try:
+            return cls._open(path, manifests)
+        except sqlite3.DatabaseError as exc:
+            if exc.sqlite_errorcode & 0xFF not in DAMAGED:
+                raise
+            _set_aside(path, found, exc)
+        return cls._open(path, manifests)
+
+    @classmethod
+    def _open(cls, path: Path, manifests: Path) -> Catalog:
         db = _connect(path)
         try:
             _sync(db, manifests)
+            return cls(path, _db=db)
         except BaseException:
             db.close()
             raise
-        return cls(path, _db=db)
-
-    @classmethod
-    def _migrate(cls, path: Path, legacy: Path) -> Catalog:
-        try:
-            raw = json.loads(legacy.read_text())
-            delta = {"arrivals": raw["arrivals"], "classes": raw["classes"], "images": raw["images"]}
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{legacy}: class registry is unreadable ({exc})") from None
-        catalog = cls(path, **delta)
-        catalog.save()
-        legacy.replace(legacy.with_name(LEGACY + ".migrated"))  # kept: nothing is lost
-        return cls.load(path)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -379,24 +265,14 @@ class Catalog:
             self._db = self.classes._db = self.images._db = _connect(self.path)
         with _writing(self._db):
             n = _sync_locked(self._db, self.manifests) + 1
-            name = f"{n:06d}.json"
-            _write_new(self.manifests / name, text)
-            _apply(self._db, n, name, text)
+            name = manifest_name(n)
+            write_manifest(self.manifests, name, text)
+            _apply(self._db, n, name, text, delta)
         self.classes.saved()
         self.images.saved()
 
     def close(self) -> None:
         self._db.close()
-
-
-def _manifest_files(manifests: Path) -> list[str]:
-    if not manifests.is_dir():
-        return []
-    return sorted(p.name for p in manifests.iterdir() if p.name.endswith(".json") and p.name[:6].isdigit())
-
-
-def _chain(previous: str, text: str) -> str:
-    return hashlib.sha256((previous + hashlib.sha256(text.encode()).hexdigest()).encode()).hexdigest()
 
 
 @contextmanager
@@ -411,9 +287,9 @@ def _writing(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
-def _apply(db: sqlite3.Connection, n: int, name: str, text: str) -> None:
-    """One manifest's rows and its place in the chain, inside the caller's transaction."""
-    delta: dict[str, Any] = json.loads(text)
+def _apply(db: sqlite3.Connection, n: int, name: str, text: str, delta: dict[str, Any]) -> None:
+    """One manifest's rows (`delta`, parsed from `text`) and its place in the chain, inside the
+    caller's transaction."""
     previous = db.execute("SELECT chain FROM manifests WHERE n = ?", (n - 1,)).fetchone()
     db.executemany(
         "INSERT INTO arrivals (id, meta) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET meta = excluded.meta",
@@ -432,18 +308,34 @@ def _apply(db: sqlite3.Connection, n: int, name: str, text: str) -> None:
     db.execute(
         "INSERT INTO manifests (n, name, chain, bytes, last_seq) "
         "VALUES (?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) FROM images))",
-        (n, name, _chain(previous[0] if previous else "", text), len(text.encode())),
+        (n, name, chain(previous[0] if previous else "", text), len(text.encode())),
     )
 
 
+def _set_aside(path: Path, found: int | None, exc: sqlite3.DatabaseError) -> None:
+    """Move a damaged database (and its journal) out of the way, unless another process did already
+    (`found`: the inode found damaged), so the next open builds it again from the manifests."""
+    try:
+        if os.stat(path).st_ino != found:
+            return  # replaced since: another process set it aside and rebuilt it
+    except FileNotFoundError:
+        return
+    aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}")
+    journal = path.with_name(path.name + "-journal")
+    os.replace(path, aside)
+    if journal.exists():  # a hot journal of the damaged file must not be played into the new one
+        os.replace(journal, aside.with_name(aside.name + "-journal"))
+    log.warning("%s: damaged (%s); set aside as %s, rebuilding it from the manifests", path, exc, aside.name)
+
+
 def _in_step(db: sqlite3.Connection, manifests: Path) -> bool:
-    """Whether the database holds exactly the manifests on disk, judged by their count and the last
-    one's name and size (a read, no lock, no hashing: the last manifest may be a migrated history)."""
-    files = _manifest_files(manifests)
-    last = db.execute("SELECT n, name, bytes FROM manifests ORDER BY n DESC LIMIT 1").fetchone()
-    if last is None or not files:
-        return last is None and not files
-    return (last[0], last[1], last[2]) == (len(files), files[-1], (manifests / files[-1]).stat().st_size)
+    """Whether the database holds exactly the manifests on disk, judged by their names and sizes
+    (a read, no lock, no hashing)."""
+    return _applied(db) == manifest_files(manifests)
+
+
+def _applied(db: sqlite3.Connection) -> list[tuple[str, int]]:
+    return [(name, size) for name, size in db.execute("SELECT name, bytes FROM manifests ORDER BY n")]
 
 
 def _sync(db: sqlite3.Connection, manifests: Path) -> None:
@@ -455,19 +347,24 @@ def _sync(db: sqlite3.Connection, manifests: Path) -> None:
 
 def _sync_locked(db: sqlite3.Connection, manifests: Path) -> int:
     """Inside a write transaction: apply the manifests the database lacks; rebuild it from all of
-    them when it was built from others (another data version was checked out); the rebuild is
-    one transaction, so no reader sees it half done. Returns how many manifests it holds."""
-    files = _manifest_files(manifests)
-    applied = db.execute("SELECT n, name, bytes FROM manifests ORDER BY n").fetchall()
-    consistent = len(applied) <= len(files) and all(name == files[n - 1] for n, name, _ in applied)
-    if consistent and applied:  # the last one applied is still the file it was (its size: no re-reading history)
-        _, name, size = applied[-1]
-        consistent = (manifests / name).stat().st_size == size
-    if not consistent:
+    them when it was built from others (another data version was checked out, or a manifest it
+    applied changed size); the rebuild is one transaction, so no reader sees it half done, and a
+    damaged manifest leaves the database as it was. Returns how many manifests it holds."""
+    files = manifest_files(manifests)
+    applied = _applied(db)
+    if files[: len(applied)] != applied:
+        if len(files) < len(applied):
+            log.warning(
+                "%s: %d manifest(s) where the catalog was built from %d: rebuilding it from those there",
+                manifests,
+                len(files),
+                len(applied),
+            )
         for table in ("images", "classes", "arrivals", "manifests"):
             db.execute(f"DELETE FROM {table}")
         db.execute("DELETE FROM sqlite_sequence WHERE name = 'images'")
         applied = []
     for n in range(len(applied) + 1, len(files) + 1):
-        _apply(db, n, files[n - 1], (manifests / files[n - 1]).read_text())
+        name = files[n - 1][0]
+        _apply(db, n, name, *read_manifest(manifests, name))
     return len(files)

@@ -1,5 +1,5 @@
 """Ingest an arrival: validate every file, store good images under content-hash names,
-quarantine the rest with a reason, and record the arrival in the class registry.
+quarantine the rest with a reason, and record the arrival in the catalog.
 
 An arrival is a folder with one sub-folder per class (torchvision ImageFolder layout) and
 an optional manifest.json. It is untrusted input, and a scheduled job reads it unattended:
@@ -7,34 +7,37 @@ an optional manifest.json. It is untrusted input, and a scheduled job reads it u
 - nothing outside it is read: the walk opens every folder and file relative to its parent
   with O_NOFOLLOW, so a symbolic link (to a file or a folder) is rejected with a reason and
   never followed, and a FIFO or device is never opened;
-- an arrival is identified by its name and a fingerprint of its content (every relative path
-  and its SHA-256). The same content again is a no-op; other content under a name already
-  recorded is a new arrival, recorded as `<name>~<fingerprint[:12]>`;
+- an arrival is identified by its name and a fingerprint of its content (components/data/identity.py):
+  the same content again is a no-op; other content under a name already recorded is a new arrival;
 - every file or folder that cannot be read is in the report, and the arrival is recorded as
   incomplete and left in place, so an ingest after the fix picks the rest up (its content,
   hence its fingerprint, has changed);
 - the same bytes under two classes is a label conflict: the second is rejected;
-- a class with a single image is stored as `pending` (see class_registry) with a warning;
+- images take their roles by components/data/roles.py; a class with a single image is stored
+  as `pending` with a warning;
 - an arrival that stores nothing new is not recorded (the sender can fix it and send it again);
 - a workspace that cannot be written (read-only, full) fails with one IngestError naming
   the path, and what this ingest had written is removed: an image is in data/classes and in
-  the registry, or in neither.
+  the catalog, or in neither (components/data/store.py); rejected files are copied to quarantine
+  (components/data/quarantine.py).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from components.config import IMAGE_EXTENSIONS, IngestParams
 from components.data.catalog import Catalog
+from components.data.identity import identify
+from components.data.quarantine import quarantine_folder, quarantine_path, write_reasons
+from components.data.roles import assign_roles
+from components.data.store import IngestError, Writes, write_error
 from components.data.validation import validate_image
 from components.data.walk import (
     DIR_FLAGS,
@@ -44,7 +47,6 @@ from components.data.walk import (
     open_file,
     opened,
     parent_fd,
-    printable,
     prune,
     read_again,
     read_problem,
@@ -52,13 +54,7 @@ from components.data.walk import (
 )
 from components.workspace import Workspace
 
-MANIFEST = "manifest.json"
-REASONS = "reasons.json"  # in quarantine/<arrival>/
-NAME_BYTES = 255  # the usual file-name limit: an escaped (longer) quarantine name is shortened
-
-
-class IngestError(RuntimeError):
-    """The workspace could not take the arrival (read-only, disk full): nothing of it was kept."""
+MANIFEST = "manifest.json"  # an arrival's optional description, kept in its catalog record
 
 
 @dataclass(frozen=True)
@@ -111,164 +107,6 @@ def _path_problem(parts: tuple[str, ...]) -> str | None:
     return None
 
 
-def _rank(seed: int, *parts: str) -> str:
-    return hashlib.sha256("\x1f".join((str(seed), *parts)).encode()).hexdigest()
-
-
-def _held_out_share(items: list[str], fraction: float, seed: int, salt: str) -> set[str]:
-    """A fixed, deterministic share of `items` (at least one, never all, when there are 2+)."""
-    if len(items) < 2:
-        return set()
-    count = min(max(1, round(fraction * len(items))), len(items) - 1)
-    return set(sorted(items, key=lambda item: _rank(seed, salt, item))[:count])
-
-
-# -- writing into the workspace, all or nothing ----------------------------------------------
-
-
-class _Writes:
-    """Files and folders this ingest created, so a failure can take them all back."""
-
-    def __init__(self) -> None:
-        self.files: list[Path] = []
-        self.dirs: list[Path] = []
-
-    def mkdirs(self, folder: Path) -> None:
-        missing = []
-        for parent in (folder, *folder.parents):
-            if parent.is_dir():
-                break
-            missing.append(parent)
-        for parent in reversed(missing):
-            try:
-                parent.mkdir()
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise _write_error(parent, exc) from None
-            self.dirs.append(parent)
-
-    def write(self, dest: Path, data: bytes, *, sync: bool) -> None:
-        """dest is absent or complete, whatever happens (short temporary names: any dest name fits)."""
-        self.mkdirs(dest.parent)
-        try:
-            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".partial-")
-        except OSError as exc:
-            raise _write_error(dest.parent, exc) from None
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                if sync:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-        except OSError as exc:
-            Path(tmp).unlink(missing_ok=True)
-            raise _write_error(dest, exc) from None
-        self.files.append(dest)
-
-    def undo(self) -> None:
-        for path in reversed(self.files):
-            path.unlink(missing_ok=True)
-        for folder in reversed(self.dirs):
-            try:
-                folder.rmdir()
-            except OSError:
-                pass  # not empty: someone else's file is there now
-
-
-def _write_error(path: Path, exc: OSError) -> IngestError:
-    return IngestError(f"{path}: cannot write ({exc.strerror or exc}); nothing of this arrival was kept")
-
-
-def _safe_name(name: str) -> str:
-    """A printable file name that fits the file system, unique for each original name."""
-    if len(name.encode("utf-8", "surrogateescape")) <= NAME_BYTES:
-        return name
-    stem, dot, ext = name.rpartition(".")
-    ext = dot + ext if dot and len(ext) <= 10 else ""
-    short = name.encode("utf-8", "surrogateescape")[: NAME_BYTES - 40].decode("utf-8", "ignore")
-    return f"{short}~{hashlib.sha256(name.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}{ext}"
-
-
-def _quarantine_path(parts: tuple[str, ...]) -> str:
-    names = [_safe_name(printable((p,))) for p in parts]
-    if names == [REASONS]:
-        names = [REASONS + ".quarantined"]
-    return "/".join(names)
-
-
-# -- identity ----------------------------------------------------------------------------------
-
-
-def _identify(name: str, fingerprint: str, entries: list[Entry], registry: Catalog, ws: Workspace) -> tuple[str, str]:
-    """(arrival id, identity): the recorded arrival with this content, or the id a new one gets."""
-    for arrival, meta in registry.arrivals.items():
-        if meta.get("fingerprint") == fingerprint and meta.get("name", arrival) == name:
-            return arrival, "same_content"
-    legacy = registry.arrivals.get(name)
-    if legacy is not None and "fingerprint" not in legacy and _matches_legacy(name, entries, registry, ws):
-        return name, "same_content"
-    if name not in registry.arrivals:
-        return name, "new"
-    return f"{name}~{fingerprint[:12]}", "changed_content"
-
-
-def _matches_legacy(name: str, entries: list[Entry], registry: Catalog, ws: Workspace) -> bool:
-    """An arrival recorded before fingerprints: the same one when it brings nothing that arrival
-    did not already store or quarantine (its reasons.json lists what it quarantined)."""
-    try:
-        listed = {r["file"] for r in json.loads((ws.quarantine / name / REASONS).read_text())}
-    except (OSError, ValueError, TypeError, KeyError):
-        listed = set()
-    listed.add(MANIFEST)
-    for e in entries:
-        if e.rel in listed:
-            continue
-        if e.digest is None or len(e.parts) < 2 or e.parts[0] not in _classes_of_hash(registry, e.digest[:32]):
-            return False
-    return True
-
-
-def _classes_of_hash(registry: Catalog, digest: str) -> set[str]:
-    return {image_id.split("/", 1)[0] for image_id in registry.images_with_hash(digest)}
-
-
-def pending_arrivals(ws: Workspace, params: IngestParams | None = None) -> list[Path]:
-    """Arrival folders in the inbox whose content the class registry has not recorded.
-
-    Folders whose name is not recorded are pending without being read. With params, a folder
-    under a recorded name is read and fingerprinted as ingest would (a fixed or different
-    arrival under an old name is pending); without, a recorded name counts as ingested (cheap,
-    for status pages). Hidden folders and links in the inbox are not arrivals.
-    """
-    if not ws.inbox.is_dir():
-        return []
-    registry = Catalog.load(ws.catalog)
-    names = {meta.get("name", arrival) for arrival, meta in registry.arrivals.items()}
-    out = []
-    for path in sorted(ws.inbox.iterdir()):
-        if path.name.startswith(".") or path.is_symlink() or not path.is_dir():
-            continue
-        if path.name in names and (params is None or _recorded_as(path, ws, registry, params) is not None):
-            continue
-        out.append(path)
-    return out
-
-
-def _recorded_as(path: Path, ws: Workspace, registry: Catalog, params: IngestParams) -> str | None:
-    """The recorded arrival id with this folder's content, or None."""
-    try:
-        root_fd = os.open(path, DIR_FLAGS)
-    except OSError:
-        return None  # unreadable now: the ingest itself reports why
-    with opened(root_fd):
-        entries, _ = scan(root_fd, params.max_file_bytes)
-    fingerprint = content_fingerprint(entries)
-    arrival, identity = _identify(path.name, fingerprint, entries, registry, ws)
-    return arrival if identity == "same_content" else None
-
-
 # -- ingest ----------------------------------------------------------------------------------
 
 
@@ -298,12 +136,12 @@ def _ingest(
 ) -> IngestReport:
     entries, empty = scan(root_fd, params.max_file_bytes)
     fingerprint = content_fingerprint(entries)
-    registry = Catalog.load(ws.catalog)
-    arrival, identity = _identify(name, fingerprint, entries, registry, ws)
+    catalog = Catalog.load(ws.catalog)
+    arrival, identity = identify(name, fingerprint, catalog)
     report = IngestReport(arrival=arrival, status="ingested", folder=name, identity=identity, fingerprint=fingerprint)
     if identity == "same_content":
         report.status = "already_ingested"
-        before = registry.arrivals[arrival]
+        before = catalog.arrivals[arrival]
         if before.get("complete", True) is False:
             report.complete = False
             report.unreadable = list(before.get("unreadable", []))
@@ -319,31 +157,27 @@ def _ingest(
         )
     report.warnings += [f"empty folder {rel}: nothing in it to ingest" for rel in empty]
 
-    quarantine = ws.quarantine / _safe_name(arrival)
-    writes = _Writes()
+    quarantine = quarantine_folder(ws, arrival)
+    writes = Writes()
     try:
-        stored_by_class, processed = _process(root_fd, entries, ws, params, registry, report, quarantine, writes)
+        stored_by_class, processed = _process(root_fd, entries, ws, params, catalog, report, quarantine, writes)
         if report.rejected:
-            writes.write(
-                quarantine / REASONS,
-                json.dumps([r.__dict__ for r in report.rejected], indent=1, ensure_ascii=False).encode(),
-                sync=False,
-            )
+            write_reasons(writes, quarantine, [r.__dict__ for r in report.rejected])
         recorded = _record(
             arrival,
             name,
             fingerprint,
             _read_manifest(root_fd, arrival_dir, report),
             stored_by_class,
-            registry,
+            catalog,
             report,
             params,
         )
         if recorded:
             try:
-                registry.save()
+                catalog.save()
             except OSError as exc:
-                raise _write_error(registry.path, exc) from None
+                raise write_error(catalog.path, exc) from None
     except BaseException:
         writes.undo()
         raise
@@ -357,10 +191,10 @@ def _process(
     entries: list[Entry],
     ws: Workspace,
     params: IngestParams,
-    registry: Catalog,
+    catalog: Catalog,
     report: IngestReport,
     quarantine: Path,
-    writes: _Writes,
+    writes: Writes,
 ) -> tuple[dict[str, list[str]], list[tuple[str, ...]]]:
     """Store or quarantine each scanned file: (image ids stored per class, paths done with)."""
     stored_by_class: dict[str, list[str]] = {}
@@ -373,7 +207,7 @@ def _process(
     def reject(entry: Entry, reason: str, data: bytes | None) -> None:
         copy = None
         if data is not None:
-            copy = _quarantine_path(entry.parts)
+            copy = quarantine_path(entry.parts)
             writes.write(quarantine / copy, data, sync=False)
             processed.append(entry.parts)
         report.rejected.append(Rejected(file=entry.rel, reason=reason, quarantined_as=copy))
@@ -419,7 +253,7 @@ def _process(
             continue
         assert fmt is not None and entry.digest is not None  # a file without a reason was read and identified
         cls, content = entry.parts[0], entry.digest[:32]
-        other = by_hash.get(content) or registry.class_of_hash(content)
+        other = by_hash.get(content) or catalog.class_of_hash(content)
         if other is not None and other != cls:
             where = first_seen.get(content, f"the stored image {other}/{content}")
             reject(
@@ -431,7 +265,7 @@ def _process(
             continue
         image_id = f"{cls}/{content}.{IMAGE_EXTENSIONS[fmt]}"
         processed.append(entry.parts)
-        if image_id in registry.images or image_id in stored_by_class.get(cls, []):
+        if image_id in catalog.images or image_id in stored_by_class.get(cls, []):
             report.duplicates += 1
             continue
         dest = ws.classes_dir / image_id
@@ -450,11 +284,11 @@ def _record(
     fingerprint: str,
     manifest: dict | None,
     stored_by_class: dict[str, list[str]],
-    registry: Catalog,
+    catalog: Catalog,
     report: IngestReport,
     params: IngestParams,
 ) -> bool:
-    """Classes, roles and the arrival into the registry (in memory); False when nothing new was stored."""
+    """Classes, roles and the arrival into the catalog (in memory); False when nothing new was stored."""
     if not stored_by_class:
         report.status = "nothing_stored"
         if not report.complete:
@@ -468,42 +302,14 @@ def _record(
             "so a corrected one under the same name is ingested"
         )
         return False
-    count = registry.image_counts(sorted(stored_by_class))
-    report.new_classes = sorted(c for c in stored_by_class if c not in registry.classes)
-    completing = sorted(
-        c
-        for c, ids in stored_by_class.items()
-        if count[c] + len(ids) >= 2 and (c in report.new_classes or registry.classes[c]["split"] == "pending")
-    )
-    singles = sorted(c for c in report.new_classes if c not in completing)
-    unseen = _held_out_share(completing, params.unseen_class_fraction, params.seed, "unseen")
-    report.unseen_classes = sorted(unseen)
-    report.pending_classes = singles
-    for cls in singles:
-        registry.classes[cls] = {"arrival": arrival, "split": "pending"}
+    assigned = assign_roles(catalog, arrival, stored_by_class, params)
+    report.new_classes, report.unseen_classes, report.pending_classes = assigned.new, assigned.unseen, assigned.pending
+    for cls in assigned.pending:
         report.warnings.append(
             f"class {cls!r} has a single image: stored and queryable, kept out of training and evaluation "
             "until an arrival brings a second"
         )
-    for cls in completing:
-        registry.classes[cls] = {"arrival": arrival, "split": "unseen" if cls in unseen else "train"}
-    was_pending = [c for c in completing if c not in report.new_classes]
-    for cls, image_ids in stored_by_class.items():
-        split = registry.classes[cls]["split"]
-        pool = list(image_ids)
-        if cls in was_pending:  # its queries are drawn from all its images, the earlier pending one too
-            pool += registry.class_images(cls)
-        queries = set()
-        if split == "train":
-            queries = _held_out_share(sorted(pool), params.query_image_fraction, params.seed, "query")
-        for image_id in image_ids:
-            registry.images[image_id] = {"class": cls, "arrival": arrival, "role": split}
-        for image_id in pool:
-            if split == "train":
-                registry.images[image_id]["role"] = "query" if image_id in queries else "train"
-            else:
-                registry.images[image_id]["role"] = split
-    registry.arrivals[arrival] = {
+    catalog.arrivals[arrival] = {
         "name": name,
         "fingerprint": fingerprint,
         "complete": report.complete,

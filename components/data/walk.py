@@ -182,6 +182,39 @@ def read_again(root_fd: int, entry: Entry, limit: int) -> bytes:
     return data
 
 
+def stat_signature(root_fd: int) -> tuple[tuple[str, int, int, int, int, int], ...]:
+    """(path, mode, size, mtime, ctime, inode) of everything under the arrival, nothing opened but
+    folders (links not followed): it changes when a file is added, removed, replaced, written or
+    made readable, which is what a content fingerprint would see, without reading a byte."""
+    out: list[tuple[str, int, int, int, int, int]] = []
+
+    def visit(dir_fd: int, prefix: tuple[str, ...]) -> None:
+        try:
+            with os.scandir(dir_fd) as it:
+                children = sorted(it, key=lambda e: e.name)
+        except OSError:
+            out.append((printable(prefix), -1, 0, 0, 0, 0))
+            return
+        for child in children:
+            parts = (*prefix, child.name)
+            try:
+                st = child.stat(follow_symlinks=False)
+            except OSError:
+                out.append((printable(parts), -1, 0, 0, 0, 0))
+                continue
+            out.append((printable(parts), st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+            if stat.S_ISDIR(st.st_mode) and len(parts) <= MAX_DEPTH:
+                try:
+                    sub = open_dir(dir_fd, child.name)
+                except OSError:
+                    continue  # its mode is in the signature: made readable, it changes
+                with opened(sub):
+                    visit(sub, parts)
+
+    visit(root_fd, ())
+    return tuple(out)
+
+
 def content_fingerprint(entries: list[Entry]) -> str:
     """SHA-256 over every (relative path, content hash): unread things count by kind and size."""
     h = hashlib.sha256()

@@ -15,7 +15,6 @@ Prefect global concurrency limit instead (README, "One writer at a time").
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -23,7 +22,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import IO
+
+from filelock import FileLock, Timeout
 
 from components.workspace import Workspace
 
@@ -34,8 +34,7 @@ class WorkspaceBusy(RuntimeError):
     """Another writer holds the workspace; the message names it."""
 
 
-_held: dict[str, tuple[IO[str], int]] = {}  # lock path -> (open handle, depth), for this process
-_guard = threading.Lock()
+_guard = threading.Lock()  # taking or leaving the lock and writing its holder, one thread at a time
 
 
 def holder(ws: Workspace) -> dict | None:
@@ -49,36 +48,26 @@ def holder(ws: Workspace) -> dict | None:
 @contextmanager
 def writer_lock(ws: Workspace, what: str) -> Iterator[None]:
     """Hold the workspace's writer lock for the block, or raise WorkspaceBusy naming the holder."""
-    path = str(ws.root / LOCK_FILE)
+    path = ws.root / LOCK_FILE
     with _guard:
-        if path in _held:  # this process holds it already: one writer, nested steps
-            handle, depth = _held[path]
-            _held[path] = (handle, depth + 1)
-        else:
-            ws.root.mkdir(parents=True, exist_ok=True)
-            handle = open(path, "a+")  # held open for as long as the lock is
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                raise WorkspaceBusy(_busy_message(ws, what)) from None
-            handle.seek(0)
-            handle.truncate()
+        ws.root.mkdir(parents=True, exist_ok=True)
+        # One lock object per file in this process, shared by its threads: nested steps of one writer
+        # take it again; never a soft (marker-file) lock a crash would leave behind.
+        lock = FileLock(path, thread_local=False, is_singleton=True, fallback_to_soft=False)
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            raise WorkspaceBusy(_busy_message(ws, what)) from None
+        if lock.lock_counter == 1:  # taken now, not again: say who holds it
             since = datetime.now(UTC).isoformat(timespec="seconds")
-            handle.write(json.dumps({"what": what, "pid": os.getpid(), "host": socket.gethostname(), "since": since}))
-            handle.flush()
-            _held[path] = (handle, 1)
+            with open(path, "r+") as fh:
+                fh.truncate()
+                fh.write(json.dumps({"what": what, "pid": os.getpid(), "host": socket.gethostname(), "since": since}))
     try:
         yield
     finally:
         with _guard:
-            handle, depth = _held[path]
-            if depth > 1:
-                _held[path] = (handle, depth - 1)
-            else:
-                del _held[path]
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                handle.close()
+            lock.release()
 
 
 def _busy_message(ws: Workspace, what: str) -> str:

@@ -8,7 +8,7 @@ from components.training.planning import retrain_skip_reason
 
 def catalog_with(classes: dict[str, tuple[str, int]]) -> Catalog:
     """classes: name -> (split, images)."""
-    cat = Catalog(path=Path("/nonexistent/registry.json"), arrivals={"a1": {}})
+    cat = Catalog(path=Path("/nonexistent/catalog.sqlite"), arrivals={"a1": {}})
     for name, (split, n) in classes.items():
         cat.classes[name] = {"arrival": "a1", "split": split}
         for i in range(n):

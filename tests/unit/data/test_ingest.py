@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from components.data.catalog import Catalog
-from components.data.ingest import ingest_arrival, pending_arrivals
+from components.data.identity import pending_arrivals
+from components.data.ingest import ingest_arrival
 from components.data.validation import validate_image
 from tests.conftest import png_bytes
 
@@ -206,3 +207,25 @@ def test_files_landing_during_ingest_are_left_in_place(arrival, ws, params, monk
     assert late.read_bytes() == png_bytes(color=250), "a file that arrived mid-ingest was deleted"
     assert any("arrived during ingest" in w for w in report.warnings)
     assert [p.name for p in inbox_copy.rglob("*") if p.is_file()] == ["late.png"]
+
+
+def test_status_reads_an_unchanged_inbox_folder_once(arrival, ws, params, monkeypatch):
+    """pending_arrivals(cached=True), what status pages call, fingerprints a folder under a recorded
+    name once, and again only when something in it changed."""
+    import components.data.identity as identity_module
+
+    inbox_copy = ws.inbox / arrival.name
+    inbox_copy.parent.mkdir(parents=True)
+    arrival.rename(inbox_copy)
+    ingest_arrival(inbox_copy, ws, params.ingest)  # recorded, left in the inbox
+    scans = []
+    real_scan = identity_module.scan
+    monkeypatch.setattr(identity_module, "scan", lambda *a: scans.append(a) or real_scan(*a))
+
+    assert pending_arrivals(ws, params.ingest, cached=True) == []
+    assert pending_arrivals(ws, params.ingest, cached=True) == []
+    assert len(scans) == 1
+    (inbox_copy / "cat" / "late.png").write_bytes(png_bytes(color=250))
+    assert pending_arrivals(ws, params.ingest, cached=True) == [inbox_copy]  # other content: pending
+    assert pending_arrivals(ws, params.ingest, cached=True) == [inbox_copy] and len(scans) == 2
+    assert pending_arrivals(ws, params.ingest) == [inbox_copy] and len(scans) == 3  # ingest always reads

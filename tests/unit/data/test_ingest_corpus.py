@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,10 +24,12 @@ import pytest
 from PIL import Image
 
 import components.data.ingest as ingest_module
+import components.data.store as store_module
 import components.data.walk as walk_module
 from components.config import Params, with_overrides
 from components.data.catalog import SCORED_ROLES, Catalog
-from components.data.ingest import IngestError, IngestReport, ingest_arrival
+from components.data.ingest import IngestReport, ingest_arrival
+from components.data.store import IngestError
 from components.data.transforms import open_rgb
 from components.workspace import Workspace, resolve_workspace
 from tests.unit.data.test_ingest import huge_png_header
@@ -419,10 +420,10 @@ def test_no_good_image_is_lost_and_nothing_outside_was_read(corpus):
     assert not any("outside" in p for p in corpus.opened)
 
 
-def test_corpus_report_and_registry_agree(corpus):
+def test_corpus_report_and_catalog_agree(corpus):
     catalog = Catalog.load(corpus.ws.catalog)
     on_disk = sorted(str(p.relative_to(corpus.ws.classes_dir)) for p in corpus.ws.classes_dir.rglob("*") if p.is_file())
-    assert on_disk == sorted(catalog.images)  # every stored file is in the registry, and back
+    assert on_disk == sorted(catalog.images)  # every stored file is in the catalog, and back
     assert corpus.report.stored == len(catalog.images)
     assert corpus.report.status == "ingested" and corpus.report.arrival == "corpus"
 
@@ -539,11 +540,11 @@ def test_a_folder_unreadable_at_first_is_ingested_after_the_fix(tmp_path, ws, pa
     assert second.arrival.startswith("drop~") and not root.exists()
 
 
-@pytest.mark.parametrize("fail_at", ["classes", "quarantine", "registry"])
+@pytest.mark.parametrize("fail_at", ["classes", "quarantine", "catalog"])
 def test_a_workspace_that_cannot_be_written_keeps_nothing(tmp_path, ws, params, monkeypatch, fail_at):
     root = arrival_of(tmp_path / "drop", {"x": [png(1), png(2)], "y": [png(3), png(4)]})
     write(root, "x/bad.png", b"junk")
-    real_mkstemp = ingest_module.tempfile.mkstemp
+    real_mkstemp = store_module.tempfile.mkstemp
 
     def mkstemp(dir=None, prefix=None, **kw):  # a full disk (images) or a read-only folder (quarantine)
         if fail_at in Path(dir).parts:
@@ -554,15 +555,15 @@ def test_a_workspace_that_cannot_be_written_keeps_nothing(tmp_path, ws, params, 
     def save(self) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    if fail_at == "registry":
+    if fail_at == "catalog":
         monkeypatch.setattr(Catalog, "save", save)
     else:
-        monkeypatch.setattr(ingest_module.tempfile, "mkstemp", mkstemp)
+        monkeypatch.setattr(store_module.tempfile, "mkstemp", mkstemp)
     with pytest.raises(IngestError, match="cannot write") as info:
         ingest_arrival(root, ws, params.ingest, remove_source=True)
     assert str(ws.root) in str(info.value) and "\n" not in str(info.value)
     stored = [p for p in ws.root.rglob("*") if p.is_file()]
-    assert stored == [], stored  # nothing half-written: no image without its registry entry
+    assert stored == [], stored  # nothing half-written: no image without its catalog entry
     assert len([p for p in root.rglob("*") if p.is_file()]) == 5  # and the arrival is untouched
 
 
@@ -624,29 +625,3 @@ def test_a_linked_arrival_folder_is_refused(tmp_path, ws, params):
     (tmp_path / "link").symlink_to(real, target_is_directory=True)
     with pytest.raises(FileNotFoundError, match="symbolic link"):
         ingest_arrival(tmp_path / "link", ws, params.ingest)
-
-
-def test_a_registry_from_before_fingerprints_is_read_and_its_arrivals_stay_done(tmp_path, ws, params):
-    root = arrival_of(tmp_path / "old", {"x": [png(1), png(2)], "y": [png(3), png(4)]})
-    write(root, "y/bad.png", b"junk")
-    ingest_arrival(root, ws, params.ingest)
-    catalog = Catalog.load(ws.catalog)
-    raw = {
-        "arrivals": catalog.arrivals,
-        "classes": dict(catalog.classes.items()),
-        "images": dict(catalog.images.items()),
-    }
-    for meta in raw["arrivals"].values():  # what an older mnemo wrote: one JSON file, no fingerprints
-        for key in ("name", "fingerprint", "complete", "unreadable"):
-            meta.pop(key)
-    catalog.close()
-    ws.catalog.unlink()
-    shutil.rmtree(ws.catalog.parent / "arrivals")
-    (ws.catalog.parent / "registry.json").write_text(json.dumps(raw))
-    assert ingest_arrival(root, ws, params.ingest).status == "already_ingested"
-    assert Catalog.load(ws.catalog).images == raw["images"]  # migrated once, nothing lost
-    assert (ws.catalog.parent / "registry.json.migrated").exists()
-    write(root, "z/0.png", png(5))
-    write(root, "z/1.png", png(6))
-    report = ingest_arrival(root, ws, params.ingest)
-    assert report.status == "ingested" and report.arrival.startswith("old~") and report.new_classes == ["z"]
