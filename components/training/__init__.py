@@ -1,1 +1,1 @@
-"""Training: the one loop, its losses and sampler, replay and distillation, what a retrain learns."""
+"""Training: the one loop, its loss, sampler and checkpoints, replay and distillation, the continual step, what a retrain learns."""

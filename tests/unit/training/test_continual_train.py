@@ -3,6 +3,7 @@ checkpoint/resume, and one continual step that restores and extends its saved st
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
@@ -11,8 +12,11 @@ import torch
 from components.config import DistillParams, with_overrides
 from components.data.catalog import ImageRecord
 from components.modeling.embedder import build_embedder
+from components.training.continual import Recipe, train_continual
 from components.training.distill import Distillation, embedding_distillation, relational_distillation
-from components.training.loop import MetricLoss, MixedBatches, train_continual, train_embedder
+from components.training.loop import train_embedder
+from components.training.losses import MetricLoss
+from components.training.sampler import MixedBatches
 from tests.unit.modeling.test_model import shapes
 
 
@@ -113,16 +117,13 @@ def test_continual_steps_carry_the_memory_and_proxies_through_saved_state(params
     p = with_overrides(
         params, {"train.loss": "proxy_anchor", "train.miner": "none", "replay.budget": 5, "replay.selection": "herding"}
     )
-    first = train_continual([r for r in records if r.arrival == "a0"], tmp_path, p.train, p.model, p.replay, p.distill)
+    first = train_continual([r for r in records if r.arrival == "a0"], tmp_path, Recipe.of(p))
     assert first.memory.per_class() == {"class0": 3, "class1": 2}
     state = first.save_state(tmp_path / "state")
     second = train_continual(
         [r for r in records if r.arrival == "a1"],
         tmp_path,
-        p.train,
-        p.model,
-        p.replay,
-        p.distill,
+        Recipe.of(p),
         init=first.train.model,
         state=state,
     )
@@ -187,6 +188,11 @@ def test_cosine_schedule_ends_near_zero_and_resumes_exactly(params, tmp_path):
     paths, labels = shapes(tmp_path)
     p = params.train.model_copy(update={"epochs": 3, "batch_size": 8, "m_per_class": 2, "lr_schedule": "cosine"})
     _, unbroken, resumed = crashed_and_resumed(params, p, paths, labels, tmp_path, crash_after=0)
+    # Stepped per batch, cosine from lr to 0: after epoch e of E the lr is lr * (1 + cos(pi * e / E)) / 2.
+    expected = [p.lr * (1 + math.cos(math.pi * e / p.epochs)) / 2 for e in range(1, p.epochs + 1)]
+    assert unbroken.epoch_metrics["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert unbroken.epoch_metrics["lr"][-1] < 1e-12 * p.lr
     assert resumed.resumed_from_epoch == 1
+    assert resumed.epoch_metrics["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15)
     for a, b in zip(resumed.model.state_dict().values(), unbroken.model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
