@@ -5,18 +5,19 @@ Every move (the retrain flow's promotion, `mnemo promote`, `mnemo rollback`, the
 flow) goes through `Promoter.promote`: the checks (a validated table written by the
 version's own model; a passed gate unless forced; a passed smoke test), then the alias
 move inside its promotion-log entry. `reindex` builds a registered version's table over
-the whole catalog; `hot_add` appends newly stored images to the live table.
+the whole catalog; `catch_up` brings the live table level with the catalog
+(components/vectors/catch_up.py), after every ingest.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
 
 from components.config import IndexParams, RegistryParams
-from components.data.catalog import Catalog, ImageRecord
+from components.data.catalog import Catalog
 from components.data.inbox import inbox_lock
 from components.modeling.embedder import Embedder
 from components.ops.writer_lock import writer_lock
@@ -30,28 +31,9 @@ from components.registry.mlflow_registry import (
     ModelVersionInfo,
 )
 from components.registry.promotion_log import MoveKind, PromotionEntry, previous_champion
-from components.vectors.build import (
-    IndexBuild,
-    IndexBuildError,
-    RowWriter,
-    append_missing,
-    build_table,
-    check_writable,
-    missing_rows,
-    retune_ann_index,
-    settle_appends,
-)
-from components.vectors.tables import (
-    CATALOG_SEQ,
-    connect,
-    ensure_id_index,
-    is_validated,
-    open_table,
-    set_vector_metadata,
-    table_name,
-    vector_metadata,
-    written_by,
-)
+from components.vectors.build import IndexBuild, RowWriter, build_table, check_writable
+from components.vectors.catch_up import CatchUp, catch_up
+from components.vectors.tables import authorship_problem, connect, is_validated, open_table, table_name
 from components.workspace import Workspace
 
 
@@ -102,12 +84,10 @@ def table_problems(
         tbl = open_table(connect(ws), ws, table)
     except FileNotFoundError:
         return table, [f"v{info.version}'s index table {table} is missing from {ws.lancedb_uri}"]
-    problems = []
     if not is_validated(tbl):
-        problems.append(f"v{info.version}'s index table {table} failed or never finished validation")
-    if written_by(tbl) not in (None, info.version):
-        problems.append(f"index table {table} was written by model version {written_by(tbl)}, not v{info.version}")
-    return table, problems
+        return table, [f"v{info.version}'s index table {table} failed or never finished validation"]
+    problem = authorship_problem(table, tbl.schema, info.version)
+    return table, [] if problem is None else [problem]
 
 
 @dataclass(frozen=True)
@@ -120,21 +100,20 @@ class ChampionMove:
     kind: MoveKind = "promote"
 
     @property
+    def state_name(self) -> str:
+        """The name a flow run that made this move ends in."""
+        return (
+            "Rolled back"
+            if self.entry is not None and self.entry.kind == "rollback"
+            else ("Promoted" if self.entry is not None else "Unchanged")
+        )
+
+    @property
     def message(self) -> str:
         if self.entry is None:
             return f"v{self.version} is already the champion (table {self.table}); nothing changed"
         moved = f"champion v{self.entry.from_version or '-'} -> v{self.version} (table {self.table})"
         return f"rolled back: {moved}" if self.kind == "rollback" else moved
-
-
-@dataclass(frozen=True)
-class HotAdd:
-    """Images appended to the live table right after ingest (none when there is no champion yet)."""
-
-    version: str | None
-    table: str | None
-    added: int
-    seconds: float
 
 
 class Promoter:
@@ -184,7 +163,13 @@ class Promoter:
             if info.table != table:
                 self.registry.record_index(info.version, table)
             with inbox_lock(self.ws):  # no ingest between the catch-up and the move
-                self.catch_up(info.version, table)
+                catch_up(
+                    self.ws,
+                    self.index,
+                    open_table(connect(self.ws), self.ws, table),
+                    info.version,
+                    self._model(info.version),
+                )
                 current = self.registry.champion()
                 if current is not None and current.version == info.version:
                     return ChampionMove(info.version, table, None, kind)
@@ -249,53 +234,31 @@ class Promoter:
             keep = {table for table in tables.values() if table}
             model = model if model is not None else self.registry.load_embedder(version)
 
-            def catalog() -> list[ImageRecord]:
-                return Catalog.load(self.ws.catalog).records()
-
             return build_table(
                 self.ws,
                 self.index,
                 version,
                 model,
-                catalog(),
+                Catalog.load(self.ws.catalog).records(),
                 keep=keep,
                 live=tables.get(CHAMPION),
-                catch_up=catalog,
                 write=write,
             )
 
-    def hot_add(self) -> HotAdd:
-        """Embed stored images the live table lacks with the champion's model and append them.
+    def catch_up(self) -> CatchUp:
+        """The live table caught up with the catalog: every stored image it lacks, embedded by the
+        champion's model, appended (components/vectors/catch_up.py).
 
-        Called after every ingest, so new classes are queryable before the next retrain. It
-        appends whatever is missing, not only the last arrival's images.
+        Every ingest calls it, the CLI's and the flow's, even with an empty inbox: whatever
+        stopped an earlier ingest between storing and appending, this one makes those images
+        queryable. With nothing missing it reads the table's completeness mark and no more.
         """
-        start = time.perf_counter()
         champion = self.registry.champion()
         if champion is None or not champion.table:
-            return HotAdd(version=None, table=None, added=0, seconds=time.perf_counter() - start)
-        added = self.catch_up(champion.version, champion.table)
-        return HotAdd(version=champion.version, table=champion.table, added=added, seconds=time.perf_counter() - start)
+            return CatchUp(version=None, table=None, appended=(), seconds=0.0)
+        tbl = open_table(connect(self.ws), self.ws, champion.table)
+        return catch_up(self.ws, self.index, tbl, champion.version, self._model(champion.version))
 
-    def catch_up(self, version: str, table: str) -> int:
-        """Append every stored image `table` lacks, embedded by `version`'s own model; how many were added.
-
-        Rows are merged on their id, so two catch-ups racing on one table never duplicate a row;
-        the model is loaded only when something is missing.
-        """
-        tbl = open_table(connect(self.ws), self.ws, table)
-        if written_by(tbl) not in (None, version):
-            raise IndexBuildError(
-                f"table {table} was written by model version {written_by(tbl)}, "
-                f"not by v{version}; refusing to mix embeddings"
-            )
-        ensure_id_index(tbl)  # tables built before it had none: built once, then every hot add uses it
-        missing, reached = missing_rows(tbl, Catalog.load(self.ws.catalog))
-        if missing:
-            append_missing(tbl, self.ws, self.registry.load_embedder(version), missing, self.index)
-            retune_ann_index(tbl, self.index)  # the index follows the table's size (params.yaml: ann_*)
-        if reached is not None and vector_metadata(tbl, CATALOG_SEQ) != reached:
-            set_vector_metadata(tbl, CATALOG_SEQ, reached)
-        if missing:  # readers mid-query keep their version's files
-            settle_appends(tbl, self.index)
-        return len(missing)
+    def _model(self, version: str) -> Callable[[], Embedder]:
+        """The version's network as the registry holds it, loaded when called (only when rows are missing)."""
+        return lambda: self.registry.load_embedder(version)

@@ -24,6 +24,7 @@ from components.modeling.runtime import Forward, make_forward
 from components.registry.mlflow_registry import CHALLENGER, CHAMPION, ModelRegistry
 from components.vectors.graph import ServingGraph
 from components.vectors.search import AsyncLoop, Hit, TableReader
+from components.vectors.tables import authorship_problem
 from components.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class NoChampionError(LookupError):
 
 
 class LivePairMismatch(RuntimeError):
-    """The champion's table was written by another version's model; serving it would mix embeddings."""
+    """The champion's table was written by another version's model, or carries no mark saying whose:
+    serving it could mix embeddings."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class LiveIndex:
 
     With `graph` (serve params whose `search` is graph), every pair carries a ServingGraph of
     its table, built before the pair goes live (the previous pair answers meanwhile); each
-    refresh adds the rows hot adds appended, so they are found within refresh_seconds, as
+    refresh adds the rows catch-ups appended, so they are found within refresh_seconds, as
     LanceDB's reader finds them. The serving graph and the one before it (the likely rollback
     target) stay in memory; a challenger's graph is not built ahead (memory: one more graph).
     """
@@ -140,7 +142,7 @@ class LiveIndex:
                 return current  # an alias never removed in normal operation: keep answering
             if current is not None and current.version == version:
                 if current.graph is not None:
-                    current.graph.catch_up()  # rows hot adds appended since the last refresh
+                    current.graph.catch_up()  # rows catch-ups appended since the last refresh
                 return current  # a version's table is named after it: nothing else can have moved
             champion = self._registry.get(version, with_metrics=False)
             if not champion.table:
@@ -148,11 +150,9 @@ class LiveIndex:
             if current is not None and (current.version, current.table_name) == (champion.version, champion.table):
                 return current
             table = self._table(champion.table)
-            if table.written_by() not in (None, champion.version):
-                raise LivePairMismatch(
-                    f"champion v{champion.version} points at table {champion.table}, "
-                    f"written by model version {table.written_by()}"
-                )
+            problem = authorship_problem(champion.table, table.schema(), champion.version)
+            if problem is not None:
+                raise LivePairMismatch(f"champion v{champion.version}: {problem}")
             forward = self._model(champion.version)
             pair = LivePair(
                 version=champion.version,
@@ -195,7 +195,7 @@ class LiveIndex:
         if name not in self._tables:
             if self._loop is None:
                 self._loop = AsyncLoop()
-            # hot adds by other processes become visible within refresh_seconds
+            # catch-ups by other processes become visible within refresh_seconds
             self._tables[name] = TableReader.open(
                 self.ws, name, self._loop, self.index, refresh_seconds=self.refresh_seconds
             )

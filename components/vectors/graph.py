@@ -4,12 +4,12 @@ At 1M synthetic rows on 2 cores a flat-vector HNSW graph in memory answers at p9
 with recall@10 0.998, where LanceDB's IVF_HNSW_SQ needs 7-16 ms for 0.975 (bench/query.py); on
 vectors calibrated to real embeddings both stay near recall 0.81 (bench/results/README.md).
 The Lance table stays the source of truth: the graph is built
-from it before the replica takes the pair (live.py), grows with the rows hot adds append to
+from it before the replica takes the pair (live.py), grows with the rows catch-ups append to
 it, and goes with its pair on a swap, so every answer still comes from one version's model
 and one version's table.
 
 Rows are labelled by their position in the table's storage order. Tables only ever grow by
-appends (hot adds insert, nothing deletes), so the rows past the graph's count are the new
+appends (catch-ups insert, nothing deletes), so the rows past the graph's count are the new
 ones; a table whose rows moved anyway (its last known id is not where it was) is re-read whole.
 """
 
@@ -19,13 +19,16 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import faiss
 import lancedb
 import numpy as np
-import pyarrow as pa
 
 from components.config import IndexParams, ServeParams
+from components.evaluation.metrics import exact_top_k, unit_rows
+from components.vectors.ann import overlap_recall, smallest_ef
+from components.vectors.rows import unit_vectors
 from components.vectors.search import Hit
 from components.vectors.tables import VECTOR, connect, open_table
 from components.workspace import Workspace
@@ -43,12 +46,6 @@ class GraphStats:
     ef: int
     recall_at_10: float | None  # on stored vectors against the graph's exact search; None when too few rows
     build_seconds: float
-
-
-def _unit(batch: pa.RecordBatch) -> np.ndarray:
-    column = batch.column(VECTOR)
-    vectors = np.asarray(column.flatten(), dtype=np.float32).reshape(len(column), -1)
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 class ServingGraph:
@@ -121,7 +118,11 @@ class ServingGraph:
         added = 0
         query = tbl.search().select(COLUMNS).limit(None)
         for batch in (query.offset(self.rows) if self.rows else query).to_batches(READ_ROWS):
-            vectors, ids, classes = _unit(batch), batch.column("id").to_pylist(), batch.column("class").to_pylist()
+            vectors, ids, classes = (
+                unit_vectors(batch),
+                batch.column("id").to_pylist(),
+                batch.column("class").to_pylist(),
+            )
             for lo in range(0, len(ids), ADD_ROWS):  # the lock is let go between chunks: searches wait little
                 with self._lock:
                     if self._graph is None:
@@ -152,15 +153,17 @@ class ServingGraph:
             rows, k = self._graph.ntotal, min(10, self._graph.ntotal)
             picks = np.unique(np.arange(min(params.recall_probes, rows)) * rows // min(params.recall_probes, rows))
             probes = self._graph.reconstruct_batch(picks)
-            _, truth = faiss.downcast_index(self._graph.storage).search(probes, k)
-        ef, recall = self._serve.graph_ef, 1.0
-        while True:
+            # the graph's vectors, flat: a view, not a copy
+            storage = cast(faiss.IndexFlat, faiss.downcast_index(self._graph.storage))
+            stored = faiss.rev_swig_ptr(storage.get_xb(), rows * storage.d).reshape(rows, storage.d)
+            _, truth = exact_top_k(probes, stored, k)
+
+        def recall_at(ef: int) -> float:
             with self._lock:
                 _, found = self._search(probes, k, ef)
-            recall = float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)]))
-            if recall >= params.ann_min_recall or ef >= params.ann_max_ef:
-                break
-            ef = min(ef * 2, params.ann_max_ef)
+            return overlap_recall(found, truth)
+
+        ef, recall = smallest_ef(self._serve.graph_ef, params.ann_max_ef, params.ann_min_recall, recall_at)
         if recall < params.ann_min_recall:
             log.warning(
                 "serving graph of %s: recall@10 %.3f at ef %d, under %s", self.table, recall, ef, params.ann_min_recall
@@ -176,8 +179,7 @@ class ServingGraph:
 
     def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """The k nearest rows (cosine distance, as LanceDB reports it) for each vector, nearest first."""
-        vectors = np.asarray(vectors, dtype=np.float32)
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        vectors = unit_rows(np.asarray(vectors, dtype=np.float32))
         with self._lock:
             if self._graph is None:  # an empty table
                 return [[] for _ in vectors]

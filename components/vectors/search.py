@@ -2,7 +2,7 @@
 private asyncio loop (the live service), and the checks that probe a table as readers do.
 
 A probe is a stored image embedded afresh from its file; it must find its own row. The
-table build validates with its in-memory network (index.validate_table), and the smoke
+table build validates with its in-memory network (validate.validate_table), and the smoke
 test with the model as users load it; both pick probes and judge them here.
 """
 
@@ -22,7 +22,7 @@ from lancedb.query import AsyncVectorQuery, LanceVectorQueryBuilder
 
 from components.config import IndexParams
 from components.data.catalog import ImageRecord
-from components.vectors.tables import ANN_EF, VECTOR, connect, missing_table, open_table, schema_written_by
+from components.vectors.tables import ANN_EF, VECTOR, connect, missing_table, open_table
 from components.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def _tuned(query: QueryT, k: int, params: IndexParams | None) -> QueryT:
 
 
 def with_table_settings(schema: pa.Schema, params: IndexParams) -> IndexParams:
-    """params with the ef the table's build tuned (index.tune_ef), where it recorded one: what readers use."""
+    """params with the ef the table's build tuned (ann.tune_ef), where it recorded one: what readers use."""
     ef = (schema.field(VECTOR).metadata or {}).get(ANN_EF.encode())
     return params if ef is None else params.model_copy(update={"ann_ef": int(ef)})
 
@@ -65,7 +65,7 @@ def search_table(
     """The k nearest rows (cosine distance) for each query vector, nearest first.
 
     With an ANN index, params' nprobes and refine_factor apply; rows appended since the index
-    was built are searched exactly alongside it, so hot-added images are found at once.
+    was built are searched exactly alongside it, so caught-up images are found at once.
     """
     # A vector makes search() a vector query builder; its declared type is the base class.
     return [
@@ -102,7 +102,7 @@ class TableReader:
     """One table opened for queries: the same search as search_table, one thread hop per call.
 
     The connection re-reads the table's latest Lance version at most every refresh_seconds,
-    so rows hot-added by other processes show up; each search reads one consistent version.
+    so rows other processes append (catch-ups) show up; each search reads one consistent version.
     """
 
     name: str
@@ -174,8 +174,9 @@ class TableReader:
 
         return self.loop.run(found())[0]
 
-    def written_by(self) -> str | None:
-        return schema_written_by(self.loop.run(self.table.schema()))
+    def schema(self) -> pa.Schema:
+        """The table's schema, its marks included (which model version wrote the rows)."""
+        return self.loop.run(self.table.schema())
 
 
 def search(

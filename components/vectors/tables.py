@@ -1,13 +1,14 @@
 """LanceDB tables: one per model version, holding every stored image's embedding.
 
-What the build (index.py) and the read path (search.py) share: the table's name and
-schema, the connection, and the marks a validated table carries in its vector field's
-metadata (when it passed validation, and which model version wrote its rows).
+What the build (build.py), the catch-up (catch_up.py) and the read path (search.py) share:
+the table's name and schema, the connection, and the marks a table carries in its vector
+field's metadata (which model version wrote its rows, when it passed validation).
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from datetime import timedelta
 
 import lancedb
@@ -23,8 +24,12 @@ MODEL_VERSION = "mnemo:model_version"  # vector-field metadata: the version whos
 ANN_TRAINED_ROWS = "mnemo:ann_trained_rows"  # vector-field metadata: rows when the ANN index was last trained
 ANN_EF = "mnemo:ann_ef"  # vector-field metadata: the HNSW ef the build found to meet the recall floor
 # vector-field metadata: the catalog position the table is complete up to ("seq:hash", Catalog.mark:
-# every image recorded at or before it has its row), so a hot add reads only the catalog's newer images
+# every image recorded at or before it has its row), so a catch-up reads only the catalog's newer images
 CATALOG_SEQ = "mnemo:catalog_seq"
+
+
+class IndexBuildError(RuntimeError):
+    """A table could not be built or written; nothing moved, the live pair is untouched."""
 
 
 def table_name(prefix: str, version: str | int) -> str:
@@ -64,13 +69,27 @@ def is_validated(tbl: lancedb.table.Table) -> bool:
 
 
 def written_by(tbl: lancedb.table.Table) -> str | None:
-    """The model version recorded on a validated table (None for a table built before marks existed)."""
+    """The model version whose model wrote the table's rows (None: an unmarked table, never ours to use)."""
     return schema_written_by(tbl.schema)
 
 
 def schema_written_by(schema: pa.Schema) -> str | None:
     value = (schema.field(VECTOR).metadata or {}).get(MODEL_VERSION.encode())
     return value.decode() if value is not None else None
+
+
+def authorship_problem(table: str, schema: pa.Schema, version: str) -> str | None:
+    """Why `table` may not be used as model version `version`'s (None when it may): every row of a
+    table in use was embedded by the model its mark names, so a table without the mark is refused."""
+    by = schema_written_by(schema)
+    if by is None:
+        return (
+            f"index table {table} carries no model-version mark (nothing says which model embedded its rows); "
+            f"refusing to use it as v{version}'s"
+        )
+    if by != str(version):
+        return f"index table {table} was written by model version {by}, not v{version}; refusing to mix embeddings"
+    return None
 
 
 def vector_metadata(tbl: lancedb.table.Table, key: str) -> str | None:
@@ -81,6 +100,16 @@ def vector_metadata(tbl: lancedb.table.Table, key: str) -> str | None:
 def set_vector_metadata(tbl: lancedb.table.Table, key: str, value: str) -> None:
     """Merged into the vector field's metadata (the other marks stay)."""
     tbl.update_field_metadata({"path": VECTOR, "metadata": {key: value}})
+
+
+def drop_old_versions(tbl: lancedb.table.Table, older_than: timedelta) -> None:
+    """Compact small fragments, fold unindexed rows into the indices, and remove Lance versions
+    older than the grace."""
+    with warnings.catch_warnings():
+        # LanceDB warns that a zero grace breaks concurrent readers; callers pass zero only for
+        # a table nobody reads yet.
+        warnings.filterwarnings("ignore", message=r".*cleanup_older_than=0")
+        tbl.optimize(cleanup_older_than=older_than)
 
 
 def vector_indices(tbl: lancedb.table.Table) -> list:

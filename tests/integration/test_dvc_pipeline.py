@@ -32,7 +32,9 @@ def test_dvc_repro_runs_the_pipeline_and_reports_metrics(params, tmp_path):
     tiny = params.model_copy(update={"paths": params.paths.model_copy(update={"workspace": Path("ws")})})
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny.model_dump(mode="json")))
     fonts = discover_fonts()
-    write_arrival(repo / "ws" / "inbox", 0, stream_classes(fonts, params.demo)[0], fonts, params.demo)
+    stream = stream_classes(fonts, params.demo)
+    for step in (0, 1):  # two arrivals: the second is learned with the first's memory and model
+        write_arrival(repo / "ws" / "inbox", step, stream[step], fonts, params.demo)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MNEMO_", "MLFLOW_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` in dvc.yaml is this one
@@ -42,12 +44,20 @@ def test_dvc_repro_runs_the_pipeline_and_reports_metrics(params, tmp_path):
     run(dvc + ["init", "-q"], repo, env)
     run(dvc + ["repro"], repo, env)
 
+    # The train stage is the retrain flow's continual training: one step per arrival, the
+    # second replaying the first's exemplars and distilling from the first's model.
+    first, second = json.loads((repo / "ws" / "dvc" / "train.json").read_text())["steps"]
+    assert (first["arrival"], second["arrival"]) == ("demo-000", "demo-001")
+    assert not first["distilled_from_previous"] and first["replay_exemplars"] == 0
+    assert second["distilled_from_previous"] and second["replay_exemplars"] == first["memory_after"] > 0
+    assert any(k.startswith("distill_") for k in second["last_epoch"]), second["last_epoch"]
+
     metrics = json.loads((repo / "ws" / "dvc" / "metrics.json").read_text())
     assert 0.0 <= metrics["unseen_recall_at_1"] <= 1.0 and "baseline_unseen_map_at_r" in metrics
     shown = json.loads(run(dvc + ["metrics", "show", "--json"], repo, env))
     assert any("unseen_recall_at_1" in json.dumps(v) for v in shown.values())
     # The inbox is a stage dependency, so ingest leaves it in place; a second repro has nothing to do.
-    assert (repo / "ws" / "inbox" / "demo-000").is_dir()
+    assert (repo / "ws" / "inbox" / "demo-000").is_dir() and (repo / "ws" / "inbox" / "demo-001").is_dir()
     again = run(dvc + ["repro"], repo, env)
     assert "Running stage" not in again and again.count("didn't change, skipping") == 4, again
 
@@ -82,3 +92,19 @@ def test_dvc_repro_runs_the_pipeline_and_reports_metrics(params, tmp_path):
     assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"] == 2
     table = json.loads(run(dvc + ["exp", "show", "--json"], repo, env))
     assert "unseen_recall_at_1" in json.dumps(table) and '"epochs": 2' in json.dumps(table)
+
+
+def test_every_stage_declares_exactly_the_params_it_may_read(repo_params):
+    from flows.stages import SECTIONS, STAGES, StageParams
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGES) == set(SECTIONS)
+    for name, stage in stages.items():
+        declared = set(stage["params"])
+        assert declared == set(SECTIONS[name]), name  # dvc.yaml and what the stage may read agree
+        assert declared <= set(type(repo_params).model_fields), name  # and every declared section exists
+    # A stage reading what it did not declare fails, naming the stage and the section.
+    view = StageParams(repo_params, "report")
+    assert view.evaluate == repo_params.evaluate
+    with pytest.raises(AttributeError, match="stage report reads params section 'train', which dvc.yaml does not"):
+        _ = view.train

@@ -1,8 +1,8 @@
 """Kill mnemo (SIGKILL, through a failpoint) at every step where state changes, and prove it recovers.
 
 One workspace lives through six crashes in turn: mid training, after registering before the
-index build, mid index build, between the alias move and the promotion-log entry, mid hot
-add, mid rollback. A reader thread queries the live pair the whole time. After each crash:
+index build, mid index build, between the alias move and the promotion-log entry, mid
+catch-up, mid rollback. A reader thread queries the live pair the whole time. After each crash:
 no query failed, `mnemo status` says what is true, the next command (`mnemo retrain`, or
 the rollback again) completes, and every stored image is found by a query against the
 champion. Real Prefect, MLflow (SQLite) and LanceDB; the killed command runs in its own process.
@@ -165,7 +165,7 @@ def test_every_crash_is_recovered(crash_params, tmp_path):
             truthful_status()
             every_image_found()
 
-        # Mid hot add: the arrival is stored, the live table has only part of it.
+        # Mid catch-up: the arrival is stored, the live table has only part of it.
         killed("catch-up-chunk-written", "ingest", str(arrive()))
         truthful_status()
         assert retrain_once() in ("promoted", "rejected")

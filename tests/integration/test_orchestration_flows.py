@@ -3,9 +3,17 @@ server with real MLflow and LanceDB stores in tmp_path."""
 
 from __future__ import annotations
 
+import pytest
+from typer.testing import CliRunner
+
+from components.data.catalog import Catalog
+from components.data.inbox import ingest_inbox
+from components.data.transforms import open_rgb
 from components.registry.mlflow_registry import ModelRegistry
 from components.registry.promotion import Promoter
+from components.serving.live import LiveIndex
 from components.vectors.search import table_rows
+from flows.cli import app
 from flows.ingest import ingest
 from flows.retrain import retrain
 from flows.rollback import rollback
@@ -22,7 +30,7 @@ def test_ingest_flow_makes_an_arrival_queryable_and_then_has_nothing_to_do(param
     summary = state.result()
     assert state.is_completed() and state.name == "Ingested"
     assert [r.arrival for r in summary.arrivals] == ["a1"] and summary.arrivals[0].stored == 8
-    assert summary.hot_add.table == "embeddings_v1" and summary.hot_add.added == 8
+    assert summary.catch_up.table == "embeddings_v1" and summary.catch_up.added == 8
     assert "8 image(s) queryable now in embeddings_v1 (champion v1)" in state.message
     assert "broken.png" in summary.arrivals[0].rejected[0].file
     assert table_rows(ws, "embeddings_v1") == rows_before + 8
@@ -30,6 +38,36 @@ def test_ingest_flow_makes_an_arrival_queryable_and_then_has_nothing_to_do(param
 
     again = ingest(params, str(ws.root), return_state=True)
     assert again.name == "Nothing new" and again.message == "nothing to ingest: the inbox holds no new arrival"
+
+
+@pytest.mark.parametrize("entry", ["mnemo ingest", "ingest flow"])
+def test_an_ingest_with_an_empty_inbox_makes_what_an_interrupted_one_stored_queryable(
+    params, params_file, live_ws, entry
+):
+    """An ingest that stopped after storing its images but before appending them (here the data
+    component stores them alone) leaves them out of the live table; the next ingest, with nothing
+    in the inbox, brings the table level with the catalog: every stored image finds itself."""
+    ws = live_ws
+    rows_before = table_rows(ws, "embeddings_v1")
+    write_arrival(ws.inbox, "a1", ["d0", "d1"], 4, seed=5)
+    assert ingest_inbox(ws, params.ingest)[0].stored == 8  # stored and recorded, not appended
+    assert table_rows(ws, "embeddings_v1") == rows_before and not (ws.inbox / "a1").exists()
+
+    if entry == "mnemo ingest":
+        common = ["--workspace", str(ws.root), "--params", str(params_file)]
+        result = CliRunner().invoke(app, ["ingest", *common], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert "queryable now: 8 image(s) appended to embeddings_v1" in result.stdout
+    else:
+        state = ingest(params, str(ws.root), return_state=True)
+        assert state.is_completed() and state.result().catch_up.added == 8
+        assert "8 image(s) stored earlier queryable now in embeddings_v1" in state.message
+
+    records = Catalog.load(ws.catalog).records()
+    assert table_rows(ws, "embeddings_v1") == len(records) == rows_before + 8
+    pair = LiveIndex(ws, params.registry, params.index, refresh_seconds=60).current()  # as `mnemo query` answers
+    hits = pair.query([open_rgb(ws.classes_dir / r.id) for r in records], 1)
+    assert [h[0]["id"] for h in hits] == [r.id for r in records]
 
 
 def test_rollback_flow_moves_the_champion_back_and_refuses_with_a_reason(params, live_ws):

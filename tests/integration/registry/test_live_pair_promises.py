@@ -54,7 +54,7 @@ def test_a_rollback_after_an_ingest_hides_no_image(live_ws, params):
     promoter.promote("2", reason="test")
     write_arrival(live_ws.inbox, "a1", ["n0", "n1"], 6, seed=9)
     ingest_inbox(live_ws, params.ingest)
-    assert promoter.hot_add().added == 12  # queryable at once in v2's table, not yet in v1's
+    assert promoter.catch_up().added == 12  # queryable at once in v2's table, not yet in v1's
     assert table_rows(live_ws, "embeddings_v1") == 60
 
     moved = promoter.rollback(reason="v2 answers badly")

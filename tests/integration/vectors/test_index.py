@@ -1,4 +1,4 @@
-"""Building, validating, retaining and hot-adding LanceDB tables: real LanceDB (and MLflow) in tmp_path."""
+"""Building, validating, retaining and catching up LanceDB tables: real LanceDB (and MLflow) in tmp_path."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import components.vectors.build as index_module
+import components.vectors.catch_up as catch_up_module
 from components.config import with_overrides
 from components.data.catalog import Catalog, ImageRecord
 from components.data.inbox import ingest_inbox
@@ -18,22 +18,14 @@ from components.modeling.embedder import Embedder, build_embedder
 from components.registry.mlflow_registry import CHAMPION, TABLE_TAG, ModelRegistry
 from components.registry.promotion import Promoter
 from components.serving.live import LiveIndex, LivePairMismatch
-from components.vectors.build import (
-    IndexValidation,
-    IndexValidationError,
-    ann_recall,
-    build_table,
-    cleanup_tables,
-    ensure_ann_index,
-    retune_ann_index,
-    tune_ef,
-    validate_table,
-)
+from components.vectors.ann import ann_recall, ensure_ann_index, retune_ann_index, tune_ef
+from components.vectors.build import build_table, cleanup_tables
 from components.vectors.search import AsyncLoop, TableReader, search_table, with_table_settings
 from components.vectors.tables import (
     ANN_EF,
     ANN_TRAINED_ROWS,
     CATALOG_SEQ,
+    IndexBuildError,
     connect,
     is_validated,
     list_tables,
@@ -43,6 +35,7 @@ from components.vectors.tables import (
     vector_metadata,
     written_by,
 )
+from components.vectors.validate import IndexValidation, IndexValidationError, validate_table
 from flows.cli import app
 from tests.integration.live_workspace import write_arrival
 
@@ -119,7 +112,7 @@ def test_clean_up_keeps_the_champions_table_and_the_newest_validated_ones(live_w
 
 def test_build_catches_up_images_ingested_while_it_ran(live_ws, params):
     records = Catalog.load(live_ws.catalog).records()
-    built = build_table(live_ws, params.index, "6", random_model(params, 6), records[:-5], catch_up=lambda: records)
+    built = build_table(live_ws, params.index, "6", random_model(params, 6), records[:-5])  # 5 stored meanwhile
     assert built.caught_up == 5 and built.rows == 60 and built.probes_ok
 
 
@@ -206,7 +199,7 @@ def test_an_index_under_its_recall_floor_fails_validation(ws, params):
     ]
 
 
-def test_hot_adds_train_the_index_past_the_threshold_and_retrain_it_as_the_table_grows(ws, params):
+def test_catch_ups_train_the_index_past_the_threshold_and_retrain_it_as_the_table_grows(ws, params):
     index = with_overrides(params, ANN | {"index.ann_type": "IVF_HNSW_SQ", "index.ann_retrain_growth": 2.0}).index
     vectors = clustered(5000, 16, seed=4)
     tbl = connect(ws).create_table("grow", vector_rows(vectors[:1500]), schema=table_schema(16))
@@ -221,7 +214,7 @@ def test_hot_adds_train_the_index_past_the_threshold_and_retrain_it_as_the_table
     assert exact_recall(tbl, index, clustered(20, 16, seed=5), vectors) >= 0.9
 
 
-def test_hot_add_makes_a_new_class_queryable_at_once(live_ws, params, params_file):
+def test_a_catch_up_makes_a_new_class_queryable_at_once(live_ws, params, params_file):
     common = ["--workspace", str(live_ws.root), "--params", str(params_file)]
     arrival = write_arrival(live_ws.root / "drop", "a1", ["fresh"], 5, seed=11)
     result = runner.invoke(app, ["ingest", str(arrival), "--json", *common], catch_exceptions=False)
@@ -235,7 +228,7 @@ def test_hot_add_makes_a_new_class_queryable_at_once(live_ws, params, params_fil
     assert answer["model_version"] == "1" and answer["table"] == "embeddings_v1"
     assert answer["results"][0][0]["id"] == fresh.id and answer["results"][0][0]["class"] == "fresh"
 
-    again = Promoter(live_ws, params.registry, params.index).hot_add()  # idempotent: nothing is missing any more
+    again = Promoter(live_ws, params.registry, params.index).catch_up()  # idempotent: nothing is missing any more
     assert again.added == 0 and connect(live_ws).open_table("embeddings_v1").count_rows() == 65
 
 
@@ -246,6 +239,25 @@ def test_a_champion_pointing_at_another_versions_table_is_refused(live_ws, param
     live = LiveIndex(live_ws, params.registry, params.index, refresh_seconds=60)
     with pytest.raises(LivePairMismatch, match="written by model version 1"):
         live.refresh()
+
+
+def test_a_table_without_a_model_version_mark_is_refused_everywhere(live_ws, params):
+    """The (model, table) promise rests on the mark: a table that lacks it is never served,
+    appended to, reused by a build, or promoted to."""
+    db = connect(live_ws)
+    rows = db.open_table("embeddings_v1").to_arrow()
+    db.create_table(
+        "embeddings_v1", rows.cast(table_schema(rows.schema.field("vector").type.list_size)), mode="overwrite"
+    )
+    assert written_by(db.open_table("embeddings_v1")) is None
+
+    with pytest.raises(LivePairMismatch, match="carries no model-version mark"):
+        LiveIndex(live_ws, params.registry, params.index, refresh_seconds=60).refresh()
+    with pytest.raises(IndexBuildError, match="carries no model-version mark"):
+        Promoter(live_ws, params.registry, params.index).catch_up()
+    model_v1 = ModelRegistry(live_ws, params.registry).load_embedder("1")
+    with pytest.raises(IndexBuildError, match="carries no model-version mark"):
+        build_table(live_ws, params.index, "1", model_v1, Catalog.load(live_ws.catalog).records(), live="embeddings_v1")
 
 
 @pytest.mark.parametrize("ann", [False, True])
@@ -306,10 +318,10 @@ def test_the_build_widens_the_hnsw_search_up_to_ann_max_ef_and_readers_use_the_e
     assert exact_recall(tbl, with_table_settings(tbl.schema, index), vectors[:20], vectors) >= 0.9
 
 
-def test_a_hot_add_asks_the_catalog_only_for_images_past_the_tables_mark(live_ws, params, monkeypatch):
-    """The table records the catalog position it is complete up to; a hot add reads the images
+def test_a_catch_up_asks_the_catalog_only_for_images_past_the_tables_mark(live_ws, params, monkeypatch):
+    """The table records the catalog position it is complete up to; a catch-up reads the images
     recorded since (not the whole catalog, not the table's whole id column), then moves the mark.
-    A table from before the mark is compared id by id once, then marked."""
+    A table whose mark the catalog does not recognise is compared id by id once, then marked."""
     promoter = Promoter(live_ws, params.registry, params.index)
     tbl = connect(live_ws).open_table("embeddings_v1")
     catalog = Catalog.load(live_ws.catalog)
@@ -319,16 +331,16 @@ def test_a_hot_add_asks_the_catalog_only_for_images_past_the_tables_mark(live_ws
     ingest_inbox(live_ws, params.ingest)
     whole = []
     monkeypatch.setattr(Catalog, "records", lambda self, *roles: whole.append(roles) or [])
-    monkeypatch.setattr(index_module, "column", lambda tbl, name: whole.append(name) or [])
-    assert promoter.hot_add().added == 4 and not whole  # never the whole catalog, nor the id column
+    monkeypatch.setattr(catch_up_module, "column", lambda tbl, name: whole.append(name) or [])
+    assert promoter.catch_up().added == 4 and not whole  # never the whole catalog, nor the id column
     monkeypatch.undo()
     tbl = connect(live_ws).open_table("embeddings_v1")
     assert vector_metadata(tbl, CATALOG_SEQ).startswith("64:") and tbl.count_rows() == 64
-    assert promoter.hot_add().added == 0
+    assert promoter.catch_up().added == 0
 
     # a mark this catalog does not recognise (other data was checked out since): compared whole once
     tbl.update_field_metadata({"path": "vector", "metadata": {CATALOG_SEQ: "64:0123456789abcdef"}})
     write_arrival(live_ws.inbox, "a2", ["n1"], 3, seed=10)
     ingest_inbox(live_ws, params.ingest)
-    assert promoter.hot_add().added == 3
+    assert promoter.catch_up().added == 3
     assert vector_metadata(connect(live_ws).open_table("embeddings_v1"), CATALOG_SEQ).startswith("67:")

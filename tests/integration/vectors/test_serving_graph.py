@@ -94,7 +94,7 @@ def test_a_hot_add_is_found_after_a_refresh_and_a_rollback_hides_nothing(live_ws
 
     write_arrival(live_ws.inbox, "a1", ["n0", "n1"], 6, seed=9)
     ingest_inbox(live_ws, params.ingest)
-    assert promoter.hot_add().added == 12
+    assert promoter.catch_up().added == 12
     live.refresh()  # what the background refresh does every refresh_seconds
     records = Catalog.load(live_ws.catalog).records()
     images = [open_rgb(live_ws.classes_dir / r.id) for r in records]

@@ -1,0 +1,127 @@
+"""Catching a table up with the catalog: the one way stored images are appended to a table.
+
+Every stored image a table lacks is embedded by the table's own model (the version its mark
+names; a table without the mark is refused) and appended. Ingest catches the live table up
+(new classes are queryable before the next retrain, and whatever stopped an earlier ingest,
+the next one brings the table level); a build catches its new table up with images ingested
+while it ran; a promotion catches the table up before the alias moves to it.
+
+The table records the catalog position it is complete up to (its CATALOG_SEQ mark), so a
+catch-up with nothing missing reads the mark and the catalog's newer images, not the table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import lancedb
+
+from components.config import IndexParams
+from components.data.catalog import Catalog, ImageRecord
+from components.modeling.embedder import Embedder
+from components.ops.failpoints import failpoint
+from components.vectors.ann import retune_ann_index
+from components.vectors.rows import embedded_rows, in_chunks
+from components.vectors.tables import (
+    CATALOG_SEQ,
+    IndexBuildError,
+    authorship_problem,
+    column,
+    drop_old_versions,
+    ensure_id_index,
+    ids_present,
+    set_vector_metadata,
+    vector_metadata,
+)
+from components.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """The stored images a catch-up appended to a table (version and table None: no champion to catch up)."""
+
+    version: str | None
+    table: str | None
+    appended: tuple[ImageRecord, ...]
+    seconds: float
+
+    @property
+    def added(self) -> int:
+        return len(self.appended)
+
+    def to_dict(self) -> dict:
+        """What `mnemo ingest --json` prints under "hot_add": version, table, added, seconds."""
+        return {"version": self.version, "table": self.table, "added": self.added, "seconds": self.seconds}
+
+
+def catch_up(
+    ws: Workspace, params: IndexParams, tbl: lancedb.table.Table, version: str, model: Callable[[], Embedder]
+) -> CatchUp:
+    """Append every stored image `tbl` lacks, embedded by `version`'s model, and mark the table complete.
+
+    `model` is called only when something is missing. Rows are merged on their id, so two
+    catch-ups racing on one table never duplicate a row; raises IndexBuildError for a table
+    that `version`'s model did not write.
+    """
+    start = time.perf_counter()
+    problem = authorship_problem(tbl.name, tbl.schema, version)
+    if problem is not None:
+        raise IndexBuildError(problem)
+    ensure_id_index(tbl)  # tables built before it had none: built once, then every catch-up uses it
+    missing, reached = _missing(tbl, Catalog.load(ws.catalog))
+    if missing:
+        _append(tbl, ws, model(), missing, params)
+        retune_ann_index(tbl, params)  # the index follows the table's size (params.yaml: ann_*)
+    if reached is not None and vector_metadata(tbl, CATALOG_SEQ) != reached:  # a write is a new Lance version
+        set_vector_metadata(tbl, CATALOG_SEQ, reached)
+    if missing:  # readers mid-query keep their version's files
+        _settle(tbl, params)
+    return CatchUp(version=str(version), table=tbl.name, appended=tuple(missing), seconds=time.perf_counter() - start)
+
+
+def _missing(tbl: lancedb.table.Table, catalog: Catalog) -> tuple[list[ImageRecord], str | None]:
+    """The catalog's images the table lacks, and the mark of the catalog position the table reaches
+    once they are appended. A table whose mark the catalog recognises is asked only about the images
+    recorded since (what an arrival costs); any other (new, or marked before other data was
+    checked out) has its id column compared with the whole catalog once."""
+    last = catalog.last_seq()  # first: images recorded while this runs belong to the next call
+    mark = vector_metadata(tbl, CATALOG_SEQ) or ""
+    seq = mark.partition(":")[0]
+    if seq.isdigit() and catalog.mark(int(seq)) == mark:
+        candidates = [r for r in catalog.records_since(int(seq)) if r.seq <= last]
+        present = ids_present(tbl, [r.id for r in candidates])
+    else:
+        candidates = [r for r in catalog.records() if r.seq <= last]
+        present = set(column(tbl, "id"))
+    return [r for r in candidates if r.id not in present], catalog.mark(last)
+
+
+def _append(
+    tbl: lancedb.table.Table, ws: Workspace, model: Embedder, records: Sequence[ImageRecord], params: IndexParams
+) -> None:
+    """Insert rows whose id the table lacks; merge on `id`, so two racing writers never duplicate one."""
+    for chunk in in_chunks(records, params.write_rows):
+        tbl.merge_insert("id").when_not_matched_insert_all().execute(embedded_rows(ws, model, chunk, params.batch_size))
+        failpoint("catch-up-chunk-written")
+
+
+def _settle(tbl: lancedb.table.Table, params: IndexParams) -> bool:
+    """After appends: compact and fold the new rows into the indices (drop_old_versions, which
+    rewrites the table's last fragment and its indices: time and memory that grow with the table)
+    only once the rows no index covers yet reach `optimize_fraction` of the table, so the rewrite
+    is paid once per that much growth, not per arrival. Until then readers scan those few rows
+    exactly beside the indices, and only superseded versions past the grace are removed.
+    Returns whether it optimized."""
+    grace = timedelta(seconds=params.old_versions_seconds)
+    unindexed = max(
+        ((stats.num_unindexed_rows if (stats := tbl.index_stats(i.name)) else 0) for i in tbl.list_indices()),
+        default=0,
+    )
+    if unindexed >= params.optimize_fraction * tbl.count_rows():
+        drop_old_versions(tbl, grace)
+        return True
+    tbl.cleanup_old_versions(grace)
+    return False

@@ -1,0 +1,45 @@
+"""A table's rows: stored images embedded from their files, in the table's schema.
+
+What every writer of a table shares: the full build (build.py), the sharded build's
+fragments, and the catch-up that appends images a table lacks (catch_up.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from components.data.catalog import ImageRecord
+from components.evaluation.metrics import unit_rows
+from components.modeling.embedder import Embedder, embed_files
+from components.vectors.tables import VECTOR, table_schema
+from components.workspace import Workspace
+
+
+def embedded_rows(ws: Workspace, model: Embedder, records: Sequence[ImageRecord], batch_size: int) -> pa.Table:
+    """The records' rows: id, class, arrival, role, and the image embedded by `model`."""
+    vectors = embed_files(model, [ws.classes_dir / r.id for r in records], batch_size=batch_size)
+    return pa.table(
+        {
+            "id": [r.id for r in records],
+            "class": [r.cls for r in records],
+            "arrival": [r.arrival for r in records],
+            "split": [r.role for r in records],
+            VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), model.embedding_dim),
+        },
+        schema=table_schema(model.embedding_dim),
+    )
+
+
+def in_chunks(records: Sequence[ImageRecord], size: int) -> Iterable[Sequence[ImageRecord]]:
+    """The records `size` at a time: one LanceDB write (one Lance version or fragment) each."""
+    for lo in range(0, len(records), size):
+        yield records[lo : lo + size]
+
+
+def unit_vectors(batch: pa.RecordBatch) -> np.ndarray:
+    """A batch's vector column as float32 unit rows (inner product = cosine similarity)."""
+    column = batch.column(VECTOR)
+    return unit_rows(np.asarray(column.flatten(), dtype=np.float32).reshape(len(column), -1))

@@ -1,0 +1,97 @@
+"""Validating a built table before its version may go live: one row per stored image, every class
+present, probe images embedded afresh finding their own rows, and the ANN search's recall floor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import lancedb
+
+from components.config import IndexParams
+from components.data.catalog import ImageRecord
+from components.modeling.embedder import Embedder, embed_files
+from components.vectors.ann import ann_recall
+from components.vectors.search import finds_itself, probe_records, search_table, with_table_settings
+from components.vectors.tables import IndexBuildError, column
+from components.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class IndexValidation:
+    """What a table holds against what it should hold; `ok` is the verdict, `problems` the reasons."""
+
+    table: str
+    rows: int
+    expected_rows: int
+    classes: int
+    missing_classes: tuple[str, ...]
+    probes: int
+    probes_found: int  # probe images whose own row came back as their nearest neighbour
+    ann_recall: float | None  # recall@10 of the ANN search against exact search; None: exact search
+    min_recall: float
+
+    @property
+    def problems(self) -> list[str]:
+        found = []
+        if self.rows != self.expected_rows:
+            found.append(f"{self.rows} rows, expected {self.expected_rows} (one per stored image)")
+        if self.missing_classes:
+            shown = ", ".join(self.missing_classes[:5]) + (", ..." if len(self.missing_classes) > 5 else "")
+            found.append(f"{len(self.missing_classes)} class(es) missing: {shown}")
+        if self.probes_found != self.probes:
+            found.append(
+                f"{self.probes - self.probes_found} of {self.probes} probe images did not find themselves "
+                "(model and stored vectors disagree)"
+            )
+        if self.ann_recall is not None and self.ann_recall < self.min_recall:
+            found.append(
+                f"ANN recall@10 {self.ann_recall:.3f} against exact search, under the floor {self.min_recall} "
+                "(index.ann_min_recall; the build tried ef up to index.ann_max_ef: raise it, or ann_nprobes)"
+            )
+        return found
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class IndexValidationError(IndexBuildError):
+    """A freshly built table does not hold what it should; it must not go live."""
+
+    def __init__(self, validation: IndexValidation) -> None:
+        super().__init__(f"table {validation.table} failed validation: {'; '.join(validation.problems)}")
+        self.validation = validation
+
+
+def validate_table(
+    ws: Workspace,
+    tbl: lancedb.table.Table,
+    model: Embedder,
+    records: Sequence[ImageRecord],
+    params: IndexParams,
+    *,
+    measured_recall: float | None = None,
+) -> IndexValidation:
+    """Row count equals the images stored, every class is present, probe images, embedded afresh
+    by `model` from their files, find their own rows through the live search path, and the ANN
+    search keeps its recall floor (`measured_recall`: what tune_ef just measured, not measured again)."""
+    classes = set(column(tbl, "class"))
+    rows = tbl.count_rows()
+    probes = probe_records(records, params.probes)
+    vectors = embed_files(model, [ws.classes_dir / r.id for r in probes], batch_size=params.batch_size)
+    readers = with_table_settings(tbl.schema, params)  # as readers will search it
+    hits = search_table(tbl, vectors, min(5, max(rows, 1)), readers) if rows else [[] for _ in probes]
+    if measured_recall is None and rows:
+        measured_recall = ann_recall(tbl, params)  # None without an index: exact search
+    return IndexValidation(
+        table=tbl.name,
+        rows=rows,
+        expected_rows=len(records),
+        classes=len(classes),
+        missing_classes=tuple(sorted({r.cls for r in records} - classes)),
+        probes=len(probes),
+        probes_found=sum(finds_itself(r.id, h) for r, h in zip(probes, hits)),
+        ann_recall=measured_recall,
+        min_recall=params.ann_min_recall,
+    )
