@@ -11,9 +11,12 @@ from rich.table import Table
 from components.config import Params
 from components.data.catalog import Catalog
 from components.data.demo import arrival_id, discover_fonts, stream_classes, write_arrival
+from components.evaluation import keys
 from components.training.planning import RetrainSummary
 from components.workspace import resolve_workspace
 from flows.retrain import retrain
+
+HEADLINE = (keys.unseen("recall_at_1"), keys.unseen("map_at_r"))  # what each step shows, beside raw pixels
 
 
 @dataclass
@@ -46,10 +49,7 @@ def steps_table(steps: list[DemoStep]) -> Table:
             str(s.summary.classes_known),
             s.summary.version or "-",
             s.summary.status,
-            f"{m.get('unseen_recall_at_1', float('nan')):.3f}",
-            f"{m.get('unseen_map_at_r', float('nan')):.3f}",
-            f"{m.get('baseline_unseen_recall_at_1', float('nan')):.3f}",
-            f"{m.get('baseline_unseen_map_at_r', float('nan')):.3f}",
+            *(f"{m.get(k, float('nan')):.3f}" for k in (*HEADLINE, *map(keys.baseline, HEADLINE))),
             f"{s.seconds:.0f}",
         )
     return table
@@ -57,20 +57,19 @@ def steps_table(steps: list[DemoStep]) -> Table:
 
 def beats_pixels(metrics: dict[str, float]) -> bool:
     """Unseen Recall@1 and MAP@R both above the raw-pixel baseline on the same images."""
-    return all(metrics[f"unseen_{m}"] > metrics[f"baseline_unseen_{m}"] for m in ("recall_at_1", "map_at_r"))
+    return all(metrics[k] > metrics[keys.baseline(k)] for k in HEADLINE)
 
 
 def pixel_verdict(steps: list[DemoStep]) -> str:
     """One line: did the model beat raw pixels at every step that trained one?"""
-    scored = [s for s in steps if "unseen_recall_at_1" in s.summary.metrics]
+    scored = [s for s in steps if HEADLINE[0] in s.summary.metrics]
     behind = [s for s in scored if not beats_pixels(s.summary.metrics)]
     if not behind:
         return f"model vs raw pixels: ahead at every step ({len(scored)} of {len(scored)}, unseen Recall@1 and MAP@R)"
+    r1, map_r = HEADLINE
     return "model vs raw pixels: behind at step " + ", ".join(
-        f"{s.step} (R@1 {s.summary.metrics['unseen_recall_at_1']:.3f} vs "
-        f"{s.summary.metrics['baseline_unseen_recall_at_1']:.3f}, MAP@R {s.summary.metrics['unseen_map_at_r']:.3f} "
-        f"vs {s.summary.metrics['baseline_unseen_map_at_r']:.3f})"
-        for s in behind
+        f"{s.step} (R@1 {m[r1]:.3f} vs {m[keys.baseline(r1)]:.3f}, MAP@R {m[map_r]:.3f} vs {m[keys.baseline(map_r)]:.3f})"
+        for s, m in ((s, s.summary.metrics) for s in behind)
     )
 
 

@@ -14,14 +14,14 @@ import numpy as np
 
 from components.config import EvaluateParams, GateParams
 from components.data.catalog import Catalog
+from components.evaluation import keys
 from components.evaluation.forgetting import (
     ForgettingMatrix,
     forgetting_matrix,
     forgetting_metrics,
     seen_slice_rows,
-    slice_key,
 )
-from components.evaluation.gate import GateDecision, decide, prefixed
+from components.evaluation.gate import GateDecision, decide
 from components.evaluation.metrics import few_shot_metrics, pixel_vectors, sanity_metrics, score_vectors
 from components.modeling.embedder import Embedder, embed_files
 from components.workspace import Workspace
@@ -49,22 +49,24 @@ def evaluate_models(
     paths, labels = [ws.classes_dir / r.id for r in records], np.array([r.cls for r in records], dtype=object)
     unseen = np.array([i for i, r in enumerate(records) if r.role == "unseen"], dtype=int)
     slices = seen_slice_rows(catalog, records)
-    champion_slices = {slice_key(a) for a in champion_arrivals}
+    champion_slices = {keys.slice_key(a) for a in champion_arrivals}
 
-    def scored(x: np.ndarray, prefix: str, slice_keys: Collection[str]) -> dict[str, float]:
+    def scored(x: np.ndarray, slice_keys: Collection[str]) -> dict[str, float]:
         xu, lu = x[unseen], labels[unseen].tolist()
-        out = score_vectors(xu, lu, ks, f"{prefix}unseen") | few_shot_metrics(xu, lu, params, f"{prefix}unseen")
-        for key in slice_keys:
-            out |= score_vectors(x, labels.tolist(), ks, f"{prefix}seen_{key}", queries=slices[key])
+        out = score_vectors(xu, lu, ks, keys.UNSEEN) | few_shot_metrics(xu, lu, params, keys.UNSEEN)
+        for s in slice_keys:
+            out |= score_vectors(x, labels.tolist(), ks, keys.key(keys.SEEN, s), queries=slices[s])
         return out
 
     x = embed_files(candidate, paths, batch_size=bs)
-    metrics = sanity_metrics(x[unseen]) | scored(x, "", slices)
+    metrics = sanity_metrics(x[unseen]) | scored(x, slices)
     pixels = pixel_vectors([paths[i] for i in unseen], params.baseline_image_size)
-    metrics |= score_vectors(pixels, labels[unseen].tolist(), ks, "baseline_unseen")
-    metrics |= few_shot_metrics(pixels, labels[unseen].tolist(), params, "baseline_unseen")
+    on_pixels = score_vectors(pixels, labels[unseen].tolist(), ks, keys.UNSEEN)
+    on_pixels |= few_shot_metrics(pixels, labels[unseen].tolist(), params, keys.UNSEEN)
+    metrics |= {keys.baseline(k): v for k, v in on_pixels.items()}
     if champion is not None:
-        metrics |= scored(embed_files(champion, paths, batch_size=bs), "champion_", slices.keys() & champion_slices)
+        theirs = scored(embed_files(champion, paths, batch_size=bs), slices.keys() & champion_slices)
+        metrics |= {keys.champion(k): v for k, v in theirs.items()}
     return metrics
 
 
@@ -97,5 +99,5 @@ def assess(
     metrics = evaluate_models(ws, catalog, params, candidate, champion, champion_arrivals)
     matrix = forgetting_matrix(served, metrics, champion=champion_version if champion is not None else None)
     metrics |= forgetting_metrics(matrix)
-    decision = decide(metrics, prefixed(metrics, "champion_") if champion is not None else None, gate)
+    decision = decide(metrics, (keys.under(metrics, keys.CHAMPION) or None) if champion is not None else None, gate)
     return Assessment(metrics=metrics, matrix=matrix, decision=decision)

@@ -4,7 +4,6 @@ versions that served, forgetting per slice, and the matrix as a heatmap."""
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -13,17 +12,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from components.data.catalog import Catalog, ImageRecord
+from components.evaluation import keys
 from components.evaluation.metrics import json_number
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-FORGETTING_METRIC = "recall_at_1"  # the seen-class metric forgetting is measured on
-
-
-def slice_key(arrival: str) -> str:
-    """An arrival id as it appears in metric names (MLflow allows word characters, '.' and '-')."""
-    return re.sub(r"[^\w.-]", "_", arrival)
 
 
 def seen_slices(catalog: Catalog) -> dict[str, list[ImageRecord]]:
@@ -31,7 +24,7 @@ def seen_slices(catalog: Catalog) -> dict[str, list[ImageRecord]]:
     slices: dict[str, list[ImageRecord]] = {}
     for r in catalog.records("query"):
         arrival = catalog.classes.get(r.cls, {}).get("arrival", r.arrival)
-        slices.setdefault(slice_key(arrival), []).append(r)
+        slices.setdefault(keys.slice_key(arrival), []).append(r)
     return dict(sorted(slices.items()))
 
 
@@ -68,18 +61,6 @@ def average_forgetting(matrix: np.ndarray) -> float:
     f = slice_forgetting(matrix)
     f = f[~np.isnan(f)]
     return float(f.mean()) if len(f) else 0.0
-
-
-def slice_values(
-    metrics: Mapping[str, float], prefix: str = "seen_", metric: str = FORGETTING_METRIC
-) -> dict[str, float]:
-    """{slice: value} from keys `<prefix><slice>_<metric>`."""
-    head, tail = prefix, f"_{metric}"
-    return {
-        k[len(head) : -len(tail)]: v
-        for k, v in metrics.items()
-        if k.startswith(head) and k.endswith(tail) and len(k) > len(head) + len(tail)
-    }
 
 
 @dataclass(frozen=True)
@@ -120,11 +101,11 @@ def forgetting_matrix(
     and its champion_seen_* keys replace the logged row of version `champion`, so the
     champion is compared on exactly the images the candidate was scored on.
     """
-    rows = {str(v): slice_values(m) for v, m in served}
+    rows = {str(v): keys.slice_values(m) for v, m in served}
     if champion is not None:
-        rows[str(champion)] = rows.get(str(champion), {}) | slice_values(candidate, "champion_seen_")
+        rows[str(champion)] = rows.get(str(champion), {}) | keys.slice_values(keys.under(candidate, keys.CHAMPION))
     order = sorted(rows, key=lambda v: (int(v), v) if v.isdigit() else (math.inf, v))
-    last = slice_values(candidate)
+    last = keys.slice_values(candidate)
     slices = sorted({s for v in order for s in rows[v]} | set(last))
     values = np.array(
         [[rows[v].get(s, math.nan) for s in slices] for v in order] + [[last.get(s, math.nan) for s in slices]],
@@ -136,7 +117,7 @@ def forgetting_matrix(
 def forgetting_metrics(matrix: ForgettingMatrix) -> dict[str, float]:
     """forgetting_<slice> for every slice the candidate can have forgotten, and their mean."""
     per_slice = matrix.forgetting()
-    out = {f"forgetting_{s}": v for s, v in per_slice.items()}
+    out = {keys.forgetting(s): v for s, v in per_slice.items()}
     out["average_forgetting"] = average_forgetting(matrix.values) if len(matrix.versions) > 1 else 0.0
     return out
 

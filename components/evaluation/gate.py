@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from components.config import GateParams
+from components.evaluation import keys
 from components.evaluation.forgetting import ForgettingMatrix
 from components.evaluation.metrics import json_number
 
@@ -34,12 +35,6 @@ class GateDecision:
             reasons=[*self.reasons, reason],
             failed=self.failed if passed else [*self.failed, reason],
         )
-
-
-def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float] | None:
-    """The metrics whose keys start with prefix, prefix removed; None when there are none."""
-    found = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
-    return found or None
 
 
 def _number(metrics: Mapping[str, float], key: str) -> float:
@@ -78,8 +73,8 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
         f"embeddings collapsed: spread {spread:.4f} is below the floor {gate.min_embedding_spread:.4f}",
     )
     for key, name, floor in (
-        ("unseen_recall_at_1", "unseen Recall@1", gate.min_unseen_recall_at_1),
-        ("unseen_map_at_r", "unseen MAP@R", gate.min_unseen_map_at_r),
+        (keys.unseen("recall_at_1"), "unseen Recall@1", gate.min_unseen_recall_at_1),
+        (keys.unseen("map_at_r"), "unseen MAP@R", gate.min_unseen_map_at_r),
     ):
         value = _number(candidate, key)
         check(
@@ -88,14 +83,14 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
             f"{name} {value:.4f} is below the floor {floor:.4f}",
         )
         if gate.min_margin_over_pixels > -1:  # -1: off
-            pixels, margin = _number(candidate, f"baseline_{key}"), gate.min_margin_over_pixels
+            pixels, margin = _number(candidate, keys.baseline(key)), gate.min_margin_over_pixels
             check(
                 value - pixels > margin,
                 f"{name} {value:.4f} beats raw pixels ({pixels:.4f}) by more than {margin:.4f}",
                 f"{name} {value:.4f} does not beat raw pixels ({pixels:.4f}) by more than {margin:.4f}",
             )
     for task, floor in sorted(gate.min_unseen_few_shot.items()):
-        value = _number(candidate, f"unseen_{task}")
+        value = _number(candidate, keys.unseen(task))
         check(
             value >= floor,
             f"unseen {task} accuracy {value:.4f} meets the floor {floor:.4f}",
@@ -107,7 +102,8 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
     if champion is None:
         reasons.append("no champion: change thresholds skipped")
         return GateDecision(promote=not failed, reasons=reasons, failed=failed)
-    r1, before = _number(candidate, "unseen_recall_at_1"), _number(champion, "unseen_recall_at_1")
+    r1_key = keys.unseen("recall_at_1")
+    r1, before = _number(candidate, r1_key), _number(champion, r1_key)
     if math.isnan(before):
         reasons.append("the champion's unseen Recall@1 is unknown: drop not checked")
     else:
@@ -119,9 +115,7 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
             if not math.isnan(drop)
             else "unseen Recall@1 is not a number: drop against the champion unknown",
         )
-    forgetting = {
-        k[len("forgetting_") :]: float(v) for k, v in sorted(candidate.items()) if k.startswith("forgetting_")
-    }
+    forgetting = {s: float(v) for s, v in sorted(keys.under(candidate, keys.FORGETTING).items())}
     allowed = gate.max_slice_forgetting
     over = {s: f for s, f in forgetting.items() if not f <= allowed}  # NaN counts as over: unknown is not fine
     for s, f in over.items():
@@ -147,8 +141,8 @@ def gate_report(
 ) -> dict:
     """The gate's verdict as plain JSON: metrics side by side, deltas, thresholds, forgetting, reasons."""
     side_by_side = {}
-    for key in sorted(k for k in metrics if k.startswith(("unseen_", "seen_"))):
-        mine, theirs = metrics[key], metrics.get(f"champion_{key}")
+    for key in sorted(k for k in metrics if keys.is_scored(k)):
+        mine, theirs = metrics[key], metrics.get(keys.champion(key))
         side_by_side[key] = {
             "candidate": json_number(mine),
             "champion": json_number(theirs),
@@ -164,10 +158,8 @@ def gate_report(
         "reasons": list(decision.reasons),
         "thresholds": gate.model_dump(mode="json"),
         "metrics": side_by_side,
-        "baseline": {k: json_number(v) for k, v in sorted(metrics.items()) if k.startswith("baseline_")},
-        "forgetting": {
-            k[len("forgetting_") :]: json_number(v) for k, v in sorted(metrics.items()) if k.startswith("forgetting_")
-        },
+        "baseline": {keys.baseline(k): json_number(v) for k, v in sorted(keys.under(metrics, keys.BASELINE).items())},
+        "forgetting": {s: json_number(v) for s, v in sorted(keys.under(metrics, keys.FORGETTING).items())},
         "forgetting_matrix": matrix.labelled(str(candidate_version)).as_dict(),
     }
 

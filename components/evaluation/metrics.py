@@ -7,13 +7,8 @@ them, R being the number of other images of the query's class (Musgrave et al., 
 Learning Reality Check"). Queries without any other image of their class are left out, as
 pytorch-metric-learning does.
 
-Metric keys (what is logged to MLflow and what the gate reads):
-  unseen_*                      the candidate on the unseen classes (never trained on)
-  seen_<slice>_*                the candidate on the held-out queries of the classes an arrival brought
-  champion_unseen_*, champion_seen_<slice>_*   the champion on the same images
-  baseline_unseen_*             raw pixels on the unseen classes: what a model has to beat
-  forgetting_<slice>            best seen Recall@1 a served version had on the slice minus the candidate's
-  non_finite_embeddings, embedding_spread      sanity of the candidate's unseen-class embeddings
+The metric keys (unseen_*, seen_<slice>_*, champion_*, baseline_*, forgetting_*) are built and
+parsed in keys.py; sanity adds non_finite_embeddings and embedding_spread.
 """
 
 from __future__ import annotations
@@ -23,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 from PIL import Image
@@ -30,10 +26,26 @@ from PIL import Image
 from components.config import EvaluateParams
 from components.data.catalog import ImageRecord
 from components.data.transforms import open_rgb
+from components.evaluation import keys
 from components.modeling.embedder import Embedder, embed_files
 from components.workspace import Workspace
 
 BLOCK_BYTES = 256 * 2**20  # similarity rows computed at once: a 100k gallery needs ~670 query rows per block
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (cosine similarity becomes a dot product); zero rows stay zero."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def exact_top_k(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, gallery rows) of each query's k largest inner products, largest first (faiss.knn:
+    exact, blocked BLAS); on unit rows that is the k nearest by cosine. At most len(gallery) per query."""
+    k = min(k, len(gallery))
+    if k == 0:
+        return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+    q, g = (np.ascontiguousarray(a, dtype=np.float32) for a in (queries, gallery))
+    return faiss.knn(q, g, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
 @dataclass(frozen=True)
@@ -44,9 +56,9 @@ class RetrievalMetrics:
     queries: int
 
     def as_dict(self, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}_recall_at_{k}": v for k, v in self.recall_at.items()}
-        out[f"{prefix}_map_at_r"] = self.map_at_r
-        out[f"{prefix}_r_precision"] = self.r_precision
+        out = {keys.key(prefix, f"recall_at_{k}"): v for k, v in self.recall_at.items()}
+        out[keys.key(prefix, "map_at_r")] = self.map_at_r
+        out[keys.key(prefix, "r_precision")] = self.r_precision
         return out
 
 
@@ -121,9 +133,8 @@ def pixel_vectors(paths: Sequence[Path], size: int) -> np.ndarray:
     for path in paths:
         grey = open_rgb(path).convert("L").resize((size, size), Image.Resampling.BILINEAR)  # upright, as embedded
         v = np.asarray(grey, dtype=np.float32).ravel()
-        v -= v.mean()
-        rows.append(v / (np.linalg.norm(v) + 1e-8))
-    return np.stack(rows)
+        rows.append(v - v.mean())
+    return unit_rows(np.stack(rows))
 
 
 # --- sanity -------------------------------------------------------------------------------
@@ -135,8 +146,7 @@ def embedding_spread(embeddings: np.ndarray) -> float:
     For unit vectors the mean of x_i . x_j over all ordered pairs is |mean x|^2, so this
     is exact in O(N D) rather than O(N^2 D).
     """
-    x = np.asarray(embeddings, dtype=np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = unit_rows(np.asarray(embeddings, dtype=np.float64))
     n = len(x)
     if n < 2:
         return math.nan
@@ -160,9 +170,9 @@ def score_vectors(
 ) -> dict[str, float]:
     """Retrieval metrics under prefix; NaN for every key when an embedding is not finite."""
     if not np.isfinite(embeddings).all():
-        return {f"{prefix}_recall_at_{k}": math.nan for k in ks} | {
-            f"{prefix}_map_at_r": math.nan,
-            f"{prefix}_r_precision": math.nan,
+        return {keys.key(prefix, f"recall_at_{k}"): math.nan for k in ks} | {
+            keys.key(prefix, "map_at_r"): math.nan,
+            keys.key(prefix, "r_precision"): math.nan,
         }
     return retrieval_metrics(embeddings, labels, ks, queries=queries, device=metrics_device()).as_dict(prefix)
 
@@ -192,19 +202,14 @@ def score_unseen(
     """
     paths, labels = [ws.classes_dir / r.id for r in unseen], [r.cls for r in unseen]
     ks = params.recall_at
-    metrics = score_embedder(candidate, paths, labels, ks, params.batch_size).as_dict("unseen")
-    metrics |= score_pixels(paths, labels, ks, params.baseline_image_size).as_dict("baseline_unseen")
+    metrics = score_embedder(candidate, paths, labels, ks, params.batch_size).as_dict(keys.UNSEEN)
+    metrics |= score_pixels(paths, labels, ks, params.baseline_image_size).as_dict(keys.baseline(keys.UNSEEN))
     if champion is not None:
-        metrics |= score_embedder(champion, paths, labels, ks, params.batch_size).as_dict("champion_unseen")
+        metrics |= score_embedder(champion, paths, labels, ks, params.batch_size).as_dict(keys.champion(keys.UNSEEN))
     return metrics
 
 
 # --- few-shot episodes ---------------------------------------------------------------------
-
-
-def few_shot_key(way: int, shot: int) -> str:
-    """The metric name of an N-way K-shot task: `20way_1shot`."""
-    return f"{way}way_{shot}shot"
 
 
 def few_shot_accuracy(
@@ -217,8 +222,7 @@ def few_shot_accuracy(
     them as queries; a query is right when the nearest class mean of the (L2-normalised)
     support embeddings, by cosine similarity, is its own class.
     """
-    x = np.asarray(embeddings, dtype=np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = unit_rows(np.asarray(embeddings, dtype=np.float64))
     by_class: dict[str, list[int]] = {}
     for i, label in enumerate(labels):
         by_class.setdefault(str(label), []).append(i)
@@ -246,7 +250,7 @@ def few_shot_metrics(
     """`<prefix>_<N>way_<K>shot` for every task in params that the classes allow (NaN embeddings: NaN)."""
     out = {}
     for task in params.few_shot:
-        key = f"{prefix}_{few_shot_key(task.way, task.shot)}"
+        key = keys.key(prefix, keys.few_shot(task.way, task.shot))
         if not np.isfinite(embeddings).all():
             out[key] = math.nan
             continue

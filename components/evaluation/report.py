@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from components.evaluation.forgetting import ForgettingMatrix, forgetting_heatmap, slice_values
+from components.evaluation import keys
+from components.evaluation.forgetting import ForgettingMatrix, forgetting_heatmap
 
 PLOTS = "plots"  # under the workspace's dvc/ folder
 
@@ -22,7 +23,11 @@ PLOTS = "plots"  # under the workspace's dvc/ folder
 def recall_curve(metrics: Mapping[str, float | None], ks: Sequence[int]) -> list[dict[str, float | None]]:
     """One row per K: the model's and the pixel baseline's unseen-class Recall@K."""
     return [
-        {"k": k, "model": metrics.get(f"unseen_recall_at_{k}"), "pixels": metrics.get(f"baseline_unseen_recall_at_{k}")}
+        {
+            "k": k,
+            "model": metrics.get(keys.unseen(f"recall_at_{k}")),
+            "pixels": metrics.get(keys.baseline(keys.unseen(f"recall_at_{k}"))),
+        }
         for k in ks
     ]
 
@@ -30,7 +35,7 @@ def recall_curve(metrics: Mapping[str, float | None], ks: Sequence[int]) -> list
 def slice_rows(metrics: Mapping[str, float | None]) -> list[dict[str, float | str | None]]:
     """One row per arrival slice: the model's seen-class Recall@1 on that arrival's held-out queries."""
     finite = {k: v for k, v in metrics.items() if v is not None}
-    return [{"slice": s, "recall_at_1": v} for s, v in sorted(slice_values(finite).items())]
+    return [{"slice": s, "recall_at_1": v} for s, v in sorted(keys.slice_values(finite).items())]
 
 
 def report_markdown(curve: list[dict], slices: list[dict]) -> str:
