@@ -20,12 +20,13 @@ from rich.console import Console, RenderableType
 from rich.table import Table
 
 from components.config import ConfigError, Params, load_params
+from components.evaluation import keys
 from components.workspace import Workspace, redact, resolve_workspace, settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from components.registry.promotion import ChampionMove, HotAdd
+    from components.registry.promotion import ChampionMove
 
 # No locals in tracebacks: they would print the workspace's URIs, credentials and all.
 app = typer.Typer(
@@ -104,7 +105,8 @@ def demo(
 
     steps = run_demo(p, str(ws.root), arrivals)
     final = steps[-1].summary.metrics if steps else {}
-    if final and final["unseen_recall_at_1"] <= final["baseline_unseen_recall_at_1"]:
+    r1 = keys.unseen("recall_at_1")
+    if final and final[r1] <= final[keys.baseline(r1)]:
         err.print("[yellow]final unseen Recall@1 does not beat the pixel baseline[/]")
         raise typer.Exit(1)
 
@@ -119,10 +121,13 @@ def ingest(
     workspace: WorkspaceOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Validate and store arrivals; bad files go to quarantine with a reason."""
+    """Validate and store arrivals (bad files go to quarantine with a reason), then make every stored image queryable."""
     p, ws = _setup(params, workspace)
     from components.data.inbox import inbox_lock, ingest_inbox
-    from components.data.ingest import IngestError, ingest_arrival
+    from components.data.ingest import ingest_arrival
+    from components.data.store import IngestError
+    from components.registry.promotion import Promoter
+    from components.vectors.tables import IndexBuildError
 
     if directory is not None and (directory.is_symlink() or not directory.is_dir()):
         what = "a symbolic link; links are not followed" if directory.is_symlink() else "not a directory"
@@ -142,32 +147,23 @@ def ingest(
     for r in reports:
         lines += [f"  rejected {x.file}: {x.reason}" for x in r.rejected]
         lines += [f"  warning: {w}" for w in r.warnings]
-    added = _hot_add(p, ws) if any(r.stored for r in reports) else None
-    if added is not None:
-        lines.append(
-            f"queryable now: {added.added} image(s) appended to {added.table} (champion v{added.version})"
-            if added.table
-            else "no champion yet: the first retrain indexes these images"
-        )
+    try:  # also with an empty inbox: an earlier ingest may have stopped between storing and appending
+        caught = Promoter(ws, p.registry, p.index).catch_up()  # what the ingest flow's catch_up task runs
+    except (IndexBuildError, FileNotFoundError) as exc:
+        err.print(f"[red]error:[/] images are stored but not queryable yet (the next ingest appends them): {exc}")
+        raise typer.Exit(1) from None
+    stored = any(r.stored for r in reports)
+    if caught.table and (stored or caught.added):
+        lines.append(f"queryable now: {caught.added} image(s) appended to {caught.table} (champion v{caught.version})")
+    elif stored:
+        lines.append("no champion yet: the first retrain indexes these images")
     _emit(
-        {"arrivals": [asdict(r) for r in reports], "hot_add": None if added is None else asdict(added)},
+        {"arrivals": [asdict(r) for r in reports], "hot_add": caught.to_dict()},
         as_json,
         "\n".join(lines),
     )
     if any(r.status == "nothing_stored" or not r.complete for r in reports):
         raise typer.Exit(1)  # an unattended job must notice: an empty arrival, or files it could not read
-
-
-def _hot_add(p: Params, ws: Workspace) -> HotAdd | None:
-    """New images into the live table, embedded by the champion: queryable before the next retrain."""
-    from components.registry.promotion import Promoter
-    from components.vectors.build import IndexBuildError
-
-    try:
-        return Promoter(ws, p.registry, p.index).hot_add()
-    except (IndexBuildError, FileNotFoundError) as exc:  # stored all the same; the next retrain indexes them
-        err.print(f"[yellow]warning:[/] images stored but not yet queryable: {exc}")
-        return None
 
 
 @app.command()
@@ -233,12 +229,9 @@ def _headline(metrics: dict[str, float | None]) -> str:
     def shown(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
-    shots = [
-        f"{k.removeprefix('unseen_')} {shown(v)}"
-        for k, v in sorted(metrics.items())
-        if k.startswith("unseen_") and k.endswith("shot")
-    ]
-    return ", ".join([f"unseen R@1 {shown(metrics.get('unseen_recall_at_1'))}", *shots])
+    unseen = keys.under({k: v for k, v in metrics.items() if v is not None}, keys.UNSEEN)
+    shots = [f"{task} {shown(v)}" for task, v in sorted(unseen.items()) if task.endswith("shot")]
+    return ", ".join([f"unseen R@1 {shown(unseen.get('recall_at_1'))}", *shots])
 
 
 @app.command()
@@ -308,7 +301,7 @@ def reindex(
     p, ws = _setup(params, workspace)
     from components.ops.writer_lock import WorkspaceBusy
     from components.registry.promotion import Promoter, UnknownVersion
-    from components.vectors.build import IndexBuildError
+    from components.vectors.tables import IndexBuildError
 
     try:
         from flows.reindex import row_writer

@@ -11,10 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, State
 
 from components.config import Params
 from components.data.catalog import Catalog, ImageRecord
@@ -26,14 +25,18 @@ from components.evaluation.gate import GateDecision, gate_markdown, gate_report
 from components.modeling.embedder import Embedder
 from components.ops.failpoints import failpoint
 from components.registry.mlflow_registry import ModelRegistry, ModelVersionInfo
-from components.registry.promotion import HotAdd, Promoter
-from components.training.loop import TrainResult, train_continual
+from components.registry.promotion import Promoter
+from components.training.checkpoints import clear_checkpoints
+from components.training.continual import Recipe, train_continual
+from components.training.loop import TrainResult
 from components.training.planning import RetrainSummary, concluded, plan_retrain, skipped
 from components.vectors.build import IndexBuild
 from components.vectors.search import index_smoke_test
 from components.workspace import Workspace, resolve_workspace
+from flows.ingest import catch_up
 from flows.reindex import row_writer
 from flows.retries import TRANSIENT_RETRIES
+from flows.states import finished
 from flows.writers import workspace_writer
 
 CHECKPOINTS = "checkpoints"  # under the workspace: the running retrain's per-epoch checkpoints
@@ -65,10 +68,7 @@ def train(
         step = train_continual(
             new,
             ws.classes_dir,
-            params.train,
-            params.model,
-            params.replay,
-            params.distill,
+            Recipe.of(params),
             init=init,
             state=state,
             checkpoint_dir=ws.root / CHECKPOINTS,
@@ -117,7 +117,7 @@ def register(
         state_dir=state,  # the verdict comes with the gate report (publish_gate), once the smoke test ran
     )
     # Registered: the checkpoints and the local copy of the state have served their purpose.
-    shutil.rmtree(ws.root / CHECKPOINTS, ignore_errors=True)
+    clear_checkpoints(ws.root / CHECKPOINTS)
     shutil.rmtree(state, ignore_errors=True)
     return info
 
@@ -126,12 +126,6 @@ def register(
 def build_index(ws: Workspace, params: Params, version: str, model: Embedder) -> IndexBuild:
     """The version's table over the whole catalog, validated; raises (and promotes nothing) when it is not right."""
     return Promoter(ws, params.registry, params.index).reindex(version, model, write=row_writer(ws, params.index))
-
-
-@task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def index_new_images(ws: Workspace, params: Params) -> HotAdd:
-    """Stored images the live table lacks, embedded by the champion and appended: queryable at once."""
-    return Promoter(ws, params.registry, params.index).hot_add()
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
@@ -191,7 +185,7 @@ def retrain(params: Params, workspace: str | None = None) -> RetrainSummary:
 def _retrain(params: Params, ws: Workspace) -> RetrainSummary:
     start = time.perf_counter()
     ingested = [r.arrival for r in ingest_pending(ws, params) if r.status == "ingested"]
-    index_new_images(ws, params)
+    catch_up(ws, params)  # the ingest flow's task: what was stored is queryable at once
     catalog = Catalog.load(ws.catalog)
     champion, champion_model, latest = load_models(ws, params)
     plan = plan_retrain(catalog, champion, latest)
@@ -223,9 +217,3 @@ def _retrain(params: Params, ws: Workspace) -> RetrainSummary:
         time.perf_counter() - start,
     )
     return finished(summary)  # type: ignore[return-value]  # Prefect unwraps a returned State: callers get its data
-
-
-def finished(summary: RetrainSummary) -> State:
-    """The run's final state: Completed, named after the outcome, its message saying why; the summary is its result."""
-    get_run_logger().info(summary.message)
-    return Completed(name=summary.state_name, message=summary.message, data=summary)

@@ -6,14 +6,14 @@ from the Prefect UI or API; `mnemo rollback` runs the same component directly.
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, State
 
 from components.config import Params
 from components.registry.promotion import ChampionMove, Promoter
 from components.workspace import Workspace, resolve_workspace
 from flows.retries import TRANSIENT_RETRIES
+from flows.states import finished
 from flows.writers import workspace_writer
 
 
@@ -34,9 +34,4 @@ def rollback(
     ws = resolve_workspace(params, workspace)
     with workspace_writer(ws, "rollback"):
         done = move_champion_back(ws, params, to, reason, actor)
-    get_run_logger().info(done.message)
     return finished(done)  # type: ignore[return-value]  # Prefect unwraps a returned State: callers get its data
-
-
-def finished(done: ChampionMove) -> State:
-    return Completed(name="Rolled back" if done.entry else "Unchanged", message=done.message, data=done)
