@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,17 +51,14 @@ GATE_MARKDOWN = "gate/report.md"
 GATE_HEATMAP = "gate/forgetting.png"
 STATE_ARTIFACT = "continual"  # the run artifact folder holding the continual-learning state
 
-# What the logged model needs to run on its own (the versions mnemo is tested with).
-MODEL_REQUIREMENTS = [
-    "torch==2.14.1",
-    "torchvision==0.29.1",
-    "mlflow==3.17.2",
-    "numpy==2.4.6",
-    "pandas==3.1.1",
-    "pillow==13.0.0",
-    "pydantic==2.14.3",
-    "PyYAML==6.0.3",
-]
+# What the logged model needs to run on its own, pinned at the versions installed here (the
+# set constraints.txt pins and the tests ran with), read from the environment so they never drift.
+MODEL_PACKAGES = ("torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "pydantic", "PyYAML")
+
+
+def model_requirements() -> list[str]:
+    """`name==version` of every package the logged model imports, as installed (local tags like +cu128 dropped)."""
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in MODEL_PACKAGES]
 
 
 @contextmanager
@@ -195,7 +193,7 @@ class ModelRegistry:
                     artifacts={WEIGHTS_ARTIFACT: str(weights)},
                     code_paths=[str(Path(components.__file__).parent)],
                     signature=signature(model.embedding_dim),
-                    pip_requirements=MODEL_REQUIREMENTS,
+                    pip_requirements=model_requirements(),
                     registered_model_name=self.name,
                 )
         version = str(info.registered_model_version)

@@ -101,3 +101,17 @@ def test_the_environment_is_read_in_one_place_and_its_key_never_shown(repo_param
     ws = resolve_workspace(repo_params)
     assert ws.root == (tmp_path / "ws").resolve() and ws.tracking_uri == "postgresql://u:pw@db/mlflow"
     assert resolve_workspace(repo_params, tmp_path / "other").root == (tmp_path / "other").resolve()  # --workspace wins
+
+
+def test_the_logged_model_pins_what_constraints_txt_installs():
+    from components.registry.mlflow_registry import MODEL_PACKAGES, model_requirements
+    from tests.conftest import REPO
+
+    pins = {
+        line.split("==")[0].lower(): line.strip()
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    required = model_requirements()
+    assert len(required) == len(MODEL_PACKAGES)
+    assert [pins[r.split("==")[0].lower()] for r in required] == required  # no drift from the pinned set
