@@ -404,8 +404,15 @@ def serve(
     # The worker processes build their app from these (service_app); one worker builds it here.
     os.environ[SERVE_PARAMS_ENV] = str(params.resolve())
     os.environ["MNEMO_WORKSPACE"] = str(ws.root)
+    from components.serving.access_log import log_config
+
     uvicorn.run(
-        "flows.cli:service_app", factory=True, host=host or p.serve.host, port=port or p.serve.port, workers=workers
+        "flows.cli:service_app",
+        factory=True,
+        host=host or p.serve.host,
+        port=port or p.serve.port,
+        workers=workers,
+        log_config=log_config(),  # access lines without query strings: a key sent as ?api_key= never lands in a log
     )
 
 

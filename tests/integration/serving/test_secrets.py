@@ -89,3 +89,35 @@ def test_no_output_carries_the_password(secret_uri, params, tmp_path, caplog):
 
     leaked = [out for out in outputs if SECRET in out]
     assert not leaked, leaked[0][:2000]
+
+
+def test_a_key_sent_in_the_query_string_is_refused_and_never_logged(live_ws, params_file, tmp_path):
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key, log = "k3y-Sent-Wrongly-0815", tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"MNEMO_API_KEY": key}
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--workspace", str(live_ws.root), "--params", str(params_file)]
+    with log.open("w") as out:
+        proc = subprocess.Popen([*cmd, "--port", str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline, status = time.monotonic() + 120, None
+        while status is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/live?api_key={key}", timeout=5)
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            except OSError:
+                time.sleep(0.5)
+        assert status == 401, log.read_text()  # the key is read from the Authorization header only
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert '"GET /live?<query dropped> HTTP/1.1" 401' in text, text
+    assert key not in text
