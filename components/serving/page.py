@@ -4,7 +4,7 @@
     GET /status              champion and challenger, the last gate verdict, the promotion log
     GET /status/heatmap.png  the forgetting heatmap of the champion's gate report
     GET /images/{id}         a thumbnail of a stored image: only ids present in the live table
-    GET /classes             every class with its role (trained | unseen), arrival and image count
+    GET /classes             every class with the role its images take (train | unseen | pending), arrival and image count
     GET /classes/{name}      a sample of one class's stored images
     GET /random              a random stored image of the live table and its nearest neighbours
 
@@ -99,12 +99,12 @@ def add_page(app: FastAPI, live: LiveIndex, current: Callable[[], LivePair], ing
 
     @app.get("/classes")
     def classes() -> JSONResponse:
-        """Every class: its role (trained | unseen | pending), the arrival that brought it, its image count."""
+        """Every class: the role its images take (train | unseen | pending), the arrival that brought it, its image count."""
         catalog = Catalog.load(live.ws.catalog)
         counts = catalog.class_counts()
         return JSONResponse(
             [
-                {"class": name, "role": _role(info["split"]), "arrival": info["arrival"], "images": counts.get(name, 0)}
+                {"class": name, "role": info["split"], "arrival": info["arrival"], "images": counts.get(name, 0)}
                 for name, info in sorted(catalog.classes.items())
             ]
         )
@@ -121,7 +121,7 @@ def add_page(app: FastAPI, live: LiveIndex, current: Callable[[], LivePair], ing
         return JSONResponse(
             {
                 "class": name,
-                "role": _role(info["split"]),
+                "role": info["split"],
                 "arrival": info["arrival"],
                 "images": len(records),
                 "sample": [{"id": r.id, "role": r.role} for r in records[::step][:SAMPLE]],
@@ -147,8 +147,3 @@ def add_page(app: FastAPI, live: LiveIndex, current: Callable[[], LivePair], ing
             },
             headers={"X-Model-Version": pair.version},
         )
-
-
-def _role(split: str) -> str:
-    """A class's role as people read it: trained on, held out as unseen, or waiting for a second image."""
-    return {"train": "trained"}.get(split, split)

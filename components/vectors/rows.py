@@ -26,7 +26,7 @@ def embedded_rows(ws: Workspace, model: Embedder, records: Sequence[ImageRecord]
             "id": [r.id for r in records],
             "class": [r.cls for r in records],
             "arrival": [r.arrival for r in records],
-            "split": [r.role for r in records],
+            "role": [r.role for r in records],
             VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), model.embedding_dim),
         },
         schema=table_schema(model.embedding_dim),

@@ -17,7 +17,7 @@ from lancedb.index import BTree
 
 from components.workspace import Workspace
 
-COLUMNS = ["id", "class", "arrival", "split"]  # split: the image's role, train | query | unseen | pending
+COLUMNS = ["id", "class", "arrival", "role"]  # role: the image's, train | query | unseen | pending
 VECTOR = "vector"
 VALIDATED = "mnemo:validated"  # vector-field metadata: when the table passed validation (UTC)
 MODEL_VERSION = "mnemo:model_version"  # vector-field metadata: the version whose model wrote the rows

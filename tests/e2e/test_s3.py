@@ -233,7 +233,7 @@ def test_concurrent_writers_to_one_s3_table_lose_no_commit(stack, params, monkey
                 "id": f"{w}-{c}",
                 "class": "x",
                 "arrival": "a",
-                "split": "train",
+                "role": "train",
                 "vector": [float(w), float(c), 0.0, 1.0],
             }
             try:

@@ -59,7 +59,7 @@ def test_status_classes_and_random_query(live_ws, params):
 
         classes = client.get("/classes").json()
         assert [c["class"] for c in classes] == [f"c{i}" for i in range(6)]
-        assert all(c["images"] == 10 and c["role"] in ("trained", "unseen") for c in classes)
+        assert all(c["images"] == 10 and c["role"] in ("train", "unseen") for c in classes)
         one = client.get("/classes/c3").json()
         assert one["class"] == "c3" and 0 < len(one["sample"]) <= 12
         assert all(s["id"].startswith("c3/") for s in one["sample"])

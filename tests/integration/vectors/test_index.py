@@ -131,7 +131,7 @@ def vector_rows(vectors: np.ndarray, offset: int = 0) -> pa.Table:
             "id": ids,
             "class": ids,
             "arrival": ids,
-            "split": ids,
+            "role": ids,
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
         },
         schema=table_schema(dim),
