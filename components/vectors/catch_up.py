@@ -47,14 +47,23 @@ class CatchUp:
     table: str | None
     appended: tuple[ImageRecord, ...]
     seconds: float
+    # catalog entries compared with the table: those recorded since its mark (what an arrival
+    # costs), or the whole catalog once for a table whose mark the catalog does not recognise
+    checked: int = 0
 
     @property
     def added(self) -> int:
         return len(self.appended)
 
     def to_dict(self) -> dict:
-        """What `mnemo ingest --json` prints under "hot_add": version, table, added, seconds."""
-        return {"version": self.version, "table": self.table, "added": self.added, "seconds": self.seconds}
+        """What `mnemo ingest --json` prints under "hot_add": version, table, added, checked, seconds."""
+        return {
+            "version": self.version,
+            "table": self.table,
+            "added": self.added,
+            "checked": self.checked,
+            "seconds": self.seconds,
+        }
 
 
 def catch_up(
@@ -71,7 +80,7 @@ def catch_up(
     if problem is not None:
         raise IndexBuildError(problem)
     ensure_id_index(tbl)  # tables built before it had none: built once, then every catch-up uses it
-    missing, reached = _missing(tbl, Catalog.load(ws.catalog))
+    missing, checked, reached = _missing(tbl, Catalog.load(ws.catalog))
     if missing:
         _append(tbl, ws, model(), missing, params)
         retune_ann_index(tbl, params)  # the index follows the table's size (params.yaml: ann_*)
@@ -79,12 +88,13 @@ def catch_up(
         set_vector_metadata(tbl, CATALOG_SEQ, reached)
     if missing:  # readers mid-query keep their version's files
         _settle(tbl, params)
-    return CatchUp(version=str(version), table=tbl.name, appended=tuple(missing), seconds=time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return CatchUp(version=str(version), table=tbl.name, appended=tuple(missing), seconds=seconds, checked=checked)
 
 
-def _missing(tbl: lancedb.table.Table, catalog: Catalog) -> tuple[list[ImageRecord], str | None]:
-    """The catalog's images the table lacks, and the mark of the catalog position the table reaches
-    once they are appended. A table whose mark the catalog recognises is asked only about the images
+def _missing(tbl: lancedb.table.Table, catalog: Catalog) -> tuple[list[ImageRecord], int, str | None]:
+    """The catalog's images the table lacks, how many catalog entries were compared, and the mark
+    of the catalog position the table reaches once they are appended. A table whose mark the catalog recognises is asked only about the images
     recorded since (what an arrival costs); any other (new, or marked before other data was
     checked out) has its id column compared with the whole catalog once."""
     last = catalog.last_seq()  # first: images recorded while this runs belong to the next call
@@ -96,7 +106,7 @@ def _missing(tbl: lancedb.table.Table, catalog: Catalog) -> tuple[list[ImageReco
     else:
         candidates = [r for r in catalog.records() if r.seq <= last]
         present = set(column(tbl, "id"))
-    return [r for r in candidates if r.id not in present], catalog.mark(last)
+    return [r for r in candidates if r.id not in present], len(candidates), catalog.mark(last)
 
 
 def _append(
