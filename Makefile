@@ -71,12 +71,12 @@ test-e2e: setup
 # The continual-learning benchmark (bench/continual.py): `make bench` is the full run (GPU when
 # present), `make bench QUICK=1` the quick one (under 15 minutes on 2 CPU cores). Results go to bench/results/.
 bench: setup
-	$(BIN)/python bench/continual.py $(if $(QUICK),--quick)
+	$(BIN)/python -m bench.continual $(if $(QUICK),--quick)
 
 # The query benchmark (bench/query.py) with its peer libraries (faiss, hnswlib).
 bench-query: setup
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
-	$(BIN)/python bench/query.py --previous-default
+	$(BIN)/python -m bench.query --previous-default
 
 # The same pipeline as DVC stages (dvc.yaml), with this environment's python on PATH.
 repro: setup

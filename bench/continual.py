@@ -10,16 +10,16 @@ Two streams: the demo's rendered characters (a base arrival plus 4 more) and Omn
 (../shared/data/omniglot/images_background_small1.zip, one alphabet per arrival).
 
 Each arrival goes through mnemo's real ingest (so the unseen classes and query images are
-the pipeline's own splits) and mnemo's real continual step (components.training.loop.train_continual,
+the pipeline's own splits) and mnemo's real continual step (components.training.continual.train_continual,
 with the memory saved and restored between arrivals as the retrain flow does). After every
 arrival it records unseen-class Recall@1 / MAP@R and few-shot accuracy (all unseen classes so
 far) next to raw pixels' on the same images, seen-class Recall@1 per arrival slice (that arrival's query images searching every image
 stored so far, as the live table answers them: the forgetting matrix) and the training seconds. The first arrival is trained once and shared: with no
 memory and no previous model every strategy does the same thing there.
 
-    python bench/continual.py            # full run (GPU when present)
-    python bench/continual.py --quick    # under 15 minutes on 2 CPU cores
-    python bench/continual.py --streams demo --strategies joint   # replay_distill and joint only
+    python -m bench.continual            # full run (GPU when present)
+    python -m bench.continual --quick    # under 15 minutes on 2 CPU cores
+    python -m bench.continual --streams demo --strategies joint   # replay_distill and joint only
 
 Strategies run in the order asked, replay_distill first. Writes bench/results/<date>-continual[-quick].json,
 a markdown table (.md) and one PNG per stream, after every strategy: a run stopped part-way keeps what
@@ -30,33 +30,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import tempfile
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import numpy as np
-import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import OMNIGLOT, REPO, RESULTS, command_line, machine, markdown_table, omniglot_alphabets, write_run
+from components.config import Params, load_params, with_overrides
+from components.data.catalog import Catalog
+from components.data.demo import discover_fonts, stream_classes, write_arrival
+from components.data.ingest import ingest_arrival
+from components.evaluation.forgetting import average_forgetting, slice_forgetting
+from components.evaluation.metrics import few_shot_metrics, metrics_device, retrieval_metrics, score_pixels
+from components.modeling.embedder import Embedder, embed_files
+from components.training.continual import ContinualResult, Recipe, train_continual
+from components.workspace import resolve_workspace
 
-from components.config import Params, load_params, with_overrides  # noqa: E402
-from components.data.catalog import Catalog  # noqa: E402
-from components.data.demo import discover_fonts, stream_classes, write_arrival  # noqa: E402
-from components.data.ingest import ingest_arrival  # noqa: E402
-from components.evaluation.forgetting import average_forgetting, slice_forgetting  # noqa: E402
-from components.evaluation.metrics import few_shot_metrics, metrics_device, retrieval_metrics, score_pixels  # noqa: E402
-from components.modeling.embedder import Embedder, embed_files  # noqa: E402
-from components.training.loop import ContinualResult, train_continual  # noqa: E402
-from components.workspace import resolve_workspace  # noqa: E402
-
-OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot" / "images_background_small1.zip"
 STRATEGIES = ("naive", "replay", "replay_distill", "joint")
 NO_REPLAY = {"replay.budget": 0}
 NO_DISTILL = {"distill.embedding_weight": 0.0, "distill.relational_weight": 0.0}
@@ -107,22 +100,13 @@ def demo_stream(params: Params, root: Path, arrivals: int) -> Stream:
     return Stream(f"demo ({fonts.source})", root, names)
 
 
-def omniglot_stream(params: Params, root: Path, drawers: int = 20) -> Stream:
-    """One arrival per alphabet; classes are '<alphabet>-<character>' (character names repeat across alphabets).
-
-    `drawers` keeps each character's first N drawings (files are '<character id>_<drawer>.png').
-    """
+def omniglot_stream(params: Params, root: Path, drawers: int = 20, source: Path = OMNIGLOT) -> Stream:
+    """One arrival per alphabet of the Omniglot zip `source`, each through mnemo's ingest (see omniglot_alphabets)."""
     ws = resolve_workspace(with_overrides(params, {"paths.workspace": str(root)}))
-    with zipfile.ZipFile(OMNIGLOT) as z:
-        files = [n for n in z.namelist() if n.endswith(".png") and int(n.rsplit("_", 1)[1][:-4]) <= drawers]
-        alphabets = sorted({n.split("/")[1] for n in files})
-        for alphabet in alphabets:
-            for name in (n for n in files if n.split("/")[1] == alphabet):
-                _, _, character, file = name.split("/")
-                dest = ws.inbox / alphabet / f"{alphabet}-{character}" / file
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(z.read(name))
-            ingest_arrival(ws.inbox / alphabet, ws, params.ingest, remove_source=True)
+    alphabets = []
+    for alphabet, folder in omniglot_alphabets(source, ws.inbox, drawers):
+        ingest_arrival(folder, ws, params.ingest, remove_source=True)
+        alphabets.append(alphabet)
     return Stream("omniglot", root, alphabets)
 
 
@@ -182,7 +166,7 @@ def run_strategy(
         new = [r for r in train if (r.arrival in so_far if strategy == "joint" else r.arrival == arrival)]
         print(f"  {strategy}: arrival {k} ({arrival}), {len(new)} new training images", flush=True)
         cpu = time.process_time()
-        step = train_continual(new, classes_dir, p.train, p.model, p.replay, p.distill, init=model, state=state)
+        step = train_continual(new, classes_dir, Recipe.of(p), init=model, state=state)
         cpu = time.process_time() - cpu
         model = step.train.model
         if p.replay.budget:
@@ -238,9 +222,7 @@ def run_stream(
         flush=True,
     )
     cpu = time.process_time()
-    first = train_continual(
-        first_records, stream.ws_root / "data" / "classes", params.train, params.model, params.replay, params.distill
-    )
+    first = train_continual(first_records, stream.ws_root / "data" / "classes", Recipe.of(params))
     cpu = time.process_time() - cpu
     for s in strategies:
         yield s, run_strategy(s, stream, params, first, cpu, state_root)
@@ -290,33 +272,51 @@ def markdown(report: dict) -> str:
     ]
     for stream, results in report["results"].items():
         t = report["targets"][stream]
+        finals = markdown_table(
+            [
+                "strategy",
+                "final unseen R@1",
+                "final unseen MAP@R",
+                "final 20-way 1-shot",
+                "final 5-way 5-shot",
+                "avg forgetting",
+                "train s (total)",
+                "train s per arrival",
+            ],
+            (
+                [
+                    name,
+                    f"{r['final_unseen_recall_at_1']:.3f}",
+                    f"{r['final_unseen_map_at_r']:.3f}",
+                    *(_cell(r.get(f"final_unseen_{task}")) for task in ("20way_1shot", "5way_5shot")),
+                    f"{r['avg_forgetting']:.3f}",
+                    f"{r['train_seconds']:.1f}",
+                    ", ".join(f"{a['train_seconds']:.1f}" for a in r["arrivals"]),
+                ]
+                for name, r in results.items()
+            ),
+        )
+        first = next(iter(results.values()))["arrivals"]
+        per_arrival = markdown_table(
+            ["after arrival", "raw pixels", *results],
+            (
+                [
+                    f"{k} ({step['arrival']})",
+                    f"{step.get('pixels_unseen_recall_at_1', float('nan')):.3f}",
+                    *(f"{r['arrivals'][k]['unseen_recall_at_1']:.3f}" for r in results.values()),
+                ]
+                for k, step in enumerate(first)
+            ),
+        )
         lines += [
             f"## {stream}",
             "",
-            "| strategy | final unseen R@1 | final unseen MAP@R | final 20-way 1-shot | final 5-way 5-shot "
-            "| avg forgetting | train s (total) | train s per arrival |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for name, r in results.items():
-            per = ", ".join(f"{a['train_seconds']:.1f}" for a in r["arrivals"])
-            shots = " | ".join(_cell(r.get(f"final_unseen_{task}")) for task in ("20way_1shot", "5way_5shot"))
-            lines.append(
-                f"| {name} | {r['final_unseen_recall_at_1']:.3f} | {r['final_unseen_map_at_r']:.3f} | {shots} | "
-                f"{r['avg_forgetting']:.3f} | {r['train_seconds']:.1f} | {per} |"
-            )
-        first = next(iter(results.values()))["arrivals"]
-        lines += [
+            finals,
             "",
             "Unseen R@1 after each arrival, raw pixels on the same images first:",
             "",
-            "| after arrival | raw pixels | " + " | ".join(results) + " |",
-            "|---|---|" + "---|" * len(results),
+            per_arrival,
         ]
-        for k, step in enumerate(first):
-            row = " | ".join(f"{r['arrivals'][k]['unseen_recall_at_1']:.3f}" for r in results.values())
-            lines.append(
-                f"| {k} ({step['arrival']}) | {step.get('pixels_unseen_recall_at_1', float('nan')):.3f} | {row} |"
-            )
         if "naive" not in results:
             forgetting = "- forgetting: naive fine-tuning was not run (--strategies)"
         elif t["forgetting_ok"] is None:
@@ -388,9 +388,7 @@ def plot(stream: str, results: dict, arrivals: list[str], path: Path) -> None:
 
 
 def write_report(report: dict, stem: Path) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
+    write_run(stem, report, markdown(report))
     for name, results in report["results"].items():
         plot(name, results, report["arrival_ids"][name], Path(f"{stem}-{name}.png"))
 
@@ -410,7 +408,7 @@ def main() -> None:
     ap.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: params train.num_workers)")
     ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
     overrides = QUICK if args.quick else FULL
@@ -428,10 +426,9 @@ def main() -> None:
     report: dict = {
         "date": date.today().isoformat(),
         "quick": args.quick,
-        "machine": f"{platform.node()}: {torch.get_num_threads()} CPU threads, "
-        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
+        "machine": machine(),
         "params": params.flat("model", "train", "replay", "distill"),
-        "command": "python bench/continual.py " + " ".join(sys.argv[1:]),
+        "command": command_line("continual"),
         "results": {},
         "targets": {},
         "arrival_ids": {},

@@ -6,9 +6,9 @@ JSON), builds faiss IndexHNSWFlat graphs of each `--graphs` density (M x efConst
 thread (`--build-threads` for the build), and measures recall@10 against exact search and single-query p50 latency for efSearch
 128 ... 2048 on 300 queries drawn the same way. With `--ivf`, faiss IndexIVFFlat (1024 lists) too.
 
-    python bench/graph_density.py --rows 100000 --graphs 32x80,32x200,64x200 --ivf
-    python bench/graph_density.py --rows 300000 --graphs 32x80,64x200
-    python bench/graph_density.py --rows 1000000 --graphs 64x200 --build-threads 2
+    python -m bench.graph_density --rows 100000 --graphs 32x80,32x200,64x200 --ivf
+    python -m bench.graph_density --rows 300000 --graphs 32x80,64x200
+    python -m bench.graph_density --rows 1000000 --graphs 64x200 --build-threads 2
 
 Prints one JSON line per (graph, ef); writes bench/results/<date>-graph-density-<rows>.json.
 """
@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import faiss
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import query as q  # bench/query.py: the calibrated draw, exact neighbours, recall
+import bench.query as q  # the calibrated draw, exact neighbours, recall
+from bench.common import RESULTS, command_line, pct, write_json
 
 QUERIES = 300
 EFS = (128, 256, 512, 1024, 2048)
@@ -38,7 +37,7 @@ def timed_search(index, queries, truth) -> dict:
         _, ids = index.search(vector[None], q.K)
         times.append((time.perf_counter() - start) * 1000)
         found.append(ids[0].tolist())
-    return {"recall_at_10": round(q.recall(found, truth), 3), "p50_ms": round(q.pct(times, 50), 3)}
+    return {"recall_at_10": round(q.recall(found, truth), 3), "p50_ms": round(pct(times, 50), 3)}
 
 
 def main() -> None:
@@ -47,11 +46,11 @@ def main() -> None:
     ap.add_argument("--graphs", default="32x80,64x200", help="M x efConstruction, comma-separated")
     ap.add_argument("--ivf", action="store_true", help="also faiss IndexIVFFlat, 1024 lists")
     ap.add_argument("--build-threads", type=int, default=1, help="faiss threads while building (searches use one)")
-    ap.add_argument("--calibration", type=Path, default=q.REPO / "bench" / "results" / "2026-11-30-query.json")
-    ap.add_argument("--out", type=Path, default=q.REPO / "bench" / "results")
+    ap.add_argument("--calibration", type=Path, default=RESULTS / "2026-11-30-query.json")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     faiss.omp_set_num_threads(1)
-    stats = {k: v for k, v in json.loads(args.calibration.read_text())["calibration"].items() if k != "drawn"}
+    stats = q.saved_calibration(args.calibration)
     centres = q.calibrated_centres(max(args.rows // stats["median_class_size"], 10), 3, stats)
     vectors, _ = q.calibrated(args.rows, 4, stats, centres)
     queries = q.calibrated(QUERIES, 5, stats, centres)[0]
@@ -84,16 +83,15 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     report = {
         "date": date.today().isoformat(),
-        "command": "python bench/graph_density.py " + " ".join(sys.argv[1:]),
+        "command": command_line("graph_density"),
         "rows": args.rows,
         "queries": QUERIES,
         "calibration": stats,
         "threads": {"build": args.build_threads, "search": 1},
         "results": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{report['date']}-graph-density-{args.rows}.json"
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(path, report)
     print(f"wrote {path}")
 
 

@@ -21,7 +21,7 @@ Everything runs in a temporary workspace (real LanceDB and MLflow, nothing downl
 
     python bench/index.py --parts swap     # the swap part alone
 
-    python bench/index.py --out bench/results/<date>-index.json
+    python -m bench.index --out bench/results/<date>-index.json
 """
 
 from __future__ import annotations
@@ -42,10 +42,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from serving import free_port, serve_command, service_env  # bench/serving.py
-
+from bench.common import REPO, load_average, markdown_table, pct, write_json
+from bench.serving import free_port, serve_command, service_env
 from components.config import Params, load_params
 from components.data.catalog import ImageRecord
 from components.data.transforms import open_rgb
@@ -53,12 +51,12 @@ from components.modeling.embedder import Embedder, build_embedder, embed_files, 
 from components.registry.mlflow_registry import CHAMPION, TABLE_TAG, ModelRegistry
 from components.registry.promotion import Promoter
 from components.serving.live import LiveIndex
-from components.vectors.build import build_table, ensure_ann_index
+from components.vectors.ann import ensure_ann_index
+from components.vectors.build import build_table
 from components.vectors.search import AsyncLoop, TableReader
 from components.vectors.tables import VECTOR, connect, table_schema
 from components.workspace import resolve_workspace
 
-REPO = Path(__file__).resolve().parents[1]
 DIM = 128
 TARGETS = {
     "reindex_vs_bare_ratio": 0.9,
@@ -206,10 +204,6 @@ def latencies(reader: TableReader, queries: np.ndarray) -> tuple[list[float], li
     return times, found
 
 
-def pct(values: list[float], p: float) -> float:
-    return round(float(np.percentile(values, p)), 2)
-
-
 def bench_size(
     params: Params, tmp: Path, loop: AsyncLoop, n: int, n_queries: int, n_flat: int, sweep_nprobes: list[int]
 ) -> dict:
@@ -231,7 +225,7 @@ def bench_size(
                     "id": ids[lo : lo + len(chunk)],
                     "class": ids[lo : lo + len(chunk)],
                     "arrival": ["bench"] * len(chunk),
-                    "split": ["train"] * len(chunk),
+                    "role": ["train"] * len(chunk),
                     VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(chunk.ravel()), DIM),
                 },
                 schema=table_schema(DIM),
@@ -393,7 +387,7 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_start": load_average(),
         "python": platform.python_version(),
     }
 
@@ -443,13 +437,12 @@ def main() -> None:
             report["rollback_seconds"] = report["swap"]["rollback_seconds"]
             report["http_swap_median_seconds"] = report["swap"]["http"]["median_seconds"]
             report["http_swap_max_seconds"] = report["swap"]["http"]["max_seconds"]
-    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["machine"]["load_average_at_end"] = load_average()
 
     print(json.dumps(report, indent=1))
     print(markdown(report))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(args.out, report)
 
 
 def markdown(report: dict) -> str:
@@ -469,14 +462,30 @@ def markdown(report: dict) -> str:
         + ", ".join(f"{k} {max(v):.1f}" for k, v in r["reindex_images_per_s"].items())
         + f" vs the fastest bare loop ({r['bare_baseline']}) {bare:.1f} img/s: ratios {json.dumps(r['ratios'])}; swap {report['swap_seconds']:.3f} s (cold), "
         f"{report['swap']['swap_warm_seconds']} s (warm); rollback {report['rollback_seconds']:.3f} s\n",
-        "| rows | write rows/s | exact p50 ms | exact p99 ms | ANN | index build s | ANN p50 ms | ANN p99 ms | ANN recall@10 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        markdown_table(
+            [
+                "rows",
+                "write rows/s",
+                "exact p50 ms",
+                "exact p99 ms",
+                "ANN",
+                "index build s",
+                "ANN p50 ms",
+                "ANN p99 ms",
+                "ANN recall@10",
+            ],
+            (
+                [
+                    f"{int(n):,}",
+                    f"{s['write_rows_per_s']:,}",
+                    *(s[k] for k in ("flat_p50_ms", "flat_p99_ms", "ann_index", "index_build_seconds")),
+                    *(s[k] for k in ("p50_ms", "p99_ms")),
+                    f"{s['ann_recall_at_10']:.3f}",
+                ]
+                for n, s in report["sizes"].items()
+            ),
+        ),
     ]
-    for n, s in report["sizes"].items():
-        lines.append(
-            f"| {int(n):,} | {s['write_rows_per_s']:,} | {s['flat_p50_ms']} | {s['flat_p99_ms']} | {s['ann_index']} | "
-            f"{s['index_build_seconds']} | {s['p50_ms']} | {s['p99_ms']} | {s['ann_recall_at_10']:.3f} |"
-        )
     return "\n".join(lines)
 
 

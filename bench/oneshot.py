@@ -14,8 +14,8 @@ Measured in the same run on the same episodes:
               30 epochs), trained jointly on exactly the images mnemo trained on (role `train`)
   pixels      raw-pixel nearest neighbours (grey, 28 px)
 
-    python bench/oneshot.py                       # params.yaml
-    python bench/oneshot.py --params other.yaml --tag variant
+    python -m bench.oneshot                       # params.yaml
+    python -m bench.oneshot --params other.yaml --tag variant
 
 Writes bench/results/<date>-oneshot[-tag].json and .md.
 """
@@ -25,12 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from datetime import date
 from pathlib import Path
 
@@ -41,15 +39,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import OMNIGLOT, REPO, RESULTS, command_line, machine, markdown_table, omniglot_alphabets, write_run
+from components.config import load_params
+from components.data.catalog import Catalog
+from components.data.transforms import open_rgb
+from components.evaluation.metrics import few_shot_accuracy, retrieval_metrics
+from components.workspace import resolve_workspace
 
-from components.config import load_params, resolve_workspace  # noqa: E402
-from components.data.catalog import Catalog  # noqa: E402
-from components.data.transforms import open_rgb  # noqa: E402
-from components.evaluation.metrics import few_shot_accuracy, retrieval_metrics  # noqa: E402
-
-OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot" / "images_background_small1.zip"
 TASKS = ((20, 1), (5, 5))
 EPISODES = 1000
 SEED = 0
@@ -174,36 +170,27 @@ def champion_vectors(ws_root: Path, params_file: Path, paths: list[Path]) -> tup
 def run(params_file: Path, root: Path) -> dict:
     ws = root / "ws"
     steps = []
-    with zipfile.ZipFile(OMNIGLOT) as z:
-        files = [n for n in z.namelist() if n.endswith(".png")]
-        alphabets = sorted({n.split("/")[1] for n in files})
-        for alphabet in alphabets:
-            arrival = root / "drop" / alphabet
-            for name in (n for n in files if n.split("/")[1] == alphabet):
-                _, _, character, file = name.split("/")
-                dest = arrival / f"{alphabet}-{character}" / file
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(z.read(name))
-            start, cpu = time.perf_counter(), time.process_time()
-            ingested = mnemo("ingest", str(arrival), ws=ws, params=params_file)
-            retrained = mnemo("retrain", ws=ws, params=params_file)
-            seconds = time.perf_counter() - start
-            steps.append(
-                {
-                    "arrival": alphabet,
-                    "stored": ingested["arrivals"][0]["stored"],
-                    "status": retrained["status"],
-                    "version": retrained["version"],
-                    "seconds": seconds,
-                    "unseen_recall_at_1": retrained["metrics"].get("unseen_recall_at_1"),
-                    **{k: v for k, v in retrained["metrics"].items() if k.startswith("unseen_") and k.endswith("shot")},
-                }
-            )
-            print(
-                f"{alphabet}: {retrained['status']} v{retrained['version']} in {seconds:.0f} s; "
-                f"unseen R@1 {retrained['metrics'].get('unseen_recall_at_1', float('nan')):.3f}",
-                flush=True,
-            )
+    for alphabet, arrival in omniglot_alphabets(OMNIGLOT, root / "drop"):
+        start, cpu = time.perf_counter(), time.process_time()
+        ingested = mnemo("ingest", str(arrival), ws=ws, params=params_file)
+        retrained = mnemo("retrain", ws=ws, params=params_file)
+        seconds = time.perf_counter() - start
+        steps.append(
+            {
+                "arrival": alphabet,
+                "stored": ingested["arrivals"][0]["stored"],
+                "status": retrained["status"],
+                "version": retrained["version"],
+                "seconds": seconds,
+                "unseen_recall_at_1": retrained["metrics"].get("unseen_recall_at_1"),
+                **{k: v for k, v in retrained["metrics"].items() if k.startswith("unseen_") and k.endswith("shot")},
+            }
+        )
+        print(
+            f"{alphabet}: {retrained['status']} v{retrained['version']} in {seconds:.0f} s; "
+            f"unseen R@1 {retrained['metrics'].get('unseen_recall_at_1', float('nan')):.3f}",
+            flush=True,
+        )
 
     catalog = Catalog.load(resolve_workspace(load_params(params_file), ws).catalog)
     classes_dir = ws / "data" / "classes"
@@ -233,21 +220,28 @@ def markdown(report: dict) -> str:
         f"{report['trained_classes']} trained classes ({report['trained_images']} images), "
         f"{report['unseen_classes']} held-out classes ({report['unseen_images']} images), {EPISODES} episodes per task.",
         "",
-        "| model | 20-way 1-shot | 5-way 5-shot | R@1 | MAP@R |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r in report["results"].items():
-        lines.append(
-            f"| {name} | {r['20way_1shot']:.3f} | {r['5way_5shot']:.3f} | {r['recall_at_1']:.3f} | {r['map_at_r']:.3f} |"
-        )
-    lines += [
+        markdown_table(
+            ["model", "20-way 1-shot", "5-way 5-shot", "R@1", "MAP@R"],
+            (
+                [name, *(f"{r[k]:.3f}" for k in ("20way_1shot", "5way_5shot", "recall_at_1", "map_at_r"))]
+                for name, r in report["results"].items()
+            ),
+        ),
         "",
-        "| arrival | retrain | version | wall s (ingest + retrain) | unseen R@1 (gate) |",
-        "|---|---|---|---|---|",
+        markdown_table(
+            ["arrival", "retrain", "version", "wall s (ingest + retrain)", "unseen R@1 (gate)"],
+            (
+                [
+                    s["arrival"],
+                    s["status"],
+                    s["version"],
+                    f"{s['seconds']:.0f}",
+                    "–" if s["unseen_recall_at_1"] is None else f"{s['unseen_recall_at_1']:.3f}",
+                ]
+                for s in report["steps"]
+            ),
+        ),
     ]
-    for s in report["steps"]:
-        r1 = "–" if s["unseen_recall_at_1"] is None else f"{s['unseen_recall_at_1']:.3f}"
-        lines.append(f"| {s['arrival']} | {s['status']} | {s['version']} | {s['seconds']:.0f} | {r1} |")
     return "\n".join(lines) + "\n"
 
 
@@ -255,7 +249,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
     ap.add_argument("--tag", default="", help="suffix for the result files")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if not OMNIGLOT.is_file():
         raise SystemExit(f"{OMNIGLOT} is absent: this benchmark needs the Omniglot sample")
@@ -263,17 +257,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mnemo-oneshot-") as tmp:
         report = {
             "date": date.today().isoformat(),
-            "command": " ".join(["python bench/oneshot.py", *sys.argv[1:]]),
-            "machine": f"{platform.node()}: {torch.get_num_threads()} CPU threads, "
-            f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
+            "command": command_line("oneshot"),
+            "machine": machine(),
             "params_file": str(args.params),
             "params": load_params(args.params).flat("model", "train", "replay", "distill"),
             **run(args.params.resolve(), Path(tmp)),
         }
     report["seconds"] = time.perf_counter() - start
     stem = args.out / f"{report['date']}-oneshot{'-' + args.tag if args.tag else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
+    write_run(stem, report, markdown(report))
     print(markdown(report))
 
 

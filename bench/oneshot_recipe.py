@@ -5,15 +5,15 @@ Omniglot (../shared/data/omniglot/images_background_small1.zip, 5 alphabets) goe
 real ingest, one alphabet per arrival, so the held-out (unseen) classes are the pipeline's own
 split (ingest.unseen_class_fraction of each alphabet's characters) and the training images are
 the `train` role. Each variant (params overrides on params.yaml) then learns the five arrivals
-as the retrain flow does: components.training.loop.train_continual, the replay memory saved and restored
+as the retrain flow does: components.training.continual.train_continual, the replay memory saved and restored
 between arrivals, distilling from the previous model. After every arrival the unseen classes
 are scored with components.evaluation.metrics.few_shot_accuracy (20-way 1-shot and 5-way 5-shot, seeded, the
 same episodes for every model). The reference net (4 x conv3x3-BN-ReLU-maxpool, 64 channels,
 28 px, multi-similarity loss, affine augmentation, Adam 1e-3, 30 epochs) trains on all five
 arrivals' training images at once.
 
-    python bench/oneshot_recipe.py --variants committed,recipe     # named variants (VARIANTS below)
-    python bench/oneshot_recipe.py --variant 'mine:train.epochs=12,model.image_size=32'
+    python -m bench.oneshot_recipe --variants committed,recipe     # named variants (VARIANTS below)
+    python -m bench.oneshot_recipe --variant 'mine:train.epochs=12,model.image_size=32'
 
 Writes bench/results/<date>-oneshot-<tag>.json and .md; prints the table.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from datetime import date
@@ -33,22 +32,16 @@ import numpy as np
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from oneshot import embed_reference, train_reference  # noqa: E402  # bench/: the reference net, one copy
-
-import bench.continual  # noqa: E402
-from bench.continual import omniglot_stream  # noqa: E402
-from components.config import Params, load_params, with_overrides  # noqa: E402
-from components.data.catalog import Catalog  # noqa: E402
-from components.data.transforms import eval_transform, open_rgb  # noqa: E402
-from components.evaluation.metrics import few_shot_accuracy  # noqa: E402
-from components.modeling.embedder import embed_files  # noqa: E402
-from components.training.loop import train_continual  # noqa: E402
-from components.workspace import resolve_workspace  # noqa: E402
-
-OMNIGLOT = bench.continual.OMNIGLOT
+from bench.common import OMNIGLOT, REPO, RESULTS, markdown_table, write_run
+from bench.continual import omniglot_stream
+from bench.oneshot import embed_reference, train_reference  # the reference net, one copy
+from components.config import Params, load_params, with_overrides
+from components.data.catalog import Catalog
+from components.data.transforms import eval_transform, open_rgb
+from components.evaluation.metrics import few_shot_accuracy
+from components.modeling.embedder import embed_files
+from components.training.continual import Recipe, train_continual
+from components.workspace import resolve_workspace
 
 # What the issue's author ran (params.yaml before issue 16), spelled out so it stays comparable.
 COMMITTED = {
@@ -118,7 +111,7 @@ def run_variant(
     for k, arrival in enumerate(arrivals):
         new = [r for r in train if r.arrival == arrival]
         cpu, wall = time.process_time(), time.perf_counter()
-        step = train_continual(new, classes_dir, p.train, p.model, p.replay, p.distill, init=model, state=state)
+        step = train_continual(new, classes_dir, Recipe.of(p), init=model, state=state)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         model = step.train.model
         state = step.save_state(state_root / name / str(k))
@@ -185,25 +178,46 @@ def markdown(report: dict) -> str:
         f"{report['machine']}; Omniglot 5 alphabets as 5 arrivals; {report['unseen_classes']} unseen classes "
         f"({report['unseen_images']} images); {report['episodes']} episodes, seed {report['seed']}.",
         "",
-        "| variant | 20-way 1-shot | 5-way 5-shot | 20w1s per arrival | train s per arrival | cpu s per arrival | max/2nd (cpu) |",
-        "|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for name, r in report["variants"].items():
         a = r["arrivals"]
-        lines.append(
-            f"| {name} | {r['final']['20w1s']:.3f} | {r['final']['5w5s']:.3f} | "
-            f"{' '.join(format(s['20w1s'], '.2f') for s in a)} | {' '.join(format(s['train_seconds'], '.0f') for s in a)} | "
-            f"{' '.join(format(s['cpu_seconds'], '.0f') for s in a)} | {r['time_ratio_max_vs_second']:.2f} "
-            f"({r['cpu_ratio_max_vs_second']:.2f}) |"
+        rows.append(
+            [
+                name,
+                f"{r['final']['20w1s']:.3f}",
+                f"{r['final']['5w5s']:.3f}",
+                " ".join(format(s["20w1s"], ".2f") for s in a),
+                " ".join(format(s["train_seconds"], ".0f") for s in a),
+                " ".join(format(s["cpu_seconds"], ".0f") for s in a),
+                f"{r['time_ratio_max_vs_second']:.2f} ({r['cpu_ratio_max_vs_second']:.2f})",
+            ]
         )
     if "reference" in report:
         ref = report["reference"]
-        lines.append(
-            f"| reference conv4 (joint, {ref['epochs']} epochs) | {ref['final']['20w1s']:.3f} | {ref['final']['5w5s']:.3f} | "
-            f"| {ref['train_seconds']:.0f} (all 5 at once) | {ref['cpu_seconds']:.0f} | |"
+        rows.append(
+            [
+                f"reference conv4 (joint, {ref['epochs']} epochs)",
+                f"{ref['final']['20w1s']:.3f}",
+                f"{ref['final']['5w5s']:.3f}",
+                "",
+                f"{ref['train_seconds']:.0f} (all 5 at once)",
+                f"{ref['cpu_seconds']:.0f}",
+                "",
+            ]
         )
     px = report["pixels"]
-    lines += [f"| raw pixels 28 px | {px['20w1s']:.3f} | {px['5w5s']:.3f} | | | | |", ""]
+    rows.append(["raw pixels 28 px", f"{px['20w1s']:.3f}", f"{px['5w5s']:.3f}", "", "", "", ""])
+    header = [
+        "variant",
+        "20-way 1-shot",
+        "5-way 5-shot",
+        "20w1s per arrival",
+        "train s per arrival",
+        "cpu s per arrival",
+        "max/2nd (cpu)",
+    ]
+    lines += [markdown_table(header, rows), ""]
     for name, r in report["variants"].items():
         lines.append(f"- {name}: {json.dumps(r['overrides'])}")
     return "\n".join(lines) + "\n"
@@ -228,11 +242,10 @@ def main() -> None:
     ap.add_argument(
         "--omniglot", type=Path, default=OMNIGLOT, help="the Omniglot zip (default: ../shared/data/omniglot/...)"
     )
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if not args.omniglot.is_file():
         raise SystemExit(f"{args.omniglot} is absent")
-    bench.continual.OMNIGLOT = args.omniglot  # omniglot_stream reads the module's path
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # CPU: denormal floats late in training can slow every op many times over
@@ -254,7 +267,7 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mnemo-oneshot-") as tmp:
         ws_root = Path(tmp) / "ws"
-        stream = omniglot_stream(params, ws_root)
+        stream = omniglot_stream(params, ws_root, source=args.omniglot)
         catalog = Catalog.load(resolve_workspace(params, ws_root).catalog)
         classes_dir = ws_root / "data" / "classes"
         unseen_records = catalog.records("unseen")
@@ -289,12 +302,8 @@ def main() -> None:
                 name, overrides, params, ws_root, stream.arrivals, unseen, Path(tmp) / "state", args.episodes, args.seed
             )
             report["seconds"] = time.perf_counter() - started
-            args.out.mkdir(parents=True, exist_ok=True)
             stem = args.out / f"{report['date']}-oneshot-{args.tag}"
-            stem.with_suffix(".json").write_text(
-                json.dumps(report, indent=1) + "\n"
-            )  # after each variant: partial results survive
-            stem.with_suffix(".md").write_text(markdown(report))
+            write_run(stem, report, markdown(report))  # after each variant: partial results survive
     print(markdown(report))
     print(f"wrote {stem}.json and .md in {report['seconds']:.0f} s")
 

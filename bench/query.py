@@ -22,7 +22,7 @@ HTTP (a small real workspace: 200 stored PNGs, a registered model, a validated t
   process: this code with each `serve.runtime` (the shipped one first), with `--workers 2`, and
   with `--baseline REF` the service as it was at git REF (its own params.yaml), in the same run.
 
-    python bench/query.py --calibrate /tmp/demo-ws --baseline 516534b --previous-default
+    python -m bench.query --calibrate /tmp/demo-ws --baseline 516534b --previous-default
 
 Writes bench/results/<date>-query.json and a markdown table (.md).
 """
@@ -47,35 +47,22 @@ import pyarrow as pa
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from serving import free_port, serve_command, service_env  # noqa: E402  # bench/serving.py
-
-from components.config import Params, Runtime, load_params, with_overrides  # noqa: E402
-from components.modeling.embedder import build_embedder, embed_images  # noqa: E402
-from components.registry.mlflow_registry import CHAMPION, TABLE_TAG, ModelRegistry  # noqa: E402
-from components.vectors.build import build_table, ensure_ann_index, tune_ef  # noqa: E402
-from components.vectors.graph import ServingGraph  # noqa: E402
-from components.vectors.search import AsyncLoop, TableReader, with_table_settings  # noqa: E402
-from components.vectors.tables import VECTOR, connect, open_table, table_schema, vector_indices  # noqa: E402
-from components.workspace import resolve_workspace  # noqa: E402
+from bench.common import REPO, RESULTS, command_line, load_average, markdown_table, pct, rss_mb, write_run
+from bench.serving import free_port, serve_command, service_env
+from components.config import Params, Runtime, load_params, with_overrides
+from components.modeling.embedder import build_embedder, embed_images
+from components.registry.mlflow_registry import CHAMPION, TABLE_TAG, ModelRegistry
+from components.vectors.ann import ensure_ann_index, tune_ef
+from components.vectors.build import build_table
+from components.vectors.graph import ServingGraph
+from components.vectors.search import AsyncLoop, TableReader, with_table_settings
+from components.vectors.tables import VECTOR, connect, open_table, table_schema, vector_indices
+from components.workspace import resolve_workspace
 
 DIM = 128
 RUNTIMES = get_args(Runtime)  # every serve.runtime
 K = 10
 TARGETS = {"p99_ms": 10.0, "recall_at_10": 0.97, "http_p50_over_parts": 1.2, "rps_4_clients_over_baseline": 2.0}
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def pct(values: list[float], p: float) -> float:
-    return round(float(np.percentile(values, p)), 2)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -137,6 +124,11 @@ def calibrated_centres(classes: int, seed: int, stats: dict) -> np.ndarray:
     return unit(a * shared + np.sqrt(1 - a**2) * unit(rng.standard_normal((classes, DIM), np.float32)))
 
 
+def saved_calibration(path: Path) -> dict:
+    """The champion statistics an earlier run measured (its JSON's `calibration`), without what it drew."""
+    return {k: v for k, v in json.loads(path.read_text())["calibration"].items() if k != "drawn"}
+
+
 def measured_cosines(vectors: np.ndarray, labels: np.ndarray, sample: int = 4000) -> dict:
     pick = np.random.default_rng(0).choice(len(vectors), min(sample, len(vectors)), replace=False)
     sims, same = vectors[pick] @ vectors[pick].T, labels[pick][:, None] == labels[pick][None, :]
@@ -168,7 +160,7 @@ def rows_of(vectors: np.ndarray, offset: int) -> pa.Table:
             "id": ids,
             "class": ids,
             "arrival": ["bench"] * len(ids),
-            "split": ["train"] * len(ids),
+            "role": ["train"] * len(ids),
             VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), DIM),
         },
         schema=table_schema(DIM),
@@ -582,15 +574,15 @@ def main() -> None:
     ap.add_argument("--http-requests", type=int, default=200)
     ap.add_argument("--http-seconds", type=float, default=20.0)
     ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     params = load_params(args.params)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     report: dict = {
         "date": date.today().isoformat(),
-        "command": "python bench/query.py " + " ".join(sys.argv[1:]),
+        "command": command_line("query"),
         "cores": os.cpu_count(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_start": load_average(),
         "targets": TARGETS,
         "index_params": params.index.model_dump(),
         "serve_params": params.serve.model_dump(),
@@ -606,8 +598,8 @@ def main() -> None:
                 sets["synthetic"] = (synthetic(args.rows, 1, centres), synthetic(args.queries, 2, centres))
             if args.calibrate and "calibrated" in args.sets:
                 stats = (
-                    {k: v for k, v in json.loads(args.calibrate.read_text())["calibration"].items() if k != "drawn"}
-                    if args.calibrate.suffix == ".json"  # the statistics an earlier run measured
+                    saved_calibration(args.calibrate)
+                    if args.calibrate.suffix == ".json"
                     else champion_statistics(args.calibrate, params)
                 )
                 classes = max(args.rows // stats["median_class_size"], 10)
@@ -638,10 +630,7 @@ def main() -> None:
             report["http"] = bench_http(params, tmp, args)
     loop.close()
     report["verdict"] = verdict(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{report['date']}-query"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
+    write_run(args.out / f"{report['date']}-query", report, markdown(report))
     print(json.dumps(report, indent=1))
     print(markdown(report))
 
@@ -675,6 +664,9 @@ def verdict(report: dict) -> dict:
     return out
 
 
+ENGINE_COLUMNS = ("engine", "p50_ms", "p99_ms", "recall_at_10", "build_seconds")  # the rest go to notes
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# Query benchmark {report['date']}",
@@ -688,18 +680,17 @@ def markdown(report: dict) -> str:
         lines += [
             f"## Search, {label} vectors ({result['rows']} rows, {result['queries']} single queries, engines alternated)",
             "",
-            "| engine | p50 ms | p99 ms | recall@10 | build s | notes |",
-            "|---|---|---|---|---|---|",
-        ]
-        for e in result["engines"]:
-            notes = {
-                k: v for k, v in e.items() if k not in ("engine", "p50_ms", "p99_ms", "recall_at_10", "build_seconds")
-            }
-            build = e.get("build_seconds", "")
-            lines.append(
-                f"| {e['engine']} | {e['p50_ms']} | {e['p99_ms']} | {e['recall_at_10']} | {build} | {json.dumps(notes)} |"
-            )
-        lines += [
+            markdown_table(
+                ["engine", "p50 ms", "p99 ms", "recall@10", "build s", "notes"],
+                (
+                    [
+                        *(e[k] for k in ("engine", "p50_ms", "p99_ms", "recall_at_10")),
+                        e.get("build_seconds", ""),
+                        json.dumps({k: v for k, v in e.items() if k not in ENGINE_COLUMNS}),
+                    ]
+                    for e in result["engines"]
+                ),
+            ),
             "",
             f"LanceDB builds: {json.dumps(result['builds'])}",
             "",
@@ -717,14 +708,15 @@ def markdown(report: dict) -> str:
             + ", ".join(f"{k[13:-8]} {v}" for k, v in parts.items() if k.startswith("forward_of_4"))
             + f"; search {parts['search_p50_ms']}.",
             "",
-            "| service | 1 client p50 ms | 1 client p99 ms | 4 clients req/s |",
-            "|---|---|---|---|",
+            markdown_table(
+                ["service", "1 client p50 ms", "1 client p99 ms", "4 clients req/s"],
+                (
+                    [s[k] for k in ("service", "one_client_p50_ms", "one_client_p99_ms", "four_clients_rps")]
+                    for s in report["http"]["services"]
+                ),
+            ),
+            "",
         ]
-        for s in report["http"]["services"]:
-            lines.append(
-                f"| {s['service']} | {s['one_client_p50_ms']} | {s['one_client_p99_ms']} | {s['four_clients_rps']} |"
-            )
-        lines.append("")
     lines += [
         "## Verdict",
         "",

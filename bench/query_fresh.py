@@ -6,7 +6,7 @@ first? It renders new samples of the demo classes in a workspace made by `mnemo 
 (sample indices past the stored ones, so never a stored image), embeds them through
 the registered pyfunc model and searches the champion's table, as `mnemo query` does.
 
-    python bench/query_fresh.py --workspace workspace --per-class 2
+    python -m bench.query_fresh --workspace workspace --per-class 2
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.common import markdown_table, write_json
 from components.config import load_params
 from components.data.catalog import Catalog
 from components.data.demo import class_char, discover_fonts, sample_image
@@ -82,14 +81,24 @@ def main() -> None:
         }
 
     print(json.dumps(report, indent=1))
-    print("\n| classes | n classes | queries | top-1 class | top-5 class |\n|---|---|---|---|---|")
-    for split, r in report["splits"].items():
-        print(
-            f"| {split} | {r['classes']} | {r['queries']} | {r['top1_class_accuracy']:.3f} | {r['top5_class_accuracy']:.3f} |"
+    print()
+    print(
+        markdown_table(
+            ["classes", "n classes", "queries", "top-1 class", "top-5 class"],
+            (
+                [
+                    split,
+                    r["classes"],
+                    r["queries"],
+                    f"{r['top1_class_accuracy']:.3f}",
+                    f"{r['top5_class_accuracy']:.3f}",
+                ]
+                for split, r in report["splits"].items()
+            ),
         )
+    )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":

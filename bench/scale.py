@@ -3,7 +3,7 @@
 For each size a workspace is made whose catalog already holds N images and whose live table
 already holds their N rows, then one 200-image arrival (20 new classes x 10 noise PNGs of
 32 px) is ingested and hot-added exactly as `mnemo ingest` does it (ingest_inbox, then
-Promoter.hot_add), in a fresh process so its time and peak memory are the arrival's alone.
+Promoter.catch_up), in a fresh process so its time and peak memory are the arrival's alone.
 
 How the existing N images are made (their files are never read by ingest or a hot add, so
 only the arrivals' images are real files); each size gets --repeats arrivals, each in a fresh
@@ -19,8 +19,8 @@ Reference measured in the same run: the one-file registry.json the catalog repla
 the same N, loaded and saved once (earlier versions did both on every ingest, and a hot
 add loaded it again and read the table's whole id column).
 
-    python bench/scale.py                          # 10k, 100k, 1M
-    python bench/scale.py --sizes 10000,100000 --ann
+    python -m bench.scale                          # 10k, 100k, 1M
+    python -m bench.scale --sizes 10000,100000 --ann
 
 Writes bench/results/<date>-scale.json and .md; prints the table.
 """
@@ -42,19 +42,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from components.config import Params, load_params, with_overrides  # noqa: E402
-from components.workspace import resolve_workspace  # noqa: E402
+from bench.common import REPO, RESULTS, command_line, markdown_table, rss_mb, write_run
+from components.config import Params, load_params, with_overrides
+from components.workspace import resolve_workspace
 
 PER_CLASS = 14
 ARRIVAL_CLASSES, ARRIVAL_PER_CLASS = 20, 10
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory since the last reset_peak() (VmHWM). Not ru_maxrss: a
-    child keeps its forking parent's high-water mark across exec (here, the parent's N rows)."""
+    """This process's peak resident memory since the last reset_peak() (VmHWM; psutil has no
+    high-water mark on Linux). Not ru_maxrss: a child keeps its forking parent's high-water mark
+    across exec (here, the parent's N rows)."""
     with open("/proc/self/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
 
@@ -62,11 +61,6 @@ def peak_rss_mb() -> float:
 def reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # resets VmHWM to the current resident size (Linux)
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def synthetic_catalog(n: int) -> tuple[dict, dict, dict]:
@@ -91,7 +85,8 @@ def setup(root: Path, params: Params, n: int, ann: bool) -> dict:
     from components.data.catalog import Catalog
     from components.modeling.embedder import build_embedder
     from components.registry.mlflow_registry import CHAMPION, TABLE_TAG, ModelRegistry
-    from components.vectors.build import _mark_validated, ensure_ann_index
+    from components.vectors.ann import ensure_ann_index
+    from components.vectors.build import _mark_validated
     from components.vectors.tables import (
         CATALOG_SEQ,
         connect,
@@ -149,7 +144,7 @@ def setup(root: Path, params: Params, n: int, ann: bool) -> dict:
                     "id": [r.id for r in chunk],
                     "class": [r.cls for r in chunk],
                     "arrival": [r.arrival for r in chunk],
-                    "split": [r.role for r in chunk],
+                    "role": [r.role for r in chunk],
                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), params.model.embedding_dim),
                 },
                 schema=tbl.schema,
@@ -190,13 +185,13 @@ def measure(root: Path, params_file: Path, attempt: int) -> dict:
             (folder / f"{i}.png").write_bytes(noise_png(rng))
     Promoter(ws, params.registry, params.index)  # imports done before the clock starts
     reset_peak()
-    rss_before = current_rss_mb()
+    rss_before = rss_mb()
     start = time.perf_counter()
     cpu = time.process_time()
     [report] = ingest_inbox(ws, params.ingest)
     ingested = time.perf_counter()
     ingest_peak = peak_rss_mb() - rss_before
-    added = Promoter(ws, params.registry, params.index).hot_add()
+    added = Promoter(ws, params.registry, params.index).catch_up()
     done = time.perf_counter()
     assert report.stored == ARRIVAL_CLASSES * ARRIVAL_PER_CLASS and added.added == report.stored, (report, added)
     return {
@@ -210,6 +205,9 @@ def measure(root: Path, params_file: Path, attempt: int) -> dict:
     }
 
 
+ARRIVAL_COLUMNS = ("ingest_seconds", "hot_add_seconds", "total_seconds", "cpu_seconds", "peak_rss_growth_mb")
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# Scale benchmark {report['date']}",
@@ -217,15 +215,26 @@ def markdown(report: dict) -> str:
         f"`{report['command']}`; {report['machine']}; one arrival of {report['arrival_images']} images "
         f"ingested and hot-added into a catalog and live table of N images (ANN index: {report['ann']}).",
         "",
-        "| N images | ingest s | hot add s | total s | CPU s | peak RSS growth MB | registry.json reference: MB, load s, save s |",
-        "|---|---|---|---|---|---|---|",
+        markdown_table(
+            [
+                "N images",
+                "ingest s",
+                "hot add s",
+                "total s",
+                "CPU s",
+                "peak RSS growth MB",
+                "registry.json reference: MB, load s, save s",
+            ],
+            (
+                [
+                    f"{int(n):,}",
+                    *(r["arrival"][k] for k in ARRIVAL_COLUMNS),
+                    ", ".join(str(r["reference"][k]) for k in ("json_mb", "json_load_seconds", "json_save_seconds")),
+                ]
+                for n, r in report["sizes"].items()
+            ),
+        ),
     ]
-    for n, r in report["sizes"].items():
-        m, ref = r["arrival"], r["reference"]
-        lines.append(
-            f"| {int(n):,} | {m['ingest_seconds']} | {m['hot_add_seconds']} | {m['total_seconds']} | {m['cpu_seconds']} | "
-            f"{m['peak_rss_growth_mb']} | {ref['json_mb']}, {ref['json_load_seconds']}, {ref['json_save_seconds']} |"
-        )
     lines += ["", f"Growth, largest over smallest: {json.dumps(report['growth'])} (target: total at most 1.5x).", ""]
     return "\n".join(lines)
 
@@ -235,7 +244,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--ann", action="store_true", help="give the live table the shipped ANN index (minutes at 1M)")
     ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--repeats", type=int, default=3, help="arrivals per size, each in a fresh process; medians kept")
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: the child process
     ap.add_argument("--attempt", type=int, default=0, help=argparse.SUPPRESS)
@@ -246,7 +255,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     report: dict = {
         "date": date.today().isoformat(),
-        "command": "python bench/scale.py " + " ".join(sys.argv[1:]),
+        "command": command_line("scale"),
         "machine": f"{platform.node()}, {os.cpu_count()} cores",
         "arrival_images": ARRIVAL_CLASSES * ARRIVAL_PER_CLASS,
         "ann": args.ann,
@@ -266,7 +275,7 @@ def main() -> None:
             print(f"{n:,} images: one arrival", file=sys.stderr, flush=True)
             attempts = []
             for attempt in range(args.repeats):
-                command = [sys.executable, __file__, "--measure", str(root), "--params", str(params_file)]
+                command = [sys.executable, "-m", "bench.scale", "--measure", str(root), "--params", str(params_file)]
                 child = subprocess.run(
                     [*command, "--attempt", str(attempt)], capture_output=True, text=True, check=True, cwd=REPO
                 )
@@ -280,10 +289,8 @@ def main() -> None:
         k: round(last[k] / first[k], 2) for k in ("ingest_seconds", "hot_add_seconds", "total_seconds", "cpu_seconds")
     }
     report["target_met"] = report["growth"]["total_seconds"] <= 1.5
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{report['date']}-scale{'-ann' if args.ann else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
+    write_run(stem, report, markdown(report))
     print(markdown(report))
 
 

@@ -4,7 +4,7 @@ Checks the training loop on a given device (CUDA with bf16 autocast and channels
 or CPU) and measures its throughput. Needs no MLflow, Prefect or LanceDB, so it runs on a
 bare GPU machine. Prints JSON and a markdown table; --out writes the JSON to a file.
 
-    python bench/train_device.py --device cuda --epochs 10 --out bench/results/<date>-train-device.json
+    python -m bench.train_device --device cuda --epochs 10 --out bench/results/<date>-train-device.json
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 from datetime import date
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.common import markdown_table, write_json
 from components.config import load_params, with_overrides
 from components.data.catalog import Catalog
 from components.data.demo import discover_fonts, stream_classes, write_arrival
@@ -87,18 +85,10 @@ def main() -> None:
         "pixel_unseen_map_at_r": round(scores["baseline_unseen_map_at_r"], 4),
     }
     print(json.dumps(report, indent=1))
-    print(
-        "\n| "
-        + " | ".join(report)
-        + " |\n|"
-        + "---|" * len(report)
-        + "\n| "
-        + " | ".join(map(str, report.values()))
-        + " |"
-    )
+    print()
+    print(markdown_table(list(report), [list(report.values())]))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,13 @@ On one rendered demo arrival (after a first arrival has given a previous model a
 replay memory), in one process, side by side:
   bare              DataLoader(shuffle) -> model -> multi-similarity loss -> AdamW; bf16 autocast
                     and channels_last on CUDA, exactly as mnemo's loop sets them
-  mnemo naive       components.training.loop.train_continual without memory or distillation
+  mnemo naive       components.training.continual.train_continual without memory or distillation
   mnemo replay      ... with the replay memory mixed into every batch
   mnemo replay_distill  ... plus distillation from the previous model (one extra forward per batch)
   (--compile) mnemo replay_distill with torch.compile
 Images/s is the median over epochs after the first (warm-up, compilation).
 
-    python bench/train_throughput.py --device cuda --workers 8 --out bench/results/<date>-train-throughput.json
+    python -m bench.train_throughput --device cuda --workers 8 --out bench/results/<date>-train-throughput.json
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from datetime import date
@@ -30,18 +28,16 @@ import torch
 from pytorch_metric_learning import losses
 from torch.utils.data import DataLoader
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from components.config import Params, load_params, with_overrides  # noqa: E402
-from components.data.catalog import Catalog  # noqa: E402
-from components.data.datasets import ImageFiles, encode_labels  # noqa: E402
-from components.data.demo import discover_fonts, stream_classes, write_arrival  # noqa: E402
-from components.data.ingest import ingest_arrival  # noqa: E402
-from components.data.transforms import train_transform  # noqa: E402
-from components.modeling.embedder import Embedder, pick_device  # noqa: E402
-from components.training.loop import train_continual  # noqa: E402
-from components.workspace import resolve_workspace  # noqa: E402
+from bench.common import REPO, machine, markdown_table, write_json
+from components.config import Params, load_params, with_overrides
+from components.data.catalog import Catalog
+from components.data.datasets import ImageFiles, encode_labels
+from components.data.demo import discover_fonts, stream_classes, write_arrival
+from components.data.ingest import ingest_arrival
+from components.data.transforms import train_transform
+from components.modeling.embedder import Embedder, pick_device
+from components.training.continual import Recipe, train_continual
+from components.workspace import resolve_workspace
 
 NO_REPLAY = {"replay.budget": 0}
 NO_DISTILL = {"distill.embedding_weight": 0.0, "distill.relational_weight": 0.0}
@@ -116,9 +112,7 @@ def main() -> None:
         first = [r for r in train if r.arrival == "demo-000"]
         second = [r for r in train if r.arrival == "demo-001"]
         one_epoch = with_overrides(params, {"train.epochs": 1})
-        previous = train_continual(
-            first, ws.classes_dir, one_epoch.train, one_epoch.model, one_epoch.replay, one_epoch.distill
-        )
+        previous = train_continual(first, ws.classes_dir, Recipe.of(one_epoch))
         state = previous.save_state(Path(tmp) / "state")
 
         runs: dict[str, list[float]] = {}
@@ -136,16 +130,13 @@ def main() -> None:
             variants["mnemo replay_distill compiled"] = {"train.compile": True}
         for name, extra in variants.items():
             p = with_overrides(params, extra)
-            step = train_continual(
-                second, ws.classes_dir, p.train, p.model, p.replay, p.distill, init=previous.train.model, state=state
-            )
+            step = train_continual(second, ws.classes_dir, Recipe.of(p), init=previous.train.model, state=state)
             runs[name] = step.train.epoch_metrics["epoch_images_per_second"]
 
     median = {name: statistics.median(r[1:] if len(r) > 1 else r) for name, r in runs.items()}
     report = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.node()}: {torch.get_num_threads()} CPU threads, "
-        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
+        "machine": machine(),
         "device": str(pick_device(args.device)),
         "torch": torch.__version__,
         "epochs": args.epochs,
@@ -160,12 +151,15 @@ def main() -> None:
         "ratio_vs_bare": {name: v / median["bare"] for name, v in median.items()},
     }
     print(json.dumps(report, indent=1))
-    print("\n| loop | images/s (median) | vs bare |\n|---|---|---|")
-    for name, v in median.items():
-        print(f"| {name} | {v:.0f} | {v / median['bare']:.2f}x |")
+    print()
+    print(
+        markdown_table(
+            ["loop", "images/s (median)", "vs bare"],
+            ([name, f"{v:.0f}", f"{v / median['bare']:.2f}x"] for name, v in median.items()),
+        )
+    )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":
