@@ -31,6 +31,7 @@ import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from components.config import IMAGE_EXTENSIONS, IngestParams
 from components.data.catalog import Catalog
@@ -57,6 +58,9 @@ from components.workspace import Workspace
 MANIFEST = "manifest.json"  # an arrival's optional description, kept in its catalog record
 
 
+IngestStatus = Literal["ingested", "already_ingested", "nothing_stored"]
+
+
 @dataclass(frozen=True)
 class Rejected:
     file: str  # path relative to the arrival folder
@@ -67,7 +71,7 @@ class Rejected:
 @dataclass
 class IngestReport:
     arrival: str  # the arrival id: the folder name, or <name>~<fingerprint> when the name was taken
-    status: str  # "ingested" | "already_ingested" | "nothing_stored"
+    status: IngestStatus
     folder: str = ""  # the arrival folder's name
     identity: str = ""  # "new" | "same_content" (a no-op) | "changed_content" (other content, name taken)
     fingerprint: str = ""

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from components.data.catalog import Catalog, ImageRecord
 from components.evaluation.gate import GateDecision
 from components.registry.mlflow_registry import ModelVersionInfo
 from components.vectors.build import IndexBuild
 
-OUTCOMES = {
+RetrainStatus = Literal["promoted", "rejected", "nothing_new", "insufficient_data"]
+OUTCOMES: dict[RetrainStatus, str] = {
     "promoted": "Promoted",
     "rejected": "Rejected",
     "nothing_new": "Nothing new",
@@ -20,7 +21,7 @@ OUTCOMES = {
 }  # status -> the name of the run's final state
 
 
-def retrain_skip_reason(catalog: Catalog, last_tried: list[str] | None) -> tuple[str, str] | None:
+def retrain_skip_reason(catalog: Catalog, last_tried: list[str] | None) -> tuple[RetrainStatus, str] | None:
     """(status, message) when a retrain has nothing to do or cannot score what it would learn.
 
     `last_tried` is the arrival set the newest registered model was trained on, whether it
@@ -52,7 +53,7 @@ class RetrainPlan:
 
     arrivals: list[str]  # every ingested arrival: what the candidate will have learned
     new: list[ImageRecord]
-    skip: tuple[str, str] | None  # (status, message) when there is nothing to train
+    skip: tuple[RetrainStatus, str] | None  # (status, message) when there is nothing to train
 
 
 def plan_retrain(catalog: Catalog, champion: ModelVersionInfo | None, latest: ModelVersionInfo | None) -> RetrainPlan:
@@ -67,7 +68,7 @@ def plan_retrain(catalog: Catalog, champion: ModelVersionInfo | None, latest: Mo
 
 @dataclass
 class RetrainSummary:
-    status: str  # "promoted" | "rejected" | "nothing_new" | "insufficient_data"
+    status: RetrainStatus
     message: str
     version: str | None = None  # the candidate when one was trained, else the champion
     table: str | None = None  # the table of the live pair after this run
