@@ -53,6 +53,7 @@ from components.data.walk import (
     read_problem,
     scan,
 )
+from components.ops.failpoints import failpoint
 from components.workspace import Workspace
 
 MANIFEST = "manifest.json"  # an arrival's optional description, kept in its catalog record
@@ -182,6 +183,7 @@ def _ingest(
                 catalog.save()
             except OSError as exc:
                 raise write_error(catalog.path, exc) from None
+            failpoint("arrival-recorded")  # stored and recorded, not yet in any table
     except BaseException:
         writes.undo()
         raise

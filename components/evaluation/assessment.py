@@ -23,6 +23,7 @@ from components.evaluation.forgetting import (
 )
 from components.evaluation.gate import GateDecision, decide
 from components.evaluation.metrics import few_shot_metrics, pixel_vectors, sanity_metrics, score_vectors
+from components.evaluation.transfer import forward_transfer
 from components.modeling.embedder import Embedder, embed_files
 from components.workspace import Workspace
 
@@ -51,9 +52,11 @@ def evaluate_models(
     slices = seen_slice_rows(catalog, records)
     champion_slices = {keys.slice_key(a) for a in champion_arrivals}
 
+    arrival_of = {c: meta["arrival"] for c, meta in catalog.classes.items()}  # within-arrival episodes
+
     def scored(x: np.ndarray, slice_keys: Collection[str]) -> dict[str, float]:
         xu, lu = x[unseen], labels[unseen].tolist()
-        out = score_vectors(xu, lu, ks, keys.UNSEEN) | few_shot_metrics(xu, lu, params, keys.UNSEEN)
+        out = score_vectors(xu, lu, ks, keys.UNSEEN) | few_shot_metrics(xu, lu, params, keys.UNSEEN, arrival_of)
         for s in slice_keys:
             out |= score_vectors(x, labels.tolist(), ks, keys.key(keys.SEEN, s), queries=slices[s])
         return out
@@ -62,7 +65,7 @@ def evaluate_models(
     metrics = sanity_metrics(x[unseen]) | scored(x, slices)
     pixels = pixel_vectors([paths[i] for i in unseen], params.baseline_image_size)
     on_pixels = score_vectors(pixels, labels[unseen].tolist(), ks, keys.UNSEEN)
-    on_pixels |= few_shot_metrics(pixels, labels[unseen].tolist(), params, keys.UNSEEN)
+    on_pixels |= few_shot_metrics(pixels, labels[unseen].tolist(), params, keys.UNSEEN, arrival_of)
     metrics |= {keys.baseline(k): v for k, v in on_pixels.items()}
     if champion is not None:
         theirs = scored(embed_files(champion, paths, batch_size=bs), slices.keys() & champion_slices)
@@ -97,6 +100,9 @@ def assess(
     registry), so forgetting is measured against what users actually got.
     """
     metrics = evaluate_models(ws, catalog, params, candidate, champion, champion_arrivals)
+    if champion is not None:  # what users got from the new arrivals' hot add, before this candidate
+        new = sorted(set(catalog.arrivals) - set(champion_arrivals))
+        metrics |= forward_transfer(ws, catalog, champion, new, params)
     matrix = forgetting_matrix(served, metrics, champion=champion_version if champion is not None else None)
     metrics |= forgetting_metrics(matrix)
     decision = decide(metrics, (keys.under(metrics, keys.CHAMPION) or None) if champion is not None else None, gate)

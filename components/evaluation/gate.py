@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from components.config import GateParams
@@ -98,7 +98,7 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
             if not math.isnan(value)
             else f"unseen {task} accuracy was not measured (too few unseen classes with enough images)",
         )
-
+    _forward_transfer(candidate, gate.min_forward_transfer_recall_at_1, check, reasons)
     if champion is None:
         reasons.append("no champion: change thresholds skipped")
         return GateDecision(promote=not failed, reasons=reasons, failed=failed)
@@ -126,6 +126,27 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
         s, f = max(forgetting.items(), key=lambda kv: kv[1])
         reasons.append(f"largest forgetting {f:+.4f} (slice {s}) is within {allowed:.4f}")
     return GateDecision(promote=not failed, reasons=reasons, failed=failed)
+
+
+def _forward_transfer(
+    candidate: Mapping[str, float],
+    floor: float | None,
+    check: Callable[[bool, str, str], None],
+    reasons: list[str],
+) -> None:
+    """The champion on each new arrival before training on it: said always, checked against `floor` when set."""
+    for s, m in keys.transfer_values(candidate).items():
+        shots = ", ".join(f"{k} {v:.4f}" for k, v in sorted(m.items()) if k.endswith("shot"))
+        said = f"forward transfer to arrival {s} (the champion before training on it): R@1 {m['recall_at_1']:.4f}"
+        said += f", MAP@R {m.get('map_at_r', math.nan):.4f}" + (f", {shots}" if shots else "")
+        if floor is None:
+            reasons.append(said)
+        else:
+            check(
+                m["recall_at_1"] >= floor,
+                f"{said}, meets the floor {floor:.4f}",
+                f"{said}, below the floor {floor:.4f}",
+            )
 
 
 # --- the gate report ------------------------------------------------------------------------
@@ -161,6 +182,10 @@ def gate_report(
         "baseline": {keys.baseline(k): json_number(v) for k, v in sorted(keys.under(metrics, keys.BASELINE).items())},
         "forgetting": {s: json_number(v) for s, v in sorted(keys.under(metrics, keys.FORGETTING).items())},
         "forgetting_matrix": matrix.labelled(str(candidate_version)).as_dict(),
+        # the champion on each new arrival before training on it: what the hot add gave users
+        "forward_transfer": {
+            s: {k: json_number(v) for k, v in sorted(m.items())} for s, m in keys.transfer_values(metrics).items()
+        },
     }
 
 
@@ -195,5 +220,11 @@ def gate_markdown(report: Mapping) -> str:
             "|---|---:|",
         ]
         lines += [f"| {s} | {_cell(v)} |" for s, v in report["forgetting"].items()]
+    transfer = report.get("forward_transfer") or {}
+    if transfer:
+        tasks = sorted({k for m in transfer.values() for k in m})
+        lines += ["", "## Forward transfer (the champion on each new arrival, before training on it)", ""]
+        lines += ["| arrival | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+        lines += [f"| {s} | " + " | ".join(_cell(m.get(t)) for t in tasks) + " |" for s, m in transfer.items()]
     lines += ["", "## Thresholds", "", "```json", json.dumps(report["thresholds"], indent=1), "```", ""]
     return "\n".join(lines)

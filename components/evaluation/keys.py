@@ -6,9 +6,10 @@ reports and on the page. Built and parsed here, and only here.
   champion_<key>           the champion on the same images as the candidate's <key>
   baseline_<key>           raw pixels on the same images
   forgetting_<slice>       the best seen Recall@1 an earlier served version had on the slice, minus the candidate's
+  transfer_<slice>_<metric>  the champion, before any training on it, on every class a new arrival brought
 
-<metric> is recall_at_<K>, map_at_r, r_precision or <N>way_<K>shot; <slice> is an arrival id
-as metric names allow it (slice_key).
+<metric> is recall_at_<K>, map_at_r, r_precision or <N>way_<K>shot[_within_arrival]; <slice> is
+an arrival id as metric names allow it (slice_key).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ SEEN: Final = "seen"
 CHAMPION: Final = "champion"
 BASELINE: Final = "baseline"
 FORGETTING: Final = "forgetting"
+TRANSFER: Final = "transfer"
 FORGETTING_METRIC: Final = "recall_at_1"  # the seen-class metric forgetting is measured on
 
 
@@ -55,9 +57,10 @@ def forgetting(slice_: str) -> str:
     return key(FORGETTING, slice_)
 
 
-def few_shot(way: int, shot: int) -> str:
-    """The few-shot task's metric name: 20way_1shot."""
-    return f"{way}way_{shot}shot"
+def few_shot(way: int, shot: int, within: str = "all") -> str:
+    """The few-shot task's metric name: 20way_1shot, or 5way_1shot_within_arrival for episodes
+    whose classes all come from one arrival."""
+    return f"{way}way_{shot}shot" + ("" if within == "all" else f"_within_{within}")
 
 
 def under(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
@@ -75,3 +78,15 @@ def slice_values(metrics: Mapping[str, float], metric: str = FORGETTING_METRIC) 
 def is_scored(k: str) -> bool:
     """Whether the key is one of the candidate's own retrieval scores (unseen or a seen slice)."""
     return k.startswith((UNSEEN + "_", SEEN + "_"))
+
+
+def transfer(slice_: str, metric: str) -> str:
+    return key(TRANSFER, slice_, metric)
+
+
+def transfer_values(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """{slice: {metric: value}} of the `transfer_<slice>_<metric>` keys (slices found by their Recall@1)."""
+    found = under(metrics, TRANSFER)
+    tail = "_recall_at_1"
+    slices = sorted(k[: -len(tail)] for k in found if k.endswith(tail))
+    return {s: {k[len(s) + 1 :]: v for k, v in found.items() if k.startswith(s + "_")} for s in slices}

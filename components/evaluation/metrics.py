@@ -14,7 +14,7 @@ parsed in keys.py; sanity adds non_finite_embeddings and embedding_spread.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,29 +213,47 @@ def score_unseen(
 
 
 def few_shot_accuracy(
-    embeddings: np.ndarray, labels: Sequence[str], *, way: int, shot: int, episodes: int, seed: int
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    *,
+    way: int,
+    shot: int,
+    episodes: int,
+    seed: int,
+    groups: Mapping[str, str] | None = None,
 ) -> float | None:
     """Mean accuracy of seeded N-way K-shot episodes (Vinyals et al. 2016; Lake et al.'s one-shot task
     at way 20, shot 1), None when fewer than `way` classes have `shot` + 1 images.
 
     Each episode draws `way` classes, `shot` support images of each and every other image of
     them as queries; a query is right when the nearest class mean of the (L2-normalised)
-    support embeddings, by cosine similarity, is its own class.
+    support embeddings, by cosine similarity, is its own class. With `groups` (class -> group,
+    e.g. the arrival that brought it) every episode draws all its classes from one group, as
+    Lake et al. draw a trial's 20 characters from one alphabet: the fine-grained task, where
+    the candidates look alike; groups with fewer than `way` eligible classes take no part.
     """
     x = unit_rows(np.asarray(embeddings, dtype=np.float64))
     by_class: dict[str, list[int]] = {}
     for i, label in enumerate(labels):
         by_class.setdefault(str(label), []).append(i)
     eligible = sorted(c for c, rows in by_class.items() if len(rows) > shot)
-    if len(eligible) < way or episodes < 1:
+    pools: list[list[str]] = [eligible]
+    if groups is not None:
+        grouped: dict[str, list[str]] = {}
+        for c in eligible:
+            grouped.setdefault(groups[c], []).append(c)
+        pools = [members for _, members in sorted(grouped.items()) if len(members) >= way]
+    pools = [pool for pool in pools if len(pool) >= way]
+    if not pools or episodes < 1:
         return None
     rng = np.random.default_rng(seed)
     accuracies = []
     for _ in range(episodes):
-        classes = rng.choice(len(eligible), size=way, replace=False)
+        pool = pools[rng.integers(len(pools))] if len(pools) > 1 else pools[0]
+        classes = rng.choice(len(pool), size=way, replace=False)
         prototypes, query_rows, truth = [], [], []
         for j, c in enumerate(classes):
-            rows = rng.permutation(by_class[eligible[c]])
+            rows = rng.permutation(by_class[pool[c]])
             prototypes.append(x[rows[:shot]].mean(axis=0))
             query_rows += rows[shot:].tolist()
             truth += [j] * (len(rows) - shot)
@@ -245,17 +263,30 @@ def few_shot_accuracy(
 
 
 def few_shot_metrics(
-    embeddings: np.ndarray, labels: Sequence[str], params: EvaluateParams, prefix: str
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    params: EvaluateParams,
+    prefix: str,
+    groups: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
-    """`<prefix>_<N>way_<K>shot` for every task in params that the classes allow (NaN embeddings: NaN)."""
+    """`<prefix>_<N>way_<K>shot[_within_arrival]` for every task in params that the classes allow
+    (NaN embeddings: NaN); tasks `within: arrival` draw each episode from one group of `groups`."""
     out = {}
     for task in params.few_shot:
-        key = keys.key(prefix, keys.few_shot(task.way, task.shot))
+        key = keys.key(prefix, keys.few_shot(task.way, task.shot, task.within))
         if not np.isfinite(embeddings).all():
             out[key] = math.nan
             continue
+        if task.within == "arrival" and groups is None:
+            continue
         accuracy = few_shot_accuracy(
-            embeddings, labels, way=task.way, shot=task.shot, episodes=params.few_shot_episodes, seed=params.seed
+            embeddings,
+            labels,
+            way=task.way,
+            shot=task.shot,
+            episodes=params.few_shot_episodes,
+            seed=params.seed,
+            groups=groups if task.within == "arrival" else None,
         )
         if accuracy is not None:
             out[key] = accuracy

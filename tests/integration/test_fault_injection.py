@@ -1,8 +1,8 @@
 """Kill mnemo (SIGKILL, through a failpoint) at every step where state changes, and prove it recovers.
 
-One workspace lives through six crashes in turn: mid training, after registering before the
+One workspace lives through its crashes in turn: mid training, after registering before the
 index build, mid index build, between the alias move and the promotion-log entry, mid
-catch-up, mid rollback. A reader thread queries the live pair the whole time. After each crash:
+catch-up, an ingest crash loop (stored but not appended, then twice mid catch-up), mid rollback. A reader thread queries the live pair the whole time. After each crash:
 no query failed, `mnemo status` says what is true, the next command (`mnemo retrain`, or
 the rollback again) completes, and every stored image is found by a query against the
 champion. Real Prefect, MLflow (SQLite) and LanceDB; the killed command runs in its own process.
@@ -169,6 +169,15 @@ def test_every_crash_is_recovered(crash_params, tmp_path):
         killed("catch-up-chunk-written", "ingest", str(arrive()))
         truthful_status()
         assert retrain_once() in ("promoted", "rejected")
+        every_image_found()
+
+        # A crash loop on ingest: killed once stored and recorded (not yet in the live table), then
+        # twice mid catch-up; the next ingests, with nothing new in the inbox, bring the table level.
+        arrive()
+        for point in ("arrival-recorded", "catch-up-chunk-written", "catch-up-chunk-written"):
+            killed(point, "ingest")
+        for _ in range(2):
+            assert mnemo("ingest")["hot_add"]["table"] == truthful_status()["champion"]["table"]
         every_image_found()
 
         # Mid rollback: the log entry is written, the alias has not moved yet.

@@ -213,3 +213,24 @@ def test_promotion_fails_closed_on_a_version_never_gated_or_smoke_tested():
         "v4 was never smoke-tested against its table; --force promotes it anyway"
     ]
     assert promotion_refusals(info(), force=True) == []
+
+
+def test_forward_transfer_is_reported_and_checked_only_against_a_floor_that_is_set(gate):
+    transfer = {
+        "transfer_demo-003_recall_at_1": 0.41,
+        "transfer_demo-003_map_at_r": 0.2,
+        "transfer_demo-003_8way_1shot": 0.5,
+    }
+    said = decide(HEALTHY | transfer, None, gate.model_copy(update={"min_forward_transfer_recall_at_1": None}))
+    assert said.promote
+    assert any(r.startswith("forward transfer to arrival demo-003") and "8way_1shot 0.5000" in r for r in said.reasons)
+    floored = decide(HEALTHY | transfer, None, gate.model_copy(update={"min_forward_transfer_recall_at_1": 0.5}))
+    assert not floored.promote
+    assert floored.failed == [
+        "forward transfer to arrival demo-003 (the champion before training on it): R@1 0.4100, MAP@R 0.2000, "
+        "8way_1shot 0.5000, below the floor 0.5000"
+    ]
+    matrix = ForgettingMatrix(["candidate"], [], np.zeros((1, 0)))
+    report = gate_report("2", "1", HEALTHY | transfer, said, gate, matrix)
+    assert report["forward_transfer"] == {"demo-003": {"8way_1shot": 0.5, "map_at_r": 0.2, "recall_at_1": 0.41}}
+    assert "| demo-003 | 0.5000 | 0.2000 | 0.4100 |" in gate_markdown(report)
