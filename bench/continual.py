@@ -44,8 +44,10 @@ from components.config import Params, load_params, with_overrides
 from components.data.catalog import Catalog
 from components.data.demo import discover_fonts, stream_classes, write_arrival
 from components.data.ingest import ingest_arrival
+from components.evaluation import keys
 from components.evaluation.forgetting import average_forgetting, slice_forgetting
 from components.evaluation.metrics import few_shot_metrics, metrics_device, retrieval_metrics, score_pixels
+from components.evaluation.transfer import forward_transfer
 from components.modeling.embedder import Embedder, embed_files
 from components.training.continual import ContinualResult, Recipe, train_continual
 from components.workspace import resolve_workspace
@@ -165,6 +167,9 @@ def run_strategy(
         so_far = set(stream.arrivals[: k + 1])
         new = [r for r in train if (r.arrival in so_far if strategy == "joint" else r.arrival == arrival)]
         print(f"  {strategy}: arrival {k} ({arrival}), {len(new)} new training images", flush=True)
+        # forward transfer: the model before this step on the arrival's classes (what its hot add gave users)
+        ws = resolve_workspace(params, stream.ws_root)
+        transfer = keys.transfer_values(forward_transfer(ws, catalog, model, [arrival], p.evaluate))
         cpu = time.process_time()
         step = train_continual(new, classes_dir, Recipe.of(p), init=model, state=state)
         cpu = time.process_time() - cpu
@@ -178,6 +183,7 @@ def run_strategy(
                 "cpu_seconds": cpu,
                 "new_images": len(new),
                 "memory": len(step.memory),
+                "forward_transfer": transfer.get(keys.slice_key(arrival), {}),
                 **evaluate_step(model, stream.ws_root, catalog, stream.arrivals[: k + 1], p),
             }
         )
@@ -259,6 +265,13 @@ def targets(results: dict) -> dict:
     }
 
 
+def _transfer_cell(t: dict | None) -> str:
+    if not t:
+        return "–"
+    shot = next((f"{k} {v:.3f}" for k, v in sorted(t.items()) if k.endswith("shot")), "")
+    return f"R@1 {t['recall_at_1']:.3f}" + (f", {shot}" if shot else "")
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# Continual benchmark {report['date']}{' (quick)' if report['quick'] else ''}"
@@ -308,6 +321,17 @@ def markdown(report: dict) -> str:
                 for k, step in enumerate(first)
             ),
         )
+        transfer = markdown_table(
+            ["arrival", *results],
+            (
+                [
+                    f"{k} ({step['arrival']})",
+                    *(_transfer_cell(r["arrivals"][k].get("forward_transfer")) for r in results.values()),
+                ]
+                for k, step in enumerate(first)
+                if k > 0
+            ),
+        )
         lines += [
             f"## {stream}",
             "",
@@ -316,6 +340,11 @@ def markdown(report: dict) -> str:
             "Unseen R@1 after each arrival, raw pixels on the same images first:",
             "",
             per_arrival,
+            "",
+            "Forward transfer: the model before each arrival on all of that arrival's classes "
+            "(R@1 / N-way 1-shot with every candidate from the arrival):",
+            "",
+            transfer,
         ]
         if "naive" not in results:
             forgetting = "- forgetting: naive fine-tuning was not run (--strategies)"

@@ -43,6 +43,7 @@ from bench.common import OMNIGLOT, REPO, RESULTS, command_line, machine, markdow
 from components.config import load_params
 from components.data.catalog import Catalog
 from components.data.transforms import open_rgb
+from components.evaluation import keys
 from components.evaluation.metrics import few_shot_accuracy, retrieval_metrics
 from components.workspace import resolve_workspace
 
@@ -184,6 +185,10 @@ def run(params_file: Path, root: Path) -> dict:
                 "seconds": seconds,
                 "unseen_recall_at_1": retrained["metrics"].get("unseen_recall_at_1"),
                 **{k: v for k, v in retrained["metrics"].items() if k.startswith("unseen_") and k.endswith("shot")},
+                # the champion before this retrain on the arrival's classes (none for the first)
+                "forward_transfer": keys.transfer_values(retrained["metrics"]).get(
+                    keys.slice_key(ingested["arrivals"][0]["arrival"]), {}
+                ),
             }
         )
         print(
@@ -229,7 +234,14 @@ def markdown(report: dict) -> str:
         ),
         "",
         markdown_table(
-            ["arrival", "retrain", "version", "wall s (ingest + retrain)", "unseen R@1 (gate)"],
+            [
+                "arrival",
+                "retrain",
+                "version",
+                "wall s (ingest + retrain)",
+                "unseen R@1 (gate)",
+                "forward transfer (champion before: R@1, 1-shot within arrival)",
+            ],
             (
                 [
                     s["arrival"],
@@ -237,6 +249,10 @@ def markdown(report: dict) -> str:
                     s["version"],
                     f"{s['seconds']:.0f}",
                     "–" if s["unseen_recall_at_1"] is None else f"{s['unseen_recall_at_1']:.3f}",
+                    ", ".join(
+                        f"{k} {v:.3f}" for k, v in sorted(s.get("forward_transfer", {}).items()) if k != "r_precision"
+                    )
+                    or "–",
                 ]
                 for s in report["steps"]
             ),
