@@ -57,13 +57,7 @@ class CatchUp:
 
     def to_dict(self) -> dict:
         """What `mnemo ingest --json` prints under "hot_add": version, table, added, checked, seconds."""
-        return {
-            "version": self.version,
-            "table": self.table,
-            "added": self.added,
-            "checked": self.checked,
-            "seconds": self.seconds,
-        }
+        return {k: getattr(self, k) for k in ("version", "table", "added", "checked", "seconds")}
 
 
 def catch_up(
