@@ -1,58 +1,139 @@
-"""Where things stand, as one JSON-ready dict: champion and challenger, the promotion log, the
-latest gate report, the data. `mnemo status` prints it; the service's page shows it."""
+"""Where things stand, as one typed, JSON-ready model: champion and challenger, the promotion log,
+the latest gate report, the data. `mnemo status` prints it; the service's page shows it (GET /status,
+whose OpenAPI schema these models are)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from components.config import IngestParams
 from components.data.catalog import Catalog
 from components.data.identity import pending_arrivals
 from components.evaluation.metrics import json_number
-from components.registry.mlflow_registry import SMOKE_TAG, VERDICT_TAG, ModelRegistry
-from components.vectors.search import table_rows
+from components.registry.mlflow_registry import SMOKE_TAG, VERDICT_TAG, ModelRegistry, ModelVersionInfo
+from components.vectors.tables import READ_ERRORS, TableDamaged, check_readable, connect, open_table
 from components.workspace import Workspace
 
 
-def workspace_status(ws: Workspace, registry: ModelRegistry, ingest: IngestParams) -> dict[str, Any]:
-    """Champion (version, table, rows, metrics), challenger (and its gate verdict), the promotion
-    log newest last, the challenger's gate report, and the catalog's counts."""
+class VersionStatus(BaseModel):
+    """A registered version as status shows it: its table, the arrivals it was trained on, its metrics."""
+
+    version: str
+    table: str | None
+    arrivals: list[str]
+    metrics: dict[str, float | None]
+
+
+class ChampionStatus(VersionStatus):
+    """The version serving now, and whether its table can answer."""
+
+    table_rows: int | None = Field(description="rows in its table; None when the table is missing")
+    missing_rows: int | None = Field(
+        description="stored images its table lacks (the next ingest appends them); None when the table is missing"
+    )
+    damaged: str | None = Field(description="what is damaged (its table missing or unreadable); None when it answers")
+
+
+class ChallengerStatus(VersionStatus):
+    """The latest candidate and how it fared: gate verdict and index smoke test (None: never run)."""
+
+    verdict: str | None
+    index_smoke_test: str | None
+
+
+class DataStatus(BaseModel):
+    """The catalog's counts and the arrivals waiting in the inbox."""
+
+    arrivals: list[str]
+    classes: int
+    unseen_classes: int
+    images: int
+    pending_arrivals: list[str]
+
+
+class WorkspaceStatus(BaseModel):
+    """Everything `mnemo status` and GET /status say; serialised with the same keys both ways."""
+
+    workspace: str
+    model_name: str
+    tracking_uri: str
+    lancedb_uri: str
+    champion: ChampionStatus | None
+    challenger: ChallengerStatus | None
+    promotions: list[dict[str, Any]] = Field(description="the promotion log, newest last")
+    gate: dict[str, Any] | None = Field(description="the latest gate report: verdict, reasons, metrics side by side")
+    data: DataStatus
+
+
+def workspace_status(ws: Workspace, registry: ModelRegistry, ingest: IngestParams) -> WorkspaceStatus:
+    """Champion (version, table, rows, what its table lacks or why it cannot answer, metrics),
+    challenger (and its gate verdict), the promotion log newest last, the challenger's gate
+    report, and the catalog's counts."""
     champion = registry.champion()
     challenger = registry.challenger() or registry.latest()  # stores from before the alias existed have none
     catalog = Catalog.load(ws.catalog)
-    return {
-        "workspace": str(ws.root),
-        "model_name": registry.name,
-        "tracking_uri": ws.masked_tracking_uri,
-        "lancedb_uri": ws.masked_lancedb_uri,
-        "champion": None
-        if champion is None
-        else {
-            "version": champion.version,
-            "table": champion.table,
-            "table_rows": table_rows(ws, champion.table) if champion.table else None,
-            "arrivals": champion.arrivals,
-            "metrics": {k: json_number(v) for k, v in champion.metrics.items()},
-        },
-        "challenger": None
+    images = len(catalog.images)
+    return WorkspaceStatus(
+        workspace=str(ws.root),
+        model_name=registry.name,
+        tracking_uri=ws.masked_tracking_uri,
+        lancedb_uri=ws.masked_lancedb_uri,
+        champion=None if champion is None else _champion(ws, champion, images),
+        challenger=None
         if challenger is None
-        else {
-            "version": challenger.version,
-            "table": challenger.table,
-            "verdict": challenger.tags.get(VERDICT_TAG),
-            "index_smoke_test": challenger.tags.get(SMOKE_TAG),
-            "arrivals": challenger.arrivals,
-            "metrics": {k: json_number(v) for k, v in challenger.metrics.items()},
-        },
-        "promotions": [e.to_dict() for e in registry.log.entries()],  # the promotion log, newest last
-        # the latest gate report: verdict, reasons, metrics side by side
-        "gate": registry.gate_report(challenger.version) if challenger else None,
-        "data": {
-            "arrivals": sorted(catalog.arrivals),
-            "classes": len(catalog.classes),
-            "unseen_classes": len(catalog.classes_with_split("unseen")),
-            "images": len(catalog.images),
+        else ChallengerStatus(
+            version=challenger.version,
+            table=challenger.table,
+            verdict=challenger.tags.get(VERDICT_TAG),
+            index_smoke_test=challenger.tags.get(SMOKE_TAG),
+            arrivals=challenger.arrivals,
+            metrics=_metrics(challenger),
+        ),
+        promotions=[e.to_dict() for e in registry.log.entries()],
+        gate=registry.gate_report(challenger.version) if challenger else None,
+        data=DataStatus(
+            arrivals=sorted(catalog.arrivals),
+            classes=len(catalog.classes),
+            unseen_classes=len(catalog.classes_with_split("unseen")),
+            images=images,
             # cached: an inbox folder is fingerprinted again only once something in it changed
-            "pending_arrivals": [a.name for a in pending_arrivals(ws, ingest, cached=True)],
-        },
-    }
+            pending_arrivals=[a.name for a in pending_arrivals(ws, ingest, cached=True)],
+        ),
+    )
+
+
+def _champion(ws: Workspace, champion: ModelVersionInfo, images: int) -> ChampionStatus:
+    rows, damaged = _live_table(ws, champion.table) if champion.table else (None, None)
+    return ChampionStatus(
+        version=champion.version,
+        table=champion.table,
+        table_rows=rows,
+        missing_rows=None if rows is None else max(0, images - rows),  # one row per stored image
+        damaged=None if damaged is None else ws.redact(damaged),
+        arrivals=champion.arrivals,
+        metrics=_metrics(champion),
+    )
+
+
+def _live_table(ws: Workspace, table: str) -> tuple[int | None, str | None]:
+    """The table's row count (None when it cannot be counted) and why it cannot answer (None when
+    it can): every data file's footer and first page are read, not its rows (tables.check_readable)."""
+    try:
+        tbl = open_table(connect(ws), ws, table)
+    except FileNotFoundError as exc:
+        return None, str(exc)
+    try:
+        check_readable(tbl)
+        damaged = None
+    except TableDamaged as exc:
+        damaged = str(exc)
+    try:
+        return tbl.count_rows(), damaged  # from the table's metadata: a data file cut short still counts
+    except READ_ERRORS:
+        return None, damaged
+
+
+def _metrics(info: ModelVersionInfo) -> dict[str, float | None]:
+    return {k: json_number(v) for k, v in info.metrics.items()}

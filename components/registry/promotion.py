@@ -3,8 +3,9 @@ may move to are built and kept complete.
 
 Every move (the retrain flow's promotion, `mnemo promote`, `mnemo rollback`, the rollback
 flow) goes through `Promoter.promote`: the checks (a validated table written by the
-version's own model; a passed gate unless forced; a passed smoke test), then the alias
-move inside its promotion-log entry. `reindex` builds a registered version's table over
+version's own model; a passed gate unless forced; a passed smoke test), the table caught up
+and proved able to answer (validate.verify_table, never skipped, forced or not), then the
+alias move inside its promotion-log entry. `reindex` builds a registered version's table over
 the whole catalog; `catch_up` brings the live table level with the catalog
 (components/vectors/catch_up.py), after every ingest.
 """
@@ -33,7 +34,16 @@ from components.registry.mlflow_registry import (
 from components.registry.promotion_log import MoveKind, PromotionEntry, previous_champion
 from components.vectors.build import IndexBuild, RowWriter, build_table, check_writable
 from components.vectors.catch_up import CatchUp, catch_up
-from components.vectors.tables import authorship_problem, connect, is_validated, open_table, table_name
+from components.vectors.tables import (
+    TableDamaged,
+    authorship_problem,
+    check_readable,
+    connect,
+    is_validated,
+    open_table,
+    table_name,
+)
+from components.vectors.validate import verify_table
 from components.workspace import Workspace
 
 
@@ -146,14 +156,15 @@ class Promoter:
         `table` is the table just built for it (the retrain flow), recorded on the version when
         its tag says otherwise. Before the alias moves, the table is caught up with every stored
         image (embedded by its own model) under the ingest lock, so no image ingested since the
-        table was built disappears from the answers; the log records a forced promotion as such.
+        table was built disappears from the answers, and proved able to answer (verify_table:
+        `force` never skips it); the log records a forced promotion as such.
         """
         with writer_lock(self.ws, f"{kind} v{version}"):
             info = self.version(version)
+            verb = f"roll back to v{info.version}" if kind == "rollback" else f"make v{info.version} champion"
             table, problems = table_problems(self.ws, self.index, info, table)
             problems += promotion_refusals(info, force=force, table=table if not problems else None)
             if problems:
-                verb = f"roll back to v{info.version}" if kind == "rollback" else f"make v{info.version} champion"
                 raise PromotionRefused(f"cannot {verb}: " + "; ".join(problems))
             forced = force and bool(promotion_refusals(info, table=table))  # force overrode a check
             if forced and not reason.strip():
@@ -163,13 +174,13 @@ class Promoter:
             if info.table != table:
                 self.registry.record_index(info.version, table)
             with inbox_lock(self.ws):  # no ingest between the catch-up and the move
-                catch_up(
-                    self.ws,
-                    self.index,
-                    open_table(connect(self.ws), self.ws, table),
-                    info.version,
-                    self._model(info.version),
-                )
+                tbl = open_table(connect(self.ws), self.ws, table)
+                try:
+                    check_readable(tbl)  # a damaged file is named here, not mid catch-up
+                    catch_up(self.ws, self.index, tbl, info.version, self._model(info.version))
+                    verify_table(self.ws, tbl, self.index)  # the table answers: only then may the alias move
+                except TableDamaged as exc:
+                    raise PromotionRefused(f"cannot {verb}: {exc}") from None
                 current = self.registry.champion()
                 if current is not None and current.version == info.version:
                     return ChampionMove(info.version, table, None, kind)

@@ -1,7 +1,7 @@
 """The query service: FastAPI over the live pair, hot-swapped when the champion alias moves.
 
     POST /query         multipart: one or more `image` files, form field `k` -> neighbours per image
-    GET  /health        200 with the model version once a champion is live, 503 before
+    GET  /health        200 with the model version once a champion is live, 503 before (or while it is damaged)
     GET  /live          the live pair: model version, table, rows, since when, what runs the model
     POST /live/refresh  re-resolve the champion alias now (e.g. right after `mnemo promote`)
     GET  /              the web page (search, status, browse; page.py has its endpoints)
@@ -10,7 +10,9 @@ With MNEMO_API_KEY set (`mnemo serve` passes it as api_key), every endpoint but 
 needs `Authorization: Bearer <key>`.
 
 Every answer names the model version that produced it (body and X-Model-Version header),
-from the one pair the request took. Bad uploads get a 4xx that says why; the limits
+from the one pair the request took. A damaged live pair (live.DamagedPair: its table missing
+or cut short, its model's artifacts gone) is a 503 naming what is damaged, on every endpoint
+that needs the pair. Bad uploads get a 4xx that says why; the limits
 (bytes per request, pixels per image) are checked before an image is decoded.
 """
 
@@ -26,14 +28,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 
 from components.config import IngestParams, ServeParams
 from components.data.validation import decode_image
 from components.serving.batching import QueryBatcher
-from components.serving.live import LiveIndex, LivePair, NoChampionError
+from components.serving.live import DamagedPair, LiveIndex, LivePair, NoChampionError
 from components.serving.page import add_page, error_responses
 
 log = logging.getLogger(__name__)
@@ -194,7 +196,9 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         try:
             live.refresh()
-        except Exception:  # no registry yet, a missing table: /health says so, the refresher retries
+        except DamagedPair as exc:  # /health and every answer say so; the refresher retries
+            log.warning("no live pair at start-up: %s", live.ws.redact(str(exc)))
+        except Exception:  # no registry yet: /health says so, the refresher retries
             log.exception("no live pair at start-up")
         if refresh_in_background:
             live.start()
@@ -211,6 +215,11 @@ def create_app(
     app.add_middleware(BodyLimit, limit=serve.max_upload_bytes)
     if api_key:
         app.add_middleware(ApiKey, key=api_key)  # added last: outermost, so a refused request is never read
+
+    @app.exception_handler(DamagedPair)
+    async def damaged(_: Request, exc: DamagedPair) -> JSONResponse:
+        """The one answer to a damaged live pair, wherever it was found (opening it, or mid-read)."""
+        return JSONResponse({"detail": live.ws.redact(str(exc))}, status_code=503)
 
     def current() -> LivePair:
         try:
@@ -258,6 +267,9 @@ def create_app(
     @app.get("/health", responses=error_responses(503))
     def health() -> JSONResponse:
         pair = live.pair
+        if pair is None and live.damage is not None:
+            body = {"status": "damaged", "model_version": None, "detail": live.ws.redact(live.damage)}
+            return JSONResponse(body, status_code=503)
         if pair is None:
             return JSONResponse({"status": "no_champion", "model_version": None}, status_code=503)
         return _answer(pair, {"status": "ok", "model_version": pair.version, "table": pair.table_name})

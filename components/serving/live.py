@@ -4,6 +4,10 @@ Readers call `LiveIndex.current()` once per request and use that pair throughout
 promotion or rollback landing mid-request never mixes one version's model with another's
 table. A swap replaces the pair in one assignment; whoever still holds the previous pair
 finishes on it (its table is among the retained ones, see index.cleanup_tables).
+
+A pair is proved readable where it is opened (every data file of its table, its model's
+artifacts) and wherever it reads (LivePair's methods): what is damaged raises DamagedPair,
+one line naming it, which the service answers with a 503 and the CLI with `error: ...`.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from components.config import IndexParams, RegistryParams, Runtime, ServeParams
@@ -24,7 +31,7 @@ from components.modeling.runtime import Forward, make_forward
 from components.registry.mlflow_registry import CHALLENGER, CHAMPION, ModelRegistry
 from components.vectors.graph import ServingGraph
 from components.vectors.search import AsyncLoop, Hit, TableReader
-from components.vectors.tables import authorship_problem
+from components.vectors.tables import TableDamaged, authorship_problem, check_readable, connect, open_table
 from components.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -36,7 +43,12 @@ class NoChampionError(LookupError):
     """No version carries the champion alias yet: there is nothing to answer with."""
 
 
-class LivePairMismatch(RuntimeError):
+class DamagedPair(RuntimeError):
+    """The champion's table or model cannot answer (missing, a file cut short, artifacts gone, rows
+    written by another model): the message names what is damaged."""
+
+
+class LivePairMismatch(DamagedPair):
     """The champion's table was written by another version's model, or carries no mark saying whose:
     serving it could mix embeddings."""
 
@@ -62,17 +74,39 @@ class LivePair:
 
     def nearest(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """The k nearest stored images for each vector, in this pair's graph or table."""
-        return self.graph.search(vectors, k) if self.graph is not None else self.table.search(vectors, k)
+        if self.graph is not None:
+            return self.graph.search(vectors, k)
+        with self._reading():
+            return self.table.search(vectors, k)
 
     async def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """`nearest`, awaitable from any event loop: the graph answers in well under a millisecond,
         on the caller's loop; the table is searched on its own loop."""
         if self.graph is not None:
             return self.graph.search(vectors, k)
-        return await self.table.search_async(vectors, k)
+        with self._reading():
+            return await self.table.search_async(vectors, k)
 
     def rows(self) -> int:
-        return self.table.count_rows()
+        with self._reading():
+            return self.table.count_rows()
+
+    def row(self, image_id: str) -> dict[str, Any] | None:
+        """The table's row of one stored image (TableReader.row); None when the table lacks it."""
+        with self._reading():
+            return self.table.row(image_id)
+
+    def row_at(self, offset: int) -> dict[str, Any]:
+        """The table's row at a position in storage order (0 <= offset < rows())."""
+        with self._reading():
+            return self.table.row_at(offset)
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        try:
+            yield
+        except TableDamaged as exc:  # a file cut short or gone since the pair was opened
+            raise DamagedPair(f"champion v{self.version}: {exc}") from exc
 
 
 class LiveIndex:
@@ -112,6 +146,7 @@ class LiveIndex:
         self._tables: dict[str, TableReader] = {}
         self._aliases: dict[str, str] = {}
         self._resolving = threading.Lock()  # one resolver at a time; readers never wait on it
+        self.damage: str | None = None  # why the champion could not be opened at the last refresh
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -149,23 +184,44 @@ class LiveIndex:
                 return current
             if current is not None and (current.version, current.table_name) == (champion.version, champion.table):
                 return current
-            table = self._table(champion.table)
-            problem = authorship_problem(champion.table, table.schema(), champion.version)
-            if problem is not None:
-                raise LivePairMismatch(f"champion v{champion.version}: {problem}")
-            forward = self._model(champion.version)
-            pair = LivePair(
-                version=champion.version,
-                table_name=champion.table,
-                model=forward.model,
-                table=table,
-                since=datetime.now(UTC),
-                forward=forward,
-                graph=self._graph(champion.table),
-            )
+            try:
+                pair = self._open(champion.version, champion.table)
+            except DamagedPair as exc:
+                self.damage = str(exc)
+                raise
+            self.damage = None
             self._pair = pair  # the swap: one assignment; in-flight readers keep the pair they hold
             log.info("live pair: v%s with table %s", pair.version, pair.table_name)
             return pair
+
+    def _open(self, version: str, name: str) -> LivePair:
+        """The champion's pair (its version, its table's name), or DamagedPair naming what cannot
+        answer: the table missing or a data file unreadable (tables.check_readable: each file's
+        footer and first page, not every row), its rows written by another model, its model's
+        artifacts gone from the model store."""
+        try:
+            table = self._table(name)
+            check_readable(open_table(connect(self.ws), self.ws, name))
+            problem = authorship_problem(name, table.schema(), version)
+        except (FileNotFoundError, TableDamaged) as exc:
+            raise DamagedPair(f"champion v{version}: {exc}") from exc
+        if problem is not None:
+            raise LivePairMismatch(f"champion v{version}: {problem}")
+        try:
+            forward = self._model(version)
+        except (MlflowException, OSError) as exc:
+            if isinstance(exc, MlflowException) and exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise  # the registry itself failing (busy, away) is no damage to the pair
+            raise DamagedPair(f"champion v{version}'s model cannot be loaded, its artifacts are gone: {exc}") from exc
+        return LivePair(
+            version=version,
+            table_name=name,
+            model=forward.model,
+            table=table,
+            since=datetime.now(UTC),
+            forward=forward,
+            graph=self._graph(name),
+        )
 
     def _model(self, version: str) -> Forward:
         """The version's model, loaded once and ready to run as serve.runtime says."""
@@ -227,8 +283,12 @@ class LiveIndex:
 
     def _refresh_forever(self) -> None:
         while not self._stop.wait(self.refresh_seconds):
+            damage = self.damage
             try:
                 self.refresh()
                 self.warm()
+            except DamagedPair as exc:  # one line, once per new damage: it is in every answer already
+                if str(exc) != damage:
+                    log.warning("live pair damaged: %s", exc)
             except Exception:  # the registry or the store may be briefly away: keep the pair, retry
                 log.exception("live pair refresh failed; still serving v%s", getattr(self._pair, "version", None))

@@ -28,7 +28,7 @@ from components.config import IngestParams
 from components.data.catalog import Catalog
 from components.data.transforms import open_rgb
 from components.serving.live import LiveIndex, LivePair
-from components.status import workspace_status
+from components.status import WorkspaceStatus, workspace_status
 from components.vectors.search import Hit
 
 PAGE = Path(__file__).with_name("static") / "page.html"
@@ -40,14 +40,17 @@ ERRORS = {
     400: "an upload is not an image mnemo accepts (the detail names the file and the reason)",
     413: "over a limit: body bytes, images per request, pixels per image or per request",
     404: "no such stored image, class or heatmap (the detail says which)",
-    503: "no champion model yet: nothing to answer with",
+    503: "no champion model yet, or the live pair is damaged (the detail names what): nothing to answer with",
 }
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error answers an endpoint gives: {"detail": "..."} (503 on /health: a status)."""
     detail = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
-    health = {"type": "object", "properties": {"status": {"type": "string"}, "model_version": {"type": "null"}}}
+    health = {
+        "type": "object",
+        "properties": {"status": {"type": "string"}, "model_version": {"type": "null"}, "detail": {"type": "string"}},
+    }
     return {
         code: {
             "description": ERRORS[code],
@@ -66,11 +69,12 @@ def add_page(app: FastAPI, live: LiveIndex, current: Callable[[], LivePair], ing
     def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
-    @app.get("/status")
-    def status() -> JSONResponse:
-        """Where things stand: champion and challenger (version, table, rows, metrics), the last
-        gate report (verdict and reasons), the promotion log (newest last), the catalog's counts."""
-        return JSONResponse(workspace_status(live.ws, live.registry, ingest))
+    @app.get("/status", response_model=WorkspaceStatus)
+    def status() -> WorkspaceStatus:
+        """Where things stand: champion and challenger (version, table, rows, what its table lacks or
+        why it cannot answer, metrics), the last gate report (verdict and reasons), the promotion
+        log (newest last), the catalog's counts."""
+        return workspace_status(live.ws, live.registry, ingest)
 
     @app.get("/status/heatmap.png", responses={200: {"content": {"image/png": {}}}, **error_responses(404, 503)})
     def heatmap() -> Response:
@@ -85,7 +89,7 @@ def add_page(app: FastAPI, live: LiveIndex, current: Callable[[], LivePair], ing
     def image(image_id: str) -> Response:
         """A PNG thumbnail of a stored image, by the id queries answer with."""
         pair = current()
-        row = pair.table.row(image_id)
+        row = pair.row(image_id)
         root = live.ws.classes_dir.resolve()
         path = (root / row["id"]) if row else None
         # The id came from the table; still, only a regular file inside the class folder is read.
@@ -132,10 +136,10 @@ def add_page(app: FastAPI, live: LiveIndex, current: Callable[[], LivePair], ing
     def random_query(k: Annotated[int, Query(ge=1, le=max_k)] = 8) -> JSONResponse:
         """A random stored image of the live table and its k nearest other images: the quickest look at quality."""
         pair = current()
-        rows = pair.table.count_rows()
+        rows = pair.rows()
         if not rows:
             raise HTTPException(404, f"the live table {pair.table_name} is empty")
-        row = pair.table.row_at(random.randrange(rows))
+        row = pair.row_at(random.randrange(rows))
         [hits] = pair.nearest(np.asarray([row["vector"]], dtype=np.float32), k + 1)
         neighbours: list[Hit] = [h for h in hits if h["id"] != row["id"]][:k]
         return JSONResponse(

@@ -22,7 +22,7 @@ from lancedb.query import AsyncVectorQuery, LanceVectorQueryBuilder
 
 from components.config import IndexParams
 from components.data.catalog import ImageRecord
-from components.vectors.tables import ANN_EF, VECTOR, connect, missing_table, open_table
+from components.vectors.tables import ANN_EF, VECTOR, connect, missing_table, open_table, reading
 from components.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -103,6 +103,8 @@ class TableReader:
 
     The connection re-reads the table's latest Lance version at most every refresh_seconds,
     so rows other processes append (catch-ups) show up; each search reads one consistent version.
+    Every read goes through `_read`: a data file missing or cut short raises TableDamaged naming
+    the table, not Lance's own error.
     """
 
     name: str
@@ -128,10 +130,15 @@ class TableReader:
             except (ValueError, FileNotFoundError):
                 raise missing_table(ws, name) from None
 
-        table = loop.run(opened())
+        table = loop.run(opened())  # a missing table: FileNotFoundError (missing_table)
+        reader = cls(name=name, table=table, loop=loop, params=params)
         if params is not None:  # the ef this table's build chose
-            params = with_table_settings(loop.run(table.schema()), params)
-        return cls(name=name, table=table, loop=loop, params=params)
+            reader = cls(name=name, table=table, loop=loop, params=with_table_settings(reader.schema(), params))
+        return reader
+
+    async def _read(self, coro: Coroutine[Any, Any, T]) -> T:
+        with reading(self.name):
+            return await coro
 
     async def _searched(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """All vectors in one LanceDB query (a multi-vector search: one plan, not one per vector)."""
@@ -148,13 +155,13 @@ class TableReader:
         return [_hits(sorted(found, key=lambda r: r["_distance"])) for found in per_query]
 
     def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        return self.loop.run(self._searched(vectors, k))
+        return self.loop.run(self._read(self._searched(vectors, k)))
 
     async def search_async(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        return await self.loop.run_async(self._searched(vectors, k))
+        return await self.loop.run_async(self._read(self._searched(vectors, k)))
 
     def count_rows(self) -> int:
-        return self.loop.run(self.table.count_rows())
+        return self.loop.run(self._read(self.table.count_rows()))
 
     def row(self, image_id: str) -> dict[str, Any] | None:
         """The stored row of one image id (id, class, arrival, split, vector); None when the table lacks it."""
@@ -163,7 +170,7 @@ class TableReader:
         async def found() -> list[dict[str, Any]]:
             return (await self.table.query().where(f"id = '{quoted}'").limit(1).to_arrow()).to_pylist()
 
-        rows = self.loop.run(found())
+        rows = self.loop.run(self._read(found()))
         return rows[0] if rows and rows[0]["id"] == image_id else None
 
     def row_at(self, offset: int) -> dict[str, Any]:
@@ -172,11 +179,11 @@ class TableReader:
         async def found() -> list[dict[str, Any]]:
             return (await self.table.query().offset(offset).limit(1).to_arrow()).to_pylist()
 
-        return self.loop.run(found())[0]
+        return self.loop.run(self._read(found()))[0]
 
     def schema(self) -> pa.Schema:
         """The table's schema, its marks included (which model version wrote the rows)."""
-        return self.loop.run(self.table.schema())
+        return self.loop.run(self._read(self.table.schema()))
 
 
 def search(

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import lancedb
 import pyarrow as pa
 from lancedb.index import BTree
 
 from components.workspace import Workspace
+
+if TYPE_CHECKING:
+    from components.data.catalog import Catalog
 
 COLUMNS = ["id", "class", "arrival", "role"]  # role: the image's, train | query | unseen | pending
 VECTOR = "vector"
@@ -28,8 +34,49 @@ ANN_EF = "mnemo:ann_ef"  # vector-field metadata: the HNSW ef the build found to
 CATALOG_SEQ = "mnemo:catalog_seq"
 
 
+# What Lance raises for a data file that is missing, cut short or corrupt: lancedb says
+# RuntimeError ("lance error: LanceError(IO) ..."), pylance ArrowInvalid (a ValueError), the disk OSError.
+READ_ERRORS = (OSError, RuntimeError, ValueError)
+
+
 class IndexBuildError(RuntimeError):
     """A table could not be built or written; nothing moved, the live pair is untouched."""
+
+
+class TableDamaged(RuntimeError):
+    """A table that cannot answer: a data file unreadable, or rows its completeness mark promises
+    absent. The message names the table and what is wrong; nothing may go live on it."""
+
+    def __init__(self, table: str, problem: str) -> None:
+        super().__init__(f"table {table} {problem}")
+        self.table = table
+
+
+@contextmanager
+def reading(table: str) -> Iterator[None]:
+    """Lance's errors for a damaged data file, raised inside, as one TableDamaged naming the table."""
+    try:
+        yield
+    except TableDamaged:
+        raise
+    except READ_ERRORS as exc:
+        raise TableDamaged(table, f"cannot be read: {lance_reason(exc)}") from exc
+
+
+def lance_reason(exc: BaseException) -> str:
+    """An error's first line without the Rust source location Lance appends to it."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r",\s*/rustc/\S+$", "", text)
+
+
+def check_readable(tbl: lancedb.table.Table) -> None:
+    """Raises TableDamaged unless every data fragment of the table reads: its row count and the first
+    row of each fragment (the data file's footer and first page), so the cost is the fragments', not
+    the rows'. A file cut short or gone fails here; validate.verify_table reads every vector."""
+    with reading(tbl.name):
+        tbl.count_rows()
+        for fragment in tbl.to_lance().get_fragments():
+            fragment.head(1)
 
 
 def table_name(prefix: str, version: str | int) -> str:
@@ -90,6 +137,14 @@ def authorship_problem(table: str, schema: pa.Schema, version: str) -> str | Non
     if by != str(version):
         return f"index table {table} was written by model version {by}, not v{version}; refusing to mix embeddings"
     return None
+
+
+def marked_seq(tbl: lancedb.table.Table, catalog: Catalog) -> int | None:
+    """The catalog position the table's completeness mark (CATALOG_SEQ) says it is complete up to;
+    None for a table without one, or with one this catalog does not recognise."""
+    mark = vector_metadata(tbl, CATALOG_SEQ) or ""
+    seq = mark.partition(":")[0]
+    return int(seq) if seq.isdigit() and catalog.mark(int(seq)) == mark else None
 
 
 def vector_metadata(tbl: lancedb.table.Table, key: str) -> str | None:

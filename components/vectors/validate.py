@@ -1,5 +1,6 @@
 """Validating a built table before its version may go live: one row per stored image, every class
-present, probe images embedded afresh finding their own rows, and the ANN search's recall floor."""
+present, probe images embedded afresh finding their own rows, and the ANN search's recall floor;
+and verifying, before any alias move, that a table (built any time ago) can still answer."""
 
 from __future__ import annotations
 
@@ -7,13 +8,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lancedb
+import numpy as np
 
 from components.config import IndexParams
-from components.data.catalog import ImageRecord
+from components.data.catalog import Catalog, ImageRecord
 from components.modeling.embedder import Embedder, embed_files
 from components.vectors.ann import ann_recall
 from components.vectors.search import finds_itself, probe_records, search_table, with_table_settings
-from components.vectors.tables import IndexBuildError, column
+from components.vectors.tables import (
+    VECTOR,
+    IndexBuildError,
+    TableDamaged,
+    check_readable,
+    column,
+    marked_seq,
+    reading,
+)
 from components.workspace import Workspace
 
 
@@ -95,3 +105,62 @@ def validate_table(
         ann_recall=measured_recall,
         min_recall=params.ann_min_recall,
     )
+
+
+def verify_table(ws: Workspace, tbl: lancedb.table.Table, params: IndexParams) -> int:
+    """Prove `tbl` can answer, before an alias moves to it (forced or not); returns its row count.
+
+    Every data file reads; the table holds at least the rows its completeness mark promises (one
+    per image the catalog recorded up to it); every stored vector is read and finite; and
+    `params.probes` rows, spread over the table, find themselves when their own stored vectors are
+    searched as readers search. No model is loaded: the store is under test, not the embedder
+    (validate_table and the smoke test are). Raises TableDamaged naming the table and what is wrong.
+    """
+    check_readable(tbl)
+    with reading(tbl.name):
+        rows = tbl.count_rows()
+        promised = _promised_rows(ws, tbl)
+        if promised is not None and rows < promised:
+            raise TableDamaged(
+                tbl.name,
+                f"is incomplete: {rows} rows, but its completeness mark promises {promised} "
+                "(one per image stored up to it); rebuild it with `mnemo reindex`",
+            )
+        ids, vectors, read, bad = _probe_rows(tbl, rows, params.probes)
+        if read != rows:
+            raise TableDamaged(tbl.name, f"cannot be read whole: {read} of its {rows} rows came back")
+        if bad:
+            raise TableDamaged(tbl.name, f"holds {bad} non-finite vector(s)")
+        hits = search_table(tbl, vectors, min(5, rows), with_table_settings(tbl.schema, params)) if ids else []
+    lost = [i for i, h in zip(ids, hits) if not finds_itself(i, h)]
+    if lost:
+        raise TableDamaged(
+            tbl.name,
+            f"cannot answer: {len(lost)} of {len(ids)} probe rows did not find themselves ({', '.join(lost[:3])})",
+        )
+    return rows
+
+
+def _promised_rows(ws: Workspace, tbl: lancedb.table.Table) -> int | None:
+    """The images the catalog recorded up to the table's completeness mark; None without a mark it knows."""
+    catalog = Catalog.load(ws.catalog)
+    seq = marked_seq(tbl, catalog)
+    return None if seq is None else len(catalog.images) - len(catalog.records_since(seq))
+
+
+def _probe_rows(tbl: lancedb.table.Table, rows: int, count: int) -> tuple[list[str], np.ndarray, int, int]:
+    """One pass over every stored vector (in batches: memory stays flat): the ids and vectors of
+    `count` rows spread evenly over the table, the rows read, and how many vectors are not finite."""
+    wanted = {rows * i // count for i in range(min(count, rows))}
+    ids: list[str] = []
+    picked: list[np.ndarray] = []
+    bad = offset = 0
+    for batch in tbl.search().select(["id", VECTOR]).limit(None).to_batches(8192):
+        flat = batch.column(VECTOR).flatten().to_numpy(zero_copy_only=False)
+        matrix = np.asarray(flat, dtype=np.float32).reshape(len(batch), -1)
+        bad += int((~np.isfinite(matrix).all(axis=1)).sum())
+        for i in sorted(w - offset for w in wanted if offset <= w < offset + len(batch)):
+            ids.append(batch.column("id")[i].as_py())
+            picked.append(matrix[i])
+        offset += len(batch)
+    return ids, np.asarray(picked, dtype=np.float32), offset, bad
