@@ -63,6 +63,16 @@ class Workspace:
         return self.root / "mlartifacts"
 
     @property
+    def mlflow_db(self) -> Path:
+        """The embedded MLflow store (tracking and registry) of the workspace."""
+        return self.root / "mlflow.db"
+
+    @property
+    def embedded_registry(self) -> bool:
+        """True when MLflow is the workspace's own SQLite file, not a server or another database."""
+        return self.tracking_uri == sqlite_uri(self.mlflow_db)
+
+    @property
     def dvc_outputs(self) -> Path:
         """Where the DVC stages (python -m flows.stages <stage>) write their outputs."""
         return self.root / "dvc"
@@ -86,6 +96,8 @@ class Settings(BaseSettings):
     writer_limit: str | None = None  # a Prefect global concurrency limit every writer also holds
     failpoint: str | None = None  # tests only: the failpoint at which the process kills itself
     serve_params: Path | None = None  # set by `mnemo serve` for its worker processes
+    # How long mnemo waits for a SQLite MLflow store another process holds locked, in seconds.
+    registry_busy_timeout: float = Field(default=30.0, gt=0)
 
 
 def settings() -> Settings:
@@ -131,6 +143,11 @@ def mask_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query if parts.query else parts.query))
 
 
+def sqlite_uri(path: Path) -> str:
+    """The SQLAlchemy URI of a SQLite file (sqlite:////abs/path for an absolute one)."""
+    return f"sqlite:///{path}"
+
+
 def resolve_workspace(params: Params, override: Path | str | None = None) -> Workspace:
     """Workspace from (in order) the explicit override, MNEMO_WORKSPACE, params.paths.workspace.
 
@@ -141,6 +158,6 @@ def resolve_workspace(params: Params, override: Path | str | None = None) -> Wor
     env = settings()
     root = Path(override or env.workspace or params.paths.workspace)
     root = root.expanduser().resolve()
-    tracking = env.tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+    tracking = env.tracking_uri or sqlite_uri(root / "mlflow.db")
     lance = env.lancedb_uri or str(root / "lancedb")
     return Workspace(root=root, tracking_uri=tracking, lancedb_uri=lance)

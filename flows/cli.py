@@ -18,24 +18,69 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console, RenderableType
 from rich.table import Table
+from typer.core import TyperGroup
 
 from components.config import ConfigError, Params, load_params
 from components.evaluation import keys
-from components.workspace import Workspace, redact, resolve_workspace, settings
+from components.workspace import Workspace, mask_uri, redact, resolve_workspace, settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from components.registry.promotion import ChampionMove
+    from components.status import ChampionStatus
+
+_URIS: list[str] = []  # the workspace's URIs once known: their secrets never reach the terminal
+
+
+class _OneLineErrors(TyperGroup):
+    """The commands' group: an error any command can meet (`_error_line`) ends it with one
+    `error:` line and exit code 1, not a traceback; every other error keeps its traceback."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's vendored click.Context, not exported
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):  # a command's own ending, its line already printed
+            raise
+        except Exception as exc:
+            line = _error_line(exc)
+            if line is None:
+                raise
+            err.print(f"[red]error:[/] {line}")
+            raise typer.Exit(1) from None
+
+
+def _error_line(exc: Exception) -> str | None:
+    """The one line for a store another process holds locked; None for any other error."""
+    from components.ops.transient import causes, is_store_locked
+    from components.registry.sqlite_store import MLFLOW_BUSY_TIMEOUT_S, RegistryBusy
+
+    if isinstance(exc, RegistryBusy):  # waited for where the registry is opened: nothing was changed
+        return str(exc)
+    if not is_store_locked(exc):
+        return None
+    from mlflow.exceptions import MlflowException
+
+    if not _URIS or not any(isinstance(e, MlflowException) for e in causes(exc)):
+        first = redact(str(exc), *_URIS).splitlines()[0]
+        return (
+            f"busy: a store is locked by another process ({first}); what was done before is kept: run the command again"
+        )
+    # Locked after the registry was opened: MLflow's own wait ran out part-way through the command.
+    return (
+        f"registry busy: {mask_uri(_URIS[0])} was locked by another process mid-command "
+        f"(waited {MLFLOW_BUSY_TIMEOUT_S} s); what was done before is kept: run the command again"
+    )
+
 
 # No locals in tracebacks: they would print the workspace's URIs, credentials and all.
 app = typer.Typer(
+    cls=_OneLineErrors,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
     help="Continual learning for image embeddings.",
 )
-_URIS: list[str] = []  # the workspace's URIs once known: their secrets never reach the terminal
 
 
 class _RedactingConsole(Console):
@@ -127,6 +172,7 @@ def ingest(
     from components.data.ingest import ingest_arrival
     from components.data.store import IngestError
     from components.registry.promotion import Promoter
+    from components.registry.sqlite_store import RegistryBusy
     from components.vectors.tables import IndexBuildError
 
     if directory is not None and (directory.is_symlink() or not directory.is_dir()):
@@ -149,8 +195,9 @@ def ingest(
         lines += [f"  warning: {w}" for w in r.warnings]
     try:  # also with an empty inbox: an earlier ingest may have stopped between storing and appending
         caught = Promoter(ws, p.registry, p.index).catch_up()  # what the ingest flow's catch_up task runs
-    except (IndexBuildError, FileNotFoundError) as exc:
-        err.print(f"[red]error:[/] images are stored but not queryable yet (the next ingest appends them): {exc}")
+    except (IndexBuildError, FileNotFoundError, RegistryBusy) as exc:
+        why = exc.reason if isinstance(exc, RegistryBusy) else exc  # its "nothing was changed" is the registry's
+        err.print(f"[red]error:[/] images are stored but not queryable yet (the next ingest appends them): {why}")
         raise typer.Exit(1) from None
     stored = any(r.stored for r in reports)
     if caught.table and (stored or caught.added):
@@ -189,19 +236,12 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
     from components.registry.mlflow_registry import ModelRegistry
     from components.status import workspace_status
 
-    payload = workspace_status(ws, ModelRegistry(ws, p.registry), p.ingest)
-    champion, challenger, gate = payload["champion"], payload["challenger"], payload["gate"]
-    promotions, data = payload["promotions"], payload["data"]
+    status = workspace_status(ws, ModelRegistry(ws, p.registry), p.ingest)
+    champion, challenger, gate, data = status.champion, status.challenger, status.gate, status.data
     table = Table(show_header=False, title="mnemo status")
-    champ = (
-        "none yet"
-        if champion is None
-        else f"v{champion['version']} (table {champion['table']}, {_headline(champion['metrics'])})"
-    )
-    chall = (
-        "none yet" if challenger is None else f"v{challenger['version']} (gate: {challenger['verdict'] or 'unknown'})"
-    )
-    last = promotions[-1] if promotions else None
+    champ = "none yet" if champion is None else _champion_line(champion)
+    chall = "none yet" if challenger is None else f"v{challenger.version} (gate: {challenger.verdict or 'unknown'})"
+    last = status.promotions[-1] if status.promotions else None
     moved = (
         "none yet"
         if last is None
@@ -211,16 +251,26 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
         ("workspace", ws.root),
         ("model", p.registry.model_name),
         ("champion", champ),
+        *([("damaged", champion.damaged)] if champion is not None and champion.damaged else []),
         ("challenger", chall),
         ("last promotion", moved),
         *([("gate", f"v{gate['candidate']} {gate['verdict']}: " + "; ".join(gate["reasons"]))] if gate else []),
-        ("arrivals", len(data["arrivals"])),
-        ("classes", data["classes"]),
-        ("images", data["images"]),
-        ("pending", len(data["pending_arrivals"])),
+        ("arrivals", len(data.arrivals)),
+        ("classes", data.classes),
+        ("images", data.images),
+        ("pending", len(data.pending_arrivals)),
     ]:
         table.add_row(key, str(value))
-    _emit(payload, as_json, table)
+    _emit(status.model_dump(mode="json"), as_json, table)
+
+
+def _champion_line(champion: ChampionStatus) -> str:
+    """'v2 (table embeddings_v2, 60 rows, unseen R@1 ...)', with what its table lacks when it lacks anything."""
+    rows = "table missing" if champion.table_rows is None else f"{champion.table_rows} rows"
+    line = f"v{champion.version} (table {champion.table}, {rows}, {_headline(champion.metrics)})"
+    if champion.missing_rows:
+        line += f"; {champion.missing_rows} stored image(s) missing from its table (the next ingest appends them)"
+    return line
 
 
 def _headline(metrics: dict[str, float | None]) -> str:
@@ -344,7 +394,7 @@ def query(
     """Nearest stored images for each query image, from the live (champion model, table) pair."""
     p, ws = _setup(params, workspace)
     from components.data.validation import decode_image
-    from components.serving.live import LiveIndex, LivePairMismatch
+    from components.serving.live import DamagedPair, LiveIndex
 
     decoded = []
     for path in images:
@@ -361,15 +411,15 @@ def query(
     live = LiveIndex(ws, p.registry, p.index, refresh_seconds=p.serve.refresh_seconds)
     try:
         pair = live.refresh()  # resolved once: model and table come from this one version
-    except (FileNotFoundError, LivePairMismatch) as exc:
+        if pair is None:
+            err.print(
+                f"[red]error:[/] no champion model in {ws.masked_tracking_uri}; run `mnemo demo` or `mnemo retrain` first"
+            )
+            raise typer.Exit(1)
+        results = pair.query(decoded, k)
+    except (FileNotFoundError, DamagedPair) as exc:  # what is damaged, in one line
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
-    if pair is None:
-        err.print(
-            f"[red]error:[/] no champion model in {ws.masked_tracking_uri}; run `mnemo demo` or `mnemo retrain` first"
-        )
-        raise typer.Exit(1)
-    results = pair.query(decoded, k)
     lines = []
     for path, hits in zip(images, results):
         lines.append(f"{path}: " + ", ".join(f"{h['class']} ({h['distance']:.3f})" for h in hits))

@@ -7,6 +7,7 @@ failed validation fails at once, with its own message, instead of three times sl
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 
 # MLflow error codes a server returns when asked again later may well succeed.
 _MLFLOW_TRANSIENT_CODES = {
@@ -59,3 +60,20 @@ def is_transient(exc: BaseException) -> bool:
 def _says_transient(message: str) -> bool:
     lowered = message.lower()
     return any(m in lowered for m in _TRANSIENT_MESSAGES)
+
+
+def is_store_locked(exc: BaseException) -> bool:
+    """True when `exc`, or an error it was raised from, is SQLite's "database is locked": another
+    process holds the store (transient too: the flows retry it; the CLI says it in one line)."""
+    return any("database is locked" in str(e).lower() for e in causes(exc))
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what it was raised from: its cause, else the error it was raised while handling
+    (unless `raise ... from None` hid that)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        yield current
+        seen.add(id(current))
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)

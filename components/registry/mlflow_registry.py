@@ -29,6 +29,7 @@ from components.data.catalog import Catalog
 from components.modeling.embedder import Embedder, save_embedder
 from components.modeling.pyfunc import ENTRY_POINT, WEIGHTS_ARTIFACT, signature
 from components.registry.promotion_log import PromotionLog
+from components.registry.sqlite_store import open_store
 from components.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -133,6 +134,9 @@ class ModelRegistry:
         self.ws = ws
         self.name = params.model_name
         self.experiment = params.experiment
+        # The one place mnemo opens MLflow: a locked SQLite store is waited for (bounded, then
+        # RegistryBusy), a copied or moved workspace's artifact locations are rebased onto it.
+        open_store(ws)
         self.client = MlflowClient(tracking_uri=ws.tracking_uri, registry_uri=ws.tracking_uri)
         self.log = PromotionLog(
             self.client,
