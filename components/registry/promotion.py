@@ -162,15 +162,15 @@ class Promoter:
         with writer_lock(self.ws, f"{kind} v{version}"):
             info = self.version(version)
             verb = f"roll back to v{info.version}" if kind == "rollback" else f"make v{info.version} champion"
+            if force and not reason.strip():  # README: --force needs --reason, whether or not it overrides a check
+                raise PromotionRefused(
+                    f"cannot force v{info.version}: --force needs a --reason, which the promotion log records"
+                )
             table, problems = table_problems(self.ws, self.index, info, table)
             problems += promotion_refusals(info, force=force, table=table if not problems else None)
             if problems:
                 raise PromotionRefused(f"cannot {verb}: " + "; ".join(problems))
             forced = force and bool(promotion_refusals(info, table=table))  # force overrode a check
-            if forced and not reason.strip():
-                raise PromotionRefused(
-                    f"cannot force v{info.version}: --force needs a --reason, which the promotion log records"
-                )
             if info.table != table:
                 self.registry.record_index(info.version, table)
             with inbox_lock(self.ws):  # no ingest between the catch-up and the move

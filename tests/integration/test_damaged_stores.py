@@ -155,3 +155,43 @@ def test_status_is_typed_and_get_status_has_its_schema(live_ws, params):
     assert ok["$ref"].rsplit("/", 1)[1] == "WorkspaceStatus"
     champion = openapi["components"]["schemas"]["ChampionStatus"]["properties"]
     assert {"version", "table", "table_rows", "missing_rows", "damaged", "metrics"} <= set(champion)
+
+
+def test_force_always_needs_a_reason(live_ws, params, params_file):
+    refused = cli(
+        live_ws, params_file, "promote", "2", "--force", code=1
+    )  # v2 passed its gate: force overrides nothing
+    assert "--force needs a --reason" in refused
+    assert ModelRegistry(live_ws, params.registry).champion().version == "1"
+
+
+@pytest.mark.parametrize("damage", ["delete", "garbage"])
+def test_a_missing_or_damaged_manifest_stops_every_writer_in_one_line(live_ws, params, params_file, damage):
+    for k in (1, 2):  # three manifests in the chain, the middle one then damaged
+        cli(live_ws, params_file, "ingest", str(write_arrival(live_ws.root / "drop", f"a{k}", [f"n{k}"], 3, seed=k)))
+    manifests = live_ws.root / "data" / "arrivals"
+    middle = sorted(manifests.glob("*.json"))[1]
+    if damage == "delete":
+        middle.unlink()
+    else:
+        middle.write_text('{"arrivals": {"a1": ')  # cut short
+    (live_ws.root / "data" / "catalog.sqlite").unlink()  # the catalog is rebuilt from the manifests
+    write_arrival(live_ws.inbox, "a3", ["n3"], 3, seed=3)
+    for command in ("status", "ingest"):
+        said = cli(live_ws, params_file, command, code=1)
+        assert said.startswith("error: ") and middle.name in said and "dvc checkout" in said, said
+        assert len(said.strip().splitlines()) == 1, said
+    assert (
+        (middle.exists() and middle.read_text() == '{"arrivals": {"a1": ')
+        if damage == "garbage"
+        else not middle.exists()
+    )
+    assert len(list(manifests.glob("*.json"))) == (3 if damage == "garbage" else 2)  # nothing written over the gap
+
+
+def test_a_damaged_catalog_is_set_aside_and_rebuilt(live_ws, params, params_file):
+    before = len(Catalog.load(live_ws.catalog).records())
+    (live_ws.root / "data" / "catalog.sqlite").write_bytes(b"\x00garbage" * 512)
+    status = json.loads(cli(live_ws, params_file, "status", "--json"))
+    assert status["data"]["images"] == before
+    assert list((live_ws.root / "data").glob("catalog.sqlite.damaged-*"))  # kept for a person to look at
