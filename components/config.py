@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
+Device = Literal["auto", "cpu", "cuda"]  # train.device: the one device setting
+
 
 class ConfigError(ValueError):
     """params.yaml is missing, unreadable or invalid; the message names file and key."""
@@ -120,7 +122,9 @@ class ModelParams(_Section):
 
 
 class TrainParams(_Section):
-    device: Literal["auto", "cpu", "cuda"]
+    # Where mnemo runs its network: training, table builds and catch-ups (this process or Dask
+    # shards), and the registered model's default when loaded (auto: CUDA when present).
+    device: Device
     loss: Literal["triplet", "multi_similarity", "supcon", "proxy_anchor"]
     miner: Literal["batch_hard", "multi_similarity", "none"]
     epochs: int = Field(gt=0)
@@ -137,6 +141,14 @@ class TrainParams(_Section):
     compile: bool
     num_workers: int = Field(ge=0)
     seed: int
+    # Processes of the one training loop (components/training/distributed.py): devices per node
+    # (GPUs, or CPU processes under gloo) and nodes; batch_size is the global batch over all of them.
+    devices: int = Field(ge=1)
+    nodes: int = Field(ge=1)
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.nodes
 
     @field_validator("batch_size")
     @classmethod

@@ -52,10 +52,9 @@ class _OneLineErrors(TyperGroup):
 
 def _error_line(exc: Exception) -> str | None:
     """The one line for a store another process holds locked or a damaged store; None for any other error."""
+    from components.data.manifests import ManifestDamaged
     from components.ops.transient import causes, is_store_locked
     from components.registry.sqlite_store import MLFLOW_BUSY_TIMEOUT_S, RegistryBusy
-
-    from components.data.manifests import ManifestDamaged
     from components.serving.live import DamagedPair
     from components.vectors.tables import TableDamaged
 
@@ -200,7 +199,9 @@ def ingest(
         lines += [f"  rejected {x.file}: {x.reason}" for x in r.rejected]
         lines += [f"  warning: {w}" for w in r.warnings]
     try:  # also with an empty inbox: an earlier ingest may have stopped between storing and appending
-        caught = Promoter(ws, p.registry, p.index).catch_up()  # what the ingest flow's catch_up task runs
+        caught = Promoter(
+            ws, p.registry, p.index, p.train.device
+        ).catch_up()  # what the ingest flow's catch_up task runs
     except (IndexBuildError, FileNotFoundError, RegistryBusy) as exc:
         why = exc.reason if isinstance(exc, RegistryBusy) else exc  # its "nothing was changed" is the registry's
         err.print(f"[red]error:[/] images are stored but not queryable yet (the next ingest appends them): {why}")
@@ -307,7 +308,12 @@ def promote(
     p, ws = _setup(params, workspace)
     from components.registry.promotion import Promoter
 
-    _move(lambda: Promoter(ws, p.registry, p.index).promote(version, reason=reason, actor=actor, force=force), as_json)
+    _move(
+        lambda: Promoter(ws, p.registry, p.index, p.train.device).promote(
+            version, reason=reason, actor=actor, force=force
+        ),
+        as_json,
+    )
 
 
 @app.command()
@@ -326,7 +332,7 @@ def rollback(
     p, ws = _setup(params, workspace)
     from components.registry.promotion import Promoter
 
-    _move(lambda: Promoter(ws, p.registry, p.index).rollback(to, reason=reason, actor=actor), as_json)
+    _move(lambda: Promoter(ws, p.registry, p.index, p.train.device).rollback(to, reason=reason, actor=actor), as_json)
 
 
 def _move(move: Callable[[], ChampionMove], as_json: bool) -> None:
@@ -362,8 +368,8 @@ def reindex(
     try:
         from flows.reindex import row_writer
 
-        promoter = Promoter(ws, p.registry, p.index)
-        built = promoter.reindex(promoter.version(version).version, write=row_writer(ws, p.index))
+        promoter = Promoter(ws, p.registry, p.index, p.train.device)
+        built = promoter.reindex(promoter.version(version).version, write=row_writer(ws, p.index, p.train.device))
     except UnknownVersion as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None

@@ -70,7 +70,7 @@ def ingest_arrivals(ws: Workspace, params: Params) -> list[IngestReport]:
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)  # a repeat is safe: rows are merged on their id
 def catch_up(ws: Workspace, params: Params) -> CatchUp:
     """The live table caught up with the catalog: stored images it lacks, embedded by the champion, appended."""
-    return Promoter(ws, params.registry, params.index).catch_up()
+    return Promoter(ws, params.registry, params.index, params.train.device).catch_up()
 
 
 @flow(name="ingest", log_prints=True)

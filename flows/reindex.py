@@ -22,7 +22,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect_dask import DaskTaskRunner
 
-from components.config import IndexParams
+from components.config import Device, IndexParams
 from components.data.catalog import Catalog, ImageRecord
 from components.modeling.embedder import Embedder, pick_device
 from components.ops.failpoints import failpoint
@@ -44,12 +44,13 @@ def embed_shard(
     params: IndexParams,
     shard: int,
     one_thread: bool,
+    device: Device,
 ) -> list[str]:
     """One shard's rows as Lance fragments of table `name` (uncommitted); their metadata as JSON."""
     failpoint(f"embed-shard-{shard}")  # tests kill the worker that runs this shard
     if one_thread and not torch.cuda.is_available():
         torch.set_num_threads(1)  # a LocalCluster: one worker process per core, the workers are the parallelism
-    return write_shard(ws, name, model.to(pick_device("auto")), records, params)
+    return write_shard(ws, name, model.to(pick_device(device)), records, params)
 
 
 def shards(records: Sequence[ImageRecord], params: IndexParams, workers: int) -> list[Sequence[ImageRecord]]:
@@ -116,7 +117,7 @@ def _api_for_workers() -> Callable[[], None]:
     return restore
 
 
-def dask_writer(ws: Workspace, params: IndexParams) -> RowWriter:
+def dask_writer(ws: Workspace, params: IndexParams, device: Device = "auto") -> RowWriter:
     """A RowWriter that embeds on the Dask cluster and commits the fragments in one Lance commit."""
 
     def write(name: str, model: Embedder, records: Sequence[ImageRecord]) -> None:
@@ -129,7 +130,9 @@ def dask_writer(ws: Workspace, params: IndexParams) -> RowWriter:
 
         @flow(name="reindex-shards", task_runner=task_runner(params, address), log_prints=True)  # type: ignore[arg-type]  # prefect-dask's futures are PrefectFutures
         def reindex_shards() -> list[list[str]]:
-            futures = [embed_shard.submit(ws, name, model, part, params, i, local) for i, part in enumerate(parts)]
+            futures = [
+                embed_shard.submit(ws, name, model, part, params, i, local, device) for i, part in enumerate(parts)
+            ]
             return [future.result() for future in futures]
 
         try:
@@ -145,13 +148,13 @@ def dask_writer(ws: Workspace, params: IndexParams) -> RowWriter:
     return write
 
 
-def row_writer(ws: Workspace, params: IndexParams) -> RowWriter | None:
+def row_writer(ws: Workspace, params: IndexParams, device: Device = "auto") -> RowWriter | None:
     """The Dask writer when `index.engine` picks it (see params.yaml), else None (this process):
     auto takes Dask from dask_min_images stored images, on the scheduler in MNEMO_DASK_ADDRESS or
     a LocalCluster; a small catalog is embedded faster than a cluster starts."""
     if params.engine == "process":
         return None
     if params.engine == "dask":
-        return dask_writer(ws, params)
+        return dask_writer(ws, params, device)
     images = len(Catalog.load(ws.catalog).images)
-    return dask_writer(ws, params) if images >= params.dask_min_images else None
+    return dask_writer(ws, params, device) if images >= params.dask_min_images else None

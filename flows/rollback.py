@@ -19,7 +19,7 @@ from flows.writers import workspace_writer
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)  # a repeat is safe: moving the alias to where it is changes nothing
 def move_champion_back(ws: Workspace, params: Params, to: str | None, reason: str, actor: str | None) -> ChampionMove:
-    return Promoter(ws, params.registry, params.index).rollback(to, reason=reason, actor=actor)
+    return Promoter(ws, params.registry, params.index, params.train.device).rollback(to, reason=reason, actor=actor)
 
 
 @flow(name="rollback", log_prints=True)

@@ -20,12 +20,14 @@ from components.modeling.embedder import Embedder, embed_images, load_embedder, 
 
 IMAGE_COLUMN = "image"
 WEIGHTS_ARTIFACT = "embedder"
+DEVICE_CONFIG = "device"  # model_config key: auto (CUDA when present), cpu or cuda; train.device when logged
 ENTRY_POINT = Path(__file__).with_name("pyfunc_entry.py")  # what MLflow logs and runs on load
 
 
 class EmbedderModel(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
-        self.embedder = load_embedder(Path(context.artifacts[WEIGHTS_ARTIFACT])).to(pick_device("auto"))
+        device = (context.model_config or {}).get(DEVICE_CONFIG, "auto")
+        self.embedder = load_embedder(Path(context.artifacts[WEIGHTS_ARTIFACT])).to(pick_device(device))
 
     @classmethod
     def around(cls, embedder: Embedder) -> EmbedderModel:

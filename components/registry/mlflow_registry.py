@@ -24,10 +24,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 import components
-from components.config import RegistryParams
+from components.config import Device, RegistryParams
 from components.data.catalog import Catalog
 from components.modeling.embedder import Embedder, save_embedder
-from components.modeling.pyfunc import ENTRY_POINT, WEIGHTS_ARTIFACT, signature
+from components.modeling.pyfunc import DEVICE_CONFIG, ENTRY_POINT, WEIGHTS_ARTIFACT, signature
 from components.registry.promotion_log import PromotionLog
 from components.registry.sqlite_store import open_store
 from components.workspace import Workspace
@@ -168,11 +168,14 @@ class ModelRegistry:
         tags: dict[str, str] | None = None,
         run_name: str | None = None,
         state_dir: Path | None = None,
+        device: Device = "auto",
     ) -> ModelVersionInfo:
         """One MLflow run: params, metrics, the standalone pyfunc model, registered as a new version.
 
         `state_dir` (the continual-learning state: replay memory, loss proxies) is logged
-        as the run's `continual/` artifacts, for the next retrain to restore.
+        as the run's `continual/` artifacts, for the next retrain to restore. `device`
+        (train.device) is the logged model's default device, its `model_config`; whoever loads
+        it may say otherwise: `mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})`.
         """
         with (
             _fluent_uris(self.ws.tracking_uri),
@@ -195,6 +198,7 @@ class ModelRegistry:
                     name="model",
                     python_model=str(ENTRY_POINT),
                     artifacts={WEIGHTS_ARTIFACT: str(weights)},
+                    model_config={DEVICE_CONFIG: device},
                     code_paths=[str(Path(components.__file__).parent)],
                     signature=signature(model.embedding_dim),
                     pip_requirements=model_requirements(),
@@ -334,7 +338,7 @@ class ModelRegistry:
             return None
         return Path(self.client.download_artifacts(run_id, STATE_ARTIFACT, str(dst)))
 
-    def load_pyfunc(self, version: str) -> PyFuncModel:
-        """The logged model exactly as an outside user would load it."""
+    def load_pyfunc(self, version: str, model_config: dict[str, str] | None = None) -> PyFuncModel:
+        """The logged model exactly as an outside user would load it (`model_config`: e.g. its device)."""
         with _fluent_uris(self.ws.tracking_uri):
-            return mlflow.pyfunc.load_model(f"models:/{self.name}/{version}")
+            return mlflow.pyfunc.load_model(f"models:/{self.name}/{version}", model_config=model_config)

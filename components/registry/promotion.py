@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
 
-from components.config import IndexParams, RegistryParams
+from components.config import Device, IndexParams, RegistryParams
 from components.data.catalog import Catalog
 from components.data.inbox import inbox_lock
-from components.modeling.embedder import Embedder
+from components.modeling.embedder import Embedder, pick_device
 from components.ops.writer_lock import writer_lock
 from components.registry.mlflow_registry import (
     CHAMPION,
@@ -129,9 +129,10 @@ class ChampionMove:
 class Promoter:
     """Moves the live pair of one workspace and keeps the tables it may move to complete."""
 
-    def __init__(self, ws: Workspace, registry: RegistryParams, index: IndexParams) -> None:
+    def __init__(self, ws: Workspace, registry: RegistryParams, index: IndexParams, device: Device = "auto") -> None:
         self.ws = ws
         self.index = index
+        self.device = device  # train.device: where builds and catch-ups run the network
         self.registry = ModelRegistry(ws, registry)
 
     def version(self, version: str) -> ModelVersionInfo:
@@ -254,6 +255,7 @@ class Promoter:
                 keep=keep,
                 live=tables.get(CHAMPION),
                 write=write,
+                device=self.device,
             )
 
     def catch_up(self) -> CatchUp:
@@ -272,4 +274,4 @@ class Promoter:
 
     def _model(self, version: str) -> Callable[[], Embedder]:
         """The version's network as the registry holds it, loaded when called (only when rows are missing)."""
-        return lambda: self.registry.load_embedder(version)
+        return lambda: self.registry.load_embedder(version).to(pick_device(self.device))

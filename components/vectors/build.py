@@ -25,7 +25,7 @@ import lancedb
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from components.config import IndexParams
+from components.config import Device, IndexParams
 from components.data.catalog import ImageRecord
 from components.modeling.embedder import Embedder, pick_device
 from components.ops.failpoints import failpoint
@@ -192,12 +192,14 @@ def build_table(
     keep: Collection[str] = (),
     live: str | None = None,
     write: RowWriter | None = None,
+    device: Device = "auto",
 ) -> IndexBuild:
     """Write, index, catch up and validate the version's table, then mark it validated; only then may it go live.
 
     `records` is the catalog when the build starts: written first (by `write` instead of this
     process where given: a Dask cluster, flows/reindex.py); the table is then caught up with
     the catalog, so images stored meanwhile are in it before validation.
+    `device` is train.device (where the network runs; auto: CUDA when present).
     `keep` names tables that must survive the clean-up (the aliased ones); `live` is the
     champion's. A validated table of this version, or the live one, is never rewritten: it is
     caught up, checked and returned (refused when its model-version mark is not this version).
@@ -207,7 +209,7 @@ def build_table(
     name = table_name(params.table_prefix, version)
     check_writable(ws)
     db = connect(ws)
-    model = model.to(pick_device("auto")).eval()  # GPU when present, as in training
+    model = model.to(pick_device(device)).eval()
     if name in list_tables(db):
         existing = db.open_table(name)
         if is_validated(existing) or name == live:

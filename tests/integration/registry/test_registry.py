@@ -248,3 +248,27 @@ def test_failing_smoke_test_means_no_promotion(ws, hue_params, catalog, common):
 def test_rollback_with_an_empty_log_says_so(common):
     out = cli("rollback", *common, code=1)
     assert "nothing to roll back to: the promotion log of mnemo-embedder is empty" in out
+
+
+def test_train_device_reaches_the_build_the_catch_up_and_the_logged_model(live_ws, params):
+    """One device setting: on a machine without CUDA, asking for it fails in every place that runs
+    the network, which shows the setting reaches each of them (where it is auto, they run on the CPU)."""
+    from components.data.inbox import ingest_inbox
+    from tests.integration.live_workspace import register_random, write_arrival
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the GPU suite (tests/gpu) checks that path")
+    no_cuda = "no CUDA device is available"
+    with pytest.raises(RuntimeError, match=no_cuda):
+        Promoter(live_ws, params.registry, params.index, device="cuda").reindex("2")
+    write_arrival(live_ws.inbox, "a9", ["n9"], 3, seed=9)
+    ingest_inbox(live_ws, params.ingest)
+    with pytest.raises(RuntimeError, match=no_cuda):
+        Promoter(live_ws, params.registry, params.index, device="cuda").catch_up()
+    assert Promoter(live_ws, params.registry, params.index, device="cpu").catch_up().added == 3
+
+    registry = ModelRegistry(live_ws, params.registry)
+    version = register_random(live_ws, params, seed=5)  # logged with the default, as train.device auto logs it
+    assert registry.load_pyfunc(version).model_config == {"device": "auto"}
+    with pytest.raises(RuntimeError, match=no_cuda):  # whoever loads it may ask for another device
+        registry.load_pyfunc(version, model_config={"device": "cuda"})
