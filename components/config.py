@@ -264,6 +264,7 @@ class ServeParams(_Section):
     search: Literal["graph", "table"]  # graph: each replica's in-memory HNSW graph (graph.py); table: LanceDB's index
     graph_m: int = Field(ge=4)  # links per node of the serving graph
     graph_ef_construction: int = Field(ge=8)  # candidates while inserting a node
+    models_kept: PositiveInt  # loaded models a replica keeps: the live one, then the latest it served
     graph_ef: PositiveInt  # candidates per query to start from; tuned up to index.ann_max_ef for index.ann_min_recall
 
 

@@ -497,6 +497,7 @@ def service_app() -> FastAPI:
         refresh_seconds=p.serve.refresh_seconds,
         runtime=p.serve.runtime,
         graph=p.serve,
+        models_kept=p.serve.models_kept,
     )
     # The key comes from the environment only: never from params.yaml, never logged.
     key = env.api_key.get_secret_value() if env.api_key else None

@@ -132,11 +132,13 @@ class LiveIndex:
         refresh_seconds: float,
         runtime: Runtime = "torch",
         graph: ServeParams | None = None,
+        models_kept: int = 2,
     ) -> None:
         self.ws = ws
         self.index = index
         self.refresh_seconds = refresh_seconds
         self.runtime = runtime
+        self.models_kept = models_kept  # serve.models_kept
         self._graph_params = graph if graph is not None and graph.search == "graph" else None
         self._graphs: OrderedDict[str, ServingGraph] = OrderedDict()
         self._registry = ModelRegistry(ws, registry)
@@ -230,7 +232,7 @@ class LiveIndex:
         else:
             model = self._registry.load_embedder(version).eval()
             self._models[version] = make_forward(model, self.runtime, version=version)
-            while len(self._models) > self.index.keep_tables:  # rollback targets, no more
+            while len(self._models) > self.models_kept:  # the live one and the latest before it
                 self._models.popitem(last=False)
         return self._models[version]
 
