@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from components.config import IngestParams
 from components.data.catalog import Catalog
 from components.data.identity import pending_arrivals
+from components.evaluation import keys
 from components.evaluation.metrics import json_number
 from components.registry.mlflow_registry import SMOKE_TAG, VERDICT_TAG, ModelRegistry, ModelVersionInfo
 from components.vectors.tables import READ_ERRORS, TableDamaged, check_readable, connect, open_table
@@ -41,6 +42,10 @@ class ChallengerStatus(VersionStatus):
 
     verdict: str | None
     index_smoke_test: str | None
+    forward_transfer: dict[str, dict[str, float | None]] = Field(
+        description="per arrival it learned: the champion of the time on that arrival's classes before "
+        "any training on them (recall_at_1, map_at_r, <N>way_1shot), what users got from its hot add"
+    )
 
 
 class DataStatus(BaseModel):
@@ -90,6 +95,10 @@ def workspace_status(ws: Workspace, registry: ModelRegistry, ingest: IngestParam
             index_smoke_test=challenger.tags.get(SMOKE_TAG),
             arrivals=challenger.arrivals,
             metrics=_metrics(challenger),
+            forward_transfer={
+                s: {k: json_number(v) for k, v in m.items() if k != "r_precision"}
+                for s, m in keys.transfer_values(challenger.metrics).items()
+            },
         ),
         promotions=[e.to_dict() for e in registry.log.entries()],
         gate=registry.gate_report(challenger.version) if challenger else None,

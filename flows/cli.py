@@ -260,6 +260,10 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
         ("champion", champ),
         *([("damaged", champion.damaged)] if champion is not None and champion.damaged else []),
         ("challenger", chall),
+        *(
+            (f"transfer to {arrival}", ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in m.items()))
+            for arrival, m in (challenger.forward_transfer.items() if challenger is not None else ())
+        ),
         ("last promotion", moved),
         *([("gate", f"v{gate['candidate']} {gate['verdict']}: " + "; ".join(gate["reasons"]))] if gate else []),
         ("arrivals", len(data.arrivals)),

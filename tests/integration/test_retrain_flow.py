@@ -86,6 +86,10 @@ def test_retrain_flow_promotes_a_queryable_champion(params, ws, params_file):
     status = cli("status", "--json", *common)
     assert status["champion"]["table"] == "embeddings_v2"
     assert status["data"]["arrivals"] == ["demo-000", "demo-001"]
+    # What users got from demo-001 before v2 learned it: v1 on every class demo-001 brought.
+    [(arrival, transfer)] = status["challenger"]["forward_transfer"].items()
+    assert arrival == "demo-001" and 0.0 <= transfer["recall_at_1"] <= 1.0 and "map_at_r" in transfer
+    assert any(r.startswith("forward transfer to arrival demo-001") for r in status["gate"]["reasons"])
 
 
 def test_query_without_a_champion_says_so(ws, params_file, tmp_path):
