@@ -27,7 +27,8 @@ from components.ops.failpoints import failpoint
 from components.registry.mlflow_registry import ModelRegistry, ModelVersionInfo
 from components.registry.promotion import Promoter
 from components.training.checkpoints import clear_checkpoints
-from components.training.continual import Recipe, train_continual
+from components.training.continual import Recipe
+from components.training.distributed import train_continual_on_devices
 from components.training.loop import TrainResult
 from components.training.planning import RetrainSummary, concluded, plan_retrain, skipped
 from components.vectors.build import IndexBuild
@@ -62,16 +63,21 @@ def load_models(
 def train(
     ws: Workspace, params: Params, new: list[ImageRecord], champion: ModelVersionInfo | None, init: Embedder | None
 ) -> tuple[TrainResult, Path]:
-    """Learn the new images with the champion's replay memory and distillation; returns the result and its saved state."""
+    """Learn the new images with the champion's replay memory and distillation; returns the result and its saved state.
+
+    On `train.devices` > 1 the step runs under torchrun (a job directory in the temporary one); its
+    result comes back from rank 0, and only this process registers it.
+    """
     with tempfile.TemporaryDirectory(dir=ws.root) as tmp:
         state = ModelRegistry(ws, params.registry).download_state(champion.version, Path(tmp)) if champion else None
-        step = train_continual(
+        step = train_continual_on_devices(
             new,
             ws.classes_dir,
             Recipe.of(params),
             init=init,
             state=state,
             checkpoint_dir=ws.root / CHECKPOINTS,
+            job_dir=Path(tmp) / "job",
         )
         return step.train, step.save_state(Path(tempfile.mkdtemp(prefix="state-", dir=ws.root)))
 
@@ -115,6 +121,7 @@ def register(
         epoch_metrics=result.epoch_metrics,
         arrivals=arrivals,
         state_dir=state,  # the verdict comes with the gate report (publish_gate), once the smoke test ran
+        device=params.train.device,
     )
     # Registered: the checkpoints and the local copy of the state have served their purpose.
     clear_checkpoints(ws.root / CHECKPOINTS)
@@ -125,7 +132,9 @@ def register(
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def build_index(ws: Workspace, params: Params, version: str, model: Embedder) -> IndexBuild:
     """The version's table over the whole catalog, validated; raises (and promotes nothing) when it is not right."""
-    return Promoter(ws, params.registry, params.index).reindex(version, model, write=row_writer(ws, params.index))
+    return Promoter(ws, params.registry, params.index, params.train.device).reindex(
+        version, model, write=row_writer(ws, params.index, params.train.device)
+    )
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
@@ -170,7 +179,7 @@ def publish_gate(
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def promote(ws: Workspace, params: Params, version: str, table: str) -> None:
-    Promoter(ws, params.registry, params.index).promote(
+    Promoter(ws, params.registry, params.index, params.train.device).promote(
         version, table=table, reason="passed the gate and the index smoke test", actor="retrain-flow"
     )
 

@@ -16,6 +16,7 @@ from components.modeling.embedder import Embedder, embed_files
 from components.training.checkpoints import load_loss_state, save_loss_state
 from components.training.distill import Distillation
 from components.training.loop import TrainResult, train_embedder
+from components.training.ranks import SINGLE, Ranks
 from components.training.replay import ReplayMemory
 
 REPLAY_DIR = "replay"
@@ -47,6 +48,13 @@ class ContinualResult:
         return directory
 
 
+def read_memory(state: Path | None, params: ReplayParams) -> ReplayMemory:
+    """The replay memory saved in a version's state (see ContinualResult.save_state); empty without one."""
+    if state and (state / REPLAY_DIR).is_dir():
+        return ReplayMemory.load(state / REPLAY_DIR, params)
+    return ReplayMemory(params)
+
+
 def train_continual(
     new: Sequence[ImageRecord],
     classes_dir: Path,
@@ -56,18 +64,18 @@ def train_continual(
     state: Path | None = None,
     checkpoint_dir: Path | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    ranks: Ranks = SINGLE,
 ) -> ContinualResult:
     """One continual step: learn the new arrivals' training images, replaying the saved memory
     and distilling from `init` (the previous champion), then add the new classes to the memory.
 
     `state` is the previous version's saved state (see ContinualResult.save_state); without
     it the memory starts empty. Old arrivals are never read: only the memory's own images.
+    Across `ranks`, every rank reads the same saved memory (checked: rank 0's digest), and the
+    memory for the next step is selected by rank 0 alone: only its result is saved.
     """
-    memory = (
-        ReplayMemory.load(state / REPLAY_DIR, recipe.replay)
-        if state and (state / REPLAY_DIR).is_dir()
-        else ReplayMemory(recipe.replay)
-    )
+    memory = read_memory(state, recipe.replay)
+    ranks.agree("the replay memory read", memory.digest)
     distillation = Distillation(init, recipe.distill) if init is not None else None
     result = train_embedder(
         [classes_dir / r.id for r in new],
@@ -80,7 +88,10 @@ def train_continual(
         loss_state=load_loss_state(state) if state else None,
         checkpoint_dir=checkpoint_dir,
         on_epoch=on_epoch,
+        ranks=ranks,
     )
+    if not ranks.main:
+        return ContinualResult(train=result, memory=memory)  # the memory read: rank 0 selects what is written
     by_class: dict[str, list[tuple[str, Path]]] = {}
     for r in new:
         by_class.setdefault(r.cls, []).append((r.id, classes_dir / r.id))

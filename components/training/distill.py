@@ -8,6 +8,8 @@ Two terms, weights in params.yaml `distill:`:
 - relational: the batch's student similarity matrix against the teacher's (mean
   squared difference), which keeps the geometry between images rather than their
   positions (Park et al. 2019, "Relational Knowledge Distillation"); on every image.
+Under torchrun the teacher runs on every rank's share and both terms are computed on the
+global batch (see ranks.py), so they are the one-process terms.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.config import DistillParams
+from components.training.ranks import SINGLE, Ranks
 
 
 def embedding_distillation(student: torch.Tensor, teacher: torch.Tensor, distance: str) -> torch.Tensor:
@@ -54,16 +57,24 @@ class Distillation(nn.Module):
         return self
 
     def forward(
-        self, images: torch.Tensor, student: torch.Tensor, old: torch.Tensor | None = None
+        self, images: torch.Tensor, student: torch.Tensor, old: torch.Tensor | None = None, ranks: Ranks = SINGLE
     ) -> dict[str, torch.Tensor]:
         """The weighted terms for one batch, keyed by name (for per-epoch metrics).
 
         `old` marks the images of old (replayed) classes; with `embedding_on: old` only they
         carry the embedding term (zero when the batch has none). None counts every image old.
+        Across ranks: the terms of the global batch, times the world size (for DDP's averaging).
         """
         with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):
             teacher = self.teacher(images).float()
         student = student.float()
+        if ranks.distributed:
+            student, teacher = ranks.global_batch(student), ranks.global_batch(teacher)
+            old = ranks.global_batch(old) if old is not None else None
+            return {name: term * ranks.world for name, term in self._terms(student, teacher, old).items()}
+        return self._terms(student, teacher, old)
+
+    def _terms(self, student: torch.Tensor, teacher: torch.Tensor, old: torch.Tensor | None) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         if self.params.embedding_weight > 0:
             keep = old if self.params.embedding_on == "old" and old is not None else None

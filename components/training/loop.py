@@ -8,6 +8,8 @@ Continual-learning techniques are objects handed to the loop, not copies of it:
 The loss (and, for proxy losses, one proxy per class name that grows as classes arrive)
 is a MetricLoss (losses.py). The loop checkpoints every epoch and resumes after a crash
 (checkpoints.py); one continual step around it is train_continual (continual.py).
+On several devices the same loop runs in every torchrun process, told its place by a Ranks
+(ranks.py); with one device (`SINGLE`) nothing about it changes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from components.ops.failpoints import failpoint
 from components.training.checkpoints import fingerprint, load_checkpoint, save_checkpoint
 from components.training.distill import Distillation
 from components.training.losses import MetricLoss, class_means
+from components.training.ranks import SINGLE, Ranks
 from components.training.replay import ReplayMemory
 from components.training.sampler import MixedBatches
 
@@ -90,7 +93,7 @@ class _Run:
     """One training job, built: what every step uses and what every checkpoint holds."""
 
     model: Embedder
-    forward: Callable[[torch.Tensor], torch.Tensor]  # the model, through torch.compile when asked
+    forward: Callable[[torch.Tensor], torch.Tensor]  # the model (a DDP replica across ranks), compiled when asked
     metric_loss: MetricLoss
     distill: Distillation | None
     sampler: MixedBatches
@@ -101,6 +104,7 @@ class _Run:
         torch.Tensor
     )  # which labels are old classes (those the memory replays): where `embedding_on: old` distils
     device: torch.device
+    ranks: Ranks = SINGLE
 
     @property
     def on_gpu(self) -> bool:
@@ -128,17 +132,19 @@ class _Run:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu):
             embeddings = self.forward(x)
-        terms = {"metric_loss": self.metric_loss(embeddings.float(), y)}
+        # Across ranks every term is the global batch's times the world size (see ranks.py).
+        terms = {"metric_loss": self.metric_loss(embeddings.float(), y, ranks=self.ranks)}
         if self.distill is not None:
-            terms |= self.distill(x, embeddings, old=self.old_labels[y])
+            terms |= self.distill(x, embeddings, old=self.old_labels[y], ranks=self.ranks)
         loss = sum(terms.values())
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.ranks.average_replicated_grads(self.metric_loss.parameters())
         self.optimizer.step()
         self.schedule.step()
-        return {name: value.item() for name, value in {"train_loss": loss, **terms}.items()}
+        return {name: value.item() / self.ranks.world for name, value in {"train_loss": loss, **terms}.items()}
 
 
 def _build_run(
@@ -152,6 +158,7 @@ def _build_run(
     memory_ratio: float,
     distill: Distillation | None,
     loss_state: dict | None,
+    ranks: Ranks = SINGLE,
 ) -> _Run:
     """The model on its device, a label (and proxy) for every class, the batches, optimiser and schedule.
 
@@ -161,12 +168,14 @@ def _build_run(
     model = model.to(device)
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if params.compile else model
+    replica = ranks.replicate(model, device)
+    forward = torch.compile(replica) if params.compile else replica
     metric_loss = MetricLoss(params, model.embedding_dim)
     if loss_state:
         metric_loss.restore(loss_state)
     metric_loss.add_classes(names, class_means=class_means(model, paths, names))
     metric_loss = metric_loss.to(device)
+    ranks.broadcast_params(metric_loss)
 
     dataset = ImageFiles(
         paths, metric_loss.labels(names), train_transform(model.image_size, params.augment, model.mean, model.std)
@@ -179,6 +188,8 @@ def _build_run(
         memory_ratio=memory_ratio,
         seed=params.seed,
         epoch_length=params.epoch_length,
+        rank=ranks.rank,
+        world=ranks.world,
     )
     loader = DataLoader(
         dataset,
@@ -204,6 +215,7 @@ def _build_run(
         schedule=lr_schedule(optimizer, params, params.epochs * len(sampler)),
         old_labels=old_labels.to(device),
         device=device,
+        ranks=ranks,
     )
 
 
@@ -225,7 +237,8 @@ def _train_epoch(run: _Run, epoch: int, seed: int, advance: Callable[[float], No
     if run.distill is not None:
         run.distill.train()
     run.sampler.set_epoch(epoch)
-    torch.manual_seed(seed * 100_003 + epoch)  # augmentations, per epoch: resumable
+    # augmentations, per epoch (resumable) and per rank (each its own draws)
+    torch.manual_seed((seed * 100_003 + epoch) * run.ranks.world + run.ranks.rank)
     sums: dict[str, float] = {}
     batches = 0
     for x, y in run.loader:
@@ -241,7 +254,7 @@ def _train_epoch(run: _Run, epoch: int, seed: int, advance: Callable[[float], No
     }
 
 
-def _progress() -> Progress:
+def _progress(show: bool) -> Progress:
     return Progress(
         TextColumn("[bold]train[/] epoch {task.fields[epoch]}"),
         BarColumn(),
@@ -249,6 +262,7 @@ def _progress() -> Progress:
         TextColumn("loss {task.fields[loss]:.4f}"),
         TimeRemainingColumn(),
         console=Console(stderr=True),  # stdout stays for the caller's answer (`mnemo retrain --json`)
+        disable=not show,
     )
 
 
@@ -264,11 +278,13 @@ def train_embedder(
     loss_state: dict | None = None,
     checkpoint_dir: Path | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    ranks: Ranks = SINGLE,
 ) -> TrainResult:
     """Fine-tune `init` (or a fresh embedder) on new images, replaying `memory`, distilling from `distill`.
 
     With `checkpoint_dir`, every epoch is checkpointed there and a run of the same
     job (same images, params and starting weights) resumes from the last epoch saved.
+    Across `ranks`, rank 0 alone writes the checkpoints, and every rank resumes from them.
     """
     exemplars = memory.exemplars() if memory is not None else []
     new_items = [(str(p), c) for p, c in zip(paths, class_names)]
@@ -294,10 +310,11 @@ def train_embedder(
         all_names,
         len(new_items),
         params,
-        pick_device(params.device),
+        ranks.device(pick_device(params.device)),
         memory_ratio=memory.params.batch_ratio if memory else 0.0,
         distill=distill,
         loss_state=loss_state,
+        ranks=ranks,
     )
     result = TrainResult(
         model=run.model,
@@ -309,16 +326,17 @@ def train_embedder(
     )
     first_epoch = _resume(run, result, checkpoint_dir, job)
     start = time.perf_counter()
-    with _progress() as progress:
+    with _progress(show=ranks.main) as progress:
         task = progress.add_task("train", total=len(run.loader), epoch=first_epoch, loss=float("nan"))
         for epoch in range(first_epoch, params.epochs):
             progress.reset(task, total=len(run.loader), epoch=epoch + 1, loss=float("nan"))
             metrics = _train_epoch(run, epoch, params.seed, lambda loss: progress.update(task, advance=1, loss=loss))
             for key, value in metrics.items():
                 result.epoch_metrics.setdefault(key, []).append(value)
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and ranks.main:
                 save_checkpoint(checkpoint_dir, job, epoch, run.state() | {"epoch_metrics": result.epoch_metrics})
-            failpoint("train-epoch")
+            for name in ranks.failpoints("train-epoch"):
+                failpoint(name)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
     result.seconds = time.perf_counter() - start

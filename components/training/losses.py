@@ -1,6 +1,8 @@
 """The metric loss: pytorch-metric-learning's loss and miner named in params, over labels that index class names.
 
 For proxy losses it keeps one learned proxy per class name, growing them as classes arrive.
+Under torchrun the loss and miner see the global batch through pytorch-metric-learning's
+distributed wrappers (see ranks.py).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
+from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
 from torch import nn
 
 from components.config import TrainParams
 from components.modeling.embedder import Embedder, embed_files
+from components.training.ranks import SINGLE, Ranks
 
 
 class MetricLoss(nn.Module):
@@ -68,9 +72,15 @@ class MetricLoss(nn.Module):
         index = {c: i for i, c in enumerate(self.classes)}
         return [index[n] for n in names]
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        pairs = self.miner(embeddings, labels) if self.miner is not None else None
-        return self.loss(embeddings, labels, pairs)
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, ranks: Ranks = SINGLE) -> torch.Tensor:
+        """The loss of the batch; across ranks, of the global batch times the world size (for DDP's averaging)."""
+        loss: nn.Module = self.loss
+        miner: nn.Module | None = self.miner
+        if ranks.distributed:  # wrapped per call: add_classes may replace the loss (its proxies grow)
+            loss = DistributedLossWrapper(loss)
+            miner = DistributedMinerWrapper(miner) if miner is not None else None
+        pairs = miner(embeddings, labels) if miner is not None else None
+        return loss(embeddings, labels, pairs)
 
     def state(self) -> dict:
         """What must survive to the next retrain: the class order and any proxies."""

@@ -136,6 +136,15 @@ class ReplayMemory:
         # Exemplars beyond the quota are dropped for good: the memory never grows past its budget.
         self.ranked = {c: r[: self.quota[c]] for c, r in self.ranked.items()}
 
+    def digest(self) -> str:
+        """sha256 over the content, in order: every exemplar's class, id and image bytes."""
+        h = hashlib.sha256()
+        for e in self.exemplars():
+            data = e.path.read_bytes()
+            h.update(json.dumps([e.cls, e.id, len(data)]).encode())
+            h.update(data)
+        return h.hexdigest()
+
     def save(self, directory: Path) -> Path:
         """Write memory.json and a copy of every exemplar image under `directory`."""
         directory.mkdir(parents=True, exist_ok=True)

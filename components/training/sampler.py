@@ -22,6 +22,12 @@ class MixedBatches(Sampler[list[int]]):
       batch still holds m images of each of its classes.
     Each epoch draws from its own seeded generator, so a resumed run sees exactly the
     batches an uninterrupted one would.
+
+    Across `world` ranks every rank draws the same global batches (same seed) and keeps its
+    share: every world-th group of m of each pool, starting at its `rank`, so the shares are
+    disjoint, equal in size and each holds m images per class and the same new/memory split.
+    For that, each pool's groups per batch are rounded down to a multiple of `world` (at
+    least `world` when the pool is drawn from); with one rank nothing changes.
     """
 
     def __init__(
@@ -34,16 +40,21 @@ class MixedBatches(Sampler[list[int]]):
         memory_ratio: float,
         seed: int,
         epoch_length: str = "groups",
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if epoch_length not in ("groups", "cover"):
             raise ValueError(f"unknown epoch_length {epoch_length!r}; choose from groups, cover")
         self.m, self.seed, self.epoch, self.epoch_length = m, seed, 0, epoch_length
+        self.rank, self.world = rank, world
         self.pools = [self._by_class(new_labels, 0), self._by_class(memory_labels, len(new_labels))]
         memory_share = memory_ratio if memory_labels else 0.0
         mem = min(round(batch_size * memory_share / m) * m, m * len(self.pools[1]))
         self.per_batch = [min(batch_size - mem, m * len(self.pools[0])) // m * m, mem]
         if self.per_batch[0] == 0 and new_labels:
             self.per_batch[0] = m
+        if world > 1:
+            self.per_batch = [max(n // (m * world), 1) * m * world if n else 0 for n in self.per_batch]
         if not new_labels:
             self.batches = max(1, len(memory_labels) // max(mem, 1))
         elif epoch_length == "cover":
@@ -61,7 +72,12 @@ class MixedBatches(Sampler[list[int]]):
 
     @property
     def batch_size(self) -> int:
+        """The global batch: all ranks' shares together."""
         return sum(self.per_batch)
+
+    @property
+    def rank_batch_size(self) -> int:
+        return self.batch_size // self.world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -77,13 +93,15 @@ class MixedBatches(Sampler[list[int]]):
         for _ in range(self.batches):
             batch: list[int] = []
             for pool, stream, size in zip(self.pools, streams, self.per_batch):
+                groups: list[list[int]] = []
                 for _ in range(size // self.m):
                     group = next(stream)
                     if isinstance(group, list):  # a covering group: m chosen images
-                        batch += group
+                        groups.append(group)
                         continue
                     members = pool[group]
-                    batch += rng.choice(members, size=self.m, replace=len(members) < self.m).tolist()
+                    groups.append(rng.choice(members, size=self.m, replace=len(members) < self.m).tolist())
+                batch += [i for g in groups[self.rank :: self.world] for i in g]
             yield batch
 
     def _covering_groups(

@@ -1,0 +1,218 @@
+"""One continual step on several devices: the one training loop under torchrun, one process per device.
+
+The calling process (the retrain flow's) writes a job directory, runs
+
+    python -m torch.distributed.run --standalone --nproc-per-node N -m components.training.distributed <job>
+
+and reads rank 0's result back from the same directory. Nothing else crosses: the caller
+alone logs to MLflow and registers. The job directory holds
+
+    job.json       what to learn: the new images, the recipe, the saved state and checkpoint dirs
+    init.pt        the starting model (the champion), when there is one
+    rank-<r>.json  what rank r trained on: the digest of the replay memory it read
+    model.pt, result.pt, state/   rank 0's model, TrainResult numbers and state for the next step
+
+Every rank reads the saved memory and the last checkpoint from the same directories; the
+memory for the next step is selected by rank 0 (herding, as on one device). A rank that
+dies fails the step with a RuntimeError naming it; the caller then has no result to register.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from components.config import DistillParams, ModelParams, ReplayParams, TrainParams
+from components.data.catalog import ImageRecord
+from components.modeling.embedder import Embedder, load_embedder, pick_device, save_embedder
+from components.training.continual import REPLAY_DIR, ContinualResult, Recipe, read_memory, train_continual
+from components.training.loop import NonFiniteLossError, TrainResult
+from components.training.ranks import Ranks
+from components.training.replay import ReplayMemory
+
+JOB_FILE = "job.json"
+INIT_FILE = "init.pt"
+MODEL_FILE = "model.pt"
+RESULT_FILE = "result.pt"
+STATE_DIR = "state"
+OUTPUT_LINES = 400  # of torchrun's output, kept to explain a failure
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one continual step learns: train_continual's arguments, as files every rank can read."""
+
+    new: list[ImageRecord]
+    classes_dir: Path
+    recipe: Recipe
+    state: Path | None
+    checkpoint_dir: Path | None
+
+    def write(self, directory: Path, init: Embedder | None) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        if init is not None:
+            save_embedder(init, directory / INIT_FILE)
+        spec = {
+            "new": [dataclasses.asdict(r) for r in self.new],
+            "classes_dir": str(self.classes_dir),
+            "recipe": {
+                f.name: getattr(self.recipe, f.name).model_dump(mode="json") for f in dataclasses.fields(Recipe)
+            },
+            "state": str(self.state) if self.state else None,
+            "checkpoint_dir": str(self.checkpoint_dir) if self.checkpoint_dir else None,
+        }
+        (directory / JOB_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+        return directory
+
+    @classmethod
+    def read(cls, directory: Path) -> tuple[Job, Embedder | None]:
+        spec = json.loads((directory / JOB_FILE).read_text())
+        recipe = spec["recipe"]
+        job = cls(
+            new=[ImageRecord(**r) for r in spec["new"]],
+            classes_dir=Path(spec["classes_dir"]),
+            recipe=Recipe(
+                TrainParams.model_validate(recipe["train"]),
+                ModelParams.model_validate(recipe["model"]),
+                ReplayParams.model_validate(recipe["replay"]),
+                DistillParams.model_validate(recipe["distill"]),
+            ),
+            state=Path(spec["state"]) if spec["state"] else None,
+            checkpoint_dir=Path(spec["checkpoint_dir"]) if spec["checkpoint_dir"] else None,
+        )
+        init = load_embedder(directory / INIT_FILE) if (directory / INIT_FILE).is_file() else None
+        return job, init
+
+
+def backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+@record  # a rank's exception reaches torchrun's failure summary
+def run_rank(job_dir: Path) -> None:
+    """One rank of the step (what torchrun starts): train, then rank 0 writes the result."""
+    ranks = Ranks.from_env()
+    job, init = Job.read(job_dir)
+    device = ranks.device(pick_device(job.recipe.train.device))
+    dist.init_process_group(backend(device))
+    try:
+        read = read_memory(job.state, job.recipe.replay)
+        rank_file = job_dir / f"rank-{ranks.rank}.json"
+        rank_file.write_text(json.dumps({"rank": ranks.rank, "world": ranks.world, "memory": read.digest()}) + "\n")
+        step = train_continual(
+            job.new,
+            job.classes_dir,
+            job.recipe,
+            init=init,
+            state=job.state,
+            checkpoint_dir=job.checkpoint_dir,
+            ranks=ranks,
+        )
+        if ranks.main:
+            _write_result(job_dir, step, ranks)
+        ranks.barrier()  # no rank leaves while rank 0 still selects and writes
+    finally:
+        dist.destroy_process_group()
+
+
+def _write_result(job_dir: Path, step: ContinualResult, ranks: Ranks) -> None:
+    step.save_state(job_dir / STATE_DIR)
+    save_embedder(step.train.model, job_dir / MODEL_FILE)
+    numbers = {f.name: getattr(step.train, f.name) for f in dataclasses.fields(step.train) if f.name != "model"}
+    numbers["device"] = f"{ranks.world} x {step.train.device}"
+    torch.save(numbers, job_dir / RESULT_FILE)  # last: its presence means the rest is there
+
+
+def read_result(job_dir: Path, recipe: Recipe) -> ContinualResult:
+    """Rank 0's result: the trained model, its numbers, and the memory it selected for the next step."""
+    numbers = torch.load(job_dir / RESULT_FILE, map_location="cpu", weights_only=True)
+    train = TrainResult(model=load_embedder(job_dir / MODEL_FILE), **numbers)
+    return ContinualResult(train=train, memory=ReplayMemory.load(job_dir / STATE_DIR / REPLAY_DIR, recipe.replay))
+
+
+def torchrun_command(job_dir: Path, devices: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # one node: a local rendezvous; more nodes run as a PyTorchJob (infra/README.md)
+        f"--nproc-per-node={devices}",
+        "-m",
+        "components.training.distributed",
+        str(job_dir),
+    ]
+
+
+def launch(job_dir: Path, devices: int) -> None:
+    """Run the job's ranks under torchrun; its output goes to stderr; raises naming the rank that failed."""
+    process = subprocess.Popen(
+        torchrun_command(job_dir, devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert process.stdout is not None
+    tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
+    for line in process.stdout:
+        sys.stderr.write(line)  # stdout stays for the caller's answer (`mnemo retrain --json`)
+        tail.append(line)
+    if process.wait() != 0:
+        message = failure_message("".join(tail), process.returncode, devices)
+        raise NonFiniteLossError(message) if "NonFiniteLossError" in message else RuntimeError(message)
+
+
+_FAILURE = re.compile(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)[^\n]*\n(?:[^\n]*\n)*?\s*traceback\s*:\s*(.*)")
+
+
+def failure_message(output: str, returncode: int, world: int) -> str:
+    """Which rank failed and how, from torchrun's failure summary: one killed by a signal, else one that raised.
+
+    torchrun lists every failed rank; the others usually failed because that one vanished
+    ("Connection closed by peer") or were stopped by torchrun (SIGTERM).
+    """
+    failures = [(int(r), int(code), why.strip()) for r, code, why in _FAILURE.findall(output)]
+    if not failures:
+        last = next((line for line in reversed(output.splitlines()) if line.strip()), "no output")
+        return f"training under torchrun failed (exit {returncode}): {last.strip()}"
+    stopped = [f for f in failures if "Signal 15" in f[2]]  # by torchrun, once another rank had failed
+    killed = [f for f in failures if f[1] < 0 and f not in stopped]
+    raised = [f for f in failures if f[1] > 0]
+    rank, code, why = (killed or raised or failures)[0]
+    if not why or why.startswith(("To enable traceback", "Traceback")):
+        errors = re.findall(rf"^\[rank{rank}\]:\s*(\w+(?:Error|Exception)\b.*)$", output, re.M)
+        why = errors[-1] if errors else why
+    return f"training rank {rank} of {world} {'died' if code < 0 else 'failed'} (exit {code}): {why}"
+
+
+def train_continual_on_devices(
+    new: list[ImageRecord],
+    classes_dir: Path,
+    recipe: Recipe,
+    *,
+    init: Embedder | None,
+    state: Path | None,
+    checkpoint_dir: Path | None,
+    job_dir: Path,
+) -> ContinualResult:
+    """One continual step on `train.devices` devices: in this process for one (no torchrun), else under torchrun."""
+    if recipe.train.world_size == 1:
+        return train_continual(new, classes_dir, recipe, init=init, state=state, checkpoint_dir=checkpoint_dir)
+    if recipe.train.nodes > 1:
+        raise ValueError(
+            "train.nodes > 1: several nodes run the step as a Kubeflow PyTorchJob (infra/README.md); "
+            "the retrain flow launches the devices of one node"
+        )
+    Job(list(new), classes_dir, recipe, state, checkpoint_dir).write(job_dir, init)
+    launch(job_dir, recipe.train.devices)
+    return read_result(job_dir, recipe)
+
+
+if __name__ == "__main__":
+    run_rank(Path(sys.argv[1]))
