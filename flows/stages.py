@@ -45,7 +45,8 @@ def train(params: Any, ws: Workspace) -> None:
     from components.data.catalog import Catalog
     from components.modeling.embedder import save_embedder
     from components.training.checkpoints import clear_checkpoints
-    from components.training.continual import REPLAY_DIR, Recipe, train_continual
+    from components.training.continual import REPLAY_DIR, Recipe
+    from components.training.distributed import train_continual_on_devices
     from components.training.replay import ReplayMemory
 
     out = ws.dvc_outputs
@@ -61,7 +62,15 @@ def train(params: Any, ws: Workspace) -> None:
             if not new:  # an arrival of unseen classes only: nothing to train on
                 continue
             memory = len(ReplayMemory.load(state / REPLAY_DIR, params.replay)) if state else 0
-            step = train_continual(new, ws.classes_dir, recipe, init=model, state=state, checkpoint_dir=checkpoints)
+            step = train_continual_on_devices(  # the retrain flow's step, on train.devices devices
+                new,
+                ws.classes_dir,
+                recipe,
+                init=model,
+                state=state,
+                checkpoint_dir=checkpoints,
+                job_dir=Path(tmp) / f"job-{i}",
+            )
             steps.append(
                 {
                     "arrival": arrival,
