@@ -163,12 +163,10 @@ class Promoter:
         with writer_lock(self.ws, f"{kind} v{version}"):
             info = self.version(version)
             verb = f"roll back to v{info.version}" if kind == "rollback" else f"make v{info.version} champion"
-            if force and not reason.strip():  # README: --force needs --reason, whether or not it overrides a check
-                raise PromotionRefused(
-                    f"cannot force v{info.version}: --force needs a --reason, which the promotion log records"
-                )
             table, problems = table_problems(self.ws, self.index, info, table)
             problems += promotion_refusals(info, force=force, table=table if not problems else None)
+            if force and not reason.strip():  # README: --force needs --reason, whether or not it overrides a check
+                problems.append("--force needs a --reason, which the promotion log records")
             if problems:
                 raise PromotionRefused(f"cannot {verb}: " + "; ".join(problems))
             forced = force and bool(promotion_refusals(info, table=table))  # force overrode a check
