@@ -131,7 +131,7 @@ def _live_table(ws: Workspace, table: str) -> tuple[int | None, str | None]:
     it can): every data file's footer and first page are read, not its rows (tables.check_readable)."""
     try:
         tbl = open_table(connect(ws), ws, table)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, TableDamaged) as exc:  # missing, or its manifest cannot be read
         return None, str(exc)
     try:
         check_readable(tbl)

@@ -54,13 +54,13 @@ def _error_line(exc: Exception) -> str | None:
     """The one line for a store another process holds locked or a damaged store; None for any other error."""
     from components.data.manifests import ManifestDamaged
     from components.ops.transient import causes, is_store_locked
-    from components.registry.sqlite_store import MLFLOW_BUSY_TIMEOUT_S, RegistryBusy
+    from components.registry.sqlite_store import MLFLOW_BUSY_TIMEOUT_S, RegistryBusy, RegistryDamaged
     from components.serving.live import DamagedPair
     from components.vectors.tables import TableDamaged
 
     if isinstance(exc, RegistryBusy):  # waited for where the registry is opened: nothing was changed
         return str(exc)
-    if isinstance(exc, ManifestDamaged | DamagedPair | TableDamaged):  # a damaged store, named in one line
+    if isinstance(exc, ManifestDamaged | DamagedPair | TableDamaged | RegistryDamaged):  # a damaged store, in one line
         return redact(str(exc), *_URIS)
     if not is_store_locked(exc):
         return None

@@ -94,6 +94,8 @@ def table_problems(
         tbl = open_table(connect(ws), ws, table)
     except FileNotFoundError:
         return table, [f"v{info.version}'s index table {table} is missing from {ws.lancedb_uri}"]
+    except TableDamaged as exc:
+        return table, [str(exc)]
     if not is_validated(tbl):
         return table, [f"v{info.version}'s index table {table} failed or never finished validation"]
     problem = authorship_problem(table, tbl.schema, info.version)

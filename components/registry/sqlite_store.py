@@ -4,6 +4,9 @@
   (MNEMO_REGISTRY_BUSY_TIMEOUT, 30 s by default), then `RegistryBusy` says so in one line,
   before anything was read or written. MLflow's own engine gives up after its fixed timeouts
   with a traceback, possibly half-way through a command.
+- Damaged: a file that is not a SQLite database, or fails SQLite's quick check, is named in one
+  line (`RegistryDamaged`). It holds the runs, versions and the promotion log: nothing derives it,
+  so it is restored from a backup, never rebuilt or overwritten.
 - Moved: the workspace's own store (sqlite:///<root>/mlflow.db) records artifact locations as
   absolute file URIs. In a copied, moved or restored workspace they point into the old folder's
   mlartifacts/, so reads would come from, and writes go to, another workspace: they are rebased
@@ -53,6 +56,16 @@ class RegistryBusy(Exception):
         super().__init__(f"{self.reason}; nothing was changed")
 
 
+class RegistryDamaged(Exception):
+    """The registry's SQLite file cannot be read as a database; the message names it and what to do."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(
+            f"registry damaged: {path} is not a readable SQLite database ({why}); it holds the runs, "
+            "versions and promotion log and is not derived from anything: restore it from a backup"
+        )
+
+
 @dataclass(frozen=True)
 class Rebased:
     """Artifact locations moved from `old` (another folder's artifact root) onto `new`."""
@@ -90,7 +103,10 @@ def open_store(ws: Workspace) -> list[Rebased]:
                 raise RegistryBusy(ws.masked_tracking_uri, time.monotonic() - started) from None
             _read_probe(con, ws, started)  # a store this process may only read (read-only files)
             return []
+        except sqlite3.DatabaseError as exc:  # not a database at all: the header is gone
+            raise RegistryDamaged(path, str(exc)) from None
         try:
+            _check_intact(con, path)
             rebased = _rebase(con, ws) if ws.embedded_registry else []
         except BaseException:
             con.execute("ROLLBACK")
@@ -108,14 +124,26 @@ def open_store(ws: Workspace) -> list[Rebased]:
     return rebased
 
 
+def _check_intact(con: sqlite3.Connection, path: Path) -> None:
+    """SQLite's quick check (milliseconds at a registry's size): a file cut short or overwritten
+    in the middle fails it, before MLflow meets the damage half-way through a command."""
+    try:
+        verdict = con.execute("PRAGMA quick_check(1)").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise RegistryDamaged(path, str(exc)) from None
+    if verdict != "ok":
+        raise RegistryDamaged(path, f"quick check: {verdict}")
+
+
 def _read_probe(con: sqlite3.Connection, ws: Workspace, started: float) -> None:
     """Wait (bounded) until the store can be read, for a store that cannot take a write lock here."""
     try:
         con.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.OperationalError as exc:
+    except sqlite3.DatabaseError as exc:
         if is_store_locked(exc):
             raise RegistryBusy(ws.masked_tracking_uri, time.monotonic() - started) from None
-        # Anything else (not a database, damaged) is MLflow's to report when it opens the store.
+        if not isinstance(exc, sqlite3.OperationalError):  # not a database, or damaged
+            raise RegistryDamaged(sqlite_path(ws.tracking_uri) or Path(ws.tracking_uri), str(exc)) from None
 
 
 def _rebase(con: sqlite3.Connection, ws: Workspace) -> list[Rebased]:

@@ -22,7 +22,17 @@ from lancedb.query import AsyncVectorQuery, LanceVectorQueryBuilder
 
 from components.config import IndexParams
 from components.data.catalog import ImageRecord
-from components.vectors.tables import ANN_EF, VECTOR, connect, missing_table, open_table, reading
+from components.vectors.tables import (
+    ANN_EF,
+    READ_ERRORS,
+    VECTOR,
+    TableDamaged,
+    connect,
+    lance_reason,
+    missing_table,
+    open_table,
+    reading,
+)
 from components.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -129,6 +139,8 @@ class TableReader:
                 return await db.open_table(name)
             except (ValueError, FileNotFoundError):
                 raise missing_table(ws, name) from None
+            except READ_ERRORS as exc:  # a manifest cut short or garbled
+                raise TableDamaged(name, f"cannot be opened: {lance_reason(exc)}") from exc
 
         table = loop.run(opened())  # a missing table: FileNotFoundError (missing_table)
         reader = cls(name=name, table=table, loop=loop, params=params)
@@ -195,10 +207,10 @@ def search(
 
 
 def table_rows(ws: Workspace, table: str) -> int | None:
-    """Rows in a table, or None when it does not exist (a live pair that lost its index)."""
+    """Rows in a table, or None when it does not exist or cannot be opened (a live pair that lost its index)."""
     try:
         return open_table(connect(ws), ws, table).count_rows()
-    except FileNotFoundError:
+    except (FileNotFoundError, TableDamaged):
         return None
 
 
@@ -255,7 +267,7 @@ def index_smoke_test(
         return SmokeTest(False, len(picked), "the loaded model returns non-finite embeddings")
     try:
         results = search(ws, table, vectors, 3, params)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, TableDamaged) as exc:
         return SmokeTest(False, len(picked), str(exc))
     lost = [
         f"{record.id} -> {hits[0]['id'] if hits else 'nothing'}"

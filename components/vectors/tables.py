@@ -66,7 +66,7 @@ def reading(table: str) -> Iterator[None]:
 def lance_reason(exc: BaseException) -> str:
     """An error's first line without the Rust source location Lance appends to it."""
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return re.sub(r",\s*/rustc/\S+$", "", text)
+    return re.sub(r",\s*/\S+\.rs:\d+:\d+$", "", text)  # /rustc/... or a crate's path: noise to a reader
 
 
 def check_readable(tbl: lancedb.table.Table) -> None:
@@ -101,10 +101,13 @@ def connect(ws: Workspace, *, refresh_seconds: float | None = None) -> lancedb.D
 
 
 def open_table(db: lancedb.DBConnection, ws: Workspace, table: str) -> lancedb.table.Table:
+    """The table; FileNotFoundError when it is not there, TableDamaged when its manifest cannot be read."""
     try:
         return db.open_table(table)
     except (ValueError, FileNotFoundError):  # lancedb says ValueError for a missing table
         raise missing_table(ws, table) from None
+    except READ_ERRORS as exc:  # a manifest cut short or garbled
+        raise TableDamaged(table, f"cannot be opened: {lance_reason(exc)}") from exc
 
 
 def missing_table(ws: Workspace, table: str) -> FileNotFoundError:

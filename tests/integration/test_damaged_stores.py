@@ -195,3 +195,37 @@ def test_a_damaged_catalog_is_set_aside_and_rebuilt(live_ws, params, params_file
     status = json.loads(cli(live_ws, params_file, "status", "--json"))
     assert status["data"]["images"] == before
     assert list((live_ws.root / "data").glob("catalog.sqlite.damaged-*"))  # kept for a person to look at
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate"])
+def test_a_damaged_registry_is_named_in_one_line_and_left_for_a_backup(live_ws, params_file, damage):
+    db = live_ws.root / "mlflow.db"
+    data = db.read_bytes()
+    db.write_bytes(b"\x13garbage" * 4096 if damage == "garbage" else data[: len(data) // 3])
+    damaged = db.read_bytes()
+    for command in ("status", "query"):
+        args = (command,) if command == "status" else (command, str(stored_image(live_ws)))
+        said = cli(live_ws, params_file, *args, code=1)
+        assert said.startswith("error: registry damaged: ") and "restore it from a backup" in said, said
+        assert len(said.strip().splitlines()) == 1, said
+    assert db.read_bytes() == damaged  # nothing derives it: left as found for a person to restore
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_damaged_lance_manifest_is_named_and_never_promoted(live_ws, params, params_file, damage):
+    cli(live_ws, params_file, "promote", "2", "--reason", "v2 first")
+    cli(live_ws, params_file, "rollback")
+    versions = sorted((live_ws.root / "lancedb" / "embeddings_v2.lance" / "_versions").glob("*.manifest"))
+    assert versions
+    for path in versions:  # every version of the table's manifest: no older one to fall back to
+        path.unlink() if damage == "delete" else path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    refused = cli(live_ws, params_file, "promote", "2", "--reason", "x", code=1)
+    assert "embeddings_v2" in refused and len(refused.strip().splitlines()) == 1, refused
+    assert ModelRegistry(live_ws, params.registry).champion().version == "1"
+    # the champion's own manifest: status marks it, a query names it in one line
+    for path in (live_ws.root / "lancedb" / "embeddings_v1.lance" / "_versions").glob("*.manifest"):
+        path.unlink() if damage == "delete" else path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    status = json.loads(cli(live_ws, params_file, "status", "--json"))
+    assert status["champion"]["version"] == "1" and "embeddings_v1" in status["champion"]["damaged"]
+    said = cli(live_ws, params_file, "query", str(stored_image(live_ws)), code=1)
+    assert said.startswith("error: ") and "embeddings_v1" in said and len(said.strip().splitlines()) == 1, said
