@@ -13,6 +13,7 @@ import copy
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from components.data.catalog import Catalog
 from components.modeling.embedder import build_embedder, embed_files
@@ -21,7 +22,13 @@ from components.training.loop import seed_everything, train_embedder
 from components.vectors.tables import VECTOR, connect, open_table
 from tests.unit.modeling.test_model import shapes
 
-pytestmark = pytest.mark.gpu
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="no CUDA device (torch.cuda.is_available() is False): the GPU suite needs one",
+    ),
+]
 INFERENCE_COSINE = 0.9999
 TRAINED_COSINE = 0.99
 LOSS_RTOL = 0.05
