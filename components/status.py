@@ -134,8 +134,7 @@ def _live_table(ws: Workspace, table: str) -> tuple[int | None, str | None]:
     except (FileNotFoundError, TableDamaged) as exc:  # missing, or its manifest cannot be read
         return None, str(exc)
     try:
-        check_readable(tbl)
-        damaged = None
+        return check_readable(tbl), None
     except TableDamaged as exc:
         damaged = str(exc)
     try:

@@ -45,9 +45,8 @@ def train(params: Any, ws: Workspace) -> None:
     from components.data.catalog import Catalog
     from components.modeling.embedder import save_embedder
     from components.training.checkpoints import clear_checkpoints
-    from components.training.continual import REPLAY_DIR, Recipe
+    from components.training.continual import Recipe
     from components.training.distributed import train_continual_on_devices
-    from components.training.replay import ReplayMemory
 
     out = ws.dvc_outputs
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +60,7 @@ def train(params: Any, ws: Workspace) -> None:
             new = [r for r in records if r.arrival == arrival]
             if not new:  # an arrival of unseen classes only: nothing to train on
                 continue
-            memory = len(ReplayMemory.load(state / REPLAY_DIR, params.replay)) if state else 0
+            memory = steps[-1]["memory_after"] if steps else 0  # what the step before saved, this one reads
             step = train_continual_on_devices(  # the retrain flow's step, on train.devices devices
                 new,
                 ws.classes_dir,

@@ -33,6 +33,7 @@ from components.vectors.tables import (
     drop_old_versions,
     ensure_id_index,
     ids_present,
+    marked_seq,
     set_vector_metadata,
     vector_metadata,
 )
@@ -92,10 +93,9 @@ def _missing(tbl: lancedb.table.Table, catalog: Catalog) -> tuple[list[ImageReco
     recorded since (what an arrival costs); any other (new, or marked before other data was
     checked out) has its id column compared with the whole catalog once."""
     last = catalog.last_seq()  # first: images recorded while this runs belong to the next call
-    mark = vector_metadata(tbl, CATALOG_SEQ) or ""
-    seq = mark.partition(":")[0]
-    if seq.isdigit() and catalog.mark(int(seq)) == mark:
-        candidates = [r for r in catalog.records_since(int(seq)) if r.seq <= last]
+    seq = marked_seq(tbl, catalog)
+    if seq is not None:
+        candidates = [r for r in catalog.records_since(seq) if r.seq <= last]
         present = ids_present(tbl, [r.id for r in candidates])
     else:
         candidates = [r for r in catalog.records() if r.seq <= last]

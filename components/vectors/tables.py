@@ -69,14 +69,16 @@ def lance_reason(exc: BaseException) -> str:
     return re.sub(r",\s*/\S+\.rs:\d+:\d+$", "", text)  # /rustc/... or a crate's path: noise to a reader
 
 
-def check_readable(tbl: lancedb.table.Table) -> None:
-    """Raises TableDamaged unless every data fragment of the table reads: its row count and the first
-    row of each fragment (the data file's footer and first page), so the cost is the fragments', not
-    the rows'. A file cut short or gone fails here; validate.verify_table reads every vector."""
+def check_readable(tbl: lancedb.table.Table) -> int:
+    """The table's row count; raises TableDamaged unless every data fragment of the table reads: its
+    row count and the first row of each fragment (the data file's footer and first page), so the cost
+    is the fragments', not the rows'. A file cut short or gone fails here; validate.verify_table
+    reads every vector."""
     with reading(tbl.name):
-        tbl.count_rows()
+        rows = tbl.count_rows()
         for fragment in tbl.to_lance().get_fragments():
             fragment.head(1)
+        return rows
 
 
 def table_name(prefix: str, version: str | int) -> str:

@@ -116,9 +116,8 @@ def verify_table(ws: Workspace, tbl: lancedb.table.Table, params: IndexParams) -
     searched as readers search. No model is loaded: the store is under test, not the embedder
     (validate_table and the smoke test are). Raises TableDamaged naming the table and what is wrong.
     """
-    check_readable(tbl)
+    rows = check_readable(tbl)
     with reading(tbl.name):
-        rows = tbl.count_rows()
         promised = _promised_rows(ws, tbl)
         if promised is not None and rows < promised:
             raise TableDamaged(
