@@ -42,7 +42,8 @@ def evaluate_models(
     raw pixels. Each seen slice (the held-out queries of one arrival's classes) searches
     every stored image, as the live table answers it, so an old class confused with a newer
     one counts as forgetting. The champion is scored only on the slices of arrivals it was
-    trained on. A candidate with non-finite embeddings gets NaN metrics (and a sanity count)
+    trained on, and on every class of each arrival it has not learned (forward transfer, from
+    the same vectors). A candidate with non-finite embeddings gets NaN metrics (and a sanity count)
     instead of an error, so the gate can reject it with a reason.
     """
     ks, bs = params.recall_at, params.batch_size
@@ -68,8 +69,13 @@ def evaluate_models(
     on_pixels |= few_shot_metrics(pixels, labels[unseen].tolist(), params, keys.UNSEEN, arrival_of)
     metrics |= {keys.baseline(k): v for k, v in on_pixels.items()}
     if champion is not None:
-        theirs = scored(embed_files(champion, paths, batch_size=bs), slices.keys() & champion_slices)
+        xc = embed_files(champion, paths, batch_size=bs)
+        theirs = scored(xc, slices.keys() & champion_slices)
         metrics |= {keys.champion(k): v for k, v in theirs.items()}
+        # forward transfer: the same vectors, on every class each arrival the champion has not learned brought
+        row = {r.id: i for i, r in enumerate(records)}
+        new = sorted(set(catalog.arrivals) - set(champion_arrivals))
+        metrics |= forward_transfer(ws, catalog, champion, new, params, vectors=lambda rs: xc[[row[r.id] for r in rs]])
     return metrics
 
 
@@ -100,9 +106,6 @@ def assess(
     registry), so forgetting is measured against what users actually got.
     """
     metrics = evaluate_models(ws, catalog, params, candidate, champion, champion_arrivals)
-    if champion is not None:  # what users got from the new arrivals' hot add, before this candidate
-        new = sorted(set(catalog.arrivals) - set(champion_arrivals))
-        metrics |= forward_transfer(ws, catalog, champion, new, params)
     matrix = forgetting_matrix(served, metrics, champion=champion_version if champion is not None else None)
     metrics |= forgetting_metrics(matrix)
     decision = decide(metrics, (keys.under(metrics, keys.CHAMPION) or None) if champion is not None else None, gate)

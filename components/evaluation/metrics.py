@@ -170,10 +170,7 @@ def score_vectors(
 ) -> dict[str, float]:
     """Retrieval metrics under prefix; NaN for every key when an embedding is not finite."""
     if not np.isfinite(embeddings).all():
-        return {keys.key(prefix, f"recall_at_{k}"): math.nan for k in ks} | {
-            keys.key(prefix, "map_at_r"): math.nan,
-            keys.key(prefix, "r_precision"): math.nan,
-        }
+        return RetrievalMetrics({k: math.nan for k in ks}, math.nan, math.nan, 0).as_dict(prefix)
     return retrieval_metrics(embeddings, labels, ks, queries=queries, device=metrics_device()).as_dict(prefix)
 
 
@@ -242,7 +239,7 @@ def few_shot_accuracy(
         grouped: dict[str, list[str]] = {}
         for c in eligible:
             grouped.setdefault(groups[c], []).append(c)
-        pools = [members for _, members in sorted(grouped.items()) if len(members) >= way]
+        pools = [members for _, members in sorted(grouped.items())]
     pools = [pool for pool in pools if len(pool) >= way]
     if not pools or episodes < 1:
         return None
