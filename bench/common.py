@@ -80,3 +80,20 @@ def omniglot_alphabets(source: Path, dest: Path, drawers: int = 20) -> Iterator[
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(z.read(name))
             yield alphabet, dest / alphabet
+
+
+def parse_variant(text: str, named: dict[str, dict] | None = None) -> tuple[str, dict]:
+    """'name' (from `named`) or 'name:key=value,key=value' (params overrides; values parsed as YAML),
+    or 'name:base+key=value,...' (over the named variant `base`)."""
+    import yaml
+
+    named = named or {}
+    if ":" not in text:
+        return text, named[text]
+    name, _, spec = text.partition(":")
+    base, _, spec = spec.partition("+") if "+" in spec else ("", "", spec)
+    overrides = dict(named[base]) if base else {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name, overrides

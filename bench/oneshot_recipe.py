@@ -30,9 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from bench.common import OMNIGLOT, REPO, RESULTS, markdown_table, write_run
+from bench.common import OMNIGLOT, REPO, RESULTS, markdown_table, parse_variant, write_run
 from bench.continual import omniglot_stream
 from bench.oneshot import embed_reference, train_reference  # the reference net, one copy
 from components.config import Params, load_params, with_overrides
@@ -70,19 +69,6 @@ VARIANTS: dict[str, dict] = {
     | LEVERS
     | {"model.stem": "small", "model.image_size": 28, "distill.embedding_on": "all"},
 }
-
-
-def parse_variant(text: str) -> tuple[str, dict]:
-    """'name' (from VARIANTS) or 'name:key=value,key=value' (over params.yaml; values parsed as YAML)."""
-    if ":" not in text:
-        return text, VARIANTS[text]
-    name, _, spec = text.partition(":")
-    base, _, spec = spec.partition("+") if "+" in spec else ("", "", spec)
-    overrides = dict(VARIANTS[base]) if base else {}
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return name, overrides
 
 
 def episodes(vectors: np.ndarray, labels: list[str], n: int, seed: int) -> dict[str, float]:
@@ -250,8 +236,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # CPU: denormal floats late in training can slow every op many times over
 
-    variants = [parse_variant(v) for v in filter(None, args.variants.split(","))] + [
-        parse_variant(v) for v in args.variant
+    variants = [parse_variant(v, VARIANTS) for v in filter(None, args.variants.split(","))] + [
+        parse_variant(v, VARIANTS) for v in args.variant
     ]
     params = with_overrides(load_params(args.params), {"train.device": "cpu"} if not torch.cuda.is_available() else {})
     for _, overrides in variants:
