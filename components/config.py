@@ -172,6 +172,24 @@ class DistillParams(_Section):
     relational_weight: float = Field(ge=0)
 
 
+class CompatParams(_Section):
+    """Backward-compatible training, so a new version may answer from its predecessor's table at once
+    (components/training/compat.py): none, BCT's influence loss, or a learned old -> new transform."""
+
+    mode: Literal["none", "bct", "transform"]
+    # bct: weight of the influence loss (the new embeddings classified by the old model's frozen class
+    # prototypes) and the temperature of that cosine classifier.
+    influence_weight: float = Field(ge=0)
+    temperature: float = Field(gt=0)
+    # transform: a two-layer MLP old vector -> new space, fitted on the images both models embedded.
+    transform_hidden: PositiveInt
+    transform_epochs: PositiveInt
+    transform_lr: float = Field(gt=0)
+    # The background backfill re-embeds the older model's rows this many at a time (one Lance commit
+    # each: its progress survives a kill); who embeds them follows index.engine, as a re-index.
+    backfill_rows: PositiveInt
+
+
 class FewShotTask(_Section):
     way: int = Field(ge=2)  # classes per episode
     shot: int = Field(ge=1)  # support images per class
@@ -206,6 +224,9 @@ class GateParams(_Section):
     # (what users got from the hot add). None: reported, not checked; a floor refuses the automatic
     # promotion naming the arrival, so a person looks at an arrival the model does not transfer to.
     min_forward_transfer_recall_at_1: float | None = Field(ge=0, le=1)
+    # Compatibility: a candidate is declared compatible with the champion when the new model's queries against the champion's gallery beat old/old on unseen
+    # Recall@1 and MAP@R by more than this; only then is it promoted on the champion's vectors.
+    min_compat_gain: float = Field(ge=-1, le=1)
 
 
 class RegistryParams(_Section):
@@ -298,6 +319,7 @@ class Params(_Section):
     train: TrainParams
     replay: ReplayParams
     distill: DistillParams
+    compat: CompatParams
     evaluate: EvaluateParams
     gate: GateParams
     registry: RegistryParams

@@ -1,19 +1,25 @@
-"""One continual step: the training loop over an arrival, with the saved replay memory and distillation.
+"""One continual step: the training loop over an arrival, with the saved replay memory, distillation
+and, when asked, backward compatibility with the previous model (compat.py).
 
 What one step saves (ContinualResult.save_state) is what the next one restores: the replay
-memory with its images, and the loss state (class order, proxies).
+memory with its images, and the loss state (class order, proxies); with `compat.mode: transform`
+also the learned old -> new map (transform.pt), which moves the previous model's table into the
+new model's space.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.config import DistillParams, ModelParams, Params, ReplayParams, TrainParams
+import numpy as np
+
+from components.config import CompatParams, DistillParams, ModelParams, Params, ReplayParams, TrainParams
 from components.data.catalog import ImageRecord
 from components.modeling.embedder import Embedder, embed_files
 from components.training.checkpoints import load_loss_state, save_loss_state
+from components.training.compat import TRANSFORM_FILE, Influence, Transform, fit_transform, old_prototypes
 from components.training.distill import Distillation
 from components.training.loop import TrainResult, train_embedder
 from components.training.ranks import SINGLE, Ranks
@@ -24,28 +30,37 @@ REPLAY_DIR = "replay"
 
 @dataclass(frozen=True)
 class Recipe:
-    """The params sections one continual step reads: how to train, the network, the memory, the distillation."""
+    """The params sections one continual step reads: how to train, the network, the memory, the
+    distillation, the compatibility with the previous model."""
 
     train: TrainParams
     model: ModelParams
     replay: ReplayParams
     distill: DistillParams
+    compat: CompatParams
 
     @classmethod
     def of(cls, params: Params) -> Recipe:
-        return cls(params.train, params.model, params.replay, params.distill)
+        return cls(params.train, params.model, params.replay, params.distill, params.compat)
 
 
 @dataclass
 class ContinualResult:
     train: TrainResult
     memory: ReplayMemory
+    transform: Transform | None = None  # compat.mode transform: the previous model's vectors -> this one's space
+    transform_fit: float | None = None  # its mean cosine similarity to this model's vectors on the images it saw
 
     def save_state(self, directory: Path) -> Path:
-        """The state the next retrain restores: replay memory (with its images) and loss state."""
+        """The state the next retrain restores: replay memory (with its images) and loss state; the transform."""
         self.memory.save(directory / REPLAY_DIR)
         save_loss_state(self.train.loss_state, directory)
+        if self.transform is not None:
+            self.transform.save(directory / TRANSFORM_FILE)
         return directory
+
+    def metrics(self) -> dict[str, float]:
+        return {} if self.transform_fit is None else {"compat_transform_fit": self.transform_fit}
 
 
 def read_memory(state: Path | None, params: ReplayParams) -> ReplayMemory:
@@ -65,6 +80,7 @@ def train_continual(
     checkpoint_dir: Path | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     ranks: Ranks = SINGLE,
+    prototypes: Mapping[str, np.ndarray] | None = None,
 ) -> ContinualResult:
     """One continual step: learn the new arrivals' training images, replaying the saved memory
     and distilling from `init` (the previous champion), then add the new classes to the memory.
@@ -73,10 +89,18 @@ def train_continual(
     it the memory starts empty. Old arrivals are never read: only the memory's own images.
     Across `ranks`, every rank reads the same saved memory (checked: rank 0's digest), and the
     memory for the next step is selected by rank 0 alone: only its result is saved.
+    With `compat.mode` bct, `prototypes` are the previous model's class means its table holds
+    (the rest come from its embeddings of the training images); with transform, the old -> new
+    map is fitted on the memory and the new images once the model is trained (rank 0).
     """
     memory = read_memory(state, recipe.replay)
     ranks.agree("the replay memory read", memory.digest)
     distillation = Distillation(init, recipe.distill) if init is not None else None
+    paths = [classes_dir / r.id for r in new] + [e.path for e in memory.exemplars()]
+    names = [r.cls for r in new] + [e.cls for e in memory.exemplars()]
+    influence = None
+    if recipe.compat.mode == "bct" and init is not None:
+        influence = Influence(old_prototypes(init, paths, names, prototypes), recipe.compat)
     result = train_embedder(
         [classes_dir / r.id for r in new],
         [r.cls for r in new],
@@ -85,6 +109,7 @@ def train_continual(
         init=init,
         memory=memory,
         distill=distillation if distillation is not None and distillation.active else None,
+        compat=influence,
         loss_state=load_loss_state(state) if state else None,
         checkpoint_dir=checkpoint_dir,
         on_epoch=on_epoch,
@@ -96,4 +121,7 @@ def train_continual(
     for r in new:
         by_class.setdefault(r.cls, []).append((r.id, classes_dir / r.id))
     memory.add_classes(by_class, featurize=lambda paths: embed_files(result.model, paths))
+    if recipe.compat.mode == "transform" and init is not None:
+        transform, fit = fit_transform(init, result.model, paths, recipe.compat, seed=recipe.train.seed)
+        return ContinualResult(train=result, memory=memory, transform=transform, transform_fit=fit)
     return ContinualResult(train=result, memory=memory)

@@ -9,6 +9,7 @@ alone logs to MLflow and registers. The job directory holds
 
     job.json       what to learn: the new images, the recipe, the saved state and checkpoint dirs
     init.pt        the starting model (the champion), when there is one
+    prototypes.npz the champion's class means from its table (compat.mode bct), when given
     rank-<r>.json  what rank r trained on: the digest of the replay memory it read
     model.pt, result.pt, state/   rank 0's model, TrainResult numbers and state for the next step
 
@@ -28,13 +29,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from components.config import DistillParams, ModelParams, ReplayParams, TrainParams
+from components.config import CompatParams, DistillParams, ModelParams, ReplayParams, TrainParams
 from components.data.catalog import ImageRecord
 from components.modeling.embedder import Embedder, load_embedder, pick_device, save_embedder
+from components.training.compat import TRANSFORM_FILE, Transform
 from components.training.continual import REPLAY_DIR, ContinualResult, Recipe, read_memory, train_continual
 from components.training.loop import NonFiniteLossError, TrainResult
 from components.training.ranks import Ranks
@@ -42,6 +45,8 @@ from components.training.replay import ReplayMemory
 
 JOB_FILE = "job.json"
 INIT_FILE = "init.pt"
+PROTOTYPES_FILE = "prototypes.npz"
+COMPAT_FILE = "compat.json"
 MODEL_FILE = "model.pt"
 RESULT_FILE = "result.pt"
 STATE_DIR = "state"
@@ -57,11 +62,18 @@ class Job:
     recipe: Recipe
     state: Path | None
     checkpoint_dir: Path | None
+    prototypes: dict[str, np.ndarray] | None = None
 
     def write(self, directory: Path, init: Embedder | None) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         if init is not None:
             save_embedder(init, directory / INIT_FILE)
+        if self.prototypes:
+            np.savez(
+                directory / PROTOTYPES_FILE,
+                names=np.array(list(self.prototypes)),
+                vectors=np.stack(list(self.prototypes.values())),
+            )
         spec = {
             "new": [dataclasses.asdict(r) for r in self.new],
             "classes_dir": str(self.classes_dir),
@@ -78,6 +90,10 @@ class Job:
     def read(cls, directory: Path) -> tuple[Job, Embedder | None]:
         spec = json.loads((directory / JOB_FILE).read_text())
         recipe = spec["recipe"]
+        prototypes = None
+        if (directory / PROTOTYPES_FILE).is_file():
+            with np.load(directory / PROTOTYPES_FILE) as saved:
+                prototypes = dict(zip(saved["names"].tolist(), saved["vectors"]))
         job = cls(
             new=[ImageRecord(**r) for r in spec["new"]],
             classes_dir=Path(spec["classes_dir"]),
@@ -86,9 +102,11 @@ class Job:
                 ModelParams.model_validate(recipe["model"]),
                 ReplayParams.model_validate(recipe["replay"]),
                 DistillParams.model_validate(recipe["distill"]),
+                CompatParams.model_validate(recipe["compat"]),
             ),
             state=Path(spec["state"]) if spec["state"] else None,
             checkpoint_dir=Path(spec["checkpoint_dir"]) if spec["checkpoint_dir"] else None,
+            prototypes=prototypes,
         )
         init = load_embedder(directory / INIT_FILE) if (directory / INIT_FILE).is_file() else None
         return job, init
@@ -117,6 +135,7 @@ def run_rank(job_dir: Path) -> None:
             state=job.state,
             checkpoint_dir=job.checkpoint_dir,
             ranks=ranks,
+            prototypes=job.prototypes,
         )
         if ranks.main:
             _write_result(job_dir, step, ranks)
@@ -130,6 +149,7 @@ def _write_result(job_dir: Path, step: ContinualResult, ranks: Ranks) -> None:
     save_embedder(step.train.model, job_dir / MODEL_FILE)
     numbers = {f.name: getattr(step.train, f.name) for f in dataclasses.fields(step.train) if f.name != "model"}
     numbers["device"] = f"{ranks.world} x {step.train.device}"
+    (job_dir / COMPAT_FILE).write_text(json.dumps({"transform_fit": step.transform_fit}) + "\n")
     torch.save(numbers, job_dir / RESULT_FILE)  # last: its presence means the rest is there
 
 
@@ -137,7 +157,13 @@ def read_result(job_dir: Path, recipe: Recipe) -> ContinualResult:
     """Rank 0's result: the trained model, its numbers, and the memory it selected for the next step."""
     numbers = torch.load(job_dir / RESULT_FILE, map_location="cpu", weights_only=True)
     train = TrainResult(model=load_embedder(job_dir / MODEL_FILE), **numbers)
-    return ContinualResult(train=train, memory=ReplayMemory.load(job_dir / STATE_DIR / REPLAY_DIR, recipe.replay))
+    transform = job_dir / STATE_DIR / TRANSFORM_FILE
+    return ContinualResult(
+        train=train,
+        memory=ReplayMemory.load(job_dir / STATE_DIR / REPLAY_DIR, recipe.replay),
+        transform=Transform.load(transform) if transform.is_file() else None,
+        transform_fit=json.loads((job_dir / COMPAT_FILE).read_text())["transform_fit"],
+    )
 
 
 def torchrun_command(job_dir: Path, devices: int) -> list[str]:
@@ -200,16 +226,20 @@ def train_continual_on_devices(
     state: Path | None,
     checkpoint_dir: Path | None,
     job_dir: Path,
+    prototypes: dict[str, np.ndarray] | None = None,
 ) -> ContinualResult:
-    """One continual step on `train.devices` devices: in this process for one (no torchrun), else under torchrun."""
+    """One continual step on `train.devices` devices: in this process for one (no torchrun), else under
+    torchrun. `prototypes`: the champion's class means from its table (compat.mode bct)."""
     if recipe.train.world_size == 1:
-        return train_continual(new, classes_dir, recipe, init=init, state=state, checkpoint_dir=checkpoint_dir)
+        return train_continual(
+            new, classes_dir, recipe, init=init, state=state, checkpoint_dir=checkpoint_dir, prototypes=prototypes
+        )
     if recipe.train.nodes > 1:
         raise ValueError(
             "train.nodes > 1: several nodes run the step as a Kubeflow PyTorchJob (infra/README.md); "
             "the retrain flow launches the devices of one node"
         )
-    Job(list(new), classes_dir, recipe, state, checkpoint_dir).write(job_dir, init)
+    Job(list(new), classes_dir, recipe, state, checkpoint_dir, prototypes).write(job_dir, init)
     launch(job_dir, recipe.train.devices)
     return read_result(job_dir, recipe)
 

@@ -4,7 +4,9 @@ Continual-learning techniques are objects handed to the loop, not copies of it:
 - a ReplayMemory (replay.py) supplies exemplars of old classes, which MixedBatches
   (sampler.py) mixes into every batch at `replay.batch_ratio`;
 - a Distillation (distill.py) adds terms that keep the new embeddings close to the frozen
-  previous model's.
+  previous model's;
+- an Influence (compat.py) adds BCT's term that keeps them searchable among the previous
+  model's vectors (backward-compatible training).
 The loss (and, for proxy losses, one proxy per class name that grows as classes arrive)
 is a MetricLoss (losses.py). The loop checkpoints every epoch and resumes after a crash
 (checkpoints.py); one continual step around it is train_continual (continual.py).
@@ -36,6 +38,7 @@ from components.data.transforms import train_transform
 from components.modeling.embedder import Embedder, build_embedder, pick_device
 from components.ops.failpoints import failpoint
 from components.training.checkpoints import fingerprint, load_checkpoint, save_checkpoint
+from components.training.compat import Influence
 from components.training.distill import Distillation
 from components.training.losses import MetricLoss, class_means
 from components.training.ranks import SINGLE, Ranks
@@ -96,6 +99,7 @@ class _Run:
     forward: Callable[[torch.Tensor], torch.Tensor]  # the model (a DDP replica across ranks), compiled when asked
     metric_loss: MetricLoss
     distill: Distillation | None
+    compat: Influence | None
     sampler: MixedBatches
     loader: DataLoader
     optimizer: torch.optim.Optimizer
@@ -136,6 +140,8 @@ class _Run:
         terms = {"metric_loss": self.metric_loss(embeddings.float(), y, ranks=self.ranks)}
         if self.distill is not None:
             terms |= self.distill(x, embeddings, old=self.old_labels[y], ranks=self.ranks)
+        if self.compat is not None:
+            terms |= self.compat(embeddings, y, ranks=self.ranks)
         loss = sum(terms.values())
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}")
@@ -157,6 +163,7 @@ def _build_run(
     *,
     memory_ratio: float,
     distill: Distillation | None,
+    compat: Influence | None,
     loss_state: dict | None,
     ranks: Ranks = SINGLE,
 ) -> _Run:
@@ -209,6 +216,7 @@ def _build_run(
         forward=forward,
         metric_loss=metric_loss,
         distill=distill.to(device) if distill is not None else None,
+        compat=compat.order(metric_loss.classes).to(device) if compat is not None else None,
         sampler=sampler,
         loader=loader,
         optimizer=optimizer,
@@ -275,12 +283,14 @@ def train_embedder(
     init: Embedder | None = None,
     memory: ReplayMemory | None = None,
     distill: Distillation | None = None,
+    compat: Influence | None = None,
     loss_state: dict | None = None,
     checkpoint_dir: Path | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     ranks: Ranks = SINGLE,
 ) -> TrainResult:
-    """Fine-tune `init` (or a fresh embedder) on new images, replaying `memory`, distilling from `distill`.
+    """Fine-tune `init` (or a fresh embedder) on new images, replaying `memory`, distilling from `distill`,
+    kept searchable among the previous model's vectors by `compat` (BCT's influence loss).
 
     With `checkpoint_dir`, every epoch is checkpointed there and a run of the same
     job (same images, params and starting weights) resumes from the last epoch saved.
@@ -301,6 +311,7 @@ def train_embedder(
             "loss_state": bool(loss_state),
             "distill": distill.params.model_dump() if distill else None,
             "ratio": memory.params.batch_ratio if memory else 0,
+            "compat": compat.params.model_dump() if compat else None,
         },
         init,
     )
@@ -313,6 +324,7 @@ def train_embedder(
         ranks.device(pick_device(params.device)),
         memory_ratio=memory.params.batch_ratio if memory else 0.0,
         distill=distill,
+        compat=compat,
         loss_state=loss_state,
         ranks=ranks,
     )

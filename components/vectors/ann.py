@@ -70,6 +70,17 @@ def retune_ann_index(tbl: lancedb.table.Table, params: IndexParams) -> bool:
     return True
 
 
+def retrain_ann_index(tbl: lancedb.table.Table, params: IndexParams) -> bool:
+    """Train the ANN index afresh on the rows as they are now (a backfill replaced its vectors), and
+    tune its ef; False for a table too small for one (exact search)."""
+    rows = tbl.count_rows()
+    if rows < params.ann_min_rows:
+        return False
+    _train_ann_index(tbl, params, rows)
+    tune_ef(tbl, params)
+    return True
+
+
 def overlap_recall(found: Iterable[Collection], truth: Iterable[Collection]) -> float:
     """Recall@k: the mean share of each query's exact k nearest (a row of `truth`) that its search found."""
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))

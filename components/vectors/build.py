@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import lancedb
+import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -37,11 +38,13 @@ from components.vectors.tables import (
     VALIDATED,
     VECTOR,
     IndexBuildError,
+    compat_from,
     connect,
     drop_old_versions,
     ensure_id_index,
     is_validated,
     list_tables,
+    references_base,
     set_vector_metadata,
     table_name,
     table_schema,
@@ -68,6 +71,8 @@ class IndexBuild:
     removed: tuple[str, ...]  # orphans and tables beyond keep_tables, dropped after the build
     reused: bool  # the version's validated table already existed and was checked, not rewritten
     seconds: float
+    compatible_from: str | None = None  # started from this version's vectors (compat.py), not re-embedded
+    older_rows: int = 0  # rows still embedded by that version's model: what the backfill re-embeds
 
     @property
     def probes_ok(self) -> bool:
@@ -147,10 +152,15 @@ def write_shard(
 
 def commit_shards(ws: Workspace, name: str, dim: int, fragments: Sequence[str]) -> None:
     """Make the shards' fragments the table `name`, all at once: one Lance commit (version 1)."""
+    commit_fragments(ws, name, table_schema(dim), fragments)
+
+
+def commit_fragments(ws: Workspace, name: str, schema: pa.Schema, fragments: Sequence[str]) -> None:
+    """Make written Lance fragments (their metadata as JSON) the table `name` in one commit."""
     import lance
     from lance.fragment import FragmentMetadata
 
-    operation = lance.LanceOperation.Overwrite(table_schema(dim), [FragmentMetadata.from_json(f) for f in fragments])
+    operation = lance.LanceOperation.Overwrite(schema, [FragmentMetadata.from_json(f) for f in fragments])
     lance.LanceDataset.commit(dataset_uri(ws, name), operation)
 
 
@@ -161,7 +171,7 @@ def discard_uncommitted(ws: Workspace, name: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _mark_validated(tbl: lancedb.table.Table, version: str) -> None:
+def mark_validated(tbl: lancedb.table.Table, version: str) -> None:
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     tbl.update_field_metadata({"path": VECTOR, "metadata": {VALIDATED: stamp, MODEL_VERSION: str(version)}})
 
@@ -170,16 +180,29 @@ def cleanup_tables(
     ws: Workspace, params: IndexParams, *, keep: Collection[str], orphans_only: bool = False
 ) -> tuple[str, ...]:
     """Drop orphans (unmarked tables of the prefix) and validated tables beyond the newest
-    `keep_tables`; a table named in `keep` (the champion's, the one just built) always stays."""
+    `keep_tables`; a table named in `keep` (the champion's, the one just built) always stays, and
+    so does every table a retained one was shallow-cloned from while it still reads its files."""
     db = connect(ws)
     ours = {n: v for n in list_tables(db) if (v := table_version(params.table_prefix, n)) is not None}
     validated = [n for n in ours if is_validated(db.open_table(n))]
     newest = validated if orphans_only else sorted(validated, key=ours.__getitem__, reverse=True)[: params.keep_tables]
-    retained = set(keep) | set(newest)
+    retained = _with_bases(db, (set(keep) | set(newest)) & set(ours))
     doomed = sorted(n for n in ours if n not in retained)
     for name in doomed:
         db.drop_table(name, ignore_missing=True)  # type: ignore[call-arg]  # LanceDB's local connection takes it; the base class stub does not
     return tuple(doomed)
+
+
+def _with_bases(db: lancedb.DBConnection, tables: set[str]) -> set[str]:
+    """`tables` and, transitively, the tables any of them still reads files of (compat.py's clones)."""
+    found, todo = set(tables), list(tables)
+    while todo:
+        tbl = db.open_table(todo.pop())
+        origin = compat_from(tbl.schema)
+        if origin and origin["table"] not in found and references_base(tbl):
+            found.add(origin["table"])
+            todo.append(origin["table"])
+    return found
 
 
 def build_table(
@@ -234,7 +257,7 @@ def build_table(
     )
     if not validation.ok:
         raise IndexValidationError(validation)  # left unvalidated: the next build removes it
-    _mark_validated(tbl, version)
+    mark_validated(tbl, version)
     drop_old_versions(tbl, timedelta(0))  # one Lance version left: the validated one
     removed = cleanup_tables(ws, params, keep={*keep, name})
     return IndexBuild(
@@ -269,7 +292,7 @@ def _reuse(
     if not validation.ok:
         raise IndexValidationError(validation)
     if not is_validated(tbl):
-        _mark_validated(tbl, version)
+        mark_validated(tbl, version)
     return IndexBuild(
         table=tbl.name,
         version=str(version),

@@ -32,8 +32,10 @@ from components.vectors.tables import (
     column,
     drop_old_versions,
     ensure_id_index,
+    has_embedded_by,
     ids_present,
     marked_seq,
+    references_base,
     set_vector_metadata,
     vector_metadata,
 )
@@ -77,12 +79,12 @@ def catch_up(
     ensure_id_index(tbl)  # tables built before it had none: built once, then every catch-up uses it
     missing, checked, reached = _missing(tbl, Catalog.load(ws.catalog))
     if missing:
-        _append(tbl, ws, model(), missing, params)
+        _append(tbl, ws, model(), missing, params, str(version) if has_embedded_by(tbl.schema) else None)
         retune_ann_index(tbl, params)  # the index follows the table's size (params.yaml: ann_*)
     if reached is not None and vector_metadata(tbl, CATALOG_SEQ) != reached:  # a write is a new Lance version
         set_vector_metadata(tbl, CATALOG_SEQ, reached)
     if missing:  # readers mid-query keep their version's files
-        _settle(tbl, params)
+        settle(tbl, params)
     seconds = time.perf_counter() - start
     return CatchUp(version=str(version), table=tbl.name, appended=tuple(missing), seconds=seconds, checked=checked)
 
@@ -104,22 +106,34 @@ def _missing(tbl: lancedb.table.Table, catalog: Catalog) -> tuple[list[ImageReco
 
 
 def _append(
-    tbl: lancedb.table.Table, ws: Workspace, model: Embedder, records: Sequence[ImageRecord], params: IndexParams
+    tbl: lancedb.table.Table,
+    ws: Workspace,
+    model: Embedder,
+    records: Sequence[ImageRecord],
+    params: IndexParams,
+    embedded_by: str | None,
 ) -> None:
     """Insert rows whose id the table lacks; merge on `id`, so two racing writers never duplicate one."""
     for chunk in in_chunks(records, params.write_rows):
-        tbl.merge_insert("id").when_not_matched_insert_all().execute(embedded_rows(ws, model, chunk, params.batch_size))
+        rows = embedded_rows(ws, model, chunk, params.batch_size, embedded_by)
+        tbl.merge_insert("id").when_not_matched_insert_all().execute(rows)
         failpoint("catch-up-chunk-written")
 
 
-def _settle(tbl: lancedb.table.Table, params: IndexParams) -> bool:
+def settle(tbl: lancedb.table.Table, params: IndexParams) -> bool:
     """After appends: compact and fold the new rows into the indices (drop_old_versions, which
     rewrites the table's last fragment and its indices: time and memory that grow with the table)
     only once the rows no index covers yet reach `optimize_fraction` of the table, so the rewrite
     is paid once per that much growth, not per arrival. Until then readers scan those few rows
     exactly beside the indices, and only superseded versions past the grace are removed.
-    Returns whether it optimized."""
+    A compatible table still reading its predecessor's files (compat.py) is never optimized: Lance
+    13 cannot merge rows into an index a shallow clone inherited (and a failed attempt leaves the
+    table unsearchable); its new rows are searched exactly until its backfill ends and trains its
+    own index. Returns whether it optimized."""
     grace = timedelta(seconds=params.old_versions_seconds)
+    if references_base(tbl):
+        tbl.cleanup_old_versions(grace)
+        return False
     unindexed = max(
         ((stats.num_unindexed_rows if (stats := tbl.index_stats(i.name)) else 0) for i in tbl.list_indices()),
         default=0,

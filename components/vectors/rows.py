@@ -14,14 +14,17 @@ import pyarrow as pa
 from components.data.catalog import ImageRecord
 from components.evaluation.metrics import unit_rows
 from components.modeling.embedder import Embedder, embed_files
-from components.vectors.tables import VECTOR, table_schema
+from components.vectors.tables import EMBEDDED_BY, VECTOR, table_schema
 from components.workspace import Workspace
 
 
-def embedded_rows(ws: Workspace, model: Embedder, records: Sequence[ImageRecord], batch_size: int) -> pa.Table:
-    """The records' rows: id, class, arrival, role, and the image embedded by `model`."""
+def embedded_rows(
+    ws: Workspace, model: Embedder, records: Sequence[ImageRecord], batch_size: int, embedded_by: str | None = None
+) -> pa.Table:
+    """The records' rows: id, class, arrival, role, and the image embedded by `model`; with
+    `embedded_by` (for a compatible table, which says per row whose model embedded it) that version too."""
     vectors = embed_files(model, [ws.classes_dir / r.id for r in records], batch_size=batch_size)
-    return pa.table(
+    rows = pa.table(
         {
             "id": [r.id for r in records],
             "class": [r.cls for r in records],
@@ -31,6 +34,9 @@ def embedded_rows(ws: Workspace, model: Embedder, records: Sequence[ImageRecord]
         },
         schema=table_schema(model.embedding_dim),
     )
+    if embedded_by is None:
+        return rows
+    return rows.append_column(pa.field(EMBEDDED_BY, pa.string()), pa.array([embedded_by] * len(records), pa.string()))
 
 
 def in_chunks(records: Sequence[ImageRecord], size: int) -> Iterable[Sequence[ImageRecord]]:

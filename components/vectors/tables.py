@@ -7,6 +7,7 @@ field's metadata (which model version wrote its rows, when it passed validation)
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from collections.abc import Iterator
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 
 COLUMNS = ["id", "class", "arrival", "role"]  # role: the image's, train | query | unseen | pending
 VECTOR = "vector"
+# A compatible version's table only (compat.py): the model version that embedded the row; null for a
+# row carried over from the predecessor its COMPAT_FROM mark names. A table without this column holds
+# only rows of the model its MODEL_VERSION mark names.
+EMBEDDED_BY = "embedded_by"
 VALIDATED = "mnemo:validated"  # vector-field metadata: when the table passed validation (UTC)
 MODEL_VERSION = "mnemo:model_version"  # vector-field metadata: the version whose model wrote the rows
 ANN_TRAINED_ROWS = "mnemo:ann_trained_rows"  # vector-field metadata: rows when the ANN index was last trained
@@ -32,6 +37,12 @@ ANN_EF = "mnemo:ann_ef"  # vector-field metadata: the HNSW ef the build found to
 # vector-field metadata: the catalog position the table is complete up to ("seq:hash", Catalog.mark:
 # every image recorded at or before it has its row), so a catch-up reads only the catalog's newer images
 CATALOG_SEQ = "mnemo:catalog_seq"
+# vector-field metadata of a compatible version's table: JSON {"version", "table", "mode"} of the
+# predecessor whose vectors it started from (compat.py), which the gate declared compatible with it
+COMPAT_FROM = "mnemo:compat_from"
+# vector-field metadata of a compatible table under backfill: rows still of the older model after the
+# last batch (the serving graph re-reads the table as it falls)
+BACKFILL_LEFT = "mnemo:backfill_left"
 
 
 # What Lance raises for a data file that is missing, cut short or corrupt: lancedb says
@@ -152,6 +163,38 @@ def marked_seq(tbl: lancedb.table.Table, catalog: Catalog) -> int | None:
     return int(seq) if seq.isdigit() and catalog.mark(int(seq)) == mark else None
 
 
+def has_embedded_by(schema: pa.Schema) -> bool:
+    """Whether the table says per row which model embedded it (a compatible version's table)."""
+    return EMBEDDED_BY in schema.names
+
+
+def older_rows_filter(version: str) -> str:
+    """The rows of a compatible table that its own model (`version`) did not embed yet."""
+    return f"{EMBEDDED_BY} IS NULL OR {EMBEDDED_BY} != '{int(version)}'"
+
+
+def older_rows(tbl: lancedb.table.Table, version: str) -> int:
+    """Rows of the table not embedded by `version`'s model: those a backfill has still to re-embed
+    (0 for a table without the EMBEDDED_BY column: all its rows are its own model's)."""
+    if not has_embedded_by(tbl.schema):
+        return 0
+    return tbl.count_rows(older_rows_filter(version))
+
+
+def compat_from(schema: pa.Schema) -> dict | None:
+    """The predecessor a compatible table started from ({"version", "table", "mode"}); None for any other."""
+    value = (schema.field(VECTOR).metadata or {}).get(COMPAT_FROM.encode())
+    return json.loads(value) if value else None
+
+
+def references_base(tbl: lancedb.table.Table) -> bool:
+    """Whether the table still reads data or index files of the table it was shallow-cloned from
+    (compat.py): that table must then stay, whatever keep_tables says."""
+    ds = tbl.to_lance()
+    in_base = any(f.base_id is not None for fragment in ds.get_fragments() for f in fragment.metadata.files)
+    return in_base or any(i.get("base_id") is not None for i in ds.list_indices())
+
+
 def vector_metadata(tbl: lancedb.table.Table, key: str) -> str | None:
     value = (tbl.schema.field(VECTOR).metadata or {}).get(key.encode())
     return value.decode() if value is not None else None
@@ -181,6 +224,11 @@ def ensure_id_index(tbl: lancedb.table.Table) -> None:
     """A BTree index on the id column (what ids_present looks up), built once per table."""
     if not any(list(i.columns) == ["id"] for i in tbl.list_indices()):
         tbl.create_index("id", config=BTree())
+
+
+def rebuild_id_index(tbl: lancedb.table.Table) -> None:
+    """The id index built afresh, in the table's own files (a shallow clone's inherited one cannot grow)."""
+    tbl.create_index("id", config=BTree(), replace=True)
 
 
 def ids_present(tbl: lancedb.table.Table, ids: list[str], chunk: int = 1000) -> set[str]:
