@@ -130,6 +130,8 @@ class TrainParams(_Section):
     epochs: int = Field(gt=0)
     lr_schedule: Literal["constant", "cosine"]  # cosine: from lr to 0 over the run, per batch
     augment: Literal["crop", "affine"]  # components/data/transforms.py train_transform
+    augment_strength: float = Field(ge=0, le=4)  # scales the augmentation's ranges (1: as documented there)
+    erase: float = Field(ge=0, le=1)  # chance of blanking a random patch (occlusion)
     epoch_length: Literal["groups", "cover"]  # cover: every new image at least once per epoch
     batch_size: int = Field(gt=1)
     m_per_class: int = Field(ge=2)

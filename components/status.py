@@ -13,8 +13,14 @@ from components.data.catalog import Catalog
 from components.data.identity import pending_arrivals
 from components.evaluation import keys
 from components.evaluation.metrics import json_number
-from components.registry.mlflow_registry import SMOKE_TAG, VERDICT_TAG, ModelRegistry, ModelVersionInfo
-from components.vectors.tables import READ_ERRORS, TableDamaged, check_readable, connect, open_table
+from components.registry.mlflow_registry import (
+    COMPATIBLE_TAG,
+    SMOKE_TAG,
+    VERDICT_TAG,
+    ModelRegistry,
+    ModelVersionInfo,
+)
+from components.vectors.tables import READ_ERRORS, TableDamaged, check_readable, connect, older_rows, open_table
 from components.workspace import Workspace
 
 
@@ -35,6 +41,15 @@ class ChampionStatus(VersionStatus):
         description="stored images its table lacks (the next ingest appends them); None when the table is missing"
     )
     damaged: str | None = Field(description="what is damaged (its table missing or unreadable); None when it answers")
+    compatible_from: str | None = Field(
+        default=None,
+        description="the version whose vectors its table started from (a compatible upgrade); None: built whole",
+    )
+    older_rows: int | None = Field(
+        default=None,
+        description="rows of its table still embedded by that older model, which the backfill re-embeds "
+        "(0 once it has finished); None when the table cannot be read",
+    )
 
 
 class ChallengerStatus(VersionStatus):
@@ -114,33 +129,36 @@ def workspace_status(ws: Workspace, registry: ModelRegistry, ingest: IngestParam
 
 
 def _champion(ws: Workspace, champion: ModelVersionInfo, images: int) -> ChampionStatus:
-    rows, damaged = _live_table(ws, champion.table) if champion.table else (None, None)
+    rows, damaged, older = _live_table(ws, champion.table, champion.version) if champion.table else (None, None, None)
     return ChampionStatus(
         version=champion.version,
         table=champion.table,
         table_rows=rows,
         missing_rows=None if rows is None else max(0, images - rows),  # one row per stored image
         damaged=None if damaged is None else ws.redact(damaged),
+        compatible_from=champion.tags.get(COMPATIBLE_TAG),
+        older_rows=older,
         arrivals=champion.arrivals,
         metrics=_metrics(champion),
     )
 
 
-def _live_table(ws: Workspace, table: str) -> tuple[int | None, str | None]:
-    """The table's row count (None when it cannot be counted) and why it cannot answer (None when
-    it can): every data file's footer and first page are read, not its rows (tables.check_readable)."""
+def _live_table(ws: Workspace, table: str, version: str) -> tuple[int | None, str | None, int | None]:
+    """The table's row count (None when it cannot be counted), why it cannot answer (None when it
+    can: every data file's footer and first page are read, not its rows, tables.check_readable), and
+    its rows still of an older model (a compatible upgrade's backfill; None when unreadable)."""
     try:
         tbl = open_table(connect(ws), ws, table)
     except (FileNotFoundError, TableDamaged) as exc:  # missing, or its manifest cannot be read
-        return None, str(exc)
+        return None, str(exc), None
     try:
-        return check_readable(tbl), None
+        return check_readable(tbl), None, older_rows(tbl, version)
     except TableDamaged as exc:
         damaged = str(exc)
     try:
-        return tbl.count_rows(), damaged  # from the table's metadata: a data file cut short still counts
+        return tbl.count_rows(), damaged, None  # from the table's metadata: a data file cut short still counts
     except READ_ERRORS:
-        return None, damaged
+        return None, damaged, None
 
 
 def _metrics(info: ModelVersionInfo) -> dict[str, float | None]:

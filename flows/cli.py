@@ -281,6 +281,11 @@ def _champion_line(champion: ChampionStatus) -> str:
     line = f"v{champion.version} (table {champion.table}, {rows}, {_headline(champion.metrics)})"
     if champion.missing_rows:
         line += f"; {champion.missing_rows} stored image(s) missing from its table (the next ingest appends them)"
+    if champion.compatible_from:
+        left = champion.older_rows
+        line += f"; started from v{champion.compatible_from}'s vectors, " + (
+            "backfill done" if left == 0 else f"{left} row(s) still v{champion.compatible_from}'s (`mnemo backfill`)"
+        )
     return line
 
 
@@ -381,6 +386,30 @@ def reindex(
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
     _emit(asdict(built), as_json, f"v{built.version}: table {built.table} built and validated ({built.rows} rows)")
+
+
+@app.command()
+def backfill(
+    version: Annotated[
+        str | None, typer.Argument(help="The version whose table to backfill (default: the champion's).")
+    ] = None,
+    as_json: JsonOpt = False,
+    workspace: WorkspaceOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Re-embed the rows of a compatible version's table that the older model embedded (the retrain flow
+    starts it after such a promotion; run it again to carry on after a kill). Queries keep answering."""
+    p, ws = _setup(params, workspace)
+    from components.ops.writer_lock import WorkspaceBusy
+    from components.vectors.tables import IndexBuildError, TableDamaged
+    from flows.backfill import backfill as backfill_flow
+
+    try:
+        done = backfill_flow(p, str(ws.root), version)
+    except (LookupError, IndexBuildError, TableDamaged, FileNotFoundError, WorkspaceBusy) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    _emit(done.to_dict(), as_json, done.message)
 
 
 def _read_regular_file(path: Path, limit: int) -> bytes:

@@ -90,7 +90,7 @@ def wait_for_a_worker(address: str, seconds: float) -> None:
         ) from e
 
 
-def _api_for_workers() -> Callable[[], None]:
+def api_for_workers() -> Callable[[], None]:
     """Name this process's Prefect API in the environment the LocalCluster's worker processes
     inherit; returns what puts the environment back. Without a server (PREFECT_API_URL unset)
     Prefect runs a temporary one per process: this process's is started now, so the workers
@@ -125,7 +125,7 @@ def dask_writer(ws: Workspace, params: IndexParams, device: Device = "auto") -> 
             wait_for_a_worker(address, params.dask_wait_seconds)
         model = copy.deepcopy(model).cpu().eval()  # shipped to each task; a GPU worker moves it to its device
         local = not address
-        restore = _api_for_workers() if local else None
+        restore = api_for_workers() if local else None
         parts = shards(records, params, params.dask_workers if local else 1)
 
         @flow(name="reindex-shards", task_runner=task_runner(params, address), log_prints=True)  # type: ignore[arg-type]  # prefect-dask's futures are PrefectFutures

@@ -1,7 +1,10 @@
-"""The retrain flow: ingest pending arrivals -> train -> evaluate -> gate -> register -> index -> promote.
+"""The retrain flow: ingest pending arrivals -> train -> evaluate -> gate -> register -> index -> promote
+(-> backfill).
 
 Each task wraps one component call. A failed or rejected run leaves the live pair
-(the `champion` alias and its table) untouched.
+(the `champion` alias and its table) untouched. A candidate the gate declares compatible with the
+champion goes live on a table started from the champion's vectors (no re-embedding first); the
+backfill flow then re-embeds those rows with the new model while it answers.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from components.data.catalog import Catalog, ImageRecord
 from components.data.inbox import ingest_inbox
 from components.data.ingest import IngestReport
 from components.evaluation.assessment import Assessment, assess
+from components.evaluation.compat import compat_heatmap
 from components.evaluation.forgetting import forgetting_heatmap
 from components.evaluation.gate import GateDecision, gate_markdown, gate_report
 from components.modeling.embedder import Embedder
@@ -27,13 +31,18 @@ from components.ops.failpoints import failpoint
 from components.registry.mlflow_registry import ModelRegistry, ModelVersionInfo
 from components.registry.promotion import Promoter
 from components.training.checkpoints import clear_checkpoints
-from components.training.continual import Recipe
+from components.training.compat import Transform
+from components.training.continual import Recipe, classes_to_learn
 from components.training.distributed import train_continual_on_devices
 from components.training.loop import TrainResult
 from components.training.planning import RetrainSummary, concluded, plan_retrain, skipped
 from components.vectors.build import IndexBuild
+from components.vectors.compat import own_records
+from components.vectors.rows import stored_class_means
 from components.vectors.search import index_smoke_test
+from components.vectors.tables import connect, open_table
 from components.workspace import Workspace, resolve_workspace
+from flows.backfill import backfill
 from flows.ingest import catch_up
 from flows.reindex import row_writer
 from flows.retries import TRANSIENT_RETRIES
@@ -62,14 +71,20 @@ def load_models(
 @task(cache_policy=NO_CACHE)
 def train(
     ws: Workspace, params: Params, new: list[ImageRecord], champion: ModelVersionInfo | None, init: Embedder | None
-) -> tuple[TrainResult, Path]:
-    """Learn the new images with the champion's replay memory and distillation; returns the result and its saved state.
+) -> tuple[TrainResult, Path, Transform | None, dict[str, float]]:
+    """Learn the new images with the champion's replay memory and distillation (and, as `compat.mode`
+    says, compatibility with it); returns the result, its saved state, the old -> new transform when
+    one was fitted, and the step's own metrics.
 
     On `train.devices` > 1 the step runs under torchrun (a job directory in the temporary one); its
     result comes back from rank 0, and only this process registers it.
     """
     with tempfile.TemporaryDirectory(dir=ws.root) as tmp:
         state = ModelRegistry(ws, params.registry).download_state(champion.version, Path(tmp)) if champion else None
+        prototypes = None
+        if params.compat.mode == "bct" and champion is not None and champion.table:  # its classes where it put them
+            table = open_table(connect(ws), ws, champion.table)
+            prototypes = stored_class_means(table, classes_to_learn(new, state, params.replay))
         step = train_continual_on_devices(
             new,
             ws.classes_dir,
@@ -78,8 +93,10 @@ def train(
             state=state,
             checkpoint_dir=ws.root / CHECKPOINTS,
             job_dir=Path(tmp) / "job",
+            prototypes=prototypes,
         )
-        return step.train, step.save_state(Path(tempfile.mkdtemp(prefix="state-", dir=ws.root)))
+        saved = step.save_state(Path(tempfile.mkdtemp(prefix="state-", dir=ws.root)))
+        return step.train, saved, step.transform, step.metrics()
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
@@ -90,8 +107,11 @@ def evaluate(
     candidate: Embedder,
     champion_model: Embedder | None,
     champion: ModelVersionInfo | None,
+    transform: Transform | None,
 ) -> Assessment:
-    """Candidate and champion on the same images, forgetting against every served version, the gate's decision."""
+    """Candidate and champion on the same images, forgetting against every served version, compatibility
+    with the champion and across the kept versions, the gate's decision."""
+    promoter = Promoter(ws, params.registry, params.index, params.train.device)
     return assess(
         ws,
         catalog,
@@ -101,7 +121,9 @@ def evaluate(
         champion=champion_model,
         champion_version=champion.version if champion else None,
         champion_arrivals=champion.arrivals if champion else (),
-        served=ModelRegistry(ws, params.registry).served_history(),
+        served=promoter.registry.served_history(),
+        kept=promoter.kept_versions({champion.version: champion_model} if champion and champion_model else None),
+        transform=transform,
     )
 
 
@@ -116,7 +138,7 @@ def register(
 ) -> ModelVersionInfo:
     info = ModelRegistry(ws, params.registry).log_candidate(
         result.model,
-        params=params.flat("model", "train", "replay", "distill") | result.params(),
+        params=params.flat("model", "train", "replay", "distill", "compat") | result.params(),
         metrics=metrics | result.metrics(),
         epoch_metrics=result.epoch_metrics,
         arrivals=arrivals,
@@ -130,10 +152,18 @@ def register(
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
-def build_index(ws: Workspace, params: Params, version: str, model: Embedder) -> IndexBuild:
-    """The version's table over the whole catalog, validated; raises (and promotes nothing) when it is not right."""
-    return Promoter(ws, params.registry, params.index, params.train.device).reindex(
-        version, model, write=row_writer(ws, params.index, params.train.device)
+def build_index(
+    ws: Workspace, params: Params, version: str, model: Embedder, compatible: bool, transform: Transform | None
+) -> IndexBuild:
+    """The version's validated table: started from the champion's vectors when the gate declared it
+    compatible (and the champion's table can seed it), else built over the whole catalog; raises
+    (and promotes nothing) when it is not right."""
+    return Promoter(ws, params.registry, params.index, params.train.device).table_for(
+        version,
+        model,
+        compatible=compatible,
+        transform=transform,
+        write=row_writer(ws, params.index, params.train.device),
     )
 
 
@@ -142,8 +172,13 @@ def smoke_test(ws: Workspace, params: Params, version: str, built: IndexBuild, d
     """Record the new table, then query it with the model loaded back as users load it (models:/<name>/<version>)."""
     registry = ModelRegistry(ws, params.registry)
     registry.record_index(version, built.table, ann_recall=built.ann_recall)
+    table = open_table(connect(ws), ws, built.table)
     result = index_smoke_test(
-        ws, built.table, registry.load_pyfunc(version), Catalog.load(ws.catalog).records(), params.index
+        ws,
+        built.table,
+        registry.load_pyfunc(version),
+        own_records(table, version, Catalog.load(ws.catalog).records()),  # a compatible table's others: older
+        params.index,
     )
     registry.record_smoke_test(version, result.passed, result.detail)
     return decision.with_check(result.passed, f"index smoke test: {result.detail}")
@@ -160,11 +195,21 @@ def publish_gate(
 ) -> dict:
     """The gate report to the version's MLflow run (JSON, markdown, forgetting heatmap) and as Prefect artifacts."""
     report = gate_report(
-        version, champion.version if champion else None, assessment.metrics, decision, params.gate, assessment.matrix
+        version,
+        champion.version if champion else None,
+        assessment.metrics,
+        decision,
+        params.gate,
+        assessment.matrix,
+        assessment.compat,
     )
     markdown = gate_markdown(report)
     ModelRegistry(ws, params.registry).log_gate(
-        version, report, markdown, forgetting_heatmap(assessment.matrix.labelled(version))
+        version,
+        report,
+        markdown,
+        forgetting_heatmap(assessment.matrix.labelled(version)),
+        compat_heatmap(assessment.compat.labelled(version)) if assessment.compat else None,
     )
     create_markdown_artifact(
         markdown=markdown, key="gate-report", description=f"gate verdict for v{version}: {decision.verdict}"
@@ -202,18 +247,21 @@ def _retrain(params: Params, ws: Workspace) -> RetrainSummary:
     if nothing_to_do is not None:
         return finished(nothing_to_do)  # type: ignore[return-value]  # Prefect unwraps a returned State: callers get its data
 
-    result, state = train(ws, params, plan.new, champion, champion_model)
-    assessment = evaluate(ws, params, catalog, result.model, champion_model, champion)
+    result, state, transform, step_metrics = train(ws, params, plan.new, champion, champion_model)
+    assessment = evaluate(ws, params, catalog, result.model, champion_model, champion, transform)
     decision = assessment.decision
-    candidate = register(ws, params, result, assessment.metrics, plan.arrivals, state)
+    candidate = register(ws, params, result, assessment.metrics | step_metrics, plan.arrivals, state)
     failpoint("registered")
     built = None
     if decision.promote:  # register -> build index -> smoke test -> promote; a failed step promotes nothing
-        built = build_index(ws, params, candidate.version, result.model)
+        built = build_index(ws, params, candidate.version, result.model, decision.compatible, transform)
         decision = smoke_test(ws, params, candidate.version, built, decision)
     publish_gate(ws, params, candidate.version, champion, assessment, decision)
+    backfilled = None
     if decision.promote and built is not None:
         promote(ws, params, candidate.version, built.table)  # catches the table up, then moves the alias
+        if built.older_rows:  # live on the champion's vectors: re-embed them now, answering all along
+            backfilled = backfill(params, str(ws.root), candidate.version)
     summary = concluded(
         catalog,
         champion,
@@ -224,5 +272,6 @@ def _retrain(params: Params, ws: Workspace) -> RetrainSummary:
         decision,
         built,
         time.perf_counter() - start,
+        backfilled,
     )
     return finished(summary)  # type: ignore[return-value]  # Prefect unwraps a returned State: callers get its data

@@ -120,7 +120,7 @@ STAGES = {"ingest": ingest, "train": train, "evaluate": evaluate, "report": repo
 # hands its section to components, which may read any key of it).
 SECTIONS: dict[str, tuple[str, ...]] = {
     "ingest": ("paths", "ingest"),
-    "train": ("model", "train", "replay", "distill"),
+    "train": ("model", "train", "replay", "distill", "compat"),
     "evaluate": ("evaluate",),
     "report": ("evaluate",),
 }

@@ -61,31 +61,48 @@ AUGMENTS = ("crop", "affine")
 
 
 def train_transform(
-    image_size: int, augment: str = "crop", mean: Sequence[float] = MEAN, std: Sequence[float] = STD
+    image_size: int,
+    augment: str = "crop",
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
+    strength: float = 1.0,
+    erase: float = 0.0,
 ) -> v2.Compose:
-    """The training-time augmentation policy named in params (`train.augment`).
+    """The training-time augmentation policy named in params (`train.augment`, `augment_strength`, `erase`).
 
     crop:   random resized crops (75-100% of the area); needs no knowledge of the background,
             suits photos.
     affine: small rotations, shears, shifts and scale changes of the whole image, the gaps
             filled with white: suits dark strokes on a white page (handwriting, glyphs), where
             a crop would cut strokes off and a black fill would draw a frame.
+    `strength` scales every range (1: the ranges above; 0: none); `erase` is the chance that a
+    random patch (2-20% of the image) is blanked to the mean grey after normalising: occlusion.
     """
     if augment == "crop":
-        geometric = [v2.RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True)]
+        low = max(0.05, 1.0 - 0.25 * strength)
+        spread = 0.1 * strength
+        geometric = [v2.RandomResizedCrop(image_size, scale=(low, 1.0), ratio=(1 - spread, 1 + spread), antialias=True)]
     elif augment == "affine":
         # Resize first: the affine warp then costs the same whatever the stored size.
         geometric = [
             v2.Resize((image_size, image_size), antialias=True),
-            v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.85, 1.15), shear=10, fill=255),
+            v2.RandomAffine(
+                degrees=10 * strength,
+                translate=(min(0.1 * strength, 1.0),) * 2,
+                scale=(max(0.05, 1 - 0.15 * strength), 1 + 0.15 * strength),
+                shear=10 * strength,
+                fill=255,
+            ),
         ]
     else:
         raise ValueError(f"unknown augment {augment!r}; choose from {', '.join(AUGMENTS)}")
+    occlusion = [v2.RandomErasing(p=erase, scale=(0.02, 0.2), value=0.0)] if erase > 0 else []
     return v2.Compose(
         [
             v2.PILToTensor(),
             *geometric,
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean, std),
+            *occlusion,
         ]
     )

@@ -1,8 +1,10 @@
 """Evaluation: the candidate and the champion scored on the same images (unseen classes,
-each seen slice, sanity), forgetting against every served version, and the gate's decision.
+each seen slice, sanity), forgetting against every served version, compatibility with the
+champion and the other kept versions, and the gate's decision.
 
-The pieces live in metrics.py (retrieval, pixels, sanity), forgetting.py (slices, matrix)
-and gate.py (the decision and its report); this module puts them together.
+The pieces live in metrics.py (retrieval, pixels, sanity), forgetting.py (slices, matrix),
+compat.py (cross-version retrieval) and gate.py (the decision and its report); this module puts
+them together.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from components.config import EvaluateParams, GateParams
-from components.data.catalog import Catalog
+from components.data.catalog import Catalog, ImageRecord
 from components.evaluation import keys
+from components.evaluation.compat import CompatMatrix, KeptVersion, cross_scores, version_matrix
 from components.evaluation.forgetting import (
     ForgettingMatrix,
     forgetting_matrix,
@@ -25,7 +28,17 @@ from components.evaluation.gate import GateDecision, decide
 from components.evaluation.metrics import few_shot_metrics, pixel_vectors, sanity_metrics, score_vectors
 from components.evaluation.transfer import forward_transfer
 from components.modeling.embedder import Embedder, embed_files
+from components.training.compat import Transform
 from components.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What evaluate_models measured, and the candidate's vectors of the unseen images it measured on."""
+
+    metrics: dict[str, float]
+    unseen: list[ImageRecord]
+    candidate_unseen: np.ndarray
 
 
 def evaluate_models(
@@ -36,6 +49,19 @@ def evaluate_models(
     champion: Embedder | None = None,
     champion_arrivals: Sequence[str] = (),
 ) -> dict[str, float]:
+    """Candidate and champion on the same images: unseen classes, each seen slice, and sanity (see _evaluate)."""
+    return _evaluate(ws, catalog, params, candidate, champion, champion_arrivals).metrics
+
+
+def _evaluate(
+    ws: Workspace,
+    catalog: Catalog,
+    params: EvaluateParams,
+    candidate: Embedder,
+    champion: Embedder | None = None,
+    champion_arrivals: Sequence[str] = (),
+    transform: Transform | None = None,
+) -> Evaluation:
     """Candidate and champion on the same images: unseen classes, each seen slice, and sanity.
 
     Unseen classes are scored among themselves (retrieval and few-shot episodes), next to
@@ -43,8 +69,10 @@ def evaluate_models(
     every stored image, as the live table answers it, so an old class confused with a newer
     one counts as forgetting. The champion is scored only on the slices of arrivals it was
     trained on, and on every class of each arrival it has not learned (forward transfer, from
-    the same vectors). A candidate with non-finite embeddings gets NaN metrics (and a sanity count)
-    instead of an error, so the gate can reject it with a reason.
+    the same vectors); the candidate's queries are scored among the champion's unseen vectors
+    (compat_unseen_*, mapped by `transform` when there is one: backward compatibility).
+    A candidate with non-finite embeddings gets NaN metrics (and a sanity count) instead of an
+    error, so the gate can reject it with a reason.
     """
     ks, bs = params.recall_at, params.batch_size
     records = catalog.records()  # the whole gallery, as the live table holds it (pending classes are distractors)
@@ -76,7 +104,9 @@ def evaluate_models(
         row = {r.id: i for i, r in enumerate(records)}
         new = sorted(set(catalog.arrivals) - set(champion_arrivals))
         metrics |= forward_transfer(ws, catalog, champion, new, params, vectors=lambda rs: xc[[row[r.id] for r in rs]])
-    return metrics
+        gallery = xc[unseen] if transform is None else transform.to_new(xc[unseen])
+        metrics |= cross_scores(x[unseen], gallery, labels[unseen].tolist(), ks)
+    return Evaluation(metrics, [records[i] for i in unseen], x[unseen])
 
 
 @dataclass(frozen=True)
@@ -86,6 +116,7 @@ class Assessment:
     metrics: dict[str, float]
     matrix: ForgettingMatrix
     decision: GateDecision
+    compat: CompatMatrix | None = None  # unseen retrieval across the kept versions and the candidate
 
 
 def assess(
@@ -99,14 +130,24 @@ def assess(
     champion_version: str | None = None,
     champion_arrivals: Sequence[str] = (),
     served: Sequence[tuple[str, Mapping[str, float]]] = (),
+    kept: Sequence[KeptVersion] = (),
+    transform: Transform | None = None,
 ) -> Assessment:
-    """Score candidate and champion on the same images, add forgetting against the served versions, decide.
+    """Score candidate and champion on the same images, add forgetting against the served versions,
+    compatibility across the kept versions, decide.
 
     `served` holds the logged metrics of every version that was ever champion (from the
-    registry), so forgetting is measured against what users actually got.
+    registry), so forgetting is measured against what users actually got; `kept` the versions whose
+    tables are kept; `transform` the candidate's map from the champion's space (compat.mode transform).
     """
-    metrics = evaluate_models(ws, catalog, params, candidate, champion, champion_arrivals)
+    found = _evaluate(ws, catalog, params, candidate, champion, champion_arrivals, transform)
+    metrics = found.metrics
     matrix = forgetting_matrix(served, metrics, champion=champion_version if champion is not None else None)
     metrics |= forgetting_metrics(matrix)
     decision = decide(metrics, (keys.under(metrics, keys.CHAMPION) or None) if champion is not None else None, gate)
-    return Assessment(metrics=metrics, matrix=matrix, decision=decision)
+    compat = (
+        version_matrix(ws, found.unseen, found.candidate_unseen, kept, params.batch_size)
+        if kept and len(found.unseen)
+        else None
+    )
+    return Assessment(metrics=metrics, matrix=matrix, decision=decision, compat=compat)

@@ -14,6 +14,7 @@ import numpy as np
 from components.data.catalog import Catalog, ImageRecord
 from components.evaluation import keys
 from components.evaluation.metrics import json_number
+from components.evaluation.plots import annotated_heatmap, version_label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -124,23 +125,12 @@ def forgetting_metrics(matrix: ForgettingMatrix) -> dict[str, float]:
 
 def forgetting_heatmap(matrix: ForgettingMatrix, title: str = "seen-class Recall@1 per arrival slice") -> Figure:
     """The matrix as a heatmap (rows: versions, columns: slices), each cell annotated."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI
-
-    fig = Figure(figsize=(max(4.0, 1.1 * len(matrix.slices) + 2.5), max(2.5, 0.5 * len(matrix.versions) + 1.5)))
-    ax = fig.add_subplot()
-    if not matrix.slices:
-        ax.text(0.5, 0.5, "no seen-class slice scored yet", ha="center", va="center")
-        ax.set_axis_off()
-        return fig
-    image = ax.imshow(np.ma.masked_invalid(matrix.values), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(matrix.slices)), matrix.slices, rotation=30, ha="right")
-    ax.set_yticks(range(len(matrix.versions)), [v if not v.isdigit() else f"v{v}" for v in matrix.versions])
-    for (i, j), v in np.ndenumerate(matrix.values):
-        if not np.isnan(v):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
-    ax.set_xlabel("arrival slice")
-    ax.set_ylabel("model version")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    return fig
+    return annotated_heatmap(
+        matrix.values,
+        [version_label(v) for v in matrix.versions],
+        matrix.slices,
+        xlabel="arrival slice",
+        ylabel="model version",
+        title=title,
+        empty="no seen-class slice scored yet",
+    )

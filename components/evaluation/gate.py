@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from components.config import GateParams
 from components.evaluation import keys
+from components.evaluation.compat import CompatMatrix, compatibility
 from components.evaluation.forgetting import ForgettingMatrix
 from components.evaluation.metrics import json_number
 
@@ -22,6 +23,9 @@ class GateDecision:
     promote: bool
     reasons: list[str] = field(default_factory=list)  # every check, passed or not, in order
     failed: list[str] = field(default_factory=list)  # the reasons that reject
+    # Declared compatible with the champion (BCT's criterion, compat.py): it may go live on the
+    # champion's vectors. Says how, not whether: a rejected candidate goes nowhere either way.
+    compatible: bool = False
 
     @property
     def verdict(self) -> str:
@@ -102,6 +106,9 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
     if champion is None:
         reasons.append("no champion: change thresholds skipped")
         return GateDecision(promote=not failed, reasons=reasons, failed=failed)
+    compat = compatibility(candidate, gate.min_compat_gain)
+    if compat is not None:
+        reasons.append(compat.reason)
     r1_key = keys.unseen("recall_at_1")
     r1, before = _number(candidate, r1_key), _number(champion, r1_key)
     if math.isnan(before):
@@ -125,7 +132,9 @@ def decide(candidate: dict[str, float], champion: dict[str, float] | None, gate:
     elif not over:
         s, f = max(forgetting.items(), key=lambda kv: kv[1])
         reasons.append(f"largest forgetting {f:+.4f} (slice {s}) is within {allowed:.4f}")
-    return GateDecision(promote=not failed, reasons=reasons, failed=failed)
+    return GateDecision(
+        promote=not failed, reasons=reasons, failed=failed, compatible=compat is not None and compat.compatible
+    )
 
 
 def _forward_transfer(
@@ -159,8 +168,10 @@ def gate_report(
     decision: GateDecision,
     gate: GateParams,
     matrix: ForgettingMatrix,
+    compat: CompatMatrix | None = None,
 ) -> dict:
-    """The gate's verdict as plain JSON: metrics side by side, deltas, thresholds, forgetting, reasons."""
+    """The gate's verdict as plain JSON: metrics side by side, deltas, thresholds, forgetting, reasons,
+    compatibility with the champion (and across the kept versions: `compat`)."""
     side_by_side = {}
     for key in sorted(k for k in metrics if keys.is_scored(k)):
         mine, theirs = metrics[key], metrics.get(keys.champion(key))
@@ -186,6 +197,29 @@ def gate_report(
         "forward_transfer": {
             s: {k: json_number(v) for k, v in sorted(m.items())} for s, m in keys.transfer_values(metrics).items()
         },
+        "compatibility": _compatibility_section(metrics, decision, candidate_version, compat),
+    }
+
+
+def _compatibility_section(
+    metrics: Mapping[str, float], decision: GateDecision, candidate: str, compat: CompatMatrix | None
+) -> dict | None:
+    """new/new, old/old and cross unseen scores, the verdict, the cross-version matrix; None without a champion."""
+    cross = keys.under(metrics, keys.key(keys.COMPAT, keys.UNSEEN))
+    if not cross:
+        return None
+    scored = {
+        "new/new": keys.under(metrics, keys.UNSEEN),
+        "old/old": keys.under(metrics, keys.key(keys.CHAMPION, keys.UNSEEN)),
+        "cross": cross,
+    }
+    return {
+        "compatible": decision.compatible,
+        "unseen": {
+            pair: {m: json_number(values.get(m)) for m in ("recall_at_1", "map_at_r")}
+            for pair, values in scored.items()
+        },
+        "matrix": compat.labelled(candidate).as_dict() if compat is not None else None,
     }
 
 
@@ -226,5 +260,19 @@ def gate_markdown(report: Mapping) -> str:
         lines += ["", "## Forward transfer (the champion on each new arrival, before training on it)", ""]
         lines += ["| arrival | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
         lines += [f"| {s} | " + " | ".join(_cell(m.get(t)) for t in tasks) + " |" for s, m in transfer.items()]
+    compat = report.get("compatibility")
+    if compat:
+        said = (
+            "compatible: promoted on the champion's vectors, then backfilled"
+            if compat["compatible"]
+            else ("not compatible: its table is built whole before it goes live")
+        )
+        lines += ["", f"## Compatibility with the champion ({said})", "", "| queries / gallery | R@1 | MAP@R |"]
+        lines += ["|---|---:|---:|"]
+        names = {"new/new": "candidate / candidate", "old/old": "champion / champion", "cross": "candidate / champion"}
+        lines += [
+            f"| {names[pair]} | {_cell(v['recall_at_1'])} | {_cell(v['map_at_r'])} |"
+            for pair, v in compat["unseen"].items()
+        ]
     lines += ["", "## Thresholds", "", "```json", json.dumps(report["thresholds"], indent=1), "```", ""]
     return "\n".join(lines)

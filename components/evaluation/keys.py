@@ -7,6 +7,8 @@ reports and on the page. Built and parsed here, and only here.
   baseline_<key>           raw pixels on the same images
   forgetting_<slice>       the best seen Recall@1 an earlier served version had on the slice, minus the candidate's
   transfer_<slice>_<metric>  the champion, before any training on it, on every class a new arrival brought
+  compat_<key>             the candidate's queries among the champion's vectors (mapped by the candidate's
+                           transform, if it has one) on the same images as <key>: backward compatibility
 
 <metric> is recall_at_<K>, map_at_r, r_precision or <N>way_<K>shot[_within_arrival]; <slice> is
 an arrival id as metric names allow it (slice_key).
@@ -24,6 +26,7 @@ CHAMPION: Final = "champion"
 BASELINE: Final = "baseline"
 FORGETTING: Final = "forgetting"
 TRANSFER: Final = "transfer"
+COMPAT: Final = "compat"
 FORGETTING_METRIC: Final = "recall_at_1"  # the seen-class metric forgetting is measured on
 
 
@@ -51,6 +54,10 @@ def champion(k: str) -> str:
 
 def baseline(k: str) -> str:
     return key(BASELINE, k)
+
+
+def compat(k: str) -> str:
+    return key(COMPAT, k)
 
 
 def forgetting(slice_: str) -> str:

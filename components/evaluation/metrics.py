@@ -68,13 +68,16 @@ def retrieval_metrics(
     ks: Sequence[int] = (1, 5, 10),
     *,
     queries: Sequence[int] | np.ndarray | None = None,
+    gallery: np.ndarray | None = None,
     chunk: int | None = None,
     device: str | torch.device = "cpu",
 ) -> RetrievalMetrics:
     """Exact Recall@K, MAP@R and R-precision by cosine similarity.
 
     Every row is in the gallery; `queries` (row indices, default: every row) are the images
-    that search it, each leaving itself out. Scoring one arrival's held-out queries against
+    that search it, each leaving itself out. With `gallery` (the same images, row for row, as
+    another model embedded them) the queries' vectors search those instead: one model's queries
+    among another's stored vectors, as a compatible upgrade answers them. Scoring one arrival's held-out queries against
     every stored image is how the live table answers them, so a class confused with a newer
     one counts. Brute force over query blocks (`chunk` rows, by default sized to keep one
     block of similarities near 256 MiB) so memory stays bounded for a 100k-image gallery.
@@ -85,6 +88,12 @@ def retrieval_metrics(
     if not torch.isfinite(x).all():
         raise ValueError("embeddings contain NaN or infinite values")
     x = torch.nn.functional.normalize(x, dim=1)
+    g = x
+    if gallery is not None:
+        g = torch.as_tensor(np.asarray(gallery), dtype=torch.float32, device=device)
+        if g.shape[0] != len(x) or not torch.isfinite(g).all():
+            raise ValueError(f"need a finite gallery of {len(x)} rows, got shape {tuple(g.shape)}")
+        g = torch.nn.functional.normalize(g, dim=1)
     _, codes = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
     y = torch.as_tensor(codes, device=device)
     n = len(y)
@@ -97,7 +106,7 @@ def retrieval_metrics(
     ranks = torch.arange(1, depth + 1, device=device)
     for start in range(0, len(asked), chunk):
         q = asked[start : start + chunk]
-        sims = x[q] @ x.T
+        sims = x[q] @ g.T
         sims[torch.arange(len(q), device=device), q] = -torch.inf  # a query never retrieves itself
         order = sims.topk(depth, dim=1).indices
         rel = (y[order] == y[q, None]).float()

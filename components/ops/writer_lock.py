@@ -28,6 +28,9 @@ from filelock import FileLock, Timeout
 from components.workspace import Workspace
 
 LOCK_FILE = ".writer.lock"  # under the workspace root
+# A backfill (components/vectors/backfill.py) writes only rows of the live table, as catch-ups do, so
+# it runs beside retrains and promotions; its own lock keeps it to one backfill per workspace.
+BACKFILL_LOCK_FILE = ".backfill.lock"
 
 
 class WorkspaceBusy(RuntimeError):
@@ -37,18 +40,19 @@ class WorkspaceBusy(RuntimeError):
 _guard = threading.Lock()  # taking or leaving the lock and writing its holder, one thread at a time
 
 
-def holder(ws: Workspace) -> dict | None:
+def holder(ws: Workspace, lock_file: str = LOCK_FILE) -> dict | None:
     """Who holds (or last held) the lock, as written by it: what, pid, host, since; None if never taken."""
     try:
-        return json.loads((ws.root / LOCK_FILE).read_text() or "null")
+        return json.loads((ws.root / lock_file).read_text() or "null")
     except (OSError, json.JSONDecodeError):
         return None
 
 
 @contextmanager
-def writer_lock(ws: Workspace, what: str) -> Iterator[None]:
-    """Hold the workspace's writer lock for the block, or raise WorkspaceBusy naming the holder."""
-    path = ws.root / LOCK_FILE
+def writer_lock(ws: Workspace, what: str, lock_file: str = LOCK_FILE) -> Iterator[None]:
+    """Hold the workspace's writer lock (or another of its locks: `lock_file`) for the block, or raise
+    WorkspaceBusy naming the holder."""
+    path = ws.root / lock_file
     with _guard:
         ws.root.mkdir(parents=True, exist_ok=True)
         # One lock object per file in this process, shared by its threads: nested steps of one writer
@@ -57,7 +61,7 @@ def writer_lock(ws: Workspace, what: str) -> Iterator[None]:
         try:
             lock.acquire(blocking=False)
         except Timeout:
-            raise WorkspaceBusy(_busy_message(ws, what)) from None
+            raise WorkspaceBusy(_busy_message(ws, what, lock_file)) from None
         if lock.lock_counter == 1:  # taken now, not again: say who holds it
             since = datetime.now(UTC).isoformat(timespec="seconds")
             with open(path, "r+") as fh:
@@ -70,8 +74,8 @@ def writer_lock(ws: Workspace, what: str) -> Iterator[None]:
             lock.release()
 
 
-def _busy_message(ws: Workspace, what: str) -> str:
-    found = holder(ws) or {}
+def _busy_message(ws: Workspace, what: str, lock_file: str) -> str:
+    found = holder(ws, lock_file) or {}
     who = (
         f"{found.get('what', 'another writer')} (pid {found.get('pid', '?')} on {found.get('host', '?')}, "
         f"since {found.get('since', '?')})"

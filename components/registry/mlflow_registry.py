@@ -30,6 +30,7 @@ from components.modeling.embedder import Embedder, save_embedder
 from components.modeling.pyfunc import DEVICE_CONFIG, ENTRY_POINT, WEIGHTS_ARTIFACT, signature
 from components.registry.promotion_log import PromotionLog
 from components.registry.sqlite_store import open_store
+from components.training.compat import TRANSFORM_FILE, Transform
 from components.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -50,7 +51,9 @@ GIT_COMMIT_TAG = "git_commit"
 GATE_REPORT = "gate/report.json"  # run artifacts: the gate report (JSON, markdown) and the forgetting heatmap
 GATE_MARKDOWN = "gate/report.md"
 GATE_HEATMAP = "gate/forgetting.png"
+GATE_COMPAT_HEATMAP = "gate/compatibility.png"  # unseen Recall@1 across the kept versions
 STATE_ARTIFACT = "continual"  # the run artifact folder holding the continual-learning state
+COMPATIBLE_TAG = "compatible_with"  # the version whose vectors this one went live on (compat.py)
 
 # What the logged model needs to run on its own, pinned at the versions installed here (the
 # set constraints.txt pins and the tests ran with), read from the environment so they never drift.
@@ -288,14 +291,29 @@ class ModelRegistry:
         self.set_tag(version, SMOKE_TAG, "passed" if passed else "failed")
         self.set_tag(version, SMOKE_DETAIL_TAG, detail[:5000])
 
-    def log_gate(self, version: str, report: dict, markdown: str, heatmap: Figure | None = None) -> None:
-        """The gate report (JSON + markdown) and the forgetting heatmap on the version's run; the verdict as a tag."""
+    def log_gate(
+        self,
+        version: str,
+        report: dict,
+        markdown: str,
+        heatmap: Figure | None = None,
+        compat_heatmap: Figure | None = None,
+    ) -> None:
+        """The gate report (JSON + markdown), the forgetting and compatibility heatmaps on the version's
+        run; the verdict as a tag."""
         run_id = self.get(version).run_id
         self.client.log_dict(run_id, report, GATE_REPORT)
         self.client.log_text(run_id, markdown, GATE_MARKDOWN)
-        if heatmap is not None:
-            self.client.log_figure(run_id, heatmap, GATE_HEATMAP, save_kwargs={"dpi": 120})
+        for figure, path in ((heatmap, GATE_HEATMAP), (compat_heatmap, GATE_COMPAT_HEATMAP)):
+            if figure is not None:
+                self.client.log_figure(run_id, figure, path, save_kwargs={"dpi": 120})
         self.set_tag(version, VERDICT_TAG, report["verdict"])
+
+    def log_backfill(self, version: str, rows: int, remaining: int) -> None:
+        """The backfill's progress on the version's run: rows still of the older model, stepped by
+        the rows re-embedded so far (a resumed backfill carries on the same curve)."""
+        run_id = self.get(version, with_metrics=False).run_id
+        self.client.log_metric(run_id, "backfill_rows_remaining", remaining, step=rows - remaining)
 
     def gate_report(self, version: str) -> dict | None:
         """The gate report logged for a version; None when it has none."""
@@ -337,6 +355,15 @@ class ModelRegistry:
         if not any(f.path == STATE_ARTIFACT for f in self.client.list_artifacts(run_id)):
             return None
         return Path(self.client.download_artifacts(run_id, STATE_ARTIFACT, str(dst)))
+
+    def load_transform(self, version: str) -> Transform | None:
+        """The version's map from its predecessor's vectors (compat.mode transform); None when it has none."""
+        run_id = self.get(version).run_id
+        path = f"{STATE_ARTIFACT}/{TRANSFORM_FILE}"
+        if not any(f.path == path for f in self.client.list_artifacts(run_id, STATE_ARTIFACT)):
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return Transform.load(Path(self.client.download_artifacts(run_id, path, tmp)))
 
     def load_pyfunc(self, version: str, model_config: dict[str, str] | None = None) -> PyFuncModel:
         """The logged model exactly as an outside user would load it (`model_config`: e.g. its device)."""

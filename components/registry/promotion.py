@@ -12,18 +12,22 @@ the whole catalog; `catch_up` brings the live table level with the catalog
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 from mlflow.exceptions import MlflowException
 
 from components.config import Device, IndexParams, RegistryParams
 from components.data.catalog import Catalog
 from components.data.inbox import inbox_lock
+from components.evaluation.compat import KeptVersion
 from components.modeling.embedder import Embedder, pick_device
 from components.ops.writer_lock import writer_lock
 from components.registry.mlflow_registry import (
     CHAMPION,
+    COMPATIBLE_TAG,
     INDEX_VALIDATED_TAG,
     SMOKE_DETAIL_TAG,
     SMOKE_TAG,
@@ -32,19 +36,27 @@ from components.registry.mlflow_registry import (
     ModelVersionInfo,
 )
 from components.registry.promotion_log import MoveKind, PromotionEntry, previous_champion
+from components.training.compat import Transform
 from components.vectors.build import IndexBuild, RowWriter, build_table, check_writable
 from components.vectors.catch_up import CatchUp, catch_up
+from components.vectors.compat import NotCompatible, start_compatible_table
+from components.vectors.rows import stored_vectors
 from components.vectors.tables import (
     TableDamaged,
     authorship_problem,
     check_readable,
     connect,
     is_validated,
+    list_tables,
     open_table,
     table_name,
+    table_version,
+    written_by,
 )
 from components.vectors.validate import verify_table
 from components.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 
 class PromotionRefused(RuntimeError):
@@ -258,6 +270,60 @@ class Promoter:
                 device=self.device,
             )
 
+    def table_for(
+        self,
+        version: str,
+        model: Embedder,
+        *,
+        compatible: bool,
+        transform: Transform | None = None,
+        write: RowWriter | None = None,
+    ) -> IndexBuild:
+        """The validated table `version` may go live on: started from the champion's vectors when the
+        gate declared it `compatible` (vectors/compat.py; mapped by `transform`, if it has one) and
+        the champion's table can seed it, else built whole over the catalog (reindex), as before."""
+        champion = self.registry.champion() if compatible else None
+        if champion is not None and champion.table:
+            try:
+                with writer_lock(self.ws, f"start v{version} on v{champion.version}'s vectors"):
+                    tables = {t for v in self.registry.aliases().values() if (t := self.registry.get(v).table)}
+                    built = start_compatible_table(
+                        self.ws,
+                        self.index,
+                        version,
+                        model.to(pick_device(self.device)).eval(),
+                        (champion.version, champion.table),
+                        Catalog.load(self.ws.catalog).records(),
+                        transform=transform,
+                        keep=tables,
+                    )
+                self.registry.set_tag(version, COMPATIBLE_TAG, champion.version)
+                return built
+            except NotCompatible as exc:
+                log.warning("v%s is compatible, but %s: building its table whole", version, exc)
+        return self.reindex(version, model, write)
+
+    def kept_versions(self, loaded: Mapping[str, Embedder] | None = None) -> list[KeptVersion]:
+        """The versions whose validated tables are kept (the rollback targets), oldest first: each
+        one's model (`loaded`, else loaded from the registry when asked for) and stored vectors."""
+        db, loaded = connect(self.ws), dict(loaded or {})
+        kept = []
+        for name in list_tables(db):
+            if table_version(self.index.table_prefix, name) is None:
+                continue
+            try:
+                tbl = open_table(db, self.ws, name)
+            except (FileNotFoundError, TableDamaged):
+                continue
+            version = written_by(tbl)
+            if version is None or not is_validated(tbl):
+                continue
+            model = (
+                partial(_given, loaded[version]) if version in loaded else partial(self.registry.load_embedder, version)
+            )
+            kept.append(KeptVersion(version, model=model, stored=partial(stored_vectors, tbl)))
+        return sorted(kept, key=lambda k: int(k.version))
+
     def catch_up(self) -> CatchUp:
         """The live table caught up with the catalog: every stored image it lacks, embedded by the
         champion's model, appended (components/vectors/catch_up.py).
@@ -275,3 +341,7 @@ class Promoter:
     def _model(self, version: str) -> Callable[[], Embedder]:
         """The version's network as the registry holds it, loaded when called (only when rows are missing)."""
         return lambda: self.registry.load_embedder(version).to(pick_device(self.device))
+
+
+def _given(model: Embedder) -> Embedder:
+    return model

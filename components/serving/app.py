@@ -171,6 +171,7 @@ def _live_payload(pair: LivePair) -> dict[str, Any]:
         "model_version": pair.version,
         "table": pair.table_name,
         "rows": pair.rows(),
+        "older_rows": pair.older_rows(),  # still the older compatible model's: what its backfill has left
         "since": pair.since.isoformat(timespec="seconds"),
         "runtime": pair.forward.runtime,  # what runs the model (serve.runtime; PyTorch where an export was refused)
     }

@@ -91,6 +91,11 @@ class LivePair:
         with self._reading():
             return self.table.count_rows()
 
+    def older_rows(self) -> int:
+        """Rows of the table still embedded by an older, compatible model (a backfill re-embeds them)."""
+        with self._reading():
+            return self.table.older_rows(self.version)
+
     def row(self, image_id: str) -> dict[str, Any] | None:
         """The table's row of one stored image (TableReader.row); None when the table lacks it."""
         with self._reading():

@@ -60,7 +60,7 @@ class Influence(nn.Module):
     """BCT's influence loss: the batch's new embeddings classified by the old model's frozen prototypes.
 
     `order(classes)` lays the prototypes out in the training loop's label order (its MetricLoss's
-    classes); a label without a prototype is left out of the loss.
+    classes); a class without a prototype is left out of the loss, as a label and as a candidate.
     """
 
     def __init__(self, prototypes: Mapping[str, np.ndarray], params: CompatParams) -> None:
@@ -88,6 +88,7 @@ class Influence(nn.Module):
         if not bool(keep.any()):
             return {"compat_influence": embeddings.new_zeros(())}
         logits = F.normalize(embeddings[keep].float(), dim=1) @ self.prototypes.T / self.params.temperature
+        logits = logits.masked_fill(~self.has_prototype, float("-inf"))  # a class the old model never placed
         loss = self.params.influence_weight * F.cross_entropy(logits, labels[keep])
         return {"compat_influence": loss * ranks.world if ranks.distributed else loss}
 
@@ -131,14 +132,11 @@ class Transform(nn.Module):
         return transform.eval()
 
 
-def fit_transform(
-    old: Embedder, new: Embedder, paths: Sequence[Path], params: CompatParams, seed: int = 0
-) -> tuple[Transform, float]:
-    """The old -> new map fitted on `paths` (images both models embed), and its mean cosine
-    similarity to the new model's vectors on them: 1 - cos, full-batch Adam, `transform_epochs` steps."""
+def fit_transform(old: np.ndarray, new: np.ndarray, params: CompatParams, seed: int = 0) -> tuple[Transform, float]:
+    """The old -> new map fitted on the same images' vectors by both models (row for row), and its
+    mean cosine similarity to the new vectors on them: 1 - cos, full-batch Adam, `transform_epochs` steps."""
     torch.manual_seed(seed)
-    x = torch.from_numpy(embed_files(old, paths))
-    y = torch.from_numpy(embed_files(new, paths))
+    x, y = torch.from_numpy(np.asarray(old, dtype=np.float32)), torch.from_numpy(np.asarray(new, dtype=np.float32))
     transform = Transform(x.shape[1], y.shape[1], params.transform_hidden)
     optimizer = torch.optim.Adam(transform.parameters(), lr=params.transform_lr)
     for _ in range(params.transform_epochs):

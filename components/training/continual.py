@@ -70,6 +70,11 @@ def read_memory(state: Path | None, params: ReplayParams) -> ReplayMemory:
     return ReplayMemory(params)
 
 
+def classes_to_learn(new: Sequence[ImageRecord], state: Path | None, params: ReplayParams) -> list[str]:
+    """Every class one step trains on: the new images' and the saved memory's."""
+    return sorted({r.cls for r in new} | {e.cls for e in read_memory(state, params).exemplars()})
+
+
 def train_continual(
     new: Sequence[ImageRecord],
     classes_dir: Path,
@@ -122,6 +127,7 @@ def train_continual(
         by_class.setdefault(r.cls, []).append((r.id, classes_dir / r.id))
     memory.add_classes(by_class, featurize=lambda paths: embed_files(result.model, paths))
     if recipe.compat.mode == "transform" and init is not None:
-        transform, fit = fit_transform(init, result.model, paths, recipe.compat, seed=recipe.train.seed)
+        old, fresh = embed_files(init, paths), embed_files(result.model, paths)  # the images both models embedded
+        transform, fit = fit_transform(old, fresh, recipe.compat, seed=recipe.train.seed)
         return ContinualResult(train=result, memory=memory, transform=transform, transform_fit=fit)
     return ContinualResult(train=result, memory=memory)

@@ -99,7 +99,6 @@ class _Run:
     forward: Callable[[torch.Tensor], torch.Tensor]  # the model (a DDP replica across ranks), compiled when asked
     metric_loss: MetricLoss
     distill: Distillation | None
-    compat: Influence | None
     sampler: MixedBatches
     loader: DataLoader
     optimizer: torch.optim.Optimizer
@@ -109,6 +108,7 @@ class _Run:
     )  # which labels are old classes (those the memory replays): where `embedding_on: old` distils
     device: torch.device
     ranks: Ranks = SINGLE
+    compat: Influence | None = None  # BCT's influence term (compat.py); None: not trained for compatibility
 
     @property
     def on_gpu(self) -> bool:
@@ -185,7 +185,9 @@ def _build_run(
     ranks.broadcast_params(metric_loss)
 
     dataset = ImageFiles(
-        paths, metric_loss.labels(names), train_transform(model.image_size, params.augment, model.mean, model.std)
+        paths,
+        metric_loss.labels(names),
+        train_transform(model.image_size, params.augment, model.mean, model.std, params.augment_strength, params.erase),
     )
     sampler = MixedBatches(
         dataset.labels[:n_new],

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from components.data.catalog import Catalog, ImageRecord
 from components.evaluation.gate import GateDecision
 from components.registry.mlflow_registry import ModelVersionInfo
+from components.vectors.backfill import BackfillProgress
 from components.vectors.build import IndexBuild
 
 RetrainStatus = Literal["promoted", "rejected", "nothing_new", "insufficient_data"]
@@ -78,6 +79,8 @@ class RetrainSummary:
     reasons: list[str] = field(default_factory=list)
     ingested: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    compatible_from: str | None = None  # went live on this version's vectors (a compatible upgrade)
+    backfill: dict | None = None  # the backfill that followed: rows, remaining, done, seconds, ...
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,8 +117,10 @@ def concluded(
     decision: GateDecision,
     built: IndexBuild | None,
     seconds: float,
+    backfilled: BackfillProgress | None = None,
 ) -> RetrainSummary:
-    """The summary of a run that trained `candidate`: promoted with its table, or rejected with the failed checks."""
+    """The summary of a run that trained `candidate`: promoted with its table (on the champion's vectors,
+    then backfilled, when compatible), or rejected with the failed checks."""
     summary = RetrainSummary(
         status="rejected",
         message="",
@@ -131,6 +136,12 @@ def concluded(
     if decision.promote and built is not None:
         summary.status, summary.table = "promoted", built.table
         summary.message = f"v{candidate} promoted to champion with table {built.table} ({built.rows} rows)"
+        if built.compatible_from:
+            summary.compatible_from = built.compatible_from
+            summary.message += f", started from v{built.compatible_from}'s vectors"
+        if backfilled is not None:
+            summary.backfill = backfilled.to_dict()
+            summary.message += f"; backfill: {backfilled.message}"
     else:
         summary.message = f"v{candidate} rejected by the gate ({'; '.join(decision.failed)}); champion unchanged"
     return summary

@@ -16,8 +16,9 @@ it reads none of the predecessor's files.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import lancedb
@@ -36,7 +37,9 @@ from components.vectors.tables import (
     drop_old_versions,
     older_rows,
     older_rows_filter,
+    references_base,
     set_vector_metadata,
+    sql_strings,
 )
 from components.workspace import Workspace
 
@@ -58,6 +61,22 @@ class BackfillProgress:
     @property
     def finished(self) -> bool:
         return self.remaining == 0
+
+    @property
+    def state_name(self) -> str:
+        """The name a backfill flow run ends in."""
+        if self.stopped is not None:
+            return "Backfill stopped"
+        return "Backfilled" if self.done else "Nothing to backfill"
+
+    @property
+    def message(self) -> str:
+        head = f"table {self.table}: {self.done} row(s) re-embedded by v{self.version} in {self.seconds:.1f} s"
+        if self.stopped is not None:
+            return f"{head}; stopped ({self.stopped}), {self.remaining} of {self.rows} rows still of the older model"
+        if not self.done:
+            return f"table {self.table} holds only v{self.version}'s rows: nothing to backfill"
+        return f"{head}; every one of its {self.rows} rows is v{self.version}'s now"
 
     def to_dict(self) -> dict:
         return {
@@ -96,9 +115,8 @@ def pending_batches(
 
 
 def _arrival_filters(arrivals: Sequence[str]) -> Iterator[str]:
-    quoted = ["'" + a.replace("'", "''") + "'" for a in arrivals]
-    yield from (f"arrival = {q}" for q in quoted)
-    yield f"arrival NOT IN ({', '.join(quoted)})" if quoted else "TRUE"
+    yield from (f"arrival = {sql_strings([a])}" for a in arrivals)
+    yield f"arrival NOT IN ({sql_strings(arrivals)})" if arrivals else "TRUE"
 
 
 def embed_batch(
@@ -132,3 +150,42 @@ def progress(tbl: lancedb.table.Table, version: str) -> BackfillProgress:
     return BackfillProgress(
         version=str(version), table=tbl.name, rows=tbl.count_rows(), remaining=older_rows(tbl, version)
     )
+
+
+def run_backfill(
+    ws: Workspace,
+    params: IndexParams,
+    tbl: lancedb.table.Table,
+    version: str,
+    *,
+    rows: int,
+    parallel: int,
+    embed: Callable[[list[list[ImageRecord]]], Iterable[pa.Table]],
+    stop: Callable[[], str | None],
+    report: Callable[[BackfillProgress], None],
+) -> BackfillProgress:
+    """Re-embed every row of `tbl` its model (`version`) has not embedded, `rows` at a time, newest
+    arrivals first, until none is left or `stop` gives a reason (the champion moved on).
+
+    Each round plans `parallel` batches and hands them to `embed` (this process, or Dask tasks),
+    committing each batch as it comes back (commit_batch) and telling `report` where things stand.
+    The last batch is followed by `finish`.
+    """
+    start, done = time.perf_counter(), 0
+    state = progress(tbl, version)
+    arrivals = newest_first(Catalog.load(ws.catalog))
+    while state.remaining:
+        why = stop()
+        if why is not None:
+            return replace(state, done=done, seconds=time.perf_counter() - start, stopped=why)
+        batches = pending_batches(tbl, version, arrivals, rows, parallel)
+        if not batches:
+            break
+        for embedded in embed(batches):
+            left = commit_batch(ws, tbl, embedded, params, version)
+            done += embedded.num_rows
+            state = replace(state, remaining=left, done=done, seconds=time.perf_counter() - start)
+            report(state)
+    if state.remaining == 0 and (done or references_base(tbl)):  # a clone whose last batch landed before a kill
+        finish(tbl, params)
+    return replace(state, rows=tbl.count_rows(), done=done, seconds=time.perf_counter() - start)

@@ -12,9 +12,11 @@ starts as the champion's:
   and no network runs.
 The EMBEDDED_BY column says per row whose model embedded it (null: carried over from the
 predecessor the table's COMPAT_FROM mark names); rows the catch-up appends are the new model's.
-The table is then validated as any build (its probes, embedded afresh by the new model, must find
-their own row among their first COMPAT_PROBE_DEPTH neighbours) before the version may go live, and
-the backfill (backfill.py) re-embeds the carried-over rows in the background. The predecessor's
+The probe images are re-embedded by the new model first, so the table is validated as any build
+(probes embedded afresh must find their own rows: the model and the table's own rows agree), and
+so is the logged model's smoke test; the gate has already measured how the new model's queries
+fare among the carried-over vectors. The backfill (backfill.py) then re-embeds those rows in the
+background. The predecessor's
 table is never written: a rollback finds it as it was, and the clean-up keeps it while the clone
 still reads its files.
 """
@@ -32,9 +34,11 @@ import pyarrow as pa
 
 from components.config import IndexParams
 from components.data.catalog import ImageRecord
+from components.data.inbox import inbox_lock
 from components.modeling.embedder import Embedder
 from components.training.compat import Transform
 from components.vectors.ann import ensure_ann_index, tune_ef
+from components.vectors.backfill import embed_batch
 from components.vectors.build import (
     IndexBuild,
     check_writable,
@@ -44,9 +48,11 @@ from components.vectors.build import (
     mark_validated,
 )
 from components.vectors.catch_up import catch_up
+from components.vectors.search import probe_records
 from components.vectors.tables import (
     ANN_EF,
     ANN_TRAINED_ROWS,
+    BACKFILL_LEFT,
     CATALOG_SEQ,
     COMPAT_FROM,
     EMBEDDED_BY,
@@ -62,13 +68,13 @@ from components.vectors.tables import (
     older_rows,
     open_table,
     rebuild_id_index,
+    set_vector_metadata,
     table_name,
     vector_indices,
 )
 from components.vectors.validate import IndexValidationError, validate_table
 from components.workspace import Workspace
 
-COMPAT_PROBE_DEPTH = 10  # a probe's new-model query must find its own (older-model) row among this many
 CARRIED_MARKS = (CATALOG_SEQ, ANN_EF, ANN_TRAINED_ROWS)  # the predecessor's marks that still hold for the copy
 
 
@@ -130,15 +136,21 @@ def start_compatible_table(
         _mark_successor(tbl, source, version, {"version": old_version, "table": old_table, "mode": mode})
     tbl = db.open_table(name)
     caught = catch_up(ws, params, tbl, version, lambda: model)  # stored since the predecessor's last catch-up
+    known = {r.id for r in records}
+    everything = [*records, *(r for r in caught.appended if r.id not in known)]
+    probes = probe_records(everything, params.probes)
+    with inbox_lock(ws):  # as every write of rows: never beside a catch-up
+        tbl.merge_insert("id").when_matched_update_all().execute(embed_batch(ws, model, probes, params, version))
+    set_vector_metadata(tbl, BACKFILL_LEFT, str(older_rows(tbl, version)))  # where the backfill starts
     tuned = tune_ef(tbl, params) if transform is not None else None  # a shared index keeps its tuned ef
     validation = validate_table(
         ws,
         tbl,
         model,
-        [*records, *(r for r in caught.appended if r.id not in {x.id for x in records})],
+        everything,
         params,
         measured_recall=tuned[1] if tuned else None,
-        within=COMPAT_PROBE_DEPTH,
+        probes_from=own_records(tbl, version, everything),
     )
     if not validation.ok:
         raise IndexValidationError(validation)  # left unvalidated: the next build or start removes it
@@ -161,6 +173,15 @@ def start_compatible_table(
         compatible_from=str(old_version),
         older_rows=older_rows(tbl, version),
     )
+
+
+def own_records(tbl: lancedb.table.Table, version: str, records: Sequence[ImageRecord]) -> list[ImageRecord]:
+    """The records whose rows `version`'s model embedded (all of them in a table that says nothing per row)."""
+    if not has_embedded_by(tbl.schema):
+        return list(records)
+    rows = tbl.search().where(f"{EMBEDDED_BY} = '{int(version)}'").select(["id"]).limit(None).to_arrow()
+    own = set(rows["id"].to_pylist())
+    return [r for r in records if r.id in own]
 
 
 def _clone(ws: Workspace, source: lancedb.table.Table, name: str) -> lancedb.table.Table:

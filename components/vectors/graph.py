@@ -11,6 +11,9 @@ and one version's table.
 Rows are labelled by their position in the table's storage order. Tables only ever grow by
 appends (catch-ups insert, nothing deletes), so the rows past the graph's count are the new
 ones; a table whose rows moved anyway (its last known id is not where it was) is re-read whole.
+A compatible table under backfill (backfill.py) has its rows replaced in batches: the graph is
+re-read whole each time another REBUILD_SHARE of its rows was re-embedded, and once at the end,
+so answers improve as the backfill goes without a rebuild per batch.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from components.evaluation.metrics import exact_top_k, unit_rows
 from components.vectors.ann import overlap_recall, smallest_ef
 from components.vectors.rows import unit_vectors
 from components.vectors.search import Hit
-from components.vectors.tables import VECTOR, connect, open_table
+from components.vectors.tables import BACKFILL_LEFT, VECTOR, connect, open_table, vector_metadata
 from components.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 COLUMNS = ["id", "class", VECTOR]
 READ_ROWS = 65536  # rows per batch while reading the table
 ADD_ROWS = 1024  # rows per insertion under the lock (tens of ms at a million rows): searches wait at most that
+REBUILD_SHARE = 0.1  # of the rows, re-embedded by a backfill since the graph read them: read them again
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class ServingGraph:
         self._classes: list[str] = []
         self._ef = serve.graph_ef
         self._tuned_rows = 0
+        self._backfill_left: int | None = None  # the table's BACKFILL_LEFT mark when the graph read it
         self.stats = GraphStats(rows=0, ef=self._ef, recall_at_10=None, build_seconds=0.0)
 
     @classmethod
@@ -103,19 +108,23 @@ class ServingGraph:
         return self._tbl
 
     def catch_up(self) -> int:
-        """Add the rows appended to the table since the last call; how many were added."""
+        """Add the rows appended to the table since the last call; how many were added (all of them
+        when the table was re-read whole)."""
         tbl = self._open()
         total = tbl.count_rows()
-        if total == self.rows:
+        if total == self.rows and not self._backfilled_enough(tbl):
             return 0
-        if total < self.rows or not self._still_in_place(tbl):
+        if total < self.rows or self._backfilled_enough(tbl) or not self._still_in_place(tbl):
             log.warning("rows of %s moved or went (%d -> %d): re-reading it whole", self.table, self.rows, total)
             fresh = ServingGraph.build(self._ws, self.table, self._serve, self._index_params)
             with self._lock:  # searches keep answering from the old graph until this swap
                 self._graph, self._ids, self._classes = fresh._graph, fresh._ids, fresh._classes
                 self._ef, self._tuned_rows, self.stats = fresh._ef, fresh._tuned_rows, fresh.stats
+                self._backfill_left = fresh._backfill_left
             return fresh.rows
         added = 0
+        if not self.rows:
+            self._backfill_left = _backfill_left(tbl)
         query = tbl.search().select(COLUMNS).limit(None)
         for batch in (query.offset(self.rows) if self.rows else query).to_batches(READ_ROWS):
             vectors, ids, classes = (
@@ -137,6 +146,13 @@ class ServingGraph:
         if self.rows >= self._tuned_rows * self._index_params.ann_retrain_growth:
             self._tune()
         return added
+
+    def _backfilled_enough(self, tbl: lancedb.table.Table) -> bool:
+        """Whether a backfill re-embedded REBUILD_SHARE of the rows since the graph read them, or finished."""
+        left = _backfill_left(tbl)
+        if left is None or self._backfill_left is None or left >= self._backfill_left:
+            return False
+        return left == 0 or self._backfill_left - left >= REBUILD_SHARE * max(self.rows, 1)
 
     def _still_in_place(self, tbl: lancedb.table.Table) -> bool:
         if not self._ids:
@@ -189,3 +205,9 @@ class ServingGraph:
             [{"class": classes[p], "distance": float(1.0 - s), "id": ids[p]} for s, p in zip(sims, found) if p >= 0]
             for sims, found in zip(similarity, positions)
         ]
+
+
+def _backfill_left(tbl: lancedb.table.Table) -> int | None:
+    """The table's BACKFILL_LEFT mark: rows still of the older model after the backfill's last batch."""
+    mark = vector_metadata(tbl, BACKFILL_LEFT)
+    return int(mark) if mark is not None else None

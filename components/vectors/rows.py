@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import lancedb
 import numpy as np
 import pyarrow as pa
 
 from components.data.catalog import ImageRecord
 from components.evaluation.metrics import unit_rows
 from components.modeling.embedder import Embedder, embed_files
-from components.vectors.tables import EMBEDDED_BY, VECTOR, table_schema
+from components.vectors.tables import EMBEDDED_BY, VECTOR, sql_strings, table_schema
 from components.workspace import Workspace
 
 
@@ -49,3 +50,29 @@ def unit_vectors(batch: pa.RecordBatch) -> np.ndarray:
     """A batch's vector column as float32 unit rows (inner product = cosine similarity)."""
     column = batch.column(VECTOR)
     return unit_rows(np.asarray(column.flatten(), dtype=np.float32).reshape(len(column), -1))
+
+
+def stored_vectors(tbl: lancedb.table.Table, ids: Sequence[str], chunk: int = 1000) -> np.ndarray:
+    """The table's vectors of `ids`, row for row (NaN rows for ids it lacks): what it answers with."""
+    dim = tbl.schema.field(VECTOR).type.list_size
+    out = np.full((len(ids), dim), np.nan, dtype=np.float32)
+    where = {i: n for n, i in enumerate(ids)}
+    for lo in range(0, len(ids), chunk):
+        found = tbl.search().where(f"id IN ({sql_strings(ids[lo : lo + chunk])})").select(["id", VECTOR]).limit(None)
+        for batch in found.to_batches():
+            vectors = np.asarray(batch.column(VECTOR).flatten(), dtype=np.float32).reshape(len(batch), -1)
+            out[[where[i] for i in batch.column("id").to_pylist()]] = vectors
+    return out
+
+
+def stored_class_means(tbl: lancedb.table.Table, classes: Sequence[str], chunk: int = 200) -> dict[str, np.ndarray]:
+    """Each class's mean stored vector, unit length (classes the table lacks are left out): where the
+    table's model put the class, over every image of it the table holds."""
+    sums: dict[str, np.ndarray] = {}
+    for lo in range(0, len(classes), chunk):
+        found = tbl.search().where(f"class IN ({sql_strings(classes[lo : lo + chunk])})").select(["class", VECTOR])
+        for batch in found.limit(None).to_batches():
+            vectors = np.asarray(batch.column(VECTOR).flatten(), dtype=np.float64).reshape(len(batch), -1)
+            for cls, v in zip(batch.column("class").to_pylist(), vectors):
+                sums[cls] = sums.get(cls, 0.0) + v
+    return {c: unit_rows(s[None, :].astype(np.float32))[0] for c, s in sums.items()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -192,7 +192,9 @@ def references_base(tbl: lancedb.table.Table) -> bool:
     (compat.py): that table must then stay, whatever keep_tables says."""
     ds = tbl.to_lance()
     in_base = any(f.base_id is not None for fragment in ds.get_fragments() for f in fragment.metadata.files)
-    return in_base or any(i.get("base_id") is not None for i in ds.list_indices())
+    with warnings.catch_warnings():  # its successor, describe_indices, does not say where an index's files are
+        warnings.filterwarnings("ignore", message=".*list_indices.*deprecated", category=DeprecationWarning)
+        return in_base or any(i.get("base_id") is not None for i in ds.list_indices())
 
 
 def vector_metadata(tbl: lancedb.table.Table, key: str) -> str | None:
@@ -231,13 +233,17 @@ def rebuild_id_index(tbl: lancedb.table.Table) -> None:
     tbl.create_index("id", config=BTree(), replace=True)
 
 
+def sql_strings(values: Sequence[str]) -> str:
+    """Strings as a comma-separated list of SQL literals (a quote in one can never end it)."""
+    return ",".join("'" + v.replace("'", "''") + "'" for v in values)
+
+
 def ids_present(tbl: lancedb.table.Table, ids: list[str], chunk: int = 1000) -> set[str]:
     """Which of `ids` the table holds: a lookup in its scalar index on id (rows appended since the
     index was updated are scanned), not a read of the whole id column."""
     found: set[str] = set()
     for lo in range(0, len(ids), chunk):
-        quoted = ",".join("'" + i.replace("'", "''") + "'" for i in ids[lo : lo + chunk])
-        rows = tbl.search().where(f"id IN ({quoted})").select(["id"]).limit(None).to_arrow()
+        rows = tbl.search().where(f"id IN ({sql_strings(ids[lo : lo + chunk])})").select(["id"]).limit(None).to_arrow()
         found.update(rows["id"].to_pylist())
     return found
 

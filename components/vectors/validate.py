@@ -82,18 +82,18 @@ def validate_table(
     params: IndexParams,
     *,
     measured_recall: float | None = None,
-    within: int = 1,
+    probes_from: Sequence[ImageRecord] | None = None,
 ) -> IndexValidation:
-    """Row count equals the images stored, every class is present, probe images, embedded afresh
-    by `model` from their files, find their own rows (among the first `within`: a compatible table
-    holds the older model's vectors) through the live search path, and the ANN search keeps its
-    recall floor (`measured_recall`: what tune_ef just measured, not measured again)."""
+    """Row count equals the images stored, every class is present, probe images (`probes_from`, by
+    default any of `records`: the rows `model` embedded), embedded afresh by `model` from their
+    files, find their own rows through the live search path, and the ANN search keeps its recall
+    floor (`measured_recall`: what tune_ef just measured, not measured again)."""
     classes = set(column(tbl, "class"))
     rows = tbl.count_rows()
-    probes = probe_records(records, params.probes)
+    probes = probe_records(records if probes_from is None else probes_from, params.probes)
     vectors = embed_files(model, [ws.classes_dir / r.id for r in probes], batch_size=params.batch_size)
     readers = with_table_settings(tbl.schema, params)  # as readers will search it
-    hits = search_table(tbl, vectors, min(max(5, within), max(rows, 1)), readers) if rows else [[] for _ in probes]
+    hits = search_table(tbl, vectors, min(5, max(rows, 1)), readers) if rows else [[] for _ in probes]
     if measured_recall is None and rows:
         measured_recall = ann_recall(tbl, params)  # None without an index: exact search
     return IndexValidation(
@@ -103,7 +103,7 @@ def validate_table(
         classes=len(classes),
         missing_classes=tuple(sorted({r.cls for r in records} - classes)),
         probes=len(probes),
-        probes_found=sum(finds_itself(r.id, h, within) for r, h in zip(probes, hits)),
+        probes_found=sum(finds_itself(r.id, h) for r, h in zip(probes, hits)),
         ann_recall=measured_recall,
         min_recall=params.ann_min_recall,
     )
