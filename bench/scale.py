@@ -86,7 +86,7 @@ def setup(root: Path, params: Params, n: int, ann: bool) -> dict:
     from components.modeling.embedder import build_embedder
     from components.registry.mlflow_registry import CHAMPION, TABLE_TAG, ModelRegistry
     from components.vectors.ann import ensure_ann_index
-    from components.vectors.build import _mark_validated
+    from components.vectors.build import mark_validated
     from components.vectors.tables import (
         CATALOG_SEQ,
         connect,
@@ -155,7 +155,7 @@ def setup(root: Path, params: Params, n: int, ann: bool) -> dict:
     if ann:
         ensure_ann_index(tbl, params.index)
     set_vector_metadata(tbl, CATALOG_SEQ, catalog.mark(catalog.last_seq()) or "")
-    _mark_validated(tbl, version)
+    mark_validated(tbl, version)
     registry.set_tag(version, TABLE_TAG, name)
     registry.client.set_registered_model_alias(registry.name, CHAMPION, version)
     timings["table_seconds"] = time.perf_counter() - start

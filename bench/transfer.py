@@ -129,9 +129,7 @@ def run_variant(params: Params, train: tuple[list[Path], list[str]], test: tuple
     }
 
 
-def fold(
-    held_out: str, alphabets: dict[str, Path], variants: dict[str, Params], reference: bool
-) -> dict:
+def fold(held_out: str, alphabets: dict[str, Path], variants: dict[str, Params], reference: bool) -> dict:
     train_paths, train_names, test_paths, test_labels = split(alphabets, held_out)
     out: dict = {
         "held_out": held_out,
@@ -166,9 +164,9 @@ def summary(folds: list[dict]) -> dict:
 
     out: dict = {"variants": {}, "baselines": {}}
     for name in folds[0]["variants"]:
-        out["variants"][name] = {
-            r: mean([f["variants"][name]["scores"][r][KEY] for f in folds]) for r in READOUTS
-        } | {"cpu_seconds": mean([f["variants"][name]["cpu_seconds"] for f in folds])}
+        out["variants"][name] = {r: mean([f["variants"][name]["scores"][r][KEY] for f in folds]) for r in READOUTS} | {
+            "cpu_seconds": mean([f["variants"][name]["cpu_seconds"] for f in folds])
+        }
     for name in folds[0]["baselines"]:
         out["baselines"][name] = mean([f["baselines"][name][KEY] for f in folds])
     return out

@@ -31,6 +31,7 @@ from components.ops.failpoints import ENV as FAILPOINT
 from components.registry.mlflow_registry import ModelRegistry
 from components.serving.live import LiveIndex
 from components.vectors.search import table_rows
+from components.vectors.tables import connect
 from components.workspace import resolve_workspace
 from flows.cli import app
 from flows.retrain import retrain
@@ -48,6 +49,7 @@ class Reader:
         self.live = LiveIndex(ws, params.registry, params.index, refresh_seconds=0.2)
         self.image = open_rgb(image)
         self.answers = 0
+        self.within = 1  # the stored image must be its own nearest neighbour (or among this many)
         self.failures: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -56,9 +58,11 @@ class Reader:
         while not self._stop.wait(0.05):
             try:
                 pair = self.live.current()
-                [hits] = pair.query([self.image], 1)
-                if not hits or hits[0]["distance"] > 1e-3:
+                [hits] = pair.query([self.image], self.within)
+                if self.within == 1 and (not hits or hits[0]["distance"] > 1e-3):
                     self.failures.append(f"v{pair.version}: the stored image did not find itself: {hits}")
+                elif self.within > 1 and len(hits) != self.within:
+                    self.failures.append(f"v{pair.version}: {len(hits)} answers for k={self.within}")
                 self.answers += 1
             except Exception as exc:  # any failure is a broken promise
                 self.failures.append(f"{type(exc).__name__}: {exc}")
@@ -190,3 +194,56 @@ def test_every_crash_is_recovered(crash_params, tmp_path):
         every_image_found()
 
     assert reader.answers > 20 and not reader.failures, reader.failures[:5]
+
+
+def test_a_killed_backfill_resumes_and_loses_nothing(crash_params, tmp_path):
+    """A compatible promotion's backfill killed after a committed batch (inside `mnemo retrain`), then
+    killed again before committing one (inside `mnemo backfill`): the live table answers throughout,
+    status says how many rows are still the older model's, and `mnemo backfill` finishes the job."""
+    params = with_overrides(
+        crash_params,
+        {"compat.mode": "bct", "compat.backfill_rows": 8, "gate.min_compat_gain": -1.0},  # the path under test
+    )
+    ws = resolve_workspace(params)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    env = os.environ | {"PREFECT_API_URL": str(get_current_settings().api.url)}
+    for k in range(2):
+        write_arrival(ws.inbox, f"arrival-{k}", [f"a{k}c{i}" for i in range(CLASSES_PER_ARRIVAL)], 8, seed=k)
+    assert retrain(params, str(ws.root)).status == "promoted"
+    write_arrival(ws.inbox, "arrival-2", [f"a2c{i}" for i in range(CLASSES_PER_ARRIVAL)], 8, seed=2)
+
+    def mnemo(*args: str) -> dict:
+        result = runner.invoke(app, [*args, "--json", "--workspace", str(ws.root), "--params", str(params_file)])
+        assert result.exit_code == 0, (result.exception, result.output[-3000:])
+        return json.loads(result.stdout)
+
+    def killed(point: str, *args: str) -> None:
+        command = [sys.executable, "-m", "flows.cli", *args, "--workspace", str(ws.root), "--params", str(params_file)]
+        done = subprocess.run(
+            command, cwd=REPO, env=env | {FAILPOINT: point}, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == -9, f"{point}: not killed ({done.returncode}): {done.stderr[-2000:]}"
+
+    first = Catalog.load(ws.catalog).records()[0]
+    with Reader(ws, params, ws.classes_dir / first.id) as reader:
+        reader.within = 10  # a compatible table answers with the older model's vectors until backfilled
+        killed("backfill-batch-committed", "retrain")
+        status = mnemo("status")["champion"]
+        rows = len(Catalog.load(ws.catalog).records())
+        assert (status["version"], status["compatible_from"]) == ("2", "1")
+        assert status["table_rows"] == rows and 0 < status["older_rows"] < rows - 8  # one batch landed
+        left = status["older_rows"]
+        killed("backfill-embed", "backfill")  # before its first commit: nothing changes
+        assert mnemo("status")["champion"]["older_rows"] == left
+        done = mnemo("backfill")
+        assert done["finished"] and done["done"] == left and done["remaining"] == 0
+    assert reader.answers > 20 and not reader.failures, reader.failures[:5]
+    status = mnemo("status")["champion"]
+    assert (status["older_rows"], status["table_rows"], status["missing_rows"]) == (0, rows, 0)
+    tbl = connect(ws).open_table(status["table"])
+    assert set(tbl.to_arrow()["embedded_by"].to_pylist()) == {"2"}
+    pair = LiveIndex(ws, params.registry, params.index, refresh_seconds=60).current()
+    records = Catalog.load(ws.catalog).records()
+    hits = pair.query([open_rgb(ws.classes_dir / r.id) for r in records], 1)
+    assert [h[0]["id"] for h in hits] == [r.id for r in records]  # every stored image finds itself, by v2
