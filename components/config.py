@@ -91,6 +91,7 @@ class ModelParams(_Section):
     embedding_dim: int = Field(gt=0)
     image_size: int = Field(ge=16)
     stem: Literal["imagenet", "small"]  # small: 3x3 stride-1 conv, no max-pool (ResNet backbones only)
+    centre: bool  # subtract the mean output over the trained images before normalising (SimpleShot)
     # A torchvision weights name of the backbone (DEFAULT, IMAGENET1K_V1, ...: from torchvision's
     # cache under TORCH_HOME, downloaded once where the network allows) or a local state_dict file.
     weights: str | None

@@ -100,7 +100,7 @@ def evaluate(params: Any, ws: Workspace) -> None:
     from components.modeling.embedder import load_embedder
 
     catalog = Catalog.load(ws.catalog)
-    metrics = evaluate_models(ws, catalog, params.evaluate, load_embedder(ws.dvc_outputs / MODEL))
+    metrics = evaluate_models(ws, catalog, params.evaluate, load_embedder(ws.dvc_outputs / MODEL)).metrics
     rounded = {k: json_number(v) for k, v in metrics.items()}
     (ws.dvc_outputs / "metrics.json").write_text(json.dumps(rounded, indent=1) + "\n")
     print(json.dumps(rounded, indent=1))

@@ -48,21 +48,10 @@ def evaluate_models(
     candidate: Embedder,
     champion: Embedder | None = None,
     champion_arrivals: Sequence[str] = (),
-) -> dict[str, float]:
-    """Candidate and champion on the same images: unseen classes, each seen slice, and sanity (see _evaluate)."""
-    return _evaluate(ws, catalog, params, candidate, champion, champion_arrivals).metrics
-
-
-def _evaluate(
-    ws: Workspace,
-    catalog: Catalog,
-    params: EvaluateParams,
-    candidate: Embedder,
-    champion: Embedder | None = None,
-    champion_arrivals: Sequence[str] = (),
     transform: Transform | None = None,
 ) -> Evaluation:
-    """Candidate and champion on the same images: unseen classes, each seen slice, and sanity.
+    """Candidate and champion on the same images: unseen classes, each seen slice, and sanity (the
+    metrics, and the candidate's vectors of the unseen images they were measured on).
 
     Unseen classes are scored among themselves (retrieval and few-shot episodes), next to
     raw pixels. Each seen slice (the held-out queries of one arrival's classes) searches
@@ -140,7 +129,7 @@ def assess(
     registry), so forgetting is measured against what users actually got; `kept` the versions whose
     tables are kept; `transform` the candidate's map from the champion's space (compat.mode transform).
     """
-    found = _evaluate(ws, catalog, params, candidate, champion, champion_arrivals, transform)
+    found = evaluate_models(ws, catalog, params, candidate, champion, champion_arrivals, transform)
     metrics = found.metrics
     matrix = forgetting_matrix(served, metrics, champion=champion_version if champion is not None else None)
     metrics |= forgetting_metrics(matrix)

@@ -64,6 +64,7 @@ class Embedder(nn.Module):
         stem: str = "imagenet",
         mean: Sequence[float] = MEAN,
         std: Sequence[float] = STD,
+        centred: bool = False,
     ) -> None:
         super().__init__()
         if stem not in STEMS:
@@ -77,9 +78,19 @@ class Embedder(nn.Module):
         self.net = torchvision.models.get_model(backbone, weights=None, num_classes=embedding_dim)
         if stem == "small":
             use_small_stem(self.net)
+        # SimpleShot's centring (model.centre): the mean output over the trained gallery, subtracted
+        # before normalising (fit_centre sets it after each training).
+        self.centred = centred
+        self.centre: torch.Tensor
+        if centred:  # a buffer only where there is one: older checkpoints' state dicts stay loadable
+            self.register_buffer("centre", torch.zeros(embedding_dim))
+        self._raw = False  # fit_centre reads the head's outputs as they are
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(x).float(), dim=1)
+        z = self.net(x).float()
+        if self._raw:
+            return z
+        return F.normalize(z - self.centre if self.centred else z, dim=1)
 
     def spec(self) -> dict:
         # A checkpoint saved before `stem` existed has no such key: Embedder's default rebuilds it.
@@ -90,7 +101,20 @@ class Embedder(nn.Module):
             "stem": self.stem,
             "mean": list(self.mean),  # absent from older checkpoints: the defaults (0.5) rebuild them
             "std": list(self.std),
+            "centred": self.centred,  # absent from older checkpoints: not centred
         }
+
+
+@torch.inference_mode()
+def fit_centre(model: Embedder, paths: Sequence[Path]) -> None:
+    """Centre a centred model on `paths` (the images it was trained on): the mean of its head's outputs
+    there is subtracted before normalising from now on (Wang et al. 2019, SimpleShot)."""
+    model._raw = True
+    try:
+        mean = embed_files(model, paths).mean(axis=0)
+    finally:
+        model._raw = False
+    model.centre.copy_(torch.from_numpy(mean).to(model.centre.device))
 
 
 def build_embedder(params: ModelParams) -> Embedder:
@@ -104,12 +128,13 @@ def build_embedder(params: ModelParams) -> Embedder:
             params.stem,
             mean=preprocessing.mean,
             std=preprocessing.std,
+            centred=params.centre,
         )
         _load_matching(
             model, cached_state(weights, params.backbone, params.weights), f"{params.backbone} {params.weights}"
         )
         return model
-    model = Embedder(params.backbone, params.embedding_dim, params.image_size, params.stem)
+    model = Embedder(params.backbone, params.embedding_dim, params.image_size, params.stem, centred=params.centre)
     if params.weights is not None:
         load_backbone_weights(model, Path(params.weights))
     return model

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from components.config import ModelParams, TrainParams
 from components.data.datasets import ImageFiles
 from components.data.transforms import train_transform
-from components.modeling.embedder import Embedder, build_embedder, pick_device
+from components.modeling.embedder import Embedder, build_embedder, fit_centre, pick_device
 from components.ops.failpoints import failpoint
 from components.training.checkpoints import fingerprint, load_checkpoint, save_checkpoint
 from components.training.compat import Influence
@@ -355,5 +355,7 @@ def train_embedder(
                 on_epoch(epoch, metrics)
     result.seconds = time.perf_counter() - start
     result.model = run.model.to("cpu", memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]  # Module.to takes memory_format at runtime; torch's stubs omit it
+    if result.model.centred and ranks.main:  # centred on what it trained on (model.centre)
+        fit_centre(result.model, list(paths) + [e.path for e in exemplars])
     result.loss_state = run.metric_loss.to("cpu").state()
     return result

@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import lancedb
 import pyarrow as pa
@@ -31,7 +32,7 @@ from components.data.catalog import ImageRecord
 from components.modeling.embedder import Embedder, pick_device
 from components.ops.failpoints import failpoint
 from components.vectors.ann import ensure_ann_index, tune_ef
-from components.vectors.catch_up import catch_up
+from components.vectors.catch_up import CatchUp, catch_up
 from components.vectors.rows import embedded_rows, in_chunks
 from components.vectors.tables import (
     MODEL_VERSION,
@@ -51,7 +52,7 @@ from components.vectors.tables import (
     table_version,
     vector_indices,
 )
-from components.vectors.validate import IndexValidationError, validate_table
+from components.vectors.validate import IndexValidation, IndexValidationError, validate_table
 from components.workspace import Workspace
 
 
@@ -77,6 +78,34 @@ class IndexBuild:
     @property
     def probes_ok(self) -> bool:
         return self.probes_found == self.probes
+
+    @classmethod
+    def of(
+        cls,
+        validation: IndexValidation,
+        tbl: lancedb.table.Table,
+        version: str,
+        params: IndexParams,
+        caught: CatchUp,
+        start: float,
+        **how: Any,
+    ) -> IndexBuild:
+        """What a validated table holds, from its validation; `how`: removed, reused, compatible_from, older_rows."""
+        return cls(
+            table=tbl.name,
+            version=str(version),
+            rows=validation.rows,
+            classes=validation.classes,
+            probes=validation.probes,
+            probes_found=validation.probes_found,
+            ann_index=params.ann_type if vector_indices(tbl) else None,  # a catch-up may have crossed ann_min_rows
+            ann_recall=validation.ann_recall,
+            caught_up=caught.added,
+            removed=how.pop("removed", ()),
+            reused=how.pop("reused", False),
+            seconds=time.perf_counter() - start,
+            **how,
+        )
 
 
 def check_writable(ws: Workspace) -> None:
@@ -260,20 +289,7 @@ def build_table(
     mark_validated(tbl, version)
     drop_old_versions(tbl, timedelta(0))  # one Lance version left: the validated one
     removed = cleanup_tables(ws, params, keep={*keep, name})
-    return IndexBuild(
-        table=name,
-        version=str(version),
-        rows=validation.rows,
-        classes=validation.classes,
-        probes=validation.probes,
-        probes_found=validation.probes_found,
-        ann_index=params.ann_type if vector_indices(tbl) else None,  # the catch-up may have crossed ann_min_rows
-        ann_recall=validation.ann_recall,
-        caught_up=caught.added,
-        removed=removed,
-        reused=False,
-        seconds=time.perf_counter() - start,
-    )
+    return IndexBuild.of(validation, tbl, version, params, caught, start, removed=removed)
 
 
 def _reuse(
@@ -293,17 +309,4 @@ def _reuse(
         raise IndexValidationError(validation)
     if not is_validated(tbl):
         mark_validated(tbl, version)
-    return IndexBuild(
-        table=tbl.name,
-        version=str(version),
-        rows=validation.rows,
-        classes=validation.classes,
-        probes=validation.probes,
-        probes_found=validation.probes_found,
-        ann_index=params.ann_type if vector_indices(tbl) else None,
-        ann_recall=validation.ann_recall,
-        caught_up=caught.added,
-        removed=(),
-        reused=True,
-        seconds=time.perf_counter() - start,
-    )
+    return IndexBuild.of(validation, tbl, version, params, caught, start, reused=True)

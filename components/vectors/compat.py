@@ -70,7 +70,6 @@ from components.vectors.tables import (
     rebuild_id_index,
     set_vector_metadata,
     table_name,
-    vector_indices,
 )
 from components.vectors.validate import IndexValidationError, validate_table
 from components.workspace import Workspace
@@ -138,9 +137,10 @@ def start_compatible_table(
     caught = catch_up(ws, params, tbl, version, lambda: model)  # stored since the predecessor's last catch-up
     known = {r.id for r in records}
     everything = [*records, *(r for r in caught.appended if r.id not in known)]
-    probes = probe_records(everything, params.probes)
-    with inbox_lock(ws):  # as every write of rows: never beside a catch-up
-        tbl.merge_insert("id").when_matched_update_all().execute(embed_batch(ws, model, probes, params, version))
+    if has_embedded_by(tbl.schema):  # the probes the validation and the smoke test embed: the new model's rows
+        probes = probe_records(everything, params.probes)
+        with inbox_lock(ws):  # as every write of rows: never beside a catch-up
+            tbl.merge_insert("id").when_matched_update_all().execute(embed_batch(ws, model, probes, params, version))
     set_vector_metadata(tbl, BACKFILL_LEFT, str(older_rows(tbl, version)))  # where the backfill starts
     tuned = tune_ef(tbl, params) if transform is not None else None  # a shared index keeps its tuned ef
     validation = validate_table(
@@ -151,25 +151,21 @@ def start_compatible_table(
         params,
         measured_recall=tuned[1] if tuned else None,
         probes_from=own_records(tbl, version, everything),
+        check_recall=transform is not None,  # a clone searches the predecessor's index over its vectors
     )
     if not validation.ok:
         raise IndexValidationError(validation)  # left unvalidated: the next build or start removes it
     if not is_validated(tbl):
         mark_validated(tbl, version)
     removed = cleanup_tables(ws, params, keep={*keep, name, old_table})
-    return IndexBuild(
-        table=name,
-        version=str(version),
-        rows=validation.rows,
-        classes=validation.classes,
-        probes=validation.probes,
-        probes_found=validation.probes_found,
-        ann_index=params.ann_type if vector_indices(tbl) else None,
-        ann_recall=validation.ann_recall,
-        caught_up=caught.added,
+    return IndexBuild.of(
+        validation,
+        tbl,
+        version,
+        params,
+        caught,
+        start,
         removed=removed,
-        reused=False,
-        seconds=time.perf_counter() - start,
         compatible_from=str(old_version),
         older_rows=older_rows(tbl, version),
     )

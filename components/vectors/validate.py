@@ -83,18 +83,20 @@ def validate_table(
     *,
     measured_recall: float | None = None,
     probes_from: Sequence[ImageRecord] | None = None,
+    check_recall: bool = True,
 ) -> IndexValidation:
     """Row count equals the images stored, every class is present, probe images (`probes_from`, by
     default any of `records`: the rows `model` embedded), embedded afresh by `model` from their
     files, find their own rows through the live search path, and the ANN search keeps its recall
-    floor (`measured_recall`: what tune_ef just measured, not measured again)."""
+    floor (`measured_recall`: what tune_ef just measured, not measured again; not checked without
+    `check_recall`: an index and vectors shared with a table whose build measured it)."""
     classes = set(column(tbl, "class"))
     rows = tbl.count_rows()
     probes = probe_records(records if probes_from is None else probes_from, params.probes)
     vectors = embed_files(model, [ws.classes_dir / r.id for r in probes], batch_size=params.batch_size)
     readers = with_table_settings(tbl.schema, params)  # as readers will search it
     hits = search_table(tbl, vectors, min(5, max(rows, 1)), readers) if rows else [[] for _ in probes]
-    if measured_recall is None and rows:
+    if measured_recall is None and rows and check_recall:
         measured_recall = ann_recall(tbl, params)  # None without an index: exact search
     return IndexValidation(
         table=tbl.name,

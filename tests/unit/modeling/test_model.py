@@ -150,3 +150,28 @@ def test_weights_by_name_come_from_torchvisions_cache_with_their_own_normalisati
         ConfigError, match="IMAGENET9K_V9.*is not a file name nor one of resnet18's: DEFAULT, IMAGENET1K_V1"
     ):
         with_overrides(params, {"model.weights": "IMAGENET9K_V9"})
+
+
+def test_a_centred_model_subtracts_its_trained_images_mean_output_and_keeps_it(params, tmp_path):
+    from components.modeling.embedder import embed_files, fit_centre, load_embedder, save_embedder
+    from components.modeling.runtime import EXPORT_TOLERANCE, OnnxForward, make_forward
+
+    torch.manual_seed(0)
+    centred = build_embedder(params.model.model_copy(update={"centre": True})).eval()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(paths[-1])
+    fit_centre(centred, paths)
+    centred._raw = True  # the head's outputs, centred by hand
+    raw = embed_files(centred, paths)
+    centred._raw = False
+    by_hand = (raw - raw.mean(axis=0)) / np.linalg.norm(raw - raw.mean(axis=0), axis=1, keepdims=True)
+    assert np.allclose(embed_files(centred, paths), by_hand, atol=1e-5)
+    save_embedder(centred, tmp_path / "c.pt")
+    loaded = load_embedder(tmp_path / "c.pt")
+    assert loaded.centred and torch.equal(loaded.centre, centred.centre)
+    images = [Image.open(p).convert("RGB") for p in paths]
+    served = make_forward(loaded, "onnxruntime")  # the service's runtime carries the centre too
+    assert isinstance(served, OnnxForward) and np.abs(served(images) - by_hand).max() <= EXPORT_TOLERANCE
