@@ -31,16 +31,19 @@ from flows.retrain import retrain
 
 # The gate's headline metrics of the first model. The two runs see the same batches but differ in
 # batch-norm statistics (per rank of 8 images on CPU, not of the batch of 16: SyncBatchNorm needs
-# GPUs) and in their augmentation draws: as much as two seeds of the one-process run differ. On this
-# stream (12 unseen queries: one query is 0.083; one epoch) train seeds 0, 1, 2 of the one-process
-# run gave R@1 0.67-0.83, R@5 0.83-1.00, MAP@R 0.43-0.62 (measured 2026-12-03): a spread of up to
-# 0.19. Allowed: 0.25, that spread and a little more; a wrong gradient (scaled by 2, or missing a
-# rank's share) is not caught here but by tests/unit/training/test_distributed_step.py to 1e-5.
+# GPUs) and in their augmentation draws. On this stream (12 unseen queries of 2 classes: one query is
+# 0.083, chance R@1 about 0.45; one epoch of 3 steps from scratch) train seeds 0-3 gave (measured
+# 2026-12-06, this machine): one process R@1 0.58-0.75, MAP@R 0.38-0.60; 2 ranks R@1 0.33-0.75,
+# MAP@R 0.30-0.49; one process with batch norm over each half batch (what 2 CPU ranks compute) R@1
+# 0.33-0.83, MAP@R 0.25-0.46, with the 2-rank losses to 0.03: the gap is batch norm's. The largest
+# gap, same seed, 2 ranks against one process: 0.33 (R@1, seed 0), 0.18 (MAP@R). Allowed: 0.35. This
+# bounds a broken run only; a wrong gradient (scaled by 2, or missing a rank's share) is caught by
+# tests/unit/training/test_distributed_step.py to 1e-5, not here.
 COMPARED = ("unseen_recall_at_1", "unseen_recall_at_5", "unseen_map_at_r")
-NOISE = 0.25
+NOISE = 0.35
 
 
-@pytest.mark.slow
+@pytest.mark.long  # four retrains, two of them on 2 ranks: over a minute (make test-long, run by CI)
 def test_two_rank_retrain_is_promoted_fails_by_rank_and_recovers(params, ws, tmp_path, monkeypatch):
     fonts = discover_fonts()
     arrivals = stream_classes(fonts, params.demo)
