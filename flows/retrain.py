@@ -28,7 +28,7 @@ from components.registry.mlflow_registry import ModelRegistry, ModelVersionInfo
 from components.registry.promotion import Promoter
 from components.training.checkpoints import clear_checkpoints
 from components.training.continual import Recipe
-from components.training.distributed import train_continual_on_devices
+from components.training.distributed import TRAIN_JOB, train_continual_on_devices
 from components.training.loop import TrainResult
 from components.training.planning import RetrainSummary, concluded, plan_retrain, skipped
 from components.vectors.build import IndexBuild
@@ -65,8 +65,8 @@ def train(
 ) -> tuple[TrainResult, Path]:
     """Learn the new images with the champion's replay memory and distillation; returns the result and its saved state.
 
-    On `train.devices` > 1 the step runs under torchrun (a job directory in the temporary one); its
-    result comes back from rank 0, and only this process registers it.
+    On more than one device the step runs under torchrun (the job directory <workspace>/train-job, where
+    the ranks of every node look); its result comes back from rank 0, and only this process registers it.
     """
     with tempfile.TemporaryDirectory(dir=ws.root) as tmp:
         state = ModelRegistry(ws, params.registry).download_state(champion.version, Path(tmp)) if champion else None
@@ -77,7 +77,7 @@ def train(
             init=init,
             state=state,
             checkpoint_dir=ws.root / CHECKPOINTS,
-            job_dir=Path(tmp) / "job",
+            job_dir=ws.root / TRAIN_JOB,
         )
         return step.train, step.save_state(Path(tempfile.mkdtemp(prefix="state-", dir=ws.root)))
 
@@ -123,8 +123,9 @@ def register(
         state_dir=state,  # the verdict comes with the gate report (publish_gate), once the smoke test ran
         device=params.train.device,
     )
-    # Registered: the checkpoints and the local copy of the state have served their purpose.
+    # Registered: the checkpoints, the ranks' job directory and the local copy of the state have served their purpose.
     clear_checkpoints(ws.root / CHECKPOINTS)
+    clear_checkpoints(ws.root / TRAIN_JOB)
     shutil.rmtree(state, ignore_errors=True)
     return info
 
