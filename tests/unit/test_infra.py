@@ -666,6 +666,16 @@ def test_work_pool_templates_render_a_mnemo_job(name, k8s_context, known_env):
     assert template["variables"]["properties"]["namespace"]["default"] == k8s_context["kustomization"]["namespace"]
 
 
+def test_the_gpu_pools_jobs_ask_for_the_gpus_a_deployment_names():
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads((K8S / "work-pools" / "gpu.json").read_text())
+    values = {k: v.get("default") for k, v in template["variables"]["properties"].items()} | {"gpus": 4}
+    job = apply_values(template["job_configuration"], values)["job_manifest"]
+    resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 4
+
+
 def test_dockerfile_installs_the_pinned_set_as_a_non_root_user():
     assert_none(dockerfile_problems((INFRA / "Dockerfile").read_text(), "infra/Dockerfile"))
     ignore = (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
