@@ -13,7 +13,7 @@ CJK_FONTS := fonts-ipafont fonts-morisawa-bizud-gothic fonts-morisawa-bizud-minc
   fonts-reggae fonts-motoya-l-cedar fonts-motoya-l-maruberi fonts-vlgothic fonts-wqy-zenhei \
   fonts-sawarabi-mincho fonts-umeplus fonts-mplus
 
-.PHONY: setup fonts browser demo test lint test-e2e bench bench-query repro clean
+.PHONY: setup fonts browser demo test lint test-long test-e2e bench bench-query repro clean
 
 setup: $(STAMP)
 
@@ -61,10 +61,16 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Tests over a minute each (marked long, left out of `make test`): the 2-rank retrain through the flow.
+# .ci/run runs them after `make test`.
+test-long: setup
+	$(BIN)/python -m pytest -m long; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no long tests"; fi; exit $$rc
+
 # Real servers (tests/e2e): prefect server on SQLite and on PostgreSQL, mlflow server on PostgreSQL,
 # and LanceDB + MLflow artifacts on S3 (moto's S3 server on 127.0.0.1, from the dev extra). Needs
 # PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth; the PostgreSQL and S3 tests skip without
-# it; under CI they fail instead). .ci/run runs them after `make test`.
+# it; under CI they fail instead). .ci/run runs them after `make test` and `make test-long`.
 test-e2e: setup
 	$(BIN)/python -m pytest -m e2e tests/e2e
 

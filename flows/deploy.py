@@ -102,7 +102,8 @@ def register_deployments(
 ) -> list[Registered]:
     """Register the deployments to work pools instead of serving them: retrain to `retrain_pool`
     (a GPU pool) when given, the others to `work_pool`. Every pool is checked first, so nothing
-    is registered when one is missing or cannot run the image."""
+    is registered when one is missing or cannot run the image. Where the retrain's pool offers a
+    `gpus` job variable (infra/k8s/work-pools/gpu.json), its jobs ask for train.devices GPUs."""
     pools = {work_pool, retrain_pool or work_pool}
     with get_client(sync_client=True) as client:
         found = {name: _read_pool(client, name) for name in sorted(pools)}
@@ -111,6 +112,9 @@ def register_deployments(
     registered = []
     for deployment in deployments:
         pool = retrain_pool if retrain_pool and deployment.full_name == RETRAIN else work_pool
+        if deployment.full_name == RETRAIN and "gpus" in _variables(found[pool]):
+            # One GPU per training process: the job asks for train.devices of the params it carries.
+            deployment.job_variables["gpus"] = deployment.parameters["params"]["train"]["devices"]
         deployment_id = cast(UUID, deployment.apply(work_pool_name=pool, image=image))  # sync: not awaited here
         registered.append(Registered(deployment.full_name, pool, deployment_id))
     return registered
@@ -127,10 +131,15 @@ def _read_pool(client: SyncPrefectClient, name: str) -> WorkPool:
         ) from None
 
 
+def _variables(pool: WorkPool) -> dict[str, Any]:
+    """The job variables a pool's base job template offers (`image`, `gpus`, ...)."""
+    return cast(dict[str, Any], pool.base_job_template.get("variables", {}).get("properties", {}))
+
+
 def _check_image(pool: WorkPool, image: str | None) -> None:
     """An image only for pools that run containers (their base job template has an `image` variable,
     process pools have none); such a pool needs one unless its template names a default."""
-    variables = pool.base_job_template.get("variables", {}).get("properties", {})
+    variables = _variables(pool)
     if image and "image" not in variables:
         raise WorkPoolError(
             f"work pool {pool.name!r} ({pool.type}) runs flows in the worker's own environment and "

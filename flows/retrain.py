@@ -33,7 +33,7 @@ from components.registry.promotion import Promoter
 from components.training.checkpoints import clear_checkpoints
 from components.training.compat import Transform
 from components.training.continual import Recipe, classes_to_learn
-from components.training.distributed import train_continual_on_devices
+from components.training.distributed import TRAIN_JOB, train_continual_on_devices
 from components.training.loop import TrainResult
 from components.training.planning import RetrainSummary, concluded, plan_retrain, skipped
 from components.vectors.build import IndexBuild
@@ -76,8 +76,8 @@ def train(
     says, compatibility with it); returns the result, its saved state, the old -> new transform when
     one was fitted, and the step's own metrics.
 
-    On `train.devices` > 1 the step runs under torchrun (a job directory in the temporary one); its
-    result comes back from rank 0, and only this process registers it.
+    On more than one device the step runs under torchrun (the job directory <workspace>/train-job, where
+    the ranks of every node look); its result comes back from rank 0, and only this process registers it.
     """
     with tempfile.TemporaryDirectory(dir=ws.root) as tmp:
         state = ModelRegistry(ws, params.registry).download_state(champion.version, Path(tmp)) if champion else None
@@ -92,7 +92,7 @@ def train(
             init=init,
             state=state,
             checkpoint_dir=ws.root / CHECKPOINTS,
-            job_dir=Path(tmp) / "job",
+            job_dir=ws.root / TRAIN_JOB,
             prototypes=prototypes,
         )
         saved = step.save_state(Path(tempfile.mkdtemp(prefix="state-", dir=ws.root)))
@@ -145,8 +145,9 @@ def register(
         state_dir=state,  # the verdict comes with the gate report (publish_gate), once the smoke test ran
         device=params.train.device,
     )
-    # Registered: the checkpoints and the local copy of the state have served their purpose.
+    # Registered: the checkpoints, the ranks' job directory and the local copy of the state have served their purpose.
     clear_checkpoints(ws.root / CHECKPOINTS)
+    clear_checkpoints(ws.root / TRAIN_JOB)
     shutil.rmtree(state, ignore_errors=True)
     return info
 

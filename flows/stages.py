@@ -46,7 +46,7 @@ def train(params: Any, ws: Workspace) -> None:
     from components.modeling.embedder import save_embedder
     from components.training.checkpoints import clear_checkpoints
     from components.training.continual import Recipe
-    from components.training.distributed import train_continual_on_devices
+    from components.training.distributed import TRAIN_JOB, train_continual_on_devices
 
     out = ws.dvc_outputs
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def train(params: Any, ws: Workspace) -> None:
                 init=model,
                 state=state,
                 checkpoint_dir=checkpoints,
-                job_dir=Path(tmp) / f"job-{i}",
+                job_dir=ws.root / TRAIN_JOB,  # where every node's ranks look; emptied for each step
             )
             steps.append(
                 {

@@ -1,6 +1,6 @@
 """One continual step on several devices: the one training loop under torchrun, one process per device.
 
-The calling process (the retrain flow's) writes a job directory, runs
+The calling process (the retrain flow's) writes a job directory, <workspace>/train-job, runs
 
     python -m torch.distributed.run --standalone --nproc-per-node N -m components.training.distributed <job>
 
@@ -10,8 +10,12 @@ alone logs to MLflow and registers. The job directory holds
     job.json       what to learn: the new images, the recipe, the saved state and checkpoint dirs
     init.pt        the starting model (the champion), when there is one
     prototypes.npz the champion's class means from its table (compat.mode bct), when given
-    rank-<r>.json  what rank r trained on: the digest of the replay memory it read
+    rank-<r>.json  what rank r trained on: the digest of the replay memory it read, the epoch it resumed at
     model.pt, result.pt, state/   rank 0's model, TrainResult numbers and state for the next step
+
+On `train.nodes` > 1 the caller is node 0 of a Kubeflow PyTorchJob (infra/k8s/training/): its
+torchrun meets the other nodes' at the master's address instead of `--standalone`, and they run
+this same module on the same job directory, which every node mounts (the workspace volume).
 
 Every rank reads the saved memory and the last checkpoint from the same directories; the
 memory for the next step is selected by rank 0 (herding, as on one device). A rank that
@@ -23,7 +27,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -43,6 +49,7 @@ from components.training.loop import NonFiniteLossError, TrainResult
 from components.training.ranks import Ranks
 from components.training.replay import ReplayMemory
 
+TRAIN_JOB = "train-job"  # under the workspace: the job directory every rank of every node reads
 JOB_FILE = "job.json"
 INIT_FILE = "init.pt"
 PROTOTYPES_FILE = "prototypes.npz"
@@ -65,7 +72,9 @@ class Job:
     prototypes: dict[str, np.ndarray] | None = None
 
     def write(self, directory: Path, init: Embedder | None) -> Path:
-        directory.mkdir(parents=True, exist_ok=True)
+        """The job as files, in a directory emptied first: nothing of the last job's result survives."""
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
         if init is not None:
             save_embedder(init, directory / INIT_FILE)
         if self.prototypes:
@@ -125,8 +134,6 @@ def run_rank(job_dir: Path) -> None:
     dist.init_process_group(backend(device))
     try:
         read = read_memory(job.state, job.recipe.replay)
-        rank_file = job_dir / f"rank-{ranks.rank}.json"
-        rank_file.write_text(json.dumps({"rank": ranks.rank, "world": ranks.world, "memory": read.digest()}) + "\n")
         step = train_continual(
             job.new,
             job.classes_dir,
@@ -136,6 +143,10 @@ def run_rank(job_dir: Path) -> None:
             checkpoint_dir=job.checkpoint_dir,
             ranks=ranks,
             prototypes=job.prototypes,
+        )
+        trained = {"memory": read.digest(), "resumed_from_epoch": step.train.resumed_from_epoch}
+        (job_dir / f"rank-{ranks.rank}.json").write_text(
+            json.dumps({"rank": ranks.rank, "world": ranks.world} | trained) + "\n"
         )
         if ranks.main:
             _write_result(job_dir, step, ranks)
@@ -166,12 +177,57 @@ def read_result(job_dir: Path, recipe: Recipe) -> ContinualResult:
     )
 
 
-def torchrun_command(job_dir: Path, devices: int) -> list[str]:
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the flow's node (node 0) meets the other nodes' torchrun: the PyTorchJob master's address.
+
+    The Kubeflow training operator gives every pod of a PyTorchJob MASTER_ADDR and MASTER_PORT
+    (the master pod's Service), and PET_NNODES, PET_NPROC_PER_NODE and PET_NODE_RANK, which the
+    other nodes' torchrun reads; the flow runs on the master and must agree with them.
+    """
+
+    nodes: int
+    addr: str
+    port: int
+
+    @classmethod
+    def from_env(cls, train: TrainParams) -> Rendezvous | None:
+        """Node 0's rendezvous for `train.nodes` > 1, None for one node; raises where the job and the params disagree."""
+        env = os.environ
+        for name, setting, wanted in (
+            ("PET_NNODES", "train.nodes", train.nodes),
+            ("PET_NPROC_PER_NODE", "train.devices", train.devices),
+            ("PET_NODE_RANK", "the flow's node rank", 0),
+        ):
+            if env.get(name, str(wanted)) != str(wanted):
+                raise ValueError(f"{setting} is {wanted}, but the PyTorchJob says {name}={env[name]}: make them agree")
+        if train.nodes == 1:
+            return None
+        if not env.get("MASTER_ADDR") or not env.get("MASTER_PORT"):
+            raise ValueError(
+                f"train.nodes is {train.nodes}: a step on several nodes runs on the master of a PyTorchJob "
+                "(infra/k8s/training/), which sets MASTER_ADDR and MASTER_PORT; they are not set here"
+            )
+        return cls(train.nodes, env["MASTER_ADDR"], int(env["MASTER_PORT"]))
+
+
+def torchrun_command(job_dir: Path, devices: int, rendezvous: Rendezvous | None = None) -> list[str]:
+    """This node's torchrun: one process per device, all nodes' ranks at the rendezvous (none: this node alone)."""
+    where = (
+        ["--standalone"]  # one node: a local rendezvous
+        if rendezvous is None
+        else [
+            f"--nnodes={rendezvous.nodes}",
+            "--node-rank=0",  # the flow's node: rank 0 writes the result the flow reads
+            f"--master-addr={rendezvous.addr}",
+            f"--master-port={rendezvous.port}",
+        ]
+    )
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",  # one node: a local rendezvous; more nodes run as a PyTorchJob (infra/README.md)
+        *where,
         f"--nproc-per-node={devices}",
         "-m",
         "components.training.distributed",
@@ -179,10 +235,13 @@ def torchrun_command(job_dir: Path, devices: int) -> list[str]:
     ]
 
 
-def launch(job_dir: Path, devices: int) -> None:
-    """Run the job's ranks under torchrun; its output goes to stderr; raises naming the rank that failed."""
+def launch(job_dir: Path, train: TrainParams, rendezvous: Rendezvous | None) -> None:
+    """Run this node's ranks of the job under torchrun; its output goes to stderr; raises naming the rank that failed."""
     process = subprocess.Popen(
-        torchrun_command(job_dir, devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        torchrun_command(job_dir, train.devices, rendezvous),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert process.stdout is not None
     tail: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
@@ -190,7 +249,7 @@ def launch(job_dir: Path, devices: int) -> None:
         sys.stderr.write(line)  # stdout stays for the caller's answer (`mnemo retrain --json`)
         tail.append(line)
     if process.wait() != 0:
-        message = failure_message("".join(tail), process.returncode, devices)
+        message = failure_message("".join(tail), process.returncode, train.world_size)
         raise NonFiniteLossError(message) if "NonFiniteLossError" in message else RuntimeError(message)
 
 
@@ -207,7 +266,7 @@ def failure_message(output: str, returncode: int, world: int) -> str:
     if not failures:
         last = next((line for line in reversed(output.splitlines()) if line.strip()), "no output")
         return f"training under torchrun failed (exit {returncode}): {last.strip()}"
-    stopped = [f for f in failures if "Signal 15" in f[2]]  # by torchrun, once another rank had failed
+    stopped = [f for f in failures if f[1] == -15]  # SIGTERM: by torchrun, once another rank had failed
     killed = [f for f in failures if f[1] < 0 and f not in stopped]
     raised = [f for f in failures if f[1] > 0]
     rank, code, why = (killed or raised or failures)[0]
@@ -228,19 +287,20 @@ def train_continual_on_devices(
     job_dir: Path,
     prototypes: dict[str, np.ndarray] | None = None,
 ) -> ContinualResult:
-    """One continual step on `train.devices` devices: in this process for one (no torchrun), else under
-    torchrun. `prototypes`: the champion's class means from its table (compat.mode bct)."""
+    """One continual step on `train.devices` x `train.nodes` devices: in this process for one (no torchrun),
+    else under torchrun, this process's node being node 0 (see Rendezvous). `prototypes`: the champion's
+    class means from its table (compat.mode bct).
+
+    `job_dir` must be where the other nodes' ranks look (<workspace>/train-job, TRAIN_JOB), and
+    `classes_dir`, `state` and `checkpoint_dir` on a volume they mount at the same path.
+    """
     if recipe.train.world_size == 1:
         return train_continual(
             new, classes_dir, recipe, init=init, state=state, checkpoint_dir=checkpoint_dir, prototypes=prototypes
         )
-    if recipe.train.nodes > 1:
-        raise ValueError(
-            "train.nodes > 1: several nodes run the step as a Kubeflow PyTorchJob (infra/README.md); "
-            "the retrain flow launches the devices of one node"
-        )
+    rendezvous = Rendezvous.from_env(recipe.train)  # before anything is written: the params must fit the job
     Job(list(new), classes_dir, recipe, state, checkpoint_dir, prototypes).write(job_dir, init)
-    launch(job_dir, recipe.train.devices)
+    launch(job_dir, recipe.train, rendezvous)
     return read_result(job_dir, recipe)
 
 

@@ -347,8 +347,10 @@ def train_embedder(
             metrics = _train_epoch(run, epoch, params.seed, lambda loss: progress.update(task, advance=1, loss=loss))
             for key, value in metrics.items():
                 result.epoch_metrics.setdefault(key, []).append(value)
-            if checkpoint_dir is not None and ranks.main:
-                save_checkpoint(checkpoint_dir, job, epoch, run.state() | {"epoch_metrics": result.epoch_metrics})
+            if checkpoint_dir is not None:
+                if ranks.main:
+                    save_checkpoint(checkpoint_dir, job, epoch, run.state() | {"epoch_metrics": result.epoch_metrics})
+                ranks.barrier()  # no rank goes past an epoch before its checkpoint is on disk: a rank killed later resumes from it
             for name in ranks.failpoints("train-epoch"):
                 failpoint(name)
             if on_epoch is not None:

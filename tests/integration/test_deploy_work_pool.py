@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy
@@ -15,6 +16,7 @@ from prefect.client.schemas.responses import DeploymentResponse
 from prefect.workers.process import ProcessWorker
 from typer.testing import CliRunner
 
+from components.config import with_overrides
 from flows.cli import app
 from flows.deploy import INGEST, RETRAIN, ROLLBACK
 from tests.conftest import REPO
@@ -59,9 +61,11 @@ def test_deployments_land_on_a_process_pool_with_their_schedules_and_limits(para
     assert "mnemo-process" in result.output
 
 
-def test_retrain_goes_to_the_gpu_pool_and_jobs_run_the_image(params_file):
+def test_retrain_goes_to_the_gpu_pool_with_a_gpu_per_device_and_jobs_run_the_image(params, tmp_path):
     create_pool("mnemo-cpu", "kubernetes", json.loads((TEMPLATES / "cpu.json").read_text()))
     create_pool("mnemo-gpu", "kubernetes", json.loads((TEMPLATES / "gpu.json").read_text()))
+    params_file = tmp_path / "params-4.yaml"  # training on 4 GPUs of one node
+    params_file.write_text(yaml.safe_dump(with_overrides(params, {"train.devices": 4}).model_dump(mode="json")))
     result = deploy(params_file, "--work-pool", "mnemo-cpu", "--retrain-pool", "mnemo-gpu", "--image", IMAGE)
     assert result.exit_code == 0, result.output
     d = deployments()
@@ -70,7 +74,8 @@ def test_retrain_goes_to_the_gpu_pool_and_jobs_run_the_image(params_file):
         INGEST: "mnemo-cpu",
         ROLLBACK: "mnemo-cpu",
     }
-    assert all(x.job_variables == {"image": IMAGE} for x in d.values())
+    assert d[RETRAIN].job_variables == {"image": IMAGE, "gpus": 4}  # gpu.json's job asks for them
+    assert d[INGEST].job_variables == d[ROLLBACK].job_variables == {"image": IMAGE}
     assert d[RETRAIN].global_concurrency_limit.limit == 1
 
 

@@ -666,6 +666,16 @@ def test_work_pool_templates_render_a_mnemo_job(name, k8s_context, known_env):
     assert template["variables"]["properties"]["namespace"]["default"] == k8s_context["kustomization"]["namespace"]
 
 
+def test_the_gpu_pools_jobs_ask_for_the_gpus_a_deployment_names():
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads((K8S / "work-pools" / "gpu.json").read_text())
+    values = {k: v.get("default") for k, v in template["variables"]["properties"].items()} | {"gpus": 4}
+    job = apply_values(template["job_configuration"], values)["job_manifest"]
+    resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 4
+
+
 def test_dockerfile_installs_the_pinned_set_as_a_non_root_user():
     assert_none(dockerfile_problems((INFRA / "Dockerfile").read_text(), "infra/Dockerfile"))
     ignore = (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
@@ -905,4 +915,210 @@ def test_kustomization_that_leaves_a_manifest_out_is_reported(k8s_context):
 )
 def test_dockerfile_rules_report_a_bad_dockerfile(dockerfile, expected):
     problems = dockerfile_problems(dockerfile)
+    assert any(expected in p for p in problems), problems
+
+
+# -- the multi-node training job (infra/k8s/training) ------------------------------------------
+
+TRAINING = K8S / "training"
+OPERATOR_CONTAINER = "pytorch"  # the training operator gives this container MASTER_ADDR, MASTER_PORT, PET_*
+OPERATOR_PORT = "pytorchjob-port"  # the Master's port it hands to every pod as MASTER_PORT
+OPERATOR_ENV = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK"}
+VAR_REF = re.compile(r"\$\((\w+)\)")  # what the kubelet expands in command and args
+
+
+def load_training() -> list[tuple[str, dict]]:
+    return [
+        (f"training/{path.name}", doc)
+        for path in sorted(TRAINING.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+
+
+def configmaps_documented() -> dict[str, set[str]]:
+    """ConfigMaps infra/README.md has one create by hand (`create configmap NAME --from-file=KEY=...`), with their keys."""
+    readme = (INFRA / "README.md").read_text()
+    return {
+        m[1]: set(re.findall(r"--from-file=([\w.-]+)=", m[2]))
+        for m in re.finditer(r"create configmap ([\w-]+)((?:\s+--from-file=\S+)+)", readme)
+    }
+
+
+def pytorchjob_problems(job: dict, where: str, *, config: dict[str, str], **context: Any) -> list[str]:
+    """A PyTorchJob whose master runs the retrain flow and whose workers run, as the operator's later
+    nodes, what the flow's train task runs as node 0 (components/training/distributed.py), on the
+    same job directory of the same workspace volume, with one GPU per process."""
+    from components.training.distributed import TRAIN_JOB, Rendezvous, torchrun_command
+
+    problems: list[str] = []
+    spec = job["spec"]
+    nproc = int(spec.get("nprocPerNode", 1))
+    replicas = spec["pytorchReplicaSpecs"]
+    if set(replicas) != {"Master", "Worker"} or replicas["Master"].get("replicas") != 1:
+        problems.append(f"{where}: needs one Master (the flow, node 0) and Workers (the other nodes)")
+        return problems
+    if (spec.get("runPolicy") or {}).get("cleanPodPolicy") != "Running":
+        problems.append(f"{where}: runPolicy.cleanPodPolicy must be Running: workers would wait on after the master")
+    workspace = config["MNEMO_WORKSPACE"]
+    containers = {}
+    for kind, replica in replicas.items():
+        pod, at = replica["template"]["spec"], f"{where}: {kind}"
+        [container] = pod["containers"]
+        containers[kind] = container
+        problems += container_problems(container, pod, at, **context)
+        if container["name"] != OPERATOR_CONTAINER:
+            problems.append(
+                f"{at}: the container must be named {OPERATOR_CONTAINER!r}: the operator sets its rendezvous"
+            )
+        if replica.get("restartPolicy") != "Never":
+            problems.append(f"{at}: restartPolicy must be Never: a failed rank fails the retrain, the next one resumes")
+        resources = container.get("resources", {})
+        gpus = [resources.get(part, {}).get("nvidia.com/gpu") for part in ("requests", "limits")]
+        if gpus != [nproc, nproc]:
+            problems.append(f"{at}: nvidia.com/gpu requests and limits {gpus}, but nprocPerNode is {nproc}")
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in pod.get("volumes", [])
+            if "persistentVolumeClaim" in v
+        }
+        mounted = {claims.get(m["name"]): m["mountPath"] for m in container.get("volumeMounts", [])}
+        if mounted.get("mnemo-workspace") != workspace:
+            problems.append(
+                f"{at}: the workspace volume must be mounted at MNEMO_WORKSPACE ({workspace}) on every node"
+            )
+        given = OPERATOR_ENV | {e["name"] for e in container.get("env", [])}
+        given |= {
+            k for s in container.get("envFrom", []) for k in context["configmaps"].get(s["configMapRef"]["name"], ())
+        }
+        for name in VAR_REF.findall(" ".join(container.get("command", []) + container.get("args", []))):
+            if name not in given:
+                problems.append(f"{at}: $({name}) is set neither by the operator nor in the container's environment")
+
+    master = containers["Master"]
+    if master.get("command") != ["mnemo", "retrain"]:
+        problems.append(f"{where}: Master: must run the retrain flow (mnemo retrain), found {master.get('command')}")
+    if OPERATOR_PORT not in {p.get("name") for p in master.get("ports", [])}:
+        problems.append(f"{where}: Master: no port named {OPERATOR_PORT}: the operator has no MASTER_PORT to hand out")
+    params = next((e.get("value") for e in master.get("env", []) if e["name"] == "MNEMO_PARAMS"), None)
+    volumes = {v["name"]: v for v in replicas["Master"]["template"]["spec"].get("volumes", [])}
+    files = {
+        f"{m['mountPath']}/{key}"
+        for m in master.get("volumeMounts", [])
+        if "configMap" in volumes.get(m["name"], {})
+        for key in context["configmaps"].get(volumes[m["name"]]["configMap"]["name"], ())
+    }
+    if params not in files:
+        problems.append(f"{where}: Master: MNEMO_PARAMS ({params}) is no file of a mounted params ConfigMap")
+
+    worker = containers["Worker"]
+    node_0 = torchrun_command(Path(workspace) / TRAIN_JOB, nproc, Rendezvous(2, "master", 1))
+    command = [
+        VAR_REF.sub(lambda m: config.get(m[1], m[0]), a) for a in worker.get("command", []) + worker.get("args", [])
+    ]
+    flags = dict(a.split("=", 1) for a in command if a.startswith("--"))
+    operator = {
+        "--nnodes": "$(PET_NNODES)",
+        "--node-rank": "$(PET_NODE_RANK)",
+        "--master-addr": "$(MASTER_ADDR)",
+        "--master-port": "$(MASTER_PORT)",
+        "--nproc-per-node": "$(PET_NPROC_PER_NODE)",
+    }
+    if (
+        command[:3] != ["python", *node_0[1:3]]
+        or [a for a in command if not a.startswith("--")][3:] != [a for a in node_0 if not a.startswith("--")][3:]
+    ):
+        problems.append(
+            f"{where}: Worker: must run {' '.join(node_0[1:3])} ... {' '.join(node_0[-3:])}, as the flow's node 0"
+        )
+    if {k: flags.get(k) for k in operator} != operator or set(flags) - {"--rdzv-conf"} != {
+        a.split("=", 1)[0] for a in node_0 if a.startswith("--")
+    }:
+        problems.append(f"{where}: Worker: torchrun's flags must be node 0's, with the operator's values {operator}")
+    return problems
+
+
+def _training_context(k8s_context: dict[str, Any], known_env: set[str]) -> dict[str, Any]:
+    args = _k8s_args(k8s_context, known_env)
+    args["configmaps"] = args["configmaps"] | configmaps_documented()
+    claims = {doc["metadata"]["name"] for _, doc in k8s_context["docs"] if doc["kind"] == "PersistentVolumeClaim"}
+    [config] = [
+        doc["data"]
+        for _, doc in k8s_context["docs"]
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "mnemo-config"
+    ]
+    return args | {"claims": claims, "config": config}
+
+
+def test_the_pytorchjob_runs_the_flow_on_its_master_and_the_flows_torchrun_on_its_workers(k8s_context, known_env):
+    [(file, job)] = load_training()
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+    assert_none(pytorchjob_problems(job, file, **_training_context(k8s_context, known_env)))
+    assert "mnemo-train-params" in configmaps_documented()  # the README says how to create it
+    assert "kubectl create -k infra/k8s/training/" in (INFRA / "README.md").read_text()
+
+
+def test_the_training_kustomization_names_the_project_image_as_the_main_one(k8s_context):
+    training = yaml.safe_load((TRAINING / "kustomization.yaml").read_text())
+    main = k8s_context["kustomization"]
+    assert training["namespace"] == main["namespace"]
+    assert training["images"] == [i for i in main["images"] if i["name"] == PROJECT_IMAGE_K8S]
+    assert sorted(training["resources"]) == sorted(
+        p.name for p in TRAINING.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+
+
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl is not installed: the kustomize build is not checked"
+)
+def test_kustomize_builds_the_pytorchjob_with_the_project_image(k8s_context):
+    built = subprocess.run(["kubectl", "kustomize", str(TRAINING)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    [job] = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+    entry = next(i for i in k8s_context["kustomization"]["images"] if i["name"] == PROJECT_IMAGE_K8S)
+    images = {
+        c["image"] for r in job["spec"]["pytorchReplicaSpecs"].values() for c in r["template"]["spec"]["containers"]
+    }
+    assert images == {f"{entry['newName']}:{entry['newTag']}"}
+    assert job["metadata"]["namespace"] == k8s_context["kustomization"]["namespace"]
+
+
+def _worker(job: dict) -> dict:
+    return job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+
+
+def _master(job: dict) -> dict:
+    return job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "expected"),
+    [
+        (
+            lambda j: _worker(j)["args"].__setitem__(-2, "components.training.loop"),
+            "Worker: must run -m torch.distributed.run",
+        ),
+        (lambda j: _worker(j)["args"].__setitem__(-1, "/tmp/train-job"), "Worker: must run -m torch.distributed.run"),
+        (lambda j: _worker(j)["args"].remove("--node-rank=$(PET_NODE_RANK)"), "torchrun's flags must be node 0's"),
+        (
+            lambda j: _worker(j)["args"].__setitem__(0, "--nnodes=$(PET_NODES)"),
+            "$(PET_NODES) is set neither by the operator",
+        ),
+        (lambda j: j["spec"].__setitem__("nprocPerNode", "8"), "but nprocPerNode is 8"),
+        (lambda j: _master(j).__setitem__("ports", []), "no port named pytorchjob-port"),
+        (lambda j: _master(j).__setitem__("command", ["mnemo", "reindex"]), "must run the retrain flow"),
+        (
+            lambda j: _master(j)["env"][0].__setitem__("value", "/app/params.yaml"),
+            "MNEMO_PARAMS (/app/params.yaml) is no file",
+        ),
+        (lambda j: _worker(j)["volumeMounts"][0].__setitem__("mountPath", "/data"), "mounted at MNEMO_WORKSPACE"),
+        (lambda j: _worker(j).__setitem__("name", "trainer"), "must be named 'pytorch'"),
+        (lambda j: j["spec"]["runPolicy"].pop("cleanPodPolicy"), "cleanPodPolicy must be Running"),
+    ],
+)
+def test_a_pytorchjob_that_would_not_train_as_the_flow_does_is_reported(spoil, expected, k8s_context, known_env):
+    [(file, job)] = load_training()
+    spoil(job)
+    problems = pytorchjob_problems(job, file, **_training_context(k8s_context, known_env))
     assert any(expected in p for p in problems), problems
