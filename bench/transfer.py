@@ -251,7 +251,7 @@ def main() -> None:
     base = load_params(args.params)
     epochs = {"train.epochs": args.epochs} if args.epochs is not None else {}
     named = [parse_variant(v) for v in args.variant] or [("params", {})]
-    overrides = {name: o | epochs for name, o in named}
+    overrides = {name: epochs | o for name, o in named}  # a variant may set its own epochs
     variants = {name: with_overrides(base, o) for name, o in overrides.items()}  # a bad key fails before training
     start = time.perf_counter()
     report: dict = {
