@@ -551,7 +551,7 @@ def deploy(
         str | None,
         typer.Option(
             "--retrain-pool",
-            help="With --work-pool: the pool for retrain/scheduled, e.g. a GPU pool (default: --work-pool).",
+            help="With --work-pool: the pool for retrain/scheduled and backfill/compat (they embed images), e.g. a GPU pool (default: --work-pool).",
         ),
     ] = None,
     image: Annotated[

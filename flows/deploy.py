@@ -8,6 +8,9 @@ in its own process, or registered to work pools by `mnemo deploy --work-pool` fo
 - ingest/inbox: every schedule.inbox_interval seconds; at most one at a time. An overlapping
   scan is cancelled (CANCEL_NEW): the running one, or the next tick, picks up the same inbox.
 - rollback/operator: no schedule; triggered from the UI, the API or `prefect deployment run`.
+- backfill/compat: no schedule; the retrain flow runs the backfill itself after a compatible
+  promotion, this deployment carries one on (e.g. after a killed run) from the UI or the API.
+  At most one at a time; a second is cancelled (the running one finishes the table).
 
 The deployments carry the params read at `mnemo deploy` time as their default parameters,
 so every run records the exact configuration it ran with. Served deployments also carry the
@@ -31,6 +34,7 @@ from prefect.types.entrypoint import EntrypointType
 
 from components.config import Params
 from components.workspace import Workspace
+from flows.backfill import backfill
 from flows.ingest import ingest
 from flows.retrain import retrain
 from flows.rollback import rollback
@@ -38,11 +42,13 @@ from flows.rollback import rollback
 RETRAIN = "retrain/scheduled"
 INGEST = "ingest/inbox"
 ROLLBACK = "rollback/operator"
+BACKFILL = "backfill/compat"
+EMBEDDING = (RETRAIN, BACKFILL)  # the deployments whose runs embed images: the GPU pool's, when there is one
 TAGS = ["mnemo"]
 
 
 def build_deployments(params: Params, ws: Workspace | None) -> list[RunnerDeployment]:
-    """The three deployments, schedules and concurrency limits from params; the workspace as a
+    """The four deployments, schedules and concurrency limits from params; the workspace as a
     parameter, or (ws None) left to each run's MNEMO_WORKSPACE, for runs on other machines."""
     defaults: dict[str, object] = {"params": params.model_dump(mode="json")}
     if ws is not None:
@@ -75,6 +81,14 @@ def build_deployments(params: Params, ws: Workspace | None) -> list[RunnerDeploy
                 description="Move the champion back to the previous one (or parameter `to`).",
                 **common,
             ),
+            backfill.to_deployment(
+                BACKFILL.split("/")[1],
+                concurrency_limit=ConcurrencyLimitConfig(
+                    limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+                ),
+                description="Re-embed the champion's rows an older compatible model embedded (or parameter `version`).",
+                **common,
+            ),
         ],
     )
 
@@ -100,8 +114,8 @@ class Registered:
 def register_deployments(
     deployments: list[RunnerDeployment], work_pool: str, *, retrain_pool: str | None = None, image: str | None = None
 ) -> list[Registered]:
-    """Register the deployments to work pools instead of serving them: retrain to `retrain_pool`
-    (a GPU pool) when given, the others to `work_pool`. Every pool is checked first, so nothing
+    """Register the deployments to work pools instead of serving them: retrain and backfill (they embed
+    images) to `retrain_pool` (a GPU pool) when given, the others to `work_pool`. Every pool is checked first, so nothing
     is registered when one is missing or cannot run the image. Where the retrain's pool offers a
     `gpus` job variable (infra/k8s/work-pools/gpu.json), its jobs ask for train.devices GPUs."""
     pools = {work_pool, retrain_pool or work_pool}
@@ -111,7 +125,7 @@ def register_deployments(
         _check_image(found_pool, image)
     registered = []
     for deployment in deployments:
-        pool = retrain_pool if retrain_pool and deployment.full_name == RETRAIN else work_pool
+        pool = retrain_pool if retrain_pool and deployment.full_name in EMBEDDING else work_pool
         if deployment.full_name == RETRAIN and "gpus" in _variables(found[pool]):
             # One GPU per training process: the job asks for train.devices of the params it carries.
             deployment.job_variables["gpus"] = deployment.parameters["params"]["train"]["devices"]

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from components.config import with_overrides
 from flows.cli import app
-from flows.deploy import INGEST, RETRAIN, ROLLBACK
+from flows.deploy import BACKFILL, INGEST, RETRAIN, ROLLBACK
 from tests.conftest import REPO
 
 TEMPLATES = REPO / "infra" / "k8s" / "work-pools"
@@ -32,7 +32,7 @@ def create_pool(name: str, kind: str, template: dict) -> None:
 
 def deployments() -> dict[str, DeploymentResponse]:
     with get_client(sync_client=True) as client:
-        return {name: client.read_deployment_by_name(name) for name in (RETRAIN, INGEST, ROLLBACK)}
+        return {name: client.read_deployment_by_name(name) for name in (RETRAIN, INGEST, ROLLBACK, BACKFILL)}
 
 
 def deploy(params_file: Path, *args: str, env: dict[str, str] | None = None):
@@ -73,6 +73,7 @@ def test_retrain_goes_to_the_gpu_pool_with_a_gpu_per_device_and_jobs_run_the_ima
         RETRAIN: "mnemo-gpu",
         INGEST: "mnemo-cpu",
         ROLLBACK: "mnemo-cpu",
+        BACKFILL: "mnemo-gpu",  # it embeds images, as a retrain does
     }
     assert d[RETRAIN].job_variables == {"image": IMAGE, "gpus": 4}  # gpu.json's job asks for them
     assert d[INGEST].job_variables == d[ROLLBACK].job_variables == {"image": IMAGE}

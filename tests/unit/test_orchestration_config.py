@@ -68,8 +68,10 @@ def test_deployments_take_schedules_and_concurrency_from_params(params, ws):
 
     from flows.deploy import build_deployments
 
-    retrain, ingest, rollback = build_deployments(params, ws)
-    assert [d.name for d in (retrain, ingest, rollback)] == ["scheduled", "inbox", "operator"]
+    retrain, ingest, rollback, backfill = build_deployments(params, ws)
+    assert [d.name for d in (retrain, ingest, rollback, backfill)] == ["scheduled", "inbox", "operator", "compat"]
+    assert not backfill.schedules  # the retrain flow starts the backfill; the deployment carries one on
+    assert backfill.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
     assert retrain.schedules[0].schedule.cron == params.schedule.retrain_cron
     assert ingest.schedules[0].schedule.interval == timedelta(seconds=params.schedule.inbox_interval)
     assert not rollback.schedules  # triggered by people, never by the clock
