@@ -105,3 +105,41 @@ def test_a_hot_add_is_found_after_a_refresh_and_a_rollback_hides_nothing(live_ws
     assert pair is not None and (pair.version, pair.table_name) == ("1", "embeddings_v1")
     assert pair.graph is not None and pair.graph.rows == pair.rows() == len(records)
     assert [h[0]["id"] for h in pair.query(images, 1)] == [r.id for r in records]
+
+
+def test_the_graph_follows_a_backfill_each_tenth_of_its_rows_and_at_its_end(live_ws, params):
+    import copy
+
+    import torch
+
+    from components.registry.mlflow_registry import ModelRegistry
+    from components.vectors import backfill
+    from components.vectors.compat import start_compatible_table
+
+    ws, records = live_ws, Catalog.load(live_ws.catalog).records()
+    registry = ModelRegistry(ws, params.registry)
+    new = copy.deepcopy(registry.load_embedder("1"))
+    with torch.no_grad():  # another model near v1: its own vectors of every image differ from v1's
+        for p in new.parameters():
+            p.add_(1e-2 * torch.randn_like(p))
+    version = registry.log_candidate(new, params={}, metrics={}, epoch_metrics={}, arrivals=["a0"]).version
+    built = start_compatible_table(ws, params.index, version, new, ("1", "embeddings_v1"), records)
+    tbl = connect(ws).open_table(built.table)
+    graph = ServingGraph.build(ws, built.table, params.serve, params.index)
+    [first, second] = backfill.pending_batches(tbl, version, [], rows=3, batches=2)  # 3 rows: 5% of 60
+
+    def own_distance(record) -> float:
+        [vector] = backfill.embed_batch(ws, new, [record], params.index, version)["vector"].to_numpy(
+            zero_copy_only=False
+        )
+        [hits] = graph.search(np.asarray([vector], dtype=np.float32), 1)
+        return hits[0]["distance"] if hits[0]["id"] == record.id else float("inf")
+
+    backfill.commit_batch(ws, tbl, backfill.embed_batch(ws, new, first, params.index, version), params.index, version)
+    assert graph.catch_up() == 0 and own_distance(first[0]) > 1e-4  # under a tenth: the graph keeps what it read
+    for batch in [second, *backfill.pending_batches(tbl, version, [], rows=60, batches=1)]:
+        backfill.commit_batch(
+            ws, tbl, backfill.embed_batch(ws, new, batch, params.index, version), params.index, version
+        )
+    assert graph.catch_up() == len(records)  # the end: read again whole
+    assert all(own_distance(r) < 1e-4 for r in (*first, *second))  # every row now the new model's own vector
