@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import torch
+from mlflow.exceptions import MlflowException
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -95,7 +96,10 @@ def backfill(params: Params, workspace: str | None = None, version: str | None =
     """Re-embed the rows of `version`'s table (default: the champion's) that an older model embedded."""
     ws = resolve_workspace(params, workspace)
     registry = ModelRegistry(ws, params.registry)
-    target = registry.get(version) if version is not None else registry.champion()
+    try:
+        target = registry.get(version) if version is not None else registry.champion()
+    except MlflowException:
+        raise LookupError(f"{registry.name} has no version {version!r}") from None
     if target is None or not target.table:
         raise LookupError("no champion with a table to backfill" if version is None else f"v{version} has no table")
     with writer_lock(ws, f"backfill v{target.version}", lock_file=BACKFILL_LOCK_FILE):
