@@ -240,7 +240,9 @@ def retrain(params: Params, workspace: str | None = None) -> RetrainSummary:
 def _retrain(params: Params, ws: Workspace) -> RetrainSummary:
     start = time.perf_counter()
     ingested = [r.arrival for r in ingest_pending(ws, params) if r.status == "ingested"]
-    catch_up(ws, params)  # the ingest flow's task: what was stored is queryable at once
+    caught = catch_up(ws, params)  # the ingest flow's task: what was stored is queryable at once
+    if caught.older_rows:  # a backfill cut short (killed): finished first, so the live table is one model's again
+        backfill(params, str(ws.root))
     catalog = Catalog.load(ws.catalog)
     champion, champion_model, latest = load_models(ws, params)
     plan = plan_retrain(catalog, champion, latest)

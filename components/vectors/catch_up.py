@@ -35,6 +35,7 @@ from components.vectors.tables import (
     has_embedded_by,
     ids_present,
     marked_seq,
+    older_rows,
     references_base,
     set_vector_metadata,
     vector_metadata,
@@ -53,14 +54,17 @@ class CatchUp:
     # catalog entries compared with the table: those recorded since its mark (what an arrival
     # costs), or the whole catalog once for a table whose mark the catalog does not recognise
     checked: int = 0
+    # rows of a compatible table still its predecessor's (a backfill has them to do; one cut short
+    # by a kill is resumed by the next retrain)
+    older_rows: int = 0
 
     @property
     def added(self) -> int:
         return len(self.appended)
 
     def to_dict(self) -> dict:
-        """What `mnemo ingest --json` prints under "hot_add": version, table, added, checked, seconds."""
-        return {k: getattr(self, k) for k in ("version", "table", "added", "checked", "seconds")}
+        """What `mnemo ingest --json` prints under "hot_add": version, table, added, checked, seconds, older_rows."""
+        return {k: getattr(self, k) for k in ("version", "table", "added", "checked", "seconds", "older_rows")}
 
 
 def catch_up(
@@ -86,7 +90,14 @@ def catch_up(
     if missing:  # readers mid-query keep their version's files
         settle(tbl, params)
     seconds = time.perf_counter() - start
-    return CatchUp(version=str(version), table=tbl.name, appended=tuple(missing), seconds=seconds, checked=checked)
+    return CatchUp(
+        version=str(version),
+        table=tbl.name,
+        appended=tuple(missing),
+        seconds=seconds,
+        checked=checked,
+        older_rows=older_rows(tbl, str(version)),
+    )
 
 
 def _missing(tbl: lancedb.table.Table, catalog: Catalog) -> tuple[list[ImageRecord], int, str | None]:

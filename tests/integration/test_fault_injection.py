@@ -198,8 +198,9 @@ def test_every_crash_is_recovered(crash_params, tmp_path):
 
 def test_a_killed_backfill_resumes_and_loses_nothing(crash_params, tmp_path):
     """A compatible promotion's backfill killed after a committed batch (inside `mnemo retrain`), then
-    killed again before committing one (inside `mnemo backfill`): the live table answers throughout,
-    status says how many rows are still the older model's, and `mnemo backfill` finishes the job."""
+    killed again before committing one and after one (inside `mnemo backfill`): the live table answers
+    throughout, status says how many rows are still the older model's, and the next retrain finishes
+    the job before anything else."""
     params = with_overrides(
         crash_params,
         {"compat.mode": "bct", "compat.backfill_rows": 8, "gate.min_compat_gain": -1.0},  # the path under test
@@ -236,8 +237,13 @@ def test_a_killed_backfill_resumes_and_loses_nothing(crash_params, tmp_path):
         left = status["older_rows"]
         killed("backfill-embed", "backfill")  # before its first commit: nothing changes
         assert mnemo("status")["champion"]["older_rows"] == left
-        done = mnemo("backfill")
-        assert done["finished"] and done["done"] == left and done["remaining"] == 0
+        killed("backfill-batch-committed", "backfill")  # one more batch landed
+        assert mnemo("status")["champion"]["older_rows"] == left - 8
+        resumed = mnemo("retrain")  # nothing new: it finishes the backfill before anything else
+        assert resumed["status"] == "nothing_new", resumed
+        assert mnemo("status")["champion"]["older_rows"] == 0
+        done = mnemo("backfill")  # and a backfill by hand finds nothing left
+        assert done["finished"] and done["done"] == 0 and done["remaining"] == 0
     assert reader.answers > 20 and not reader.failures, reader.failures[:5]
     status = mnemo("status")["champion"]
     assert (status["older_rows"], status["table_rows"], status["missing_rows"]) == (0, rows, 0)
