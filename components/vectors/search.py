@@ -72,18 +72,20 @@ def _hits(rows: list[dict[str, Any]]) -> list[Hit]:
 
 
 def search_table(
-    tbl: lancedb.table.Table, vectors: np.ndarray, k: int, params: IndexParams | None = None
+    tbl: lancedb.table.Table, vectors: np.ndarray, k: int, params: IndexParams | None = None, exact: bool = False
 ) -> list[list[Hit]]:
     """The k nearest rows (cosine distance) for each query vector, nearest first.
 
     With an ANN index, params' nprobes and refine_factor apply; rows appended since the index
     was built are searched exactly alongside it, so caught-up images are found at once.
+    `exact`: every row compared, the ANN index bypassed (what the store holds, not what the index finds).
     """
-    # A vector makes search() a vector query builder; its declared type is the base class.
-    return [
-        _hits(_tuned(cast(LanceVectorQueryBuilder, tbl.search(v, vector_column_name=VECTOR)), k, params).to_list())
-        for v in np.asarray(vectors, dtype=np.float32)
-    ]
+    found = []
+    for v in np.asarray(vectors, dtype=np.float32):
+        # A vector makes search() a vector query builder; its declared type is the base class.
+        query = _tuned(cast(LanceVectorQueryBuilder, tbl.search(v, vector_column_name=VECTOR)), k, params)
+        found.append(_hits((query.bypass_vector_index() if exact else query).to_list()))
+    return found
 
 
 class AsyncLoop:

@@ -117,7 +117,8 @@ def verify_table(ws: Workspace, tbl: lancedb.table.Table, params: IndexParams) -
     Every data file reads; the table holds at least the rows its completeness mark promises (one
     per image the catalog recorded up to it); every stored vector is read and finite; and
     `params.probes` rows, spread over the table, find themselves when their own stored vectors are
-    searched as readers search. No model is loaded: the store is under test, not the embedder
+    searched as readers search (or, where the ANN index's approximation ranks another row first,
+    by exact search: the index's recall is checked when it is built). No model is loaded: the store is under test, not the embedder
     (validate_table and the smoke test are). Raises TableDamaged naming the table and what is wrong.
     """
     rows = check_readable(tbl)
@@ -135,6 +136,15 @@ def verify_table(ws: Workspace, tbl: lancedb.table.Table, params: IndexParams) -
         if bad:
             raise TableDamaged(tbl.name, f"holds {bad} non-finite vector(s)")
         hits = search_table(tbl, vectors, min(5, rows), with_table_settings(tbl.schema, params)) if ids else []
+        missed = [j for j, (i, h) in enumerate(zip(ids, hits)) if not finds_itself(i, h)]
+        if len(missed) > len(ids) // 2:  # beyond what an approximate index misses: it cannot answer
+            raise TableDamaged(
+                tbl.name, f"cannot answer: its ANN index finds {len(ids) - len(missed)} of {len(ids)} probe rows"
+            )
+        if missed:  # an ANN index approximates (quantised distances, recall checked at build): ask exactly
+            exact = search_table(tbl, vectors[missed], min(5, rows), params, exact=True)
+            for j, h in zip(missed, exact):
+                hits[j] = h
     lost = [i for i, h in zip(ids, hits) if not finds_itself(i, h)]
     if lost:
         raise TableDamaged(
