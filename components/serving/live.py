@@ -152,6 +152,7 @@ class LiveIndex:
         self._models: OrderedDict[str, Forward] = OrderedDict()
         self._tables: dict[str, TableReader] = {}
         self._aliases: dict[str, str] = {}
+        self._challenger: tuple[tuple[str, str], LivePair] | None = None  # (version, table), its pair
         self._resolving = threading.Lock()  # one resolver at a time; readers never wait on it
         self.damage: str | None = None  # why the champion could not be opened at the last refresh
         self._stop = threading.Event()
@@ -201,7 +202,26 @@ class LiveIndex:
             log.info("live pair: v%s with table %s", pair.version, pair.table_name)
             return pair
 
-    def _open(self, version: str, name: str) -> LivePair:
+    def challenger(self) -> tuple[LivePair | None, str]:
+        """The pair a promotion would bring in: the `challenger` alias's version when it is not the
+        champion and has a table, else the newest other version with a table; (None, why) when there is
+        none. Opened as the champion's pair is (proved readable), cached while the aliases stand still."""
+        champion = self.current()
+        aliases = self._registry.aliases()
+        named = aliases.get(CHALLENGER)
+        found = self._registry.get(named, with_metrics=False) if named and named != champion.version else None
+        if found is None or not found.table:
+            others = [v for v in self._registry.versions() if v.version != champion.version and v.table]
+            found = others[-1] if others else None
+        if found is None or not found.table:
+            return None, f"no challenger: no version but the champion v{champion.version} has a table"
+        key = (found.version, found.table)
+        if self._challenger is None or self._challenger[0] != key:
+            with self._resolving:
+                self._challenger = (key, self._open(found.version, found.table, graph=False))
+        return self._challenger[1], ""
+
+    def _open(self, version: str, name: str, *, graph: bool = True) -> LivePair:
         """The champion's pair (its version, its table's name), or DamagedPair naming what cannot
         answer: the table missing or a data file unreadable (tables.check_readable: each file's
         footer and first page, not every row), its rows written by another model, its model's
@@ -227,7 +247,7 @@ class LiveIndex:
             table=table,
             since=datetime.now(UTC),
             forward=forward,
-            graph=self._graph(name),
+            graph=self._graph(name) if graph else None,
         )
 
     def _model(self, version: str) -> Forward:
