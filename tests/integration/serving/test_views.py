@@ -39,7 +39,9 @@ def test_history_marks_promotions_rollbacks_and_rejections_and_is_cached(live_ws
         assert client.get("/history").headers["x-cache"] == "hit"  # nothing moved: not read again
         Promoter(live_ws, params.registry, params.index).promote("2", reason="test: again")
         again = client.get("/history")
-        assert again.headers["x-cache"] == "miss" and {v["version"]: v for v in again.json()["versions"]}["2"]["champion"]
+        assert (
+            again.headers["x-cache"] == "miss" and {v["version"]: v for v in again.json()["versions"]}["2"]["champion"]
+        )
 
 
 def test_the_map_projects_the_same_images_for_champion_and_challenger_once_per_table_version(live_ws, params):
