@@ -102,3 +102,12 @@ def test_without_a_challenger_compare_says_so_and_progress_shows_nothing(live_ws
         m = client.get("/map").json()
         assert m["challenger"] is None and "no challenger" in m["note"]
         assert client.get("/progress").json()["running"] is False
+
+
+def test_history_map_and_progress_take_nothing_from_the_client(live_ws, params):
+    """Nothing a client sends can become a path: these endpoints take no parameter and no body."""
+    openapi = client_for(live_ws, params).app.openapi()
+    for path in ("/history", "/map", "/progress"):
+        operation = openapi["paths"][path]["get"]
+        assert not operation.get("parameters") and "requestBody" not in operation
+        assert "application/json" in operation["responses"]["200"]["content"]
