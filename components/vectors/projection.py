@@ -1,5 +1,6 @@
-"""The embedding map: a fixed sample of a table's rows projected to 2-D (PCA by default; UMAP when the
-optional `umap-learn` is installed), for people to see where classes and arrivals land.
+"""The embedding map: a fixed sample of a table's rows projected to 2-D by PCA, for people to see where
+classes and arrivals land. (UMAP is not offered: no extra pins umap-learn yet; `Method` is where it
+would be named.)
 
 Bounded whatever the table's size: at most `sample` rows are read (random row offsets, then only those
 rows), so the cost is the count, one `take` of `sample` rows and an SVD of a sample x dim matrix; at 1M
@@ -10,7 +11,6 @@ version (a catch-up, a backfill batch) gets a new map, a reader of an unchanged 
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +26,7 @@ from components.workspace import Workspace
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-Method = Literal["pca", "umap"]
+Method = Literal["pca"]
 SAMPLE = 2000  # rows on a map: enough to see every class of the demo, few enough for a browser to draw
 SEED = 0  # the same rows for the same table size: maps of two tables compare like with like
 
@@ -54,10 +54,6 @@ class EmbeddingMap(BaseModel):
     points: list[MapPoint]
 
 
-def umap_available() -> bool:
-    return importlib.util.find_spec("umap") is not None
-
-
 def sample_offsets(rows: int, sample: int, seed: int = SEED) -> np.ndarray:
     """`sample` distinct row positions of a table of `rows` rows, sorted (all of them when it is smaller)."""
     if rows <= sample:
@@ -66,15 +62,10 @@ def sample_offsets(rows: int, sample: int, seed: int = SEED) -> np.ndarray:
 
 
 def project(vectors: np.ndarray, method: Method = "pca") -> tuple[np.ndarray, list[float]]:
-    """(n x 2 coordinates, the share of variance each PCA axis explains: empty for UMAP)."""
+    """(n x 2 coordinates, the share of the sample's variance each axis explains)."""
     x = np.asarray(vectors, dtype=np.float64)
     if len(x) == 0:
         return np.zeros((0, 2)), []
-    if method == "umap":
-        import umap  # the optional extra: `pip install mnemo[map]`
-
-        coords = umap.UMAP(n_components=2, random_state=SEED, metric="cosine").fit_transform(x)
-        return np.asarray(coords, dtype=np.float64), []
     centred = x - x.mean(axis=0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     axes = vt[:2]
