@@ -408,8 +408,8 @@ class ModelRegistry:
         )
 
     def history_stamp(self) -> tuple:
-        """What changes whenever the history can: every version's last update (tags, verdicts, tables),
-        the aliases and the promotion log's newest run; three cheap calls, for caching history()."""
+        """What changes whenever the history can: every version, its last update and its tags (verdicts,
+        tables), the aliases and the promotion log's newest run; four cheap calls, for caching history()."""
         found = self.client.search_model_versions(f"name = '{self.name}'")
         experiment = self.client.get_experiment_by_name(self.log.experiment)
         newest = (
@@ -418,7 +418,12 @@ class ModelRegistry:
             else []
         )
         return (
-            tuple(sorted((str(mv.version), mv.last_updated_timestamp or 0) for mv in found)),
+            # tags too: setting one (a verdict, a table) does not move a version's last_updated_timestamp
+            tuple(
+                sorted(
+                    (str(mv.version), mv.last_updated_timestamp or 0, tuple(sorted(mv.tags.items()))) for mv in found
+                )
+            ),
             tuple(sorted(self.aliases().items())),
             tuple((r.info.run_id, r.info.status) for r in newest),
         )

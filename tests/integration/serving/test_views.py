@@ -24,24 +24,26 @@ def test_history_marks_promotions_rollbacks_and_rejections_and_is_cached(live_ws
     promoter.promote("2", reason="test: v2 is better")
     promoter.rollback(reason="test: v2 misbehaves")
     registry = ModelRegistry(live_ws, params.registry)
-    rejected = register_random(live_ws, params, seed=3, gated=False)
-    registry.set_tag(rejected, VERDICT_TAG, "reject")
+    rejected = register_random(live_ws, params, seed=3, gated=False)  # registered; the gate has not ruled yet
     with client_for(live_ws, params) as client:
         first = client.get("/history")
         assert first.status_code == 200 and first.headers["x-cache"] == "miss"
-        body = first.json()
+        assert first.json()["versions"][-1]["verdict"] is None
+        assert client.get("/history").headers["x-cache"] == "hit"  # nothing moved: not read again
+        registry.set_tag(rejected, VERDICT_TAG, "reject")  # the gate rules: the history is read again
+        ruled = client.get("/history")
+        assert ruled.headers["x-cache"] == "miss"
+        body = ruled.json()
         versions = {v["version"]: v for v in body["versions"]}
         assert list(versions) == ["1", "2", rejected]
         assert versions["2"]["promoted"] and not versions["2"]["champion"]
         assert versions["1"]["rolled_back_to"] and versions["1"]["champion"]
         assert versions[rejected]["verdict"] == "reject" and not versions[rejected]["promoted"]
         assert [(e["kind"], e["to_version"]) for e in body["events"]] == [("promote", "2"), ("rollback", "1")]
-        assert client.get("/history").headers["x-cache"] == "hit"  # nothing moved: not read again
         Promoter(live_ws, params.registry, params.index).promote("2", reason="test: again")
         again = client.get("/history")
-        assert (
-            again.headers["x-cache"] == "miss" and {v["version"]: v for v in again.json()["versions"]}["2"]["champion"]
-        )
+        assert again.headers["x-cache"] == "miss"
+        assert {v["version"]: v for v in again.json()["versions"]}["2"]["champion"]
 
 
 def test_the_map_projects_the_same_images_for_champion_and_challenger_once_per_table_version(live_ws, params):
