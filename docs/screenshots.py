@@ -25,10 +25,11 @@ import uvicorn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components.config import load_params, resolve_workspace  # noqa: E402
+from components.config import load_params  # noqa: E402
 from components.data.catalog import Catalog  # noqa: E402
 from components.serving.app import create_app  # noqa: E402
 from components.serving.live import LiveIndex  # noqa: E402
+from components.workspace import resolve_workspace  # noqa: E402
 
 
 def main() -> None:
