@@ -28,7 +28,7 @@ from PIL import Image
 from components.config import IndexParams, RegistryParams, Runtime, ServeParams
 from components.modeling.embedder import Embedder
 from components.modeling.runtime import Forward, make_forward
-from components.registry.mlflow_registry import CHALLENGER, CHAMPION, ModelRegistry
+from components.registry.mlflow_registry import CHALLENGER, CHAMPION, ModelRegistry, ModelVersionInfo
 from components.vectors.graph import ServingGraph
 from components.vectors.search import AsyncLoop, Hit, TableReader
 from components.vectors.tables import TableDamaged, authorship_problem, check_readable, connect, open_table
@@ -202,19 +202,26 @@ class LiveIndex:
             log.info("live pair: v%s with table %s", pair.version, pair.table_name)
             return pair
 
-    def challenger(self) -> tuple[LivePair | None, str]:
-        """The pair a promotion would bring in: the `challenger` alias's version when it is not the
-        champion and has a table, else the newest other version with a table; (None, why) when there is
-        none. Opened as the champion's pair is (proved readable), cached while the aliases stand still."""
+    def challenger_version(self) -> tuple[ModelVersionInfo | None, str]:
+        """The version a promotion would bring in: the `challenger` alias's when it is not the champion
+        and has a table, else the newest other version with a table; (None, why) when there is none.
+        Registry reads only: nothing is opened or loaded."""
         champion = self.current()
-        aliases = self._registry.aliases()
-        named = aliases.get(CHALLENGER)
+        named = self._registry.aliases().get(CHALLENGER)
         found = self._registry.get(named, with_metrics=False) if named and named != champion.version else None
         if found is None or not found.table:
             others = [v for v in self._registry.versions() if v.version != champion.version and v.table]
             found = others[-1] if others else None
         if found is None or not found.table:
             return None, f"no challenger: no version but the champion v{champion.version} has a table"
+        return found, ""
+
+    def challenger(self) -> tuple[LivePair | None, str]:
+        """The challenger's pair (challenger_version), opened as the champion's is (proved readable, its
+        model loaded), cached while it stays the challenger; (None, why) when there is none."""
+        found, why = self.challenger_version()
+        if found is None or not found.table:
+            return None, why
         key = (found.version, found.table)
         if self._challenger is None or self._challenger[0] != key:
             with self._resolving:

@@ -106,10 +106,10 @@ def add_page(
         role; the challenger's table's map of the same images beside it. Computed once per table version."""
         pair = current()
         own, hit = embedding_map(live.ws, pair.table_name)
-        challenger, why = live.challenger()
+        challenger, why = live.challenger_version()  # its table only: its model is not needed here
         other = None
-        if challenger is not None:
-            other, other_hit = embedding_map(live.ws, challenger.table_name, like=own)
+        if challenger is not None and challenger.table:
+            other, other_hit = embedding_map(live.ws, challenger.table, like=own)
             hit = hit and other_hit
         body = MapPair(
             champion=own,
