@@ -113,3 +113,22 @@ def test_history_map_and_progress_take_nothing_from_the_client(live_ws, params):
         operation = openapi["paths"][path]["get"]
         assert not operation.get("parameters") and "requestBody" not in operation
         assert "application/json" in operation["responses"]["200"]["content"]
+
+
+def test_an_uploaded_image_is_searched_by_each_model_in_its_own_table(live_ws, params):
+    from components.data.catalog import Catalog
+
+    record = Catalog.load(live_ws.catalog).records()[7]
+    data = (live_ws.classes_dir / record.id).read_bytes()
+    with client_for(live_ws, params) as client:
+        r = client.post("/compare", files=[("image", ("mine.png", data))], data={"k": "4"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["query"] == {"upload": "mine.png"} and body["k"] == 4
+        # Each model embeds the upload and finds the stored image itself first, in its own table.
+        for side, version in (("champion", "1"), ("challenger", "2")):
+            assert body[side]["table"] == f"embeddings_v{version}"
+            assert body[side]["hits"][0]["id"] == record.id and body[side]["hits"][0]["distance"] < 1e-3
+        assert body["champion"]["hits"][0]["mark"] == "same"
+        bad = client.post("/compare", files=[("image", ("x.png", b"not an image"))])
+        assert bad.status_code == 400 and "x.png" in bad.json()["detail"]
