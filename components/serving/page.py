@@ -19,6 +19,7 @@ no row and get a 404).
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime.
 import io
 import random
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -120,12 +121,17 @@ def add_page(
         )
         return JSONResponse(body.model_dump(mode="json", by_alias=True), headers={"X-Cache": "hit" if hit else "miss"})
 
+    asking = threading.Lock()
+
     @app.get("/progress", response_model=RetrainProgress)
     def retrain_progress() -> RetrainProgress:
         """The running retrain (or one that ended in the last two minutes): its stage, epoch i of n and
         the loss so far, from Prefect's flow-run state and the MLflow run's metrics; running false
         and nothing else when none runs."""
-        return progress() if progress is not None else NOT_RUNNING
+        if progress is None:
+            return NOT_RUNNING
+        with asking:  # one question at a time: without a Prefect server the first starts a temporary one
+            return progress()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
