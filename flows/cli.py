@@ -268,7 +268,7 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
             for arrival, m in (challenger.forward_transfer.items() if challenger is not None else ())
         ),
         ("last promotion", moved),
-        ("retrain", status.retrain.line()),
+        *([("retrain", status.retrain.line())] if status.retrain.state else []),  # nothing when none runs
         *([("gate", f"v{gate['candidate']} {gate['verdict']}: " + "; ".join(gate["reasons"]))] if gate else []),
         ("arrivals", len(data.arrivals)),
         ("classes", data.classes),

@@ -21,6 +21,8 @@ from flows.retrain import retrain
 def test_progress_follows_a_real_retrain_from_start_to_promoted(params, ws, params_file):
     registry = ModelRegistry(ws, params.registry)
     assert current_retrain(ws, registry).running is False  # nothing shown when none runs
+    before = CliRunner().invoke(app, ["status", "--workspace", str(ws.root), "--params", str(params_file)])
+    assert before.exit_code == 0 and "│ retrain " not in before.stdout
     params = with_overrides(params, {"train.epochs": 3})
     fonts = discover_fonts()
     write_arrival(ws.inbox, 0, stream_classes(fonts, params.demo)[0], fonts, params.demo)
