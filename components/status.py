@@ -13,6 +13,7 @@ from components.data.catalog import Catalog
 from components.data.identity import pending_arrivals
 from components.evaluation import keys
 from components.evaluation.metrics import json_number
+from components.progress import RetrainProgress
 from components.registry.mlflow_registry import (
     COMPATIBLE_TAG,
     SMOKE_TAG,
@@ -85,6 +86,9 @@ class WorkspaceStatus(BaseModel):
     promotions: list[dict[str, Any]] = Field(description="the promotion log, newest last")
     gate: dict[str, Any] | None = Field(description="the latest gate report: verdict, reasons, metrics side by side")
     data: DataStatus
+    retrain: RetrainProgress | None = Field(
+        default=None, description="the running retrain's stage, epoch and loss (None: not looked up here)"
+    )
 
 
 def workspace_status(ws: Workspace, registry: ModelRegistry, ingest: IngestParams) -> WorkspaceStatus:

@@ -242,8 +242,11 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
     p, ws = _setup(params, workspace)
     from components.registry.mlflow_registry import ModelRegistry
     from components.status import workspace_status
+    from flows.progress import current_retrain
 
-    status = workspace_status(ws, ModelRegistry(ws, p.registry), p.ingest)
+    registry = ModelRegistry(ws, p.registry)
+    status = workspace_status(ws, registry, p.ingest)
+    status.retrain = current_retrain(ws, registry)
     champion, challenger, gate, data = status.champion, status.challenger, status.gate, status.data
     table = Table(show_header=False, title="mnemo status")
     champ = "none yet" if champion is None else _champion_line(champion)
@@ -265,6 +268,7 @@ def status(as_json: JsonOpt = False, workspace: WorkspaceOpt = None, params: Par
             for arrival, m in (challenger.forward_transfer.items() if challenger is not None else ())
         ),
         ("last promotion", moved),
+        *([("retrain", status.retrain.line())] if status.retrain.state else []),  # nothing when none runs
         *([("gate", f"v{gate['candidate']} {gate['verdict']}: " + "; ".join(gate["reasons"]))] if gate else []),
         ("arrivals", len(data.arrivals)),
         ("classes", data.classes),
@@ -534,7 +538,9 @@ def service_app() -> FastAPI:
     )
     # The key comes from the environment only: never from params.yaml, never logged.
     key = env.api_key.get_secret_value() if env.api_key else None
-    return create_app(live, p.serve, p.ingest, api_key=key)
+    from flows.progress import current_retrain
+
+    return create_app(live, p.serve, p.ingest, api_key=key, progress=lambda: current_retrain(live.ws, live.registry))
 
 
 @app.command()

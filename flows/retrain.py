@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from components.config import Params
 from components.data.catalog import Catalog, ImageRecord
@@ -28,6 +29,7 @@ from components.evaluation.forgetting import forgetting_heatmap
 from components.evaluation.gate import GateDecision, gate_markdown, gate_report
 from components.modeling.embedder import Embedder
 from components.ops.failpoints import failpoint
+from components.registry.history_plots import log_history_plots
 from components.registry.mlflow_registry import ModelRegistry, ModelVersionInfo
 from components.registry.promotion import Promoter
 from components.training.checkpoints import clear_checkpoints
@@ -70,17 +72,24 @@ def load_models(
 
 @task(cache_policy=NO_CACHE)
 def train(
-    ws: Workspace, params: Params, new: list[ImageRecord], champion: ModelVersionInfo | None, init: Embedder | None
+    ws: Workspace,
+    params: Params,
+    new: list[ImageRecord],
+    champion: ModelVersionInfo | None,
+    init: Embedder | None,
+    run_id: str,
 ) -> tuple[TrainResult, Path, Transform | None, dict[str, float]]:
     """Learn the new images with the champion's replay memory and distillation (and, as `compat.mode`
     says, compatibility with it); returns the result, its saved state, the old -> new transform when
-    one was fitted, and the step's own metrics.
+    one was fitted, and the step's own metrics. Each finished epoch's metrics go to the MLflow run
+    `run_id` at once, so the page and `mnemo status` can follow the training.
 
     On more than one device the step runs under torchrun (the job directory <workspace>/train-job, where
     the ranks of every node look); its result comes back from rank 0, and only this process registers it.
     """
     with tempfile.TemporaryDirectory(dir=ws.root) as tmp:
         state = ModelRegistry(ws, params.registry).download_state(champion.version, Path(tmp)) if champion else None
+        registry = ModelRegistry(ws, params.registry)
         prototypes = None
         if params.compat.mode == "bct" and champion is not None and champion.table:  # its classes where it put them
             table = open_table(connect(ws), ws, champion.table)
@@ -94,6 +103,7 @@ def train(
             checkpoint_dir=ws.root / CHECKPOINTS,
             job_dir=ws.root / TRAIN_JOB,
             prototypes=prototypes,
+            on_epoch=lambda epoch, metrics: registry.log_epoch(run_id, epoch, metrics),
         )
         saved = step.save_state(Path(tempfile.mkdtemp(prefix="state-", dir=ws.root)))
         return step.train, saved, step.transform, step.metrics()
@@ -135,6 +145,7 @@ def register(
     metrics: dict[str, float],
     arrivals: list[str],
     state: Path,
+    run_id: str,
 ) -> ModelVersionInfo:
     info = ModelRegistry(ws, params.registry).log_candidate(
         result.model,
@@ -144,6 +155,7 @@ def register(
         arrivals=arrivals,
         state_dir=state,  # the verdict comes with the gate report (publish_gate), once the smoke test ran
         device=params.train.device,
+        run_id=run_id,
     )
     # Registered: the checkpoints, the ranks' job directory and the local copy of the state have served their purpose.
     clear_checkpoints(ws.root / CHECKPOINTS)
@@ -230,6 +242,13 @@ def promote(ws: Workspace, params: Params, version: str, table: str) -> None:
     )
 
 
+@task(cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
+def publish_history(ws: Workspace, params: Params, version: str, champion: ModelVersionInfo | None) -> list[str]:
+    """The history (promotion included) and the embedding map as artifacts of the version's MLflow run."""
+    before = champion.table if champion else None
+    return log_history_plots(ws, ModelRegistry(ws, params.registry), version, before)
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(params: Params, workspace: str | None = None) -> RetrainSummary:
     ws = resolve_workspace(params, workspace)
@@ -250,10 +269,20 @@ def _retrain(params: Params, ws: Workspace) -> RetrainSummary:
     if nothing_to_do is not None:
         return finished(nothing_to_do)  # type: ignore[return-value]  # Prefect unwraps a returned State: callers get its data
 
-    result, state, transform, step_metrics = train(ws, params, plan.new, champion, champion_model)
-    assessment = evaluate(ws, params, catalog, result.model, champion_model, champion, transform)
-    decision = assessment.decision
-    candidate = register(ws, params, result, assessment.metrics | step_metrics, plan.arrivals, state)
+    registry = ModelRegistry(ws, params.registry)
+    run_id = registry.start_training_run(
+        run_name=f"retrain {flow_run.get_name() or ''}".strip(),
+        flow_run_id=flow_run.get_id(),
+        epochs=params.train.epochs,
+    )
+    try:
+        result, state, transform, step_metrics = train(ws, params, plan.new, champion, champion_model, run_id)
+        assessment = evaluate(ws, params, catalog, result.model, champion_model, champion, transform)
+        decision = assessment.decision
+        candidate = register(ws, params, result, assessment.metrics | step_metrics, plan.arrivals, state, run_id)
+    except BaseException:
+        registry.fail_run(run_id)  # the MLflow UI shows it failed, not running forever
+        raise
     failpoint("registered")
     built = None
     if decision.promote:  # register -> build index -> smoke test -> promote; a failed step promotes nothing
@@ -265,6 +294,7 @@ def _retrain(params: Params, ws: Workspace) -> RetrainSummary:
         promote(ws, params, candidate.version, built.table)  # catches the table up, then moves the alias
         if built.older_rows:  # live on the champion's vectors: re-embed them now, answering all along
             backfilled = backfill(params, str(ws.root), candidate.version)
+    publish_history(ws, params, candidate.version, champion)
     summary = concluded(
         catalog,
         champion,

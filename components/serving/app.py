@@ -23,20 +23,27 @@ import hmac
 import io
 import json
 import logging
+import random
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 
 from components.config import IngestParams, ServeParams
 from components.data.validation import decode_image
+from components.progress import RetrainProgress
+from components.registry.mlflow_registry import VERDICT_TAG
 from components.serving.batching import QueryBatcher
+from components.serving.compare import Churn, Comparison, churn, compare, without
 from components.serving.live import DamagedPair, LiveIndex, LivePair, NoChampionError
 from components.serving.page import add_page, error_responses
+from components.serving.stamped import StampedCache
+from components.vectors.search import Hit
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +195,7 @@ def create_app(
     *,
     refresh_in_background: bool = True,
     api_key: str | None = None,
+    progress: Callable[[], RetrainProgress] | None = None,
 ) -> FastAPI:
     """The service over `live` and its web page; it resolves the pair at start-up and (by default)
     every refresh_seconds. With `api_key`, every endpoint but /health requires it."""
@@ -228,7 +236,8 @@ def create_app(
         except NoChampionError as exc:
             raise HTTPException(503, str(exc)) from None
 
-    add_page(app, live, current, ingest, serve.max_k)
+    add_page(app, live, current, ingest, serve.max_k, progress)
+    churns: StampedCache[Churn] = StampedCache()
 
     async def _read_and_decode(image: list[UploadFile]) -> list[Image.Image]:
         """The uploads as RGB images, checked against every limit before any pixel is decoded."""
@@ -264,6 +273,64 @@ def create_app(
                 pair = await asyncio.to_thread(current)
         results = await batcher.query(pair, decoded, k)
         return _answer(pair, {"model_version": pair.version, "table": pair.table_name, "results": results})
+
+    def challenger_of(pair: LivePair) -> LivePair:
+        challenger, why = live.challenger()
+        if challenger is None:
+            raise HTTPException(404, why)
+        return challenger
+
+    def compared(
+        pair: LivePair, challenger: LivePair, hits: tuple[list[Hit], list[Hit]], query: dict[str, str], k: int
+    ) -> JSONResponse:
+        stamp = (pair.table_name, pair.rows(), challenger.table_name, challenger.rows(), k)
+        churned, _ = churns.get(stamp, lambda: churn(pair, challenger, k))
+        info = live.registry.get(challenger.version, with_metrics=False)
+        body = compare(
+            pair,
+            challenger,
+            *hits,
+            query,
+            k,
+            churned,
+            live.registry.gate_report(challenger.version),
+            info.tags.get(VERDICT_TAG),
+        )
+        return _answer(pair, body.model_dump(mode="json", by_alias=True))
+
+    @app.post("/compare", response_model=Comparison, responses=error_responses(400, 404, 413, 503))
+    async def compare_upload(
+        image: Annotated[UploadFile, File(description="one image file")],
+        k: Annotated[int, Form(ge=1, le=serve.max_k, description="neighbours per model")] = 8,
+    ) -> JSONResponse:
+        """The champion's and the challenger's top-k for one uploaded image, each model searching its own
+        table, every hit marked same, moved, entered or left; the share of changed neighbours over a fixed
+        probe set; the gate's verdict on the challenger."""
+        [decoded] = await _read_and_decode([image])
+        pair = await asyncio.to_thread(current)
+        challenger = await asyncio.to_thread(challenger_of, pair)
+        [a] = await asyncio.to_thread(pair.query, [decoded], k)
+        [b] = await asyncio.to_thread(challenger.query, [decoded], k)
+        name = image.filename or "upload"
+        return await asyncio.to_thread(compared, pair, challenger, (a, b), {"upload": name}, k)
+
+    @app.get("/compare/random", response_model=Comparison, responses=error_responses(404, 503))
+    def compare_random(k: Annotated[int, Query(ge=1, le=serve.max_k)] = 8) -> JSONResponse:
+        """The same for a random stored image, each model searching by the image's own vector in its own
+        table (the image itself left out of both)."""
+        pair = current()
+        challenger = challenger_of(pair)
+        rows = pair.rows()
+        if not rows:
+            raise HTTPException(404, f"the live table {pair.table_name} is empty")
+        row = pair.row_at(random.randrange(rows))
+        theirs = challenger.row(row["id"])
+        if theirs is None:
+            raise HTTPException(404, f"{row['id']} is not in the challenger's table {challenger.table_name} yet")
+        [a] = pair.nearest(np.asarray([row["vector"]], dtype=np.float32), k + 1)
+        [b] = challenger.nearest(np.asarray([theirs["vector"]], dtype=np.float32), k + 1)
+        hits = (without(a, row["id"], k), without(b, row["id"], k))
+        return compared(pair, challenger, hits, {"id": row["id"], "class": row["class"]}, k)
 
     @app.get("/health", responses=error_responses(503))
     def health() -> JSONResponse:

@@ -28,7 +28,7 @@ from PIL import Image
 from components.config import IndexParams, RegistryParams, Runtime, ServeParams
 from components.modeling.embedder import Embedder
 from components.modeling.runtime import Forward, make_forward
-from components.registry.mlflow_registry import CHALLENGER, CHAMPION, ModelRegistry
+from components.registry.mlflow_registry import CHALLENGER, CHAMPION, ModelRegistry, ModelVersionInfo
 from components.vectors.graph import ServingGraph
 from components.vectors.search import AsyncLoop, Hit, TableReader
 from components.vectors.tables import TableDamaged, authorship_problem, check_readable, connect, open_table
@@ -152,6 +152,7 @@ class LiveIndex:
         self._models: OrderedDict[str, Forward] = OrderedDict()
         self._tables: dict[str, TableReader] = {}
         self._aliases: dict[str, str] = {}
+        self._challenger: tuple[tuple[str, str], LivePair] | None = None  # (version, table), its pair
         self._resolving = threading.Lock()  # one resolver at a time; readers never wait on it
         self.damage: str | None = None  # why the champion could not be opened at the last refresh
         self._stop = threading.Event()
@@ -201,7 +202,33 @@ class LiveIndex:
             log.info("live pair: v%s with table %s", pair.version, pair.table_name)
             return pair
 
-    def _open(self, version: str, name: str) -> LivePair:
+    def challenger_version(self) -> tuple[ModelVersionInfo | None, str]:
+        """The version a promotion would bring in: the `challenger` alias's when it is not the champion
+        and has a table, else the newest other version with a table; (None, why) when there is none.
+        Registry reads only: nothing is opened or loaded."""
+        champion = self.current()
+        named = self._registry.aliases().get(CHALLENGER)
+        found = self._registry.get(named, with_metrics=False) if named and named != champion.version else None
+        if found is None or not found.table:
+            others = [v for v in self._registry.versions() if v.version != champion.version and v.table]
+            found = others[-1] if others else None
+        if found is None or not found.table:
+            return None, f"no challenger: no version but the champion v{champion.version} has a table"
+        return found, ""
+
+    def challenger(self) -> tuple[LivePair | None, str]:
+        """The challenger's pair (challenger_version), opened as the champion's is (proved readable, its
+        model loaded), cached while it stays the challenger; (None, why) when there is none."""
+        found, why = self.challenger_version()
+        if found is None or not found.table:
+            return None, why
+        key = (found.version, found.table)
+        if self._challenger is None or self._challenger[0] != key:
+            with self._resolving:
+                self._challenger = (key, self._open(found.version, found.table, graph=False))
+        return self._challenger[1], ""
+
+    def _open(self, version: str, name: str, *, graph: bool = True) -> LivePair:
         """The champion's pair (its version, its table's name), or DamagedPair naming what cannot
         answer: the table missing or a data file unreadable (tables.check_readable: each file's
         footer and first page, not every row), its rows written by another model, its model's
@@ -227,7 +254,7 @@ class LiveIndex:
             table=table,
             since=datetime.now(UTC),
             forward=forward,
-            graph=self._graph(name),
+            graph=self._graph(name) if graph else None,
         )
 
     def _model(self, version: str) -> Forward:

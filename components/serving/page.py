@@ -7,6 +7,9 @@
     GET /classes             every class with the role its images take (train | unseen | pending), arrival and image count
     GET /classes/{name}      a sample of one class's stored images
     GET /random              a random stored image of the live table and its nearest neighbours
+    GET /history             every version's headline metrics and forgetting, promotions, rollbacks, rejections
+    GET /map                 the embedding map: a sample of the live table in 2-D, the challenger's beside it
+    GET /progress            the running retrain's stage, epoch and loss (running: false when none runs)
 
 A thumbnail is looked up by id in the live table first and read from the workspace's class
 folder only then, so nothing a client sends ever becomes a path (../ and absolute ids find
@@ -16,6 +19,7 @@ no row and get a 404).
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime.
 import io
 import random
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,12 +27,17 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
 
 from components.config import IngestParams
 from components.data.catalog import Catalog
 from components.data.transforms import open_rgb
+from components.evaluation.history import ModelHistory
+from components.progress import NOT_RUNNING, RetrainProgress
 from components.serving.live import LiveIndex, LivePair
+from components.serving.stamped import StampedCache
 from components.status import WorkspaceStatus, workspace_status
+from components.vectors.projection import EmbeddingMap, embedding_map
 from components.vectors.search import Hit
 
 PAGE = Path(__file__).with_name("static") / "page.html"
@@ -39,7 +48,7 @@ SAMPLE = 12  # images shown per class
 ERRORS = {
     400: "an upload is not an image mnemo accepts (the detail names the file and the reason)",
     413: "over a limit: body bytes, images per request, pixels per image or per request",
-    404: "no such stored image, class or heatmap (the detail says which)",
+    404: "no such stored image, class, heatmap or challenger (the detail says which)",
     503: "no champion model yet, or the live pair is damaged (the detail names what): nothing to answer with",
 }
 
@@ -60,10 +69,69 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def add_page(app: FastAPI, live: LiveIndex, current: Callable[[], LivePair], ingest: IngestParams, max_k: int) -> None:
+class MapPair(BaseModel):
+    """GET /map: the champion's map and the challenger's for the same images (None: no challenger, `note` says why)."""
+
+    champion: EmbeddingMap
+    challenger: EmbeddingMap | None
+    challenger_version: str | None
+    note: str
+    cached: bool = Field(description="both maps came from the cache (computed once per table version)")
+
+
+def add_page(
+    app: FastAPI,
+    live: LiveIndex,
+    current: Callable[[], LivePair],
+    ingest: IngestParams,
+    max_k: int,
+    progress: Callable[[], RetrainProgress] | None = None,
+) -> None:
     """The page and its read-only endpoints, on the service's app; `current` is the service's own
-    "the pair to answer with, or a 503"."""
+    "the pair to answer with, or a 503"; `progress` reads the running retrain (None: never shown)."""
     page = PAGE.read_text()
+    histories: StampedCache[ModelHistory] = StampedCache()
+
+    @app.get("/history", response_model=ModelHistory)
+    def history() -> JSONResponse:
+        """Every registered version, oldest first: unseen R@1, MAP@R, few-shot accuracy and the raw-pixel
+        baseline, the gate's verdict, whether it was promoted or rolled back to, forgetting per arrival
+        slice; and the promotion log. Read from MLflow once per change of the registry (cached)."""
+        registry = live.registry
+        value, hit = histories.get(registry.history_stamp(), registry.history)
+        return JSONResponse(value.model_dump(mode="json"), headers={"X-Cache": "hit" if hit else "miss"})
+
+    @app.get("/map", response_model=MapPair, responses=error_responses(503))
+    def embedding_map_view() -> JSONResponse:
+        """A fixed sample of the live table projected to 2-D (PCA), each point's id, class, arrival and
+        role; the challenger's table's map of the same images beside it. Computed once per table version."""
+        pair = current()
+        own, hit = embedding_map(live.ws, pair.table_name)
+        challenger, why = live.challenger_version()  # its table only: its model is not needed here
+        other = None
+        if challenger is not None and challenger.table:
+            other, other_hit = embedding_map(live.ws, challenger.table, like=own)
+            hit = hit and other_hit
+        body = MapPair(
+            champion=own,
+            challenger=other,
+            challenger_version=challenger.version if challenger else None,
+            note=why,
+            cached=hit,
+        )
+        return JSONResponse(body.model_dump(mode="json", by_alias=True), headers={"X-Cache": "hit" if hit else "miss"})
+
+    asking = threading.Lock()
+
+    @app.get("/progress", response_model=RetrainProgress)
+    def retrain_progress() -> RetrainProgress:
+        """The running retrain (or one that ended in the last two minutes): its stage, epoch i of n and
+        the loss so far, from Prefect's flow-run state and the MLflow run's metrics; running false
+        and nothing else when none runs."""
+        if progress is None:
+            return NOT_RUNNING
+        with asking:  # one question at a time: without a Prefect server the first starts a temporary one
+            return progress()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:

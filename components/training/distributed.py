@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,17 +287,26 @@ def train_continual_on_devices(
     checkpoint_dir: Path | None,
     job_dir: Path,
     prototypes: dict[str, np.ndarray] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> ContinualResult:
     """One continual step on `train.devices` x `train.nodes` devices: in this process for one (no torchrun),
     else under torchrun, this process's node being node 0 (see Rendezvous). `prototypes`: the champion's
-    class means from its table (compat.mode bct).
+    class means from its table (compat.mode bct). `on_epoch` is called after each epoch in this process
+    (one device only: under torchrun the epochs are logged once the ranks are done).
 
     `job_dir` must be where the other nodes' ranks look (<workspace>/train-job, TRAIN_JOB), and
     `classes_dir`, `state` and `checkpoint_dir` on a volume they mount at the same path.
     """
     if recipe.train.world_size == 1:
         return train_continual(
-            new, classes_dir, recipe, init=init, state=state, checkpoint_dir=checkpoint_dir, prototypes=prototypes
+            new,
+            classes_dir,
+            recipe,
+            init=init,
+            state=state,
+            checkpoint_dir=checkpoint_dir,
+            prototypes=prototypes,
+            on_epoch=on_epoch,
         )
     rendezvous = Rendezvous.from_env(recipe.train)  # before anything is written: the params must fit the job
     Job(list(new), classes_dir, recipe, state, checkpoint_dir, prototypes).write(job_dir, init)

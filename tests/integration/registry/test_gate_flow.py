@@ -20,10 +20,13 @@ from typer.testing import CliRunner
 from components.data.demo import discover_fonts, stream_classes, write_arrival
 from components.registry.mlflow_registry import (
     DATA_VERSION_TAG,
+    FLOW_RUN_TAG,
     GATE_HEATMAP,
     GATE_MARKDOWN,
     GATE_REPORT,
     GIT_COMMIT_TAG,
+    HISTORY_PLOT,
+    MAP_PLOT,
 )
 from flows.cli import app
 from flows.retrain import retrain
@@ -55,6 +58,12 @@ def test_retrain_publishes_the_gate_report_everywhere(params, ws, params_file):
     assert run.data.tags[DATA_VERSION_TAG].startswith("sha256:") and len(run.data.tags[GIT_COMMIT_TAG]) == 40
     logged = {f.path for f in client.list_artifacts(run.info.run_id, "gate")}
     assert logged == {GATE_REPORT, GATE_MARKDOWN, GATE_HEATMAP}
+    # The history and the embedding map, as the page shows them, for the MLflow UI.
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "history")} == {HISTORY_PLOT, MAP_PLOT}
+    # One run, opened as training began (its epochs logged as they finished), finished once registered.
+    assert run.info.status == "FINISHED" and run.data.tags[FLOW_RUN_TAG] == str(state.state_details.flow_run_id)
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in losses) == list(range(params.train.epochs))
 
     with get_client(sync_client=True) as prefect:
         # Every filter spelled out: prefect 3.8's sync client sends null for those left out, which the API refuses.

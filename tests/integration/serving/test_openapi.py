@@ -35,12 +35,17 @@ def test_every_answer_matches_the_openapi_schema(live_ws, params):
     assert sorted(checked) == [
         "GET /classes",
         "GET /classes/{name}",
+        "GET /compare/random",
         "GET /health",
+        "GET /history",
         "GET /images/{image_id}",
         "GET /live",
+        "GET /map",
+        "GET /progress",
         "GET /random",
         "GET /status",
         "GET /status/heatmap.png",
+        "POST /compare",
         "POST /live/refresh",
         "POST /query",
     ]
