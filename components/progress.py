@@ -146,7 +146,7 @@ def retrain_progress(
         ended=flow.end.isoformat(timespec="seconds") if flow.end else None,
         stage=stage,
         stages=stages,
-        epoch=len(loss) if epochs else None,
+        epoch=len(loss) if epochs or stage == "train" else None,  # 0 while its MLflow run is being opened
         epochs=epochs,
         loss=list(loss),
         mlflow_run_id=mlflow_run_id,

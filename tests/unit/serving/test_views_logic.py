@@ -73,6 +73,10 @@ def test_progress_stages_follow_the_tasks():
     assert [s.state for s in p.stages] == ["done", "running", "waiting", "waiting", "waiting", "waiting"]
     assert p.line() == "brave-fox train epoch 2 of 5 (loss 0.7000)"
 
+    # Between loading the models and the train task, before its MLflow run is open: training, no epoch done.
+    opening = retrain_progress(flow, tasks[:2], epochs=None, loss=[], mlflow_run_id=None)
+    assert (opening.stage, opening.epoch, opening.loss) == ("train", 0, [])
+
     ended = FlowState(id="f", name="brave-fox", state="COMPLETED", state_name="Promoted", start=t0, end=t0)
     names = ["ingest_pending", "train", "evaluate", "register", "build_index", "smoke_test", "publish_gate", "promote"]
     done = retrain_progress(
