@@ -87,7 +87,7 @@ def current_retrain(ws: Workspace, registry: ModelRegistry, *, recent: timedelta
     except Exception as exc:  # no Prefect API here (or it is away): nothing to show
         log.warning("retrain progress: Prefect cannot be read: %s", exc)
         return NOT_RUNNING
-    training = registry.training_run(str(run.id))
+    training = registry.runs.of_flow_run(str(run.id))
     run_id, epochs, loss = training if training else (None, None, [])
     return retrain_progress(
         FlowState(

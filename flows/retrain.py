@@ -32,6 +32,7 @@ from components.ops.failpoints import failpoint
 from components.registry.history_plots import log_history_plots
 from components.registry.mlflow_registry import ModelRegistry, ModelVersionInfo
 from components.registry.promotion import Promoter
+from components.registry.version_history import served_history
 from components.training.checkpoints import clear_checkpoints
 from components.training.compat import Transform
 from components.training.continual import Recipe, classes_to_learn
@@ -103,7 +104,7 @@ def train(
             checkpoint_dir=ws.root / CHECKPOINTS,
             job_dir=ws.root / TRAIN_JOB,
             prototypes=prototypes,
-            on_epoch=lambda epoch, metrics: registry.log_epoch(run_id, epoch, metrics),
+            on_epoch=lambda epoch, metrics: registry.runs.log_epoch(run_id, epoch, metrics),
         )
         saved = step.save_state(Path(tempfile.mkdtemp(prefix="state-", dir=ws.root)))
         return step.train, saved, step.transform, step.metrics()
@@ -131,7 +132,7 @@ def evaluate(
         champion=champion_model,
         champion_version=champion.version if champion else None,
         champion_arrivals=champion.arrivals if champion else (),
-        served=promoter.registry.served_history(),
+        served=served_history(promoter.registry),
         kept=promoter.kept_versions({champion.version: champion_model} if champion and champion_model else None),
         transform=transform,
     )
@@ -270,7 +271,7 @@ def _retrain(params: Params, ws: Workspace) -> RetrainSummary:
         return finished(nothing_to_do)  # type: ignore[return-value]  # Prefect unwraps a returned State: callers get its data
 
     registry = ModelRegistry(ws, params.registry)
-    run_id = registry.start_training_run(
+    run_id = registry.runs.start(
         run_name=f"retrain {flow_run.get_name() or ''}".strip(),
         flow_run_id=flow_run.get_id(),
         epochs=params.train.epochs,
@@ -281,7 +282,7 @@ def _retrain(params: Params, ws: Workspace) -> RetrainSummary:
         decision = assessment.decision
         candidate = register(ws, params, result, assessment.metrics | step_metrics, plan.arrivals, state, run_id)
     except BaseException:
-        registry.fail_run(run_id)  # the MLflow UI shows it failed, not running forever
+        registry.runs.fail(run_id)  # the MLflow UI shows it failed, not running forever
         raise
     failpoint("registered")
     built = None

@@ -1,10 +1,11 @@
 """The history and the embedding map as artifacts of a version's MLflow run, so the MLflow UI shows
-what the page shows: drawn with the page's own data (ModelRegistry.history, projection.embedding_map)."""
+what the page shows: drawn with the page's own data (version_history, projection.embedding_map)."""
 
 from __future__ import annotations
 
 from components.evaluation.history import history_figure
 from components.registry.mlflow_registry import HISTORY_PLOT, MAP_PLOT, ModelRegistry
+from components.registry.version_history import version_history
 from components.vectors.projection import EmbeddingMap, embedding_map, map_figure
 from components.workspace import Workspace
 
@@ -14,7 +15,7 @@ def log_history_plots(ws: Workspace, registry: ModelRegistry, version: str, befo
     history/embedding_map.png (its map beside the map of table `before`, the champion it was compared
     with, for the same images) on the version's run; the artifact paths logged."""
     logged = [HISTORY_PLOT]
-    registry.log_plot(version, history_figure(registry.history()), HISTORY_PLOT)
+    registry.log_plot(version, history_figure(version_history(registry)), HISTORY_PLOT)
     table = registry.get(version, with_metrics=False).table
     if table:
         maps: list[tuple[str, EmbeddingMap]] = []

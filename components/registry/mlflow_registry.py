@@ -1,7 +1,9 @@
 """MLflow: one run per retrain, the model logged as a standalone pyfunc and registered,
 the `champion` alias as the serving pointer, `challenger` on the newest candidate, gate
-artifacts, and model loading. All MLflow calls live here and in promotion_log.py (the
-log of `champion`'s moves). Which moves are allowed is promotion.py's business.
+artifacts, and model loading. All MLflow calls live here and beside it: promotion_log.py (the
+log of `champion`'s moves), training_runs.py (a retrain's run while it trains) and
+version_history.py (the history the page and the gate read). Which moves are allowed is
+promotion.py's business.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,18 +22,17 @@ from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 import components
 from components.config import Device, RegistryParams
 from components.data.catalog import Catalog
-from components.evaluation.history import ModelHistory, model_history
 from components.modeling.embedder import Embedder, save_embedder
 from components.modeling.pyfunc import DEVICE_CONFIG, ENTRY_POINT, WEIGHTS_ARTIFACT, signature
 from components.registry.promotion_log import PromotionLog
 from components.registry.sqlite_store import open_store
+from components.registry.training_runs import TrainingRuns
 from components.training.compat import TRANSFORM_FILE, Transform
 from components.workspace import Workspace
 
@@ -58,8 +58,6 @@ GATE_COMPAT_HEATMAP = "gate/compatibility.png"  # unseen Recall@1 across the kep
 HISTORY_PLOT = "history/history.png"  # run artifacts: the history and the embedding map as they stood at the run
 MAP_PLOT = "history/embedding_map.png"
 STATE_ARTIFACT = "continual"  # the run artifact folder holding the continual-learning state
-FLOW_RUN_TAG = "mnemo.flow_run_id"  # run tag: the Prefect flow run that trains it (what progress follows)
-EPOCHS_TAG = "mnemo.epochs"  # run tag: the epochs its training will run
 COMPATIBLE_TAG = "compatible_with"  # the version whose vectors this one went live on (compat.py)
 
 # What the logged model needs to run on its own, pinned at the versions installed here (the
@@ -155,6 +153,7 @@ class ModelRegistry:
             self._experiment_id,
             champion=lambda: self.aliases().get(CHAMPION),
         )
+        self.runs = TrainingRuns(self.client, self._experiment_id)
 
     def _experiment_id(self, name: str | None = None) -> str:
         """The id of experiment `name` (default: the retrain runs' experiment), created when missing."""
@@ -183,7 +182,7 @@ class ModelRegistry:
     ) -> ModelVersionInfo:
         """One MLflow run: params, metrics, the standalone pyfunc model, registered as a new version.
 
-        `run_id`: the run start_training_run opened when training began (its epochs already logged
+        `run_id`: the run runs.start opened when training began (its epochs already logged
         as they finished); it is carried on and finished here. Without it, a new run.
 
         `state_dir` (the continual-learning state: replay memory, loss proxies) is logged
@@ -228,36 +227,6 @@ class ModelRegistry:
             self.client.set_model_version_tag(self.name, version, key, tag)
         self.set_alias(CHALLENGER, version)
         return self.get(version)
-
-    def start_training_run(self, *, run_name: str | None, flow_run_id: str | None, epochs: int) -> str:
-        """A run opened as training starts, so its epochs can be followed while it trains (log_epoch);
-        log_candidate carries it on. Its id."""
-        tags = {EPOCHS_TAG: str(epochs), **({FLOW_RUN_TAG: flow_run_id} if flow_run_id else {})}
-        run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=tags)
-        return run.info.run_id
-
-    def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
-        """One finished epoch's metrics (train_loss, ...) on the training run, stepped by the epoch."""
-        now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
-
-    def fail_run(self, run_id: str) -> None:
-        """A training run whose retrain failed before it was registered: FAILED, as the MLflow UI shows it."""
-        if self.client.get_run(run_id).info.status == "RUNNING":
-            self.client.set_terminated(run_id, "FAILED")
-
-    def training_run(self, flow_run_id: str) -> tuple[str, int | None, list[float]] | None:
-        """(run id, epochs it will train, training loss per finished epoch) of the run the flow run
-        `flow_run_id` trains; None before it has one."""
-        found = self.client.search_runs(
-            [self._experiment_id()], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1
-        )
-        if not found:
-            return None
-        run = found[0]
-        history = sorted(self.client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)
-        epochs = run.data.tags.get(EPOCHS_TAG)
-        return run.info.run_id, int(epochs) if epochs and epochs.isdigit() else None, [m.value for m in history]
 
     def _lineage_tags(self) -> dict[str, str]:
         """What a run was made from: the data version and the code's git commit."""
@@ -377,56 +346,10 @@ class ModelRegistry:
         with tempfile.TemporaryDirectory() as tmp:
             return Path(self.client.download_artifacts(run_id, path, tmp)).read_bytes()
 
-    def served_history(self) -> list[tuple[str, dict[str, float]]]:
-        """(version, run metrics) of every version that was ever champion, oldest version first."""
-        served = {e.to_version for e in self.log.entries()}
-        champion = self.champion()
-        if champion is not None:
-            served.add(champion.version)
-        rows = []
-        for version in sorted(served, key=int):
-            try:
-                rows.append((version, self.get(version).metrics))
-            except MlflowException:  # a version deleted from the registry since
-                continue
-        return rows
-
     def versions(self) -> list[ModelVersionInfo]:
         """Every registered version with its tags and its run's metrics, oldest first."""
         found = self.client.search_model_versions(f"name = '{self.name}'")
         return [self._info(mv) for mv in sorted(found, key=lambda mv: int(mv.version))]
-
-    def history(self) -> ModelHistory:
-        """The model's history: every version's headline metrics and forgetting, what the gate and the
-        promotion log did with each (components/evaluation/history.py)."""
-        return model_history(
-            self.name,
-            [(v.version, v.metrics, v.tags) for v in self.versions()],
-            self.log.entries(),
-            self.aliases().get(CHAMPION),
-            verdict_tag=VERDICT_TAG,
-        )
-
-    def history_stamp(self) -> tuple:
-        """What changes whenever the history can: every version, its last update and its tags (verdicts,
-        tables), the aliases and the promotion log's newest run; four cheap calls, for caching history()."""
-        found = self.client.search_model_versions(f"name = '{self.name}'")
-        experiment = self.client.get_experiment_by_name(self.log.experiment)
-        newest = (
-            self.client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
-            if experiment is not None
-            else []
-        )
-        return (
-            # tags too: setting one (a verdict, a table) does not move a version's last_updated_timestamp
-            tuple(
-                sorted(
-                    (str(mv.version), mv.last_updated_timestamp or 0, tuple(sorted(mv.tags.items()))) for mv in found
-                )
-            ),
-            tuple(sorted(self.aliases().items())),
-            tuple((r.info.run_id, r.info.status) for r in newest),
-        )
 
     def log_plot(self, version: str, figure: Figure, path: str) -> None:
         """A figure (the history, the embedding map) as an artifact of the version's run: the MLflow UI shows it."""

@@ -21,6 +21,7 @@ import io
 import random
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,6 +35,7 @@ from components.data.catalog import Catalog
 from components.data.transforms import open_rgb
 from components.evaluation.history import ModelHistory
 from components.progress import NOT_RUNNING, RetrainProgress
+from components.registry.version_history import history_stamp, version_history
 from components.serving.live import LiveIndex, LivePair
 from components.serving.stamped import StampedCache
 from components.status import WorkspaceStatus, workspace_status
@@ -98,7 +100,7 @@ def add_page(
         baseline, the gate's verdict, whether it was promoted or rolled back to, forgetting per arrival
         slice; and the promotion log. Read from MLflow once per change of the registry (cached)."""
         registry = live.registry
-        value, hit = histories.get(registry.history_stamp(), registry.history)
+        value, hit = histories.get(history_stamp(registry), partial(version_history, registry))
         return JSONResponse(value.model_dump(mode="json"), headers={"X-Cache": "hit" if hit else "miss"})
 
     @app.get("/map", response_model=MapPair, responses=error_responses(503))

@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 from components.data.demo import discover_fonts, stream_classes, write_arrival
 from components.registry.mlflow_registry import (
     DATA_VERSION_TAG,
-    FLOW_RUN_TAG,
     GATE_HEATMAP,
     GATE_MARKDOWN,
     GATE_REPORT,
@@ -28,6 +27,7 @@ from components.registry.mlflow_registry import (
     HISTORY_PLOT,
     MAP_PLOT,
 )
+from components.registry.training_runs import FLOW_RUN_TAG
 from flows.cli import app
 from flows.retrain import retrain
 

@@ -34,6 +34,7 @@ from components.evaluation.gate import GateDecision, gate_markdown, gate_report
 from components.modeling.embedder import Embedder, build_embedder
 from components.registry.mlflow_registry import SMOKE_TAG, VERDICT_TAG, ModelRegistry, ModelVersionInfo
 from components.registry.promotion import Promoter
+from components.registry.version_history import served_history
 from components.vectors.build import build_table
 from components.vectors.search import index_smoke_test
 from flows.cli import app
@@ -107,7 +108,7 @@ def retrain_step(
         champion=champion_model,
         champion_version=champion.version if champion else None,
         champion_arrivals=champion.arrivals if champion else (),
-        served=registry.served_history(),
+        served=served_history(registry),
     )
     decision = assessment.decision
     info = registry.log_candidate(
