@@ -89,8 +89,8 @@ def train(
     the ranks of every node look); its result comes back from rank 0, and only this process registers it.
     """
     with tempfile.TemporaryDirectory(dir=ws.root) as tmp:
-        state = ModelRegistry(ws, params.registry).download_state(champion.version, Path(tmp)) if champion else None
         registry = ModelRegistry(ws, params.registry)
+        state = registry.download_state(champion.version, Path(tmp)) if champion else None
         prototypes = None
         if params.compat.mode == "bct" and champion is not None and champion.table:  # its classes where it put them
             table = open_table(connect(ws), ws, champion.table)

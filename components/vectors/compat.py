@@ -141,7 +141,8 @@ def start_compatible_table(
         probes = probe_records(everything, params.probes)
         with inbox_lock(ws):  # as every write of rows: never beside a catch-up
             tbl.merge_insert("id").when_matched_update_all().execute(embed_batch(ws, model, probes, params, version))
-    set_vector_metadata(tbl, BACKFILL_LEFT, str(older_rows(tbl, version)))  # where the backfill starts
+    left = older_rows(tbl, version)  # what the backfill starts from; nothing below rewrites rows
+    set_vector_metadata(tbl, BACKFILL_LEFT, str(left))
     tuned = tune_ef(tbl, params) if transform is not None else None  # a shared index keeps its tuned ef
     validation = validate_table(
         ws,
@@ -167,7 +168,7 @@ def start_compatible_table(
         start,
         removed=removed,
         compatible_from=str(old_version),
-        older_rows=older_rows(tbl, version),
+        older_rows=left,
     )
 
 
