@@ -133,6 +133,7 @@ class TrainParams(_Section):
     augment: Literal["crop", "affine"]  # components/data/transforms.py train_transform
     augment_strength: float = Field(ge=0, le=4)  # scales the augmentation's ranges (1: as documented there)
     erase: float = Field(ge=0, le=1)  # chance of blanking a random patch (occlusion)
+    rotation_weight: float = Field(ge=0)  # self-supervised turn prediction (training/selfsup.py); 0 = off
     epoch_length: Literal["groups", "cover"]  # cover: every new image at least once per epoch
     batch_size: int = Field(gt=1)
     m_per_class: int = Field(ge=2)

@@ -86,6 +86,11 @@ class Embedder(nn.Module):
             self.register_buffer("centre", torch.zeros(embedding_dim))
         self._raw = False  # fit_centre reads the head's outputs as they are
 
+    @property
+    def head(self) -> nn.Linear:
+        """The projection head: the backbone's last Linear layer; its input is the pooled features."""
+        return [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.net(x).float()
         if self._raw:

@@ -6,7 +6,9 @@ Continual-learning techniques are objects handed to the loop, not copies of it:
 - a Distillation (distill.py) adds terms that keep the new embeddings close to the frozen
   previous model's;
 - an Influence (compat.py) adds BCT's term that keeps them searchable among the previous
-  model's vectors (backward-compatible training).
+  model's vectors (backward-compatible training);
+- a RotationTask (selfsup.py, `train.rotation_weight`) adds self-supervised rotation
+  prediction on a turned copy of every batch, for transfer to classes never trained on.
 The loss (and, for proxy losses, one proxy per class name that grows as classes arrive)
 is a MetricLoss (losses.py). The loop checkpoints every epoch and resumes after a crash
 (checkpoints.py); one continual step around it is train_continual (continual.py).
@@ -44,6 +46,7 @@ from components.training.losses import MetricLoss, class_means
 from components.training.ranks import SINGLE, Ranks
 from components.training.replay import ReplayMemory
 from components.training.sampler import MixedBatches
+from components.training.selfsup import RotationTask
 
 
 class NonFiniteLossError(RuntimeError):
@@ -109,22 +112,28 @@ class _Run:
     device: torch.device
     ranks: Ranks = SINGLE
     compat: Influence | None = None  # BCT's influence term (compat.py); None: not trained for compatibility
+    rotation: RotationTask | None = None  # self-supervised turn prediction (selfsup.py); None: off
 
     @property
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
 
     def state(self) -> dict[str, Any]:
-        return {
+        state = {
             "model": self.model.state_dict(),
             "loss": self.metric_loss.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
         }
+        if self.rotation is not None:
+            state["rotation"] = self.rotation.state_dict()
+        return state
 
     def restore(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model"])
         self.metric_loss.load_state_dict(saved["loss"])
+        if self.rotation is not None:
+            self.rotation.load_state_dict(saved["rotation"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.schedule.load_state_dict(saved["schedule"])
 
@@ -132,22 +141,28 @@ class _Run:
         """One optimiser step on one batch; returns the loss and each of its terms."""
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
+        images, turns = (x, None) if self.rotation is None else self.rotation.inputs(x)  # upright + turned copy
         if self.on_gpu:
-            x = x.contiguous(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu):
-            embeddings = self.forward(x)
+            embeddings = self.forward(images)
+        embeddings = embeddings[: len(x)]  # the turned copies' part is read by the rotation task (its features)
         # Across ranks every term is the global batch's times the world size (see ranks.py).
         terms = {"metric_loss": self.metric_loss(embeddings.float(), y, ranks=self.ranks)}
         if self.distill is not None:
             terms |= self.distill(x, embeddings, old=self.old_labels[y], ranks=self.ranks)
         if self.compat is not None:
             terms |= self.compat(embeddings, y, ranks=self.ranks)
+        if self.rotation is not None and turns is not None:
+            terms |= self.rotation(turns, ranks=self.ranks)
         loss = sum(terms.values())
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {batch + 1}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.ranks.average_replicated_grads(self.metric_loss.parameters())
+        if self.rotation is not None:
+            self.ranks.average_replicated_grads(self.rotation.parameters())
         self.optimizer.step()
         self.schedule.step()
         return {name: value.item() / self.ranks.world for name, value in {"train_loss": loss, **terms}.items()}
@@ -183,6 +198,9 @@ def _build_run(
     metric_loss.add_classes(names, class_means=class_means(model, paths, names))
     metric_loss = metric_loss.to(device)
     ranks.broadcast_params(metric_loss)
+    rotation = RotationTask(model.head, params.rotation_weight).to(device) if params.rotation_weight else None
+    if rotation is not None:
+        ranks.broadcast_params(rotation)
 
     dataset = ImageFiles(
         paths,
@@ -210,6 +228,8 @@ def _build_run(
     groups: list[dict[str, Any]] = [{"params": model.parameters()}]
     if any(True for _ in metric_loss.parameters()):
         groups.append({"params": metric_loss.parameters(), "lr": params.proxy_lr, "weight_decay": 0.0})
+    if rotation is not None:
+        groups.append({"params": rotation.parameters()})
     optimizer = torch.optim.AdamW(groups, lr=params.lr, weight_decay=params.weight_decay)
     old_labels = torch.zeros(len(metric_loss.classes), dtype=torch.bool)
     old_labels[sorted(set(dataset.labels[n_new:]))] = True
@@ -219,6 +239,7 @@ def _build_run(
         metric_loss=metric_loss,
         distill=distill.to(device) if distill is not None else None,
         compat=compat.order(metric_loss.classes).to(device) if compat is not None else None,
+        rotation=rotation,
         sampler=sampler,
         loader=loader,
         optimizer=optimizer,
@@ -340,21 +361,29 @@ def train_embedder(
     )
     first_epoch = _resume(run, result, checkpoint_dir, job)
     start = time.perf_counter()
-    with _progress(show=ranks.main) as progress:
-        task = progress.add_task("train", total=len(run.loader), epoch=first_epoch, loss=float("nan"))
-        for epoch in range(first_epoch, params.epochs):
-            progress.reset(task, total=len(run.loader), epoch=epoch + 1, loss=float("nan"))
-            metrics = _train_epoch(run, epoch, params.seed, lambda loss: progress.update(task, advance=1, loss=loss))
-            for key, value in metrics.items():
-                result.epoch_metrics.setdefault(key, []).append(value)
-            if checkpoint_dir is not None:
-                if ranks.main:
-                    save_checkpoint(checkpoint_dir, job, epoch, run.state() | {"epoch_metrics": result.epoch_metrics})
-                ranks.barrier()  # no rank goes past an epoch before its checkpoint is on disk: a rank killed later resumes from it
-            for name in ranks.failpoints("train-epoch"):
-                failpoint(name)
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
+    try:
+        with _progress(show=ranks.main) as progress:
+            task = progress.add_task("train", total=len(run.loader), epoch=first_epoch, loss=float("nan"))
+            for epoch in range(first_epoch, params.epochs):
+                progress.reset(task, total=len(run.loader), epoch=epoch + 1, loss=float("nan"))
+                metrics = _train_epoch(
+                    run, epoch, params.seed, lambda loss: progress.update(task, advance=1, loss=loss)
+                )
+                for key, value in metrics.items():
+                    result.epoch_metrics.setdefault(key, []).append(value)
+                if checkpoint_dir is not None:
+                    if ranks.main:
+                        save_checkpoint(
+                            checkpoint_dir, job, epoch, run.state() | {"epoch_metrics": result.epoch_metrics}
+                        )
+                    ranks.barrier()  # no rank goes past an epoch before its checkpoint is on disk: a rank killed later resumes from it
+                for name in ranks.failpoints("train-epoch"):
+                    failpoint(name)
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics)
+    finally:
+        if run.rotation is not None:
+            run.rotation.close()  # the served model keeps no listener
     result.seconds = time.perf_counter() - start
     result.model = run.model.to("cpu", memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]  # Module.to takes memory_format at runtime; torch's stubs omit it
     if result.model.centred and ranks.main:  # centred on what it trained on (model.centre)

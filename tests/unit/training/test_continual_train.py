@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from components.config import DistillParams, with_overrides
 from components.data.catalog import ImageRecord
@@ -17,6 +19,7 @@ from components.training.distill import Distillation, embedding_distillation, re
 from components.training.loop import train_embedder
 from components.training.losses import MetricLoss
 from components.training.sampler import MixedBatches
+from components.training.selfsup import turned
 from tests.unit.modeling.test_model import shapes
 
 
@@ -196,3 +199,44 @@ def test_cosine_schedule_ends_near_zero_and_resumes_exactly(params, tmp_path):
     assert resumed.epoch_metrics["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15)
     for a, b in zip(resumed.model.state_dict().values(), unbroken.model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
+def test_each_image_is_turned_by_its_own_quarter_turns():
+    x = torch.arange(4 * 1 * 3 * 3, dtype=torch.float32).reshape(4, 1, 3, 3)
+    turns = torch.tensor([0, 1, 2, 3])
+    out = turned(x, turns)
+    for image, k in zip(range(4), turns.tolist()):
+        assert torch.equal(out[image], torch.rot90(x[image], k, dims=(1, 2)))
+    assert torch.equal(turned(turned(x, turns), (4 - turns) % 4), x)  # turned back, every image is itself
+
+
+def upright_glyphs(tmp_path, n_classes=4, per_class=4):
+    """Images whose turn can be told: a bar along the top edge, and a class-sized square under it."""
+    paths, labels = [], []
+    for c in range(n_classes):
+        for i in range(per_class):
+            img = np.full((32, 32, 3), 20 + i * 5, dtype=np.uint8)
+            img[1:5, :] = 230
+            img[12 : 16 + 3 * c, 10 : 14 + 3 * c] = 200
+            paths.append(tmp_path / f"glyph{c}-{i}.png")
+            Image.fromarray(img).save(paths[-1])
+            labels.append(f"class{c}")
+    return paths, labels
+
+
+def test_rotation_prediction_is_learned_and_resumes_exactly(params, tmp_path):
+    paths, labels = upright_glyphs(tmp_path)
+    p = params.train.model_copy(
+        update={"epochs": 20, "batch_size": 16, "m_per_class": 4, "lr": 0.003, "rotation_weight": 1.0}
+    )
+    _, unbroken, resumed = crashed_and_resumed(params, p, paths, labels, tmp_path, crash_after=9)
+    turn_loss = unbroken.epoch_metrics["rotation_loss"]
+    assert turn_loss[0] > 0.9 * math.log(4)  # chance among 4 turns at first
+    assert sum(turn_loss[-5:]) / 5 < 0.75 * math.log(4)  # then the turns are told apart (one batch an epoch: noisy)
+    assert resumed.resumed_from_epoch == 10  # the turn head's state came back from the checkpoint
+    assert resumed.epoch_metrics["rotation_loss"] == pytest.approx(turn_loss)
+    for a, b in zip(resumed.model.state_dict().values(), unbroken.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+    # what is served is the embedder alone: no turn classifier in its state, nothing listening to its head
+    assert unbroken.model.state_dict().keys() == build_embedder(params.model).state_dict().keys()
+    assert not unbroken.model.head._forward_pre_hooks
