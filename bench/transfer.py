@@ -22,6 +22,7 @@ Measured in the same run, on the same trials (once per fold, whatever the varian
     python -m bench.transfer --folds 2 --epochs 10 --tag e10   # a shorter run
     python -m bench.transfer --threads 1 --no-reference --tag sweep \\
         --variant 'params:' --variant 'px64:model.image_size=64'   # levers side by side
+    python -m bench.transfer --jobs 2 --threads 1     # two folds at a time, one process each
 
 Writes bench/results/<date>-transfer[-tag].json and .md, after every fold (a run stopped part-way
 keeps what it finished).
@@ -30,16 +31,17 @@ keeps what it finished).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from bench.common import (
     OMNIGLOT,
@@ -80,9 +82,8 @@ def score(x: np.ndarray, labels: list[str]) -> dict[str, float | None]:
 @contextmanager
 def head_inputs(model: Embedder) -> Iterator[list[torch.Tensor]]:
     """Collects what the projection head (the network's last Linear layer) receives on each forward."""
-    head = [m for m in model.net.modules() if isinstance(m, nn.Linear)][-1]
     seen: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().float().cpu()))
+    handle = model.head.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().float().cpu()))
     try:
         yield seen
     finally:
@@ -241,13 +242,13 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], help="'name:key=value,...' over params (repeatable)")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference conv net (lever sweeps)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 keeps CPU seconds honest)")
+    ap.add_argument("--jobs", type=int, default=1, help="folds trained at once, each in a process of its own")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if not OMNIGLOT.is_file():
         raise SystemExit(f"{OMNIGLOT} is absent: this benchmark needs the Omniglot sample")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _worker(args.threads)  # the report's machine line names the threads every fold's process uses
     base = load_params(args.params)
     epochs = {"train.epochs": args.epochs} if args.epochs is not None else {}
     named = [parse_variant(v) for v in args.variant] or [("params", {})]
@@ -257,7 +258,7 @@ def main() -> None:
     report: dict = {
         "date": date.today().isoformat(),
         "command": command_line("transfer"),
-        "machine": machine(),
+        "machine": machine() + (f"; {args.jobs} folds at a time, one process each" if args.jobs > 1 else ""),
         "params_file": str(args.params),
         "variants": overrides,
         "params": {name: p.flat("model", "train") for name, p in variants.items()},
@@ -267,13 +268,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mnemo-transfer-") as tmp:
         alphabets = dict(omniglot_alphabets(OMNIGLOT, Path(tmp)))
         chosen = list(alphabets)[: int(args.folds)] if args.folds.isdigit() else args.folds.split(",")
-        for held_out in chosen:
-            print(f"fold: {held_out} held out", flush=True)
-            report["folds"].append(fold(held_out, alphabets, variants, reference=not args.no_reference))
-            report["summary"] = summary(report["folds"])
-            report["seconds"] = time.perf_counter() - start
-            write_run(stem, report, markdown(report))
+        done: dict[str, dict] = {}
+        with ProcessPoolExecutor(
+            max_workers=args.jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker,
+            initargs=(args.threads,),
+        ) as pool:
+            pending = {pool.submit(_fold, h, alphabets, variants, not args.no_reference): h for h in chosen}
+            for finished in as_completed(pending):
+                done[pending[finished]] = finished.result()
+                report["folds"] = [done[h] for h in chosen if h in done]  # in alphabet order, whatever finished first
+                report["summary"] = summary(report["folds"])
+                report["seconds"] = time.perf_counter() - start
+                write_run(stem, report, markdown(report))
     print(markdown(report))
+
+
+def _worker(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _fold(held_out: str, alphabets: dict[str, Path], variants: dict[str, Params], reference: bool) -> dict:
+    print(f"fold: {held_out} held out", flush=True)
+    return fold(held_out, alphabets, variants, reference=reference)
 
 
 if __name__ == "__main__":
