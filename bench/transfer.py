@@ -131,6 +131,7 @@ def run_variant(params: Params, train: tuple[list[Path], list[str]], test: tuple
 
 
 def fold(held_out: str, alphabets: dict[str, Path], variants: dict[str, Params], reference: bool) -> dict:
+    print(f"fold: {held_out} held out", flush=True)
     train_paths, train_names, test_paths, test_labels = split(alphabets, held_out)
     out: dict = {
         "held_out": held_out,
@@ -248,7 +249,7 @@ def main() -> None:
     args = ap.parse_args()
     if not OMNIGLOT.is_file():
         raise SystemExit(f"{OMNIGLOT} is absent: this benchmark needs the Omniglot sample")
-    _worker(args.threads)  # the report's machine line names the threads every fold's process uses
+    use_threads(args.threads)  # the report's machine line names the threads every fold's process uses
     base = load_params(args.params)
     epochs = {"train.epochs": args.epochs} if args.epochs is not None else {}
     named = [parse_variant(v) for v in args.variant] or [("params", {})]
@@ -272,10 +273,10 @@ def main() -> None:
         with ProcessPoolExecutor(
             max_workers=args.jobs,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker,
+            initializer=use_threads,
             initargs=(args.threads,),
         ) as pool:
-            pending = {pool.submit(_fold, h, alphabets, variants, not args.no_reference): h for h in chosen}
+            pending = {pool.submit(fold, h, alphabets, variants, not args.no_reference): h for h in chosen}
             for finished in as_completed(pending):
                 done[pending[finished]] = finished.result()
                 report["folds"] = [done[h] for h in chosen if h in done]  # in alphabet order, whatever finished first
@@ -285,14 +286,10 @@ def main() -> None:
     print(markdown(report))
 
 
-def _worker(threads: int | None) -> None:
+def use_threads(threads: int | None) -> None:
+    """torch's CPU threads in this process (each fold's process runs this first)."""
     if threads:
         torch.set_num_threads(threads)
-
-
-def _fold(held_out: str, alphabets: dict[str, Path], variants: dict[str, Params], reference: bool) -> dict:
-    print(f"fold: {held_out} held out", flush=True)
-    return fold(held_out, alphabets, variants, reference=reference)
 
 
 if __name__ == "__main__":
